@@ -1,0 +1,257 @@
+"""The one interface, and how a backend is chosen.
+
+A backend is a :class:`System` (``/dev/kvm`` or the simulator) that makes
+:class:`Vm` objects, which make :class:`Vcpu` objects: one object per kernel
+file descriptor, each a context manager that owns its fd, mmap or model state.
+Both backends -- ``kvm`` (``kvmharness.kvm``) and ``sim`` (``kvmharness.sim``) --
+implement exactly these calls and return the same values (``x86.Regs``,
+``exits.*``), so guests, the Machine loop and the tests run unchanged on
+either.  ``tests/test_contract.py`` holds them to it.
+
+Selection follows cloud-hypervisor's rule: under ``auto`` a missing
+``/dev/kvm`` means "use the simulator"; any other failure to open it (EACCES,
+EBUSY) is an error the user should hear about, and ``--backend kvm`` on a
+machine without ``/dev/kvm`` fails loudly.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+
+from .errors import DeviceMissing, PermissionDenied, UsageError
+from .x86 import CpuidTable, CPUID_EXT_FEATURES, EXT_ECX_SVM, CPUID_SEV
+
+BACKENDS = ("kvm", "sim")
+KVM_DEVICE = "/dev/kvm"
+SEV_DEVICE = "/dev/sev"
+
+# VM types (KVM_CREATE_VM argument; facts 8e)
+KVM_X86_DEFAULT_VM = 0
+KVM_X86_SW_PROTECTED_VM = 1
+KVM_X86_SEV_VM = 2
+KVM_X86_SEV_ES_VM = 3
+KVM_X86_SNP_VM = 4
+VM_TYPE_NAMES = {0: "default", 1: "sw-protected", 2: "sev", 3: "sev-es", 4: "sev-snp", 5: "tdx"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers, as one value (read once when the System opens)."""
+
+    backend: str
+    api_version: int
+    extensions: dict = field(default_factory=dict)  # KVM_CAP_* name -> check_extension value
+    vm_types: frozenset = frozenset({KVM_X86_DEFAULT_VM})
+    supported_cpuid: CpuidTable = field(default_factory=CpuidTable)
+    msr_index_list: tuple = ()
+    feature_msr_index_list: tuple = ()
+
+    def has(self, cap: str) -> bool:
+        return bool(self.extensions.get(cap, 0))
+
+    @property
+    def svm(self) -> bool:
+        """Whether a guest can be offered SVM (CPUID 0x80000001 ECX bit 2)."""
+        e = self.supported_cpuid.lookup(CPUID_EXT_FEATURES)
+        return bool(e and e.ecx & EXT_ECX_SVM)
+
+    @property
+    def sev_leaf(self):
+        return self.supported_cpuid.lookup(CPUID_SEV)
+
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend,
+            "api_version": self.api_version,
+            "extensions": dict(self.extensions),
+            "vm_types": sorted(self.vm_types),
+            "vm_type_names": [VM_TYPE_NAMES.get(t, str(t)) for t in sorted(self.vm_types)],
+            "svm": self.svm,
+            "supported_cpuid_entries": len(self.supported_cpuid),
+            "msr_index_list": [hex(m) for m in self.msr_index_list],
+        }
+
+
+class MemoryRegion:
+    """Guest RAM backed by host memory: ``view`` is a writable memoryview of it."""
+
+    __slots__ = ("slot", "gpa", "size", "view", "readonly", "_owner")
+
+    def __init__(self, slot: int, gpa: int, size: int, view: memoryview, readonly: bool, owner=None):
+        self.slot, self.gpa, self.size, self.view, self.readonly = slot, gpa, size, view, readonly
+        self._owner = owner  # keeps the mmap alive
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
+
+    def __repr__(self):
+        return f"MemoryRegion(slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x})"
+
+
+class _Closable(abc.ABC):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Vcpu(_Closable):
+    """One virtual CPU.  Methods mirror the vCPU ioctls of the same name."""
+
+    vcpu_id: int
+
+    @abc.abstractmethod
+    def run(self):
+        """KVM_RUN: run until the next exit userspace must see; returns an ``exits.Exit``."""
+
+    @abc.abstractmethod
+    def complete(self, value: int | bytes = 0, *, error: bool = False) -> None:
+        """Supply the data an IoIn / MmioRead / MsrRead exit asked for (or refuse an MSR access)."""
+
+    @abc.abstractmethod
+    def kick(self) -> None:
+        """Make a running (or the next) ``run()`` return promptly; safe from any thread."""
+
+    @abc.abstractmethod
+    def get_regs(self): ...
+
+    @abc.abstractmethod
+    def set_regs(self, regs) -> None: ...
+
+    @abc.abstractmethod
+    def get_sregs(self): ...
+
+    @abc.abstractmethod
+    def set_sregs(self, sregs) -> None: ...
+
+    @abc.abstractmethod
+    def get_msrs(self, indices) -> dict: ...
+
+    @abc.abstractmethod
+    def set_msrs(self, values: dict) -> int: ...
+
+    @abc.abstractmethod
+    def set_cpuid(self, entries) -> None: ...
+
+    @abc.abstractmethod
+    def set_single_step(self, enabled: bool) -> None: ...
+
+
+class Vm(_Closable):
+    """One virtual machine: memory slots, vCPUs, VM-wide capabilities."""
+
+    system: "System"
+    vm_type: int
+    regions: list
+
+    @abc.abstractmethod
+    def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> MemoryRegion:
+        """KVM_SET_USER_MEMORY_REGION: back ``size`` bytes at ``gpa`` with fresh host memory."""
+
+    @abc.abstractmethod
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu: ...
+
+    @abc.abstractmethod
+    def check_extension(self, cap: int) -> int: ...
+
+    @abc.abstractmethod
+    def enable_cap(self, cap: int, *args: int) -> None: ...
+
+    @abc.abstractmethod
+    def enable_user_msr_exits(self, reasons: int) -> None:
+        """KVM_CAP_X86_USER_SPACE_MSR: which refused MSR accesses go to userspace."""
+
+    @abc.abstractmethod
+    def set_msr_filter(self, ranges, *, default_allow: bool = True) -> None:
+        """KVM_X86_SET_MSR_FILTER.  ``ranges``: iterable of (base, nmsrs, read, write);
+        listed MSRs with read/write False are refused (and go to userspace with the
+        FILTER reason when user MSR exits are on)."""
+
+    # -- guest memory access (host view) ---------------------------------
+    def region_for(self, gpa: int, length: int = 1) -> MemoryRegion:
+        for r in self.regions:
+            if r.contains(gpa, length):
+                return r
+        raise UsageError(f"guest-physical range {gpa:#x}+{length:#x} is not backed by a memory slot")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Bytes of guest RAM as the host sees them (ciphertext for encrypted pages)."""
+        r = self.region_for(gpa, length)
+        off = gpa - r.gpa
+        return bytes(r.view[off:off + length])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        r = self.region_for(gpa, len(data))
+        off = gpa - r.gpa
+        r.view[off:off + len(data)] = data
+
+
+class System(_Closable):
+    """A backend's root object: ``/dev/kvm`` or the simulator."""
+
+    name: str
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abc.abstractmethod
+    def create_vm(self, vm_type: int = KVM_X86_DEFAULT_VM) -> Vm: ...
+
+
+def kvm_usable(path: str = KVM_DEVICE) -> tuple[bool, str]:
+    """(usable, why) without raising: used by ``auto`` and by ``info``."""
+    if not os.path.exists(path):
+        return False, f"{path} does not exist (no KVM module loaded, or not a Linux host)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return False, (f"{path} exists but this user cannot open it read-write: "
+                       "join the 'kvm' group (sudo usermod -aG kvm $USER, then log in again) or run as root")
+    return True, f"{path} is present and accessible"
+
+
+def open_backend(name: str = "auto", *, kvm_path: str = KVM_DEVICE) -> System:
+    """Open a backend by name (``kvm``, ``sim`` or ``auto``).
+
+    The returned system has ``chosen_because``: one line saying why it was
+    picked, which the CLI and the pytest header print.
+    """
+    if name not in ("auto",) + BACKENDS:
+        raise UsageError(f"unknown backend {name!r}: choose one of auto, kvm, sim")
+    if name == "auto":
+        if os.path.exists(kvm_path):
+            # present: any failure to open it is the user's to hear about
+            system = _open_kvm(kvm_path)
+            system.chosen_because = f"auto: {kvm_path} is present, using the kvm backend"
+            return system
+        system = _open_sim()
+        system.chosen_because = f"auto: {kvm_path} does not exist, using the sim backend"
+        return system
+    if name == "kvm":
+        system = _open_kvm(kvm_path)
+        system.chosen_because = "kvm backend requested"
+        return system
+    system = _open_sim()
+    system.chosen_because = "sim backend requested"
+    return system
+
+
+def _open_kvm(path: str) -> System:
+    from .kvm.system import KvmSystem
+
+    return KvmSystem(path)
+
+
+def _open_sim() -> System:
+    from .sim.system import SimSystem
+
+    return SimSystem()
+
+
+__all__ = ["BACKENDS", "Capabilities", "MemoryRegion", "System", "Vm", "Vcpu", "open_backend",
+           "kvm_usable", "DeviceMissing", "PermissionDenied"]

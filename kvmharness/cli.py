@@ -1,0 +1,189 @@
+"""The ``kvmharness`` command.
+
+Exit codes (also in the README):
+  0  success (the guest ended as its manifest expects)
+  1  the guest failed (reported failure, unexpected exception or exit)
+  2  usage error (bad arguments, unknown guest, malformed manifest or image)
+  3  the host cannot do it (no /dev/kvm, no permission, no SVM/SEV, an ioctl failed)
+  4  the guest timed out (the VM was torn down)
+  5  internal error in kvmharness (please report it)
+130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+
+from . import errors as E
+
+EPILOG = __doc__.split("\n", 2)[2]
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+# -- info ---------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from .hostinfo import format_report, host_report
+
+    report = host_report()
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+    return E.EXIT_OK
+
+
+# -- guests -------------------------------------------------------------------
+def cmd_guests(args) -> int:
+    from .images import load_manifest
+
+    guests = load_manifest()
+    if args.json:
+        _print_json([g.to_dict() for g in guests.values()])
+        return E.EXIT_OK
+    width = max(len(n) for n in guests)
+    for g in guests.values():
+        extra = f"  needs: {', '.join(g.needs)}" if g.needs else ""
+        for b, why in g.unsupported.items():
+            extra += f"  (not on {b}: {why})"
+        print(f"{g.name:<{width}}  {g.mode:<6}  {g.memory // 1024:>5} KiB  expect {g.expect:<8}  "
+              f"{g.description}{extra}")
+    return E.EXIT_OK
+
+
+# -- run -------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from .backend import open_backend
+    from .images import get_guest
+    from .machine import Machine
+
+    image = get_guest(args.guest)
+    image.load()  # refuse a bad image before any VM exists
+    system = open_backend(args.backend)
+    if not args.json:
+        print(f"# {system.chosen_because}", file=sys.stderr)
+    try:
+        machine = Machine.for_guest(image, system)
+        try:
+            result = machine.run(args.timeout if args.timeout is not None else image.timeout,
+                                 trace=args.trace)
+        except E.GuestTimeout as t:
+            if image.expect != "timeout":
+                raise
+            if args.json:
+                _print_json({"guest": image.name, "backend": system.name, "outcome": "timeout",
+                             "expected": "timeout", "ok": True, "message": str(t)})
+            else:
+                print(f"{image.name}: timed out as expected ({t})")
+            return E.EXIT_OK
+        finally:
+            machine.close()
+    finally:
+        system.close()
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        _print_result(result, args.trace)
+    if not result.ok:
+        print(f"kvmharness: guest {result.guest!r}: {result.describe()}", file=sys.stderr)
+        return E.EXIT_GUEST_FAILED
+    return E.EXIT_OK
+
+
+def _print_result(result, trace: bool) -> None:
+    if result.console:
+        print("console:")
+        for line in result.console.rstrip("\n").split("\n"):
+            print(f"  {line}")
+    if result.reports:
+        print("reports:")
+        for k, v in result.reports:
+            print(f"  {k:#018x} = {v:#018x}")
+    kinds: dict = {}
+    for r in result.exits:
+        kinds[type(r.exit).__name__] = kinds.get(type(r.exit).__name__, 0) + 1
+    summary = ", ".join(f"{n} x{c}" for n, c in kinds.items())
+    print(f"exits: {result.exit_count} ({summary})")
+    if trace:
+        for i, r in enumerate(result.exits):
+            rip = f"rip={r.rip:#x} " if r.rip is not None else ""
+            print(f"  {i:6d} {rip}{r.exit}")
+        for rec in result.hw_trace:
+            print(f"  hw: {rec}")
+    print(f"outcome: {result.outcome} (expected {result.expected}) on {result.backend} "
+          f"in {result.elapsed * 1e3:.2f} ms")
+
+
+# -- bench ----------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvmharness", description="Drive AMD SVM/SEV/SEV-ES guests through KVM, or simulate them.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("info", help="what this host can do (KVM, SVM, SEV, SEV-ES), and why not")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("guests", help="list the guest images in the manifest")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_guests)
+
+    s = sub.add_parser("run", help="run a guest image and show its results and exits")
+    s.add_argument("guest", help="guest name (see: kvmharness guests)")
+    s.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto",
+                   help="kvm: real /dev/kvm; sim: the simulator; auto: kvm if /dev/kvm exists (default)")
+    s.add_argument("--timeout", type=float, default=None, help="seconds (default: the manifest's)")
+    s.add_argument("--trace", action="store_true", help="record and print every exit with its RIP")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("bench", help="exits/s and lifecycle cost: harness vs a C reference, and the simulator")
+    s.add_argument("--exits", type=int, default=200_000, help="IO exits per loop run (default 200000)")
+    s.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    s.add_argument("--lifecycles", type=int, default=200, help="VM lifecycles per round (default 200)")
+    s.add_argument("--only", choices=("kvm", "sim", "all"), default="all")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench)
+
+    for extra in ("kvmharness.remote.cli", "kvmharness.sev.cli", "kvmharness.lab.cli"):
+        try:
+            present = importlib.util.find_spec(extra) is not None
+        except ModuleNotFoundError:
+            present = False
+        if present:  # an error inside a present module is a bug: let it show
+            importlib.import_module(extra).register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except E.HarnessError as e:
+        print(f"kvmharness: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kvmharness: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return E.EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

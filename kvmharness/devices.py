@@ -1,0 +1,156 @@
+"""The device bus: port and MMIO ranges, and the few devices the harness ships.
+
+A device is any object with some of ``io_in(port, size) -> int``,
+``io_out(port, size, data: bytes)``, ``mmio_read(addr, size) -> int``,
+``mmio_write(addr, size, data: bytes)``.  Ranges may not overlap (checked
+when a device is added).  Port dispatch is one dict lookup per exit: the bus
+keeps a port -> bound-method table, since this is the per-exit hot path.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from .errors import UsageError
+
+
+class NoDevice(LookupError):
+    """No device claims the port or address (the Machine turns it into UnexpectedExit)."""
+
+
+class DeviceBus:
+    def __init__(self):
+        self._port_out: dict = {}
+        self._port_in: dict = {}
+        self._port_owner: dict = {}
+        self._mmio: list = []  # sorted (start, end, device)
+        self._mmio_starts: list = []
+
+    # -- registration -----------------------------------------------------
+    def add_ports(self, first: int, count: int, device) -> None:
+        """Claim ports [first, first+count) for ``device``."""
+        if not (0 <= first and count > 0 and first + count <= 0x10000):
+            raise UsageError(f"port range {first:#x}+{count} is outside 0..0xffff")
+        clash = [p for p in range(first, first + count) if p in self._port_owner]
+        if clash:
+            other = self._port_owner[clash[0]]
+            raise UsageError(f"port {clash[0]:#x} of {type(device).__name__} overlaps "
+                             f"{type(other).__name__} already on the bus")
+        out = getattr(device, "io_out", None)
+        inp = getattr(device, "io_in", None)
+        for p in range(first, first + count):
+            self._port_owner[p] = device
+            if out:
+                self._port_out[p] = out
+            if inp:
+                self._port_in[p] = inp
+
+    def add_mmio(self, start: int, size: int, device) -> None:
+        """Claim guest-physical [start, start+size) for ``device``."""
+        if size <= 0 or start < 0:
+            raise UsageError(f"MMIO range {start:#x}+{size:#x} is empty or negative")
+        end = start + size
+        for s, e, d in self._mmio:
+            if start < e and s < end:
+                raise UsageError(f"MMIO range {start:#x}-{end:#x} of {type(device).__name__} overlaps "
+                                 f"{s:#x}-{e:#x} of {type(d).__name__}")
+        i = bisect.bisect(self._mmio_starts, start)
+        self._mmio.insert(i, (start, end, device))
+        self._mmio_starts.insert(i, start)
+
+    # -- dispatch (hot path) ---------------------------------------------------
+    def port_out(self, port: int, size: int, data: bytes) -> None:
+        try:
+            handler = self._port_out[port]
+        except KeyError:
+            raise NoDevice(f"OUT to port {port:#x}") from None
+        handler(port, size, data)
+
+    def port_in(self, port: int, size: int) -> int:
+        try:
+            handler = self._port_in[port]
+        except KeyError:
+            raise NoDevice(f"IN from port {port:#x}") from None
+        return handler(port, size)
+
+    def _mmio_device(self, addr: int, size: int):
+        i = bisect.bisect(self._mmio_starts, addr) - 1
+        if i >= 0:
+            s, e, d = self._mmio[i]
+            if addr + size <= e:
+                return d
+        raise NoDevice(f"MMIO access to {addr:#x} ({size} bytes)")
+
+    def mmio_write(self, addr: int, size: int, data: bytes) -> None:
+        self._mmio_device(addr, size).mmio_write(addr, size, data)
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        return self._mmio_device(addr, size).mmio_read(addr, size)
+
+
+class Console:
+    """Collects text the guest writes to CONSOLE_PORT."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+
+    def io_out(self, port, size, data):
+        self.buffer += data
+
+    @property
+    def text(self) -> str:
+        return self.buffer.decode("utf-8", errors="replace")
+
+
+class NullDevice:
+    """Accepts every write, reads as zero (the benchmark port)."""
+
+    __slots__ = ("writes",)
+
+    def __init__(self):
+        self.writes = 0
+
+    def io_out(self, port, size, data):
+        self.writes += 1
+
+    def io_in(self, port, size):
+        return 0
+
+
+class RamLikeMmio:
+    """An MMIO window that behaves like RAM: reads return the bytes last written."""
+
+    def __init__(self, base: int, size: int):
+        self.base = base
+        self.mem = bytearray(size)
+        self.log: list = []  # ("r"|"w", addr, size, value)
+
+    def mmio_write(self, addr, size, data):
+        off = addr - self.base
+        self.mem[off:off + size] = data[:size]
+        self.log.append(("w", addr, size, int.from_bytes(data[:size], "little")))
+
+    def mmio_read(self, addr, size):
+        off = addr - self.base
+        value = int.from_bytes(self.mem[off:off + size], "little")
+        self.log.append(("r", addr, size, value))
+        return value
+
+
+class MsrStore:
+    """Answers userspace MSR exits: reads return the last value written (initially 0)."""
+
+    def __init__(self, indices=()):
+        self.values = {i: 0 for i in indices}
+        self.log: list = []
+
+    def read(self, index: int) -> int | None:
+        self.log.append(("r", index, self.values.get(index)))
+        return self.values.get(index)
+
+    def write(self, index: int, value: int) -> bool:
+        self.log.append(("w", index, value))
+        if index not in self.values:
+            return False
+        self.values[index] = value
+        return True

@@ -1,0 +1,236 @@
+"""Exits as a closed set of typed values.
+
+Every return from ``Vcpu.run()`` is exactly one of the classes below, on every
+backend.  Userspace sees on the simulator what it sees on real KVM, so these
+mirror ``struct kvm_run``'s exit union (``KVM_EXIT_*``), decoded in one place per
+backend (``kvm/vcpu.py:decode_exit``, ``sim/kvmlayer.py``).  An exit reason this
+version does not know becomes :class:`Unsupported` rather than an exception, so
+a newer kernel never crashes the caller.
+
+Exits that ask userspace for data (:class:`IoIn`, :class:`MmioRead`,
+:class:`MsrRead`) are completed with ``Vcpu.complete(value)`` before the next
+``run()``; :class:`MsrWrite` may be refused with ``Vcpu.complete(error=True)``
+(the guest then gets #GP, as KVM injects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# KVM_EXIT_* numbers (linux/kvm.h); the cdefs test pins them to the headers.
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_EXCEPTION = 1
+KVM_EXIT_IO = 2
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_DEBUG = 4
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
+
+# kvm_run.system_event.type values
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3
+KVM_SYSTEM_EVENT_WAKEUP = 4
+KVM_SYSTEM_EVENT_SUSPEND = 5
+KVM_SYSTEM_EVENT_SEV_TERM = 6
+
+# kvm_run.msr.reason values (why an MSR access went to userspace)
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+
+_exit = dataclass(frozen=True, slots=True)
+
+
+class Exit:
+    """Base class of every exit value (for isinstance checks and typing)."""
+
+    __slots__ = ()
+    reason: int = -1  # the KVM_EXIT_* number this exit kind corresponds to
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict: ``{"exit": "IoOut", "port": 233, ...}``."""
+        d = {"exit": type(self).__name__}
+        for name in self.__slots__:
+            v = getattr(self, name)
+            d[name] = v.hex() if isinstance(v, (bytes, bytearray)) else v
+        return d
+
+
+@_exit
+class IoOut(Exit):
+    """``KVM_EXIT_IO`` direction out: the guest wrote ``data`` (size*count bytes)."""
+
+    port: int
+    size: int
+    count: int
+    data: bytes
+    reason = KVM_EXIT_IO
+
+    @property
+    def value(self) -> int:
+        """The first element written, as an unsigned integer."""
+        return int.from_bytes(self.data[: self.size], "little")
+
+
+@_exit
+class IoIn(Exit):
+    """``KVM_EXIT_IO`` direction in: complete with ``Vcpu.complete(value)``."""
+
+    port: int
+    size: int
+    count: int
+    reason = KVM_EXIT_IO
+
+
+@_exit
+class MmioWrite(Exit):
+    """``KVM_EXIT_MMIO`` write of ``size`` bytes to an unbacked guest-physical address."""
+
+    addr: int
+    size: int
+    data: bytes
+    reason = KVM_EXIT_MMIO
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data, "little")
+
+
+@_exit
+class MmioRead(Exit):
+    """``KVM_EXIT_MMIO`` read: complete with ``Vcpu.complete(value)``."""
+
+    addr: int
+    size: int
+    reason = KVM_EXIT_MMIO
+
+
+@_exit
+class Hlt(Exit):
+    """``KVM_EXIT_HLT``: the guest executed HLT with no interrupt to wake it."""
+
+    reason = KVM_EXIT_HLT
+
+
+@_exit
+class Shutdown(Exit):
+    """``KVM_EXIT_SHUTDOWN``: triple fault (or a state KVM cannot enter)."""
+
+    reason = KVM_EXIT_SHUTDOWN
+
+
+@_exit
+class MsrRead(Exit):
+    """``KVM_EXIT_X86_RDMSR``: complete with ``Vcpu.complete(value)`` or ``(error=True)``."""
+
+    index: int
+    msr_reason: int  # KVM_MSR_EXIT_REASON_* bits
+    reason = KVM_EXIT_X86_RDMSR
+
+
+@_exit
+class MsrWrite(Exit):
+    """``KVM_EXIT_X86_WRMSR``: accept with ``Vcpu.complete()``, refuse with ``(error=True)``."""
+
+    index: int
+    value: int
+    msr_reason: int
+    reason = KVM_EXIT_X86_WRMSR
+
+
+@_exit
+class Hypercall(Exit):
+    """``KVM_EXIT_HYPERCALL`` (KVM_CAP_EXIT_HYPERCALL): ``nr`` and up to 6 args."""
+
+    nr: int
+    args: tuple
+    reason = KVM_EXIT_HYPERCALL
+
+
+@_exit
+class SystemEvent(Exit):
+    """``KVM_EXIT_SYSTEM_EVENT`` other than SEV termination."""
+
+    type: int
+    data: tuple
+    reason = KVM_EXIT_SYSTEM_EVENT
+
+
+@_exit
+class SevTermination(Exit):
+    """``KVM_EXIT_SYSTEM_EVENT`` type ``KVM_SYSTEM_EVENT_SEV_TERM``.
+
+    An SEV-ES guest asked to be terminated (GHCB MSR protocol 0x100 or the NAE
+    event 0x8000FFFE), or KVM terminated it for a protocol violation.
+    ``ghcb_msr`` is ``data[0]``: the GHCB MSR value KVM saw.
+    """
+
+    ghcb_msr: int
+    reason = KVM_EXIT_SYSTEM_EVENT
+
+    @property
+    def reason_set(self) -> int:
+        return (self.ghcb_msr >> 12) & 0xF
+
+    @property
+    def reason_code(self) -> int:
+        return (self.ghcb_msr >> 16) & 0xFF
+
+
+@_exit
+class InternalError(Exit):
+    """``KVM_EXIT_INTERNAL_ERROR``: suberror 1 is an emulation failure."""
+
+    suberror: int
+    data: tuple
+    reason = KVM_EXIT_INTERNAL_ERROR
+
+    SUBERROR_NAMES = {1: "emulation failure", 2: "simultaneous exception",
+                      3: "delivery event", 4: "unexpected exit reason"}
+
+    @property
+    def description(self) -> str:
+        return self.SUBERROR_NAMES.get(self.suberror, f"suberror {self.suberror}")
+
+
+@_exit
+class FailEntry(Exit):
+    """``KVM_EXIT_FAIL_ENTRY``: the hardware refused VMRUN (``hardware_entry_failure_reason``)."""
+
+    hardware_reason: int
+    cpu: int
+    reason = KVM_EXIT_FAIL_ENTRY
+
+
+@_exit
+class Debug(Exit):
+    """``KVM_EXIT_DEBUG``: single step or hardware breakpoint; ``pc`` is the guest RIP."""
+
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
+    reason = KVM_EXIT_DEBUG
+
+
+@_exit
+class Unsupported(Exit):
+    """An exit reason this version of kvmharness does not decode."""
+
+    raw_reason: int
+
+
+ALL_EXITS = (IoOut, IoIn, MmioWrite, MmioRead, Hlt, Shutdown, MsrRead, MsrWrite,
+             Hypercall, SystemEvent, SevTermination, InternalError, FailEntry, Debug,
+             Unsupported)
+
+#: Exits whose data the guest waits for: ``Vcpu.complete`` must be called.
+NEEDS_COMPLETION = (IoIn, MmioRead, MsrRead)

@@ -1,0 +1,278 @@
+"""What this host can and cannot do: ``kvmharness info``.
+
+The one module that reads the host itself (/proc, /sys, psutil, /dev/cpu/*/cpuid),
+and the place each verdict ("svm / sev / sev-es / sev-snp: usable here, or
+exactly why not and how to fix it") is decided, so the CLI, the pytest markers
+and the SEV launch errors all say the same thing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import stat
+import struct
+from pathlib import Path
+
+import psutil
+
+from .backend import KVM_DEVICE, SEV_DEVICE, VM_TYPE_NAMES, kvm_usable
+from .x86 import CPUID_SEV
+
+KVM_AMD_PARAMS = Path("/sys/module/kvm_amd/parameters")
+MODES = ("svm", "sev", "sev-es", "sev-snp")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _flag(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    return value.upper() in ("Y", "1", "YES", "ON")
+
+
+def cpu_info() -> dict:
+    """Vendor, family, model and flags from /proc/cpuinfo (first CPU)."""
+    info = {"vendor": None, "family": None, "model": None, "model_name": None,
+            "svm_flag": False, "hypervisor_flag": False, "sev_flags": []}
+    text = _read(Path("/proc/cpuinfo")) or ""
+    first = text.split("\n\n", 1)[0]
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "vendor_id":
+            info["vendor"] = value
+        elif key == "cpu family":
+            info["family"] = int(value)
+        elif key == "model":
+            info["model"] = int(value)
+        elif key == "model name":
+            info["model_name"] = value
+        elif key == "flags":
+            flags = set(value.split())
+            info["svm_flag"] = "svm" in flags
+            info["hypervisor_flag"] = "hypervisor" in flags
+            info["sev_flags"] = sorted(f for f in flags if f in ("sme", "sev", "sev_es", "sev_snp"))
+    return info
+
+
+def host_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int] | None:
+    """Raw host CPUID through the ``cpuid`` driver (/dev/cpu/0/cpuid), if loaded."""
+    try:
+        fd = os.open("/dev/cpu/0/cpuid", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, 16, leaf | subleaf << 32)
+        return struct.unpack("<4I", data) if len(data) == 16 else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def decode_sev_leaf(eax: int, ebx: int, ecx: int, edx: int) -> dict:
+    """CPUID 0x8000001F, field by field (facts 10a)."""
+    return {"raw": [hex(eax), hex(ebx), hex(ecx), hex(edx)],
+            "sme": bool(eax & 1), "sev": bool(eax >> 1 & 1), "sev_es": bool(eax >> 3 & 1),
+            "sev_snp": bool(eax >> 4 & 1), "c_bit": ebx & 0x3F, "phys_addr_reduction": ebx >> 6 & 0x3F,
+            "encrypted_guests": ecx, "min_sev_asid": edx}
+
+
+def kvm_amd_params() -> dict | None:
+    if not KVM_AMD_PARAMS.is_dir():
+        return None
+    return {p.name: _read(p) for p in sorted(KVM_AMD_PARAMS.iterdir())}
+
+
+def kvm_device_info() -> dict:
+    usable, why = kvm_usable(KVM_DEVICE)
+    d = {"path": KVM_DEVICE, "present": os.path.exists(KVM_DEVICE), "accessible": usable, "why": why,
+         "mode": None, "group": None, "api_version": None, "module": None}
+    try:
+        st = os.stat(KVM_DEVICE)
+        d["mode"] = stat.filemode(st.st_mode)
+        try:
+            import grp
+            d["group"] = grp.getgrgid(st.st_gid).gr_name
+        except (KeyError, ImportError):
+            d["group"] = st.st_gid
+    except OSError:
+        pass
+    for mod in ("kvm_amd", "kvm_intel", "kvm_pvm"):
+        if Path(f"/sys/module/{mod}").is_dir():
+            d["module"] = mod
+            break
+    return d
+
+
+def _kvm_details() -> tuple[dict, object]:
+    """Open /dev/kvm (if usable) and read the capability report."""
+    from .backend import open_backend
+    from .errors import HarnessError
+
+    try:
+        system = open_backend("kvm")
+    except HarnessError as e:
+        return {"error": str(e)}, None
+    try:
+        caps = system.capabilities
+        sev_leaf = caps.sev_leaf
+        out = {
+            "api_version": caps.api_version,
+            "extensions": caps.extensions,
+            "vm_types": [VM_TYPE_NAMES.get(t, str(t)) for t in sorted(caps.vm_types)],
+            "vm_type_numbers": sorted(caps.vm_types),
+            "supported_cpuid_entries": len(caps.supported_cpuid),
+            "guest_svm": caps.svm,
+            "guest_sev_leaf": decode_sev_leaf(sev_leaf.eax, sev_leaf.ebx, sev_leaf.ecx, sev_leaf.edx)
+            if sev_leaf else None,
+            "msr_index_list": len(caps.msr_index_list),
+            "memory_encrypt_op": _memory_encrypt_probe(system),
+        }
+        return out, caps
+    finally:
+        system.close()
+
+
+def _memory_encrypt_probe(system) -> str:
+    """KVM_MEMORY_ENCRYPT_OP(NULL) on a default VM: 0 when KVM has SEV enabled, ENOTTY if not."""
+    from .kvm._ffi import KVM_MEMORY_ENCRYPT_OP, ffi, ioctl_raw
+
+    try:
+        vm = system.create_vm(0)
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        return f"could not create a VM: {e}"
+    try:
+        ret, err = ioctl_raw(vm.fd, KVM_MEMORY_ENCRYPT_OP, ffi.NULL)
+        if ret == 0:
+            return "supported"
+        return f"{errno.errorcode.get(err, err)}"
+    finally:
+        vm.close()
+
+
+def verdicts(kvm: dict, details: dict, cpu: dict, params: dict | None, sev_present: bool) -> dict:
+    """For each mode: usable here, or why not and what to do."""
+    out = {}
+    module = kvm.get("module")
+    types = set(details.get("vm_type_numbers", [0]))
+    if not kvm["present"]:
+        base = (False, f"{KVM_DEVICE} does not exist: no KVM on this host. Use --backend sim, "
+                       "or a remote SVM rig (kvmharness rig check)")
+    elif not kvm["accessible"]:
+        base = (False, kvm["why"])
+    elif module != "kvm_amd":
+        base = (False, f"/dev/kvm is provided by {module or 'an unknown module'}, not kvm_amd"
+                       + ("" if cpu["svm_flag"] else "; the CPU has no 'svm' flag")
+                       + ". Run on an AMD host with SVM enabled in firmware and kvm_amd loaded, "
+                       "use a remote rig (kvmharness rig), or --backend sim")
+    else:
+        base = (True, "kvm_amd is loaded and /dev/kvm is accessible")
+    out["svm"] = {"usable": base[0], "why": base[1]}
+
+    def sev_mode(mode, param, vm_type, need_policy):
+        if not base[0]:
+            return {"usable": False, "why": f"{mode} needs SVM first: {base[1]}"}
+        value = (params or {}).get(param)
+        if not _flag(value):
+            return {"usable": False, "why": f"kvm_amd parameter {param}={value or 'absent'}: enable "
+                    f"it (modprobe kvm_amd {param}=1; the firmware must have SME/SEV enabled and "
+                    "the PSP driver ccp loaded)"}
+        if not sev_present:
+            return {"usable": False, "why": f"{SEV_DEVICE} does not exist: load the ccp module"}
+        if vm_type not in types and details.get("memory_encrypt_op") != "supported":
+            return {"usable": False, "why": f"KVM offers neither VM type {vm_type} nor legacy SEV commands"}
+        return {"usable": True, "why": f"kvm_amd {param}={value}, {SEV_DEVICE} present"}
+
+    out["sev"] = sev_mode("SEV", "sev", 2, None)
+    out["sev-es"] = sev_mode("SEV-ES", "sev_es", 3, None)
+    out["sev-snp"] = sev_mode("SEV-SNP", "sev_snp", 4, None)
+    return out
+
+
+def host_report() -> dict:
+    """Everything ``kvmharness info`` prints, as one JSON-friendly dict."""
+    cpu = cpu_info()
+    kvm = kvm_device_info()
+    details, caps = _kvm_details() if kvm["accessible"] else ({}, None)
+    kvm["api_version"] = details.get("api_version")
+    params = kvm_amd_params()
+    raw_leaf = host_cpuid(CPUID_SEV)
+    sev_present = os.path.exists(SEV_DEVICE)
+    mem = psutil.virtual_memory()
+    report = {
+        "kvm": kvm,
+        "kvm_details": details,
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "host_sev_leaf": decode_sev_leaf(*raw_leaf) if raw_leaf else None,
+        "host_sev_leaf_source": "/dev/cpu/0/cpuid" if raw_leaf else
+        "unavailable (load the 'cpuid' module to read the host's raw CPUID)",
+        "kvm_amd": params,
+        "nested": _flag(params.get("nested")) if params else None,
+        "npt": _flag(params.get("npt")) if params else None,
+        "sev_device": {"path": SEV_DEVICE, "present": sev_present, "api_version": None},
+        "memory": {"total": mem.total, "available": mem.available},
+        "cpus": psutil.cpu_count(),
+    }
+    report["verdicts"] = verdicts(kvm, details, cpu, params, sev_present)
+    return report
+
+
+def format_report(r: dict) -> str:
+    """The human-readable form of :func:`host_report`."""
+    lines = []
+    k = r["kvm"]
+    lines.append(f"/dev/kvm: {'present' if k['present'] else 'absent'}"
+                 + (f", {k['mode']} group {k['group']}" if k["mode"] else "")
+                 + (f", module {k['module']}" if k["module"] else "")
+                 + (f", API {k['api_version']}" if k["api_version"] else ""))
+    if not k["accessible"]:
+        lines.append(f"  {k['why']}")
+    c = r["cpu"]
+    lines.append(f"CPU: {c['vendor']} family {c['family']:#x} model {c['model']:#x} ({c['model_name']})"
+                 if c["family"] is not None else "CPU: unknown")
+    lines.append(f"  svm flag: {'yes' if c['svm_flag'] else 'no'}; hypervisor flag: "
+                 f"{'yes' if c['hypervisor_flag'] else 'no'}; SEV flags: {', '.join(c['sev_flags']) or 'none'}")
+    lines.append(f"kernel: {r['kernel']}")
+    d = r.get("kvm_details") or {}
+    if d.get("error"):
+        lines.append(f"KVM: {d['error']}")
+    elif d:
+        ext = d["extensions"]
+        keys = ", ".join(f"{n.removeprefix('KVM_CAP_')}={v:#x}" if v > 9 else f"{n.removeprefix('KVM_CAP_')}={v}"
+                         for n, v in ext.items())
+        lines.append(f"KVM caps: {keys}")
+        lines.append(f"VM types: {', '.join(d['vm_types'])}")
+        lines.append(f"guest CPUID: {d['supported_cpuid_entries']} supported entries; SVM offered to "
+                     f"guests: {'yes' if d['guest_svm'] else 'no'}")
+        leaf = d.get("guest_sev_leaf")
+        if leaf:
+            lines.append(f"  guest 0x8000001F: {leaf['raw']} sev={leaf['sev']} sev_es={leaf['sev_es']} "
+                         f"c_bit={leaf['c_bit']} guests={leaf['encrypted_guests']} min_asid={leaf['min_sev_asid']}")
+        lines.append(f"KVM_MEMORY_ENCRYPT_OP probe: {d['memory_encrypt_op']}")
+    hl = r.get("host_sev_leaf")
+    lines.append("host CPUID 0x8000001F: " + (
+        f"{hl['raw']} sev={hl['sev']} sev_es={hl['sev_es']} sev_snp={hl['sev_snp']} c_bit={hl['c_bit']} "
+        f"guests={hl['encrypted_guests']} min_asid={hl['min_sev_asid']}" if hl else r["host_sev_leaf_source"]))
+    p = r["kvm_amd"]
+    lines.append("kvm_amd: " + (", ".join(f"{n}={v}" for n, v in p.items()
+                                          if n in ("sev", "sev_es", "sev_snp", "nested", "npt", "nrips", "avic"))
+                                if p is not None else "not loaded"))
+    s = r["sev_device"]
+    lines.append(f"/dev/sev: {'present' if s['present'] else 'absent'}")
+    m = r["memory"]
+    lines.append(f"memory: {m['total'] / 2**30:.1f} GiB total, {m['available'] / 2**30:.1f} GiB available; "
+                 f"{r['cpus']} CPUs")
+    lines.append("verdicts:")
+    for mode in MODES:
+        v = r["verdicts"][mode]
+        lines.append(f"  {mode:8s} {'usable' if v['usable'] else 'NOT usable'}: {v['why']}")
+    return "\n".join(lines)

@@ -1,0 +1,296 @@
+"""A KVM vCPU fd and its mmap'd ``struct kvm_run``.
+
+``decode_exit`` is the only place that reads ``kvm_run``'s exit union.  It reads
+through precompiled ``struct.Struct`` objects whose offsets come from the cffi
+declarations (so the layout test pins them), because one ``unpack_from`` is
+cheaper than several cffi attribute reads on the per-exit hot path.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import mmap
+import os
+import signal
+import struct
+import threading
+
+from .. import exits as X
+from ..backend import Vcpu
+from ..errors import KvmError, UsageError
+from ..x86 import CpuidEntry, DTable, Regs, Segment, Sregs
+from . import _ffi as K
+from ._ffi import ffi, ioctl, ioctl_raw, libc
+from .system import KICK_SIGNAL
+
+_RUN = "struct kvm_run"
+_OFF_EXIT_REASON = ffi.offsetof(_RUN, "exit_reason")
+_OFF_IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
+_OFF_UNION = ffi.offsetof(_RUN, "io")  # every member of the exit union starts here
+
+_U32 = struct.Struct("<I")
+# io: direction u8, size u8, port u16, count u32, data_offset u64
+_IO = struct.Struct("<BBHIQ")
+# mmio: phys_addr u64, data[8], len u32, is_write u8
+_MMIO = struct.Struct("<Q8sIB")
+# msr: error u8, pad[7], reason u32, index u32, data u64
+_MSR = struct.Struct("<B7xIIQ")
+_HYPERCALL = struct.Struct("<Q6QQI")  # nr, args[6], ret, longmode
+_DEBUG = struct.Struct("<IIQQQ")  # exception, pad, pc, dr6, dr7
+_FAIL_ENTRY = struct.Struct("<QI")  # hardware_entry_failure_reason, cpu
+_INTERNAL = struct.Struct("<II16Q")  # suberror, ndata, data[16]
+_SYSTEM_EVENT = struct.Struct("<II16Q")  # type, ndata, data[16]
+
+_REGS = struct.Struct("<18Q")
+_SEG = "QIHBBBBBBBBBB"
+_SREGS = struct.Struct("<" + _SEG * 8 + "QH6x" * 2 + "7Q" + "4Q")
+assert _REGS.size == ffi.sizeof("struct kvm_regs")
+assert _SREGS.size == ffi.sizeof("struct kvm_sregs")
+assert _IO.size <= 16 and ffi.offsetof(_RUN, "mmio") == _OFF_UNION
+
+_IO_DIRECTION_OUT = 1  # KVM_EXIT_IO_OUT
+_KVM_RUN = K.KVM_RUN
+_NULL = ffi.NULL
+_EINTR = _errno.EINTR
+
+
+class KvmVcpu(Vcpu):
+    def __init__(self, vm, fd: int, vcpu_id: int, mmap_size: int):
+        self.vm = vm
+        self.fd = fd
+        self.vcpu_id = vcpu_id
+        self._mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run_ptr = ffi.from_buffer(self._mm)
+        self.kvm_run = ffi.cast("struct kvm_run *", self._run_ptr)
+        self._mv = memoryview(self._mm)
+        self._pending = None  # the exit awaiting complete(), with where its data goes
+        self._pending_off = 0
+        self._thread = 0
+        self._ioctl = libc.ioctl
+        self._single_step = False
+
+    # -- running -------------------------------------------------------------
+    def run(self):
+        """KVM_RUN until the next exit to userspace; returns an ``exits.*`` value.
+
+        Raises ``InterruptedError`` when a signal or ``kick()`` interrupted it
+        (EINTR), ``KvmError`` for any other failure.
+        """
+        self._thread = threading.get_ident()
+        if self._ioctl(self.fd, _KVM_RUN, _NULL) < 0:
+            err = ffi.errno
+            if err == _EINTR:
+                self._mv[_OFF_IMMEDIATE_EXIT] = 0
+                raise InterruptedError(_EINTR, "KVM_RUN interrupted")
+            raise KvmError("KVM_RUN", err, self._run_failure_hint(err))
+        return self.decode_exit()
+
+    def _run_failure_hint(self, err: int) -> str:
+        if err == _errno.ENOSPC:
+            return "no memory slot backs the guest's code or page tables"
+        if err == _errno.ENOEXEC:
+            return "the vCPU state cannot be entered"
+        return ""
+
+    def decode_exit(self):
+        """Turn ``kvm_run`` into one exit value (the only reader of the exit union)."""
+        mv = self._mv
+        reason = _U32.unpack_from(mv, _OFF_EXIT_REASON)[0]
+        self._pending = None
+        if reason == 2:  # KVM_EXIT_IO
+            direction, size, port, count, off = _IO.unpack_from(mv, _OFF_UNION)
+            if direction == _IO_DIRECTION_OUT:
+                return X.IoOut(port, size, count, bytes(mv[off:off + size * count]))
+            exit_ = X.IoIn(port, size, count)
+            self._pending, self._pending_off = exit_, off
+            return exit_
+        if reason == 6:  # KVM_EXIT_MMIO
+            addr, data, length, is_write = _MMIO.unpack_from(mv, _OFF_UNION)
+            if is_write:
+                return X.MmioWrite(addr, length, data[:length])
+            exit_ = X.MmioRead(addr, length)
+            self._pending, self._pending_off = exit_, _OFF_UNION + 8
+            return exit_
+        if reason == 5:
+            return X.Hlt()
+        if reason == 8:
+            return X.Shutdown()
+        if reason == 29 or reason == 30:  # X86_RDMSR / X86_WRMSR
+            _, msr_reason, index, data = _MSR.unpack_from(mv, _OFF_UNION)
+            exit_ = X.MsrRead(index, msr_reason) if reason == 29 else X.MsrWrite(index, data, msr_reason)
+            self._pending, self._pending_off = exit_, _OFF_UNION
+            return exit_
+        if reason == 4:
+            exc, _, pc, dr6, dr7 = _DEBUG.unpack_from(mv, _OFF_UNION)
+            return X.Debug(exc, pc, dr6, dr7)
+        if reason == 24:
+            etype, ndata, *data = _SYSTEM_EVENT.unpack_from(mv, _OFF_UNION)
+            if etype == X.KVM_SYSTEM_EVENT_SEV_TERM:
+                return X.SevTermination(data[0] if ndata else 0)
+            return X.SystemEvent(etype, tuple(data[:ndata]))
+        if reason == 17:
+            sub, ndata, *data = _INTERNAL.unpack_from(mv, _OFF_UNION)
+            return X.InternalError(sub, tuple(data[:min(ndata, 16)]))
+        if reason == 9:
+            hw, cpu = _FAIL_ENTRY.unpack_from(mv, _OFF_UNION)
+            return X.FailEntry(hw, cpu)
+        if reason == 3:
+            nr, *rest = _HYPERCALL.unpack_from(mv, _OFF_UNION)
+            exit_ = X.Hypercall(nr, tuple(rest[:6]))
+            self._pending, self._pending_off = exit_, _OFF_UNION + 56
+            return exit_
+        return X.Unsupported(reason)
+
+    def complete(self, value: int | bytes = 0, *, error: bool = False) -> None:
+        """Write the data the pending exit asked for into ``kvm_run``.
+
+        IoIn: ``size*count`` bytes at ``io.data_offset``; MmioRead: ``mmio.data``;
+        MsrRead: ``msr.data`` (``error=True``: KVM injects #GP); MsrWrite:
+        ``error=True`` refuses the write (#GP); Hypercall: ``hypercall.ret``.
+        """
+        p = self._pending
+        if p is None:
+            raise UsageError("complete() called but the last exit asked for no data")
+        mv, off = self._mv, self._pending_off
+        if isinstance(p, X.IoIn):
+            n = p.size * p.count
+            data = value if isinstance(value, (bytes, bytearray)) else int(value).to_bytes(n, "little")
+            mv[off:off + n] = bytes(data[:n]).ljust(n, b"\0")
+        elif isinstance(p, X.MmioRead):
+            data = value if isinstance(value, (bytes, bytearray)) else int(value).to_bytes(8, "little")
+            mv[off:off + p.size] = bytes(data[:p.size]).ljust(p.size, b"\0")
+        elif isinstance(p, (X.MsrRead, X.MsrWrite)):
+            mv[off] = 1 if error else 0
+            if isinstance(p, X.MsrRead) and not error:
+                struct.pack_into("<Q", mv, off + 16, int(value) & (2**64 - 1))
+        elif isinstance(p, X.Hypercall):
+            struct.pack_into("<Q", mv, off, int(value) & (2**64 - 1))
+        self._pending = None
+
+    def kick(self) -> None:
+        """Make KVM_RUN return EINTR now (or immediately on its next entry)."""
+        self._mv[_OFF_IMMEDIATE_EXIT] = 1
+        if self._thread:
+            try:
+                signal.pthread_kill(self._thread, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    # -- state ----------------------------------------------------------------------
+    def get_regs(self) -> Regs:
+        """KVM_GET_REGS."""
+        buf = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, K.KVM_GET_REGS, buf)
+        return Regs(*_REGS.unpack(ffi.buffer(buf)))
+
+    def set_regs(self, regs: Regs) -> None:
+        """KVM_SET_REGS."""
+        buf = ffi.new("struct kvm_regs *")
+        ffi.buffer(buf)[:] = _REGS.pack(*(v & 0xFFFFFFFFFFFFFFFF for v in (
+            regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp,
+            regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+            regs.rip, regs.rflags)))
+        ioctl(self.fd, K.KVM_SET_REGS, buf)
+
+    def get_sregs(self) -> Sregs:
+        """KVM_GET_SREGS."""
+        buf = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, K.KVM_GET_SREGS, buf)
+        v = _SREGS.unpack(ffi.buffer(buf))
+        segs = [Segment(*v[i * 13:i * 13 + 12]) for i in range(8)]
+        gdt = DTable(v[104], v[105])
+        idt = DTable(v[106], v[107])
+        cr0, cr2, cr3, cr4, cr8, efer, apic_base = v[108:115]
+        return Sregs(*segs, gdt, idt, cr0, cr2, cr3, cr4, cr8, efer, apic_base)
+
+    def set_sregs(self, s: Sregs) -> None:
+        """KVM_SET_SREGS (interrupt_bitmap cleared: no pending interrupt)."""
+        vals = []
+        for seg in (s.cs, s.ds, s.es, s.fs, s.gs, s.ss, s.tr, s.ldt):
+            vals += [seg.base, seg.limit, seg.selector, seg.type, seg.present, seg.dpl, seg.db,
+                     seg.s, seg.l, seg.g, seg.avl, seg.unusable, 0]
+        vals += [s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit,
+                 s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base, 0, 0, 0, 0]
+        buf = ffi.new("struct kvm_sregs *")
+        ffi.buffer(buf)[:] = _SREGS.pack(*vals)
+        ret, err = ioctl_raw(self.fd, K.KVM_SET_SREGS, buf)
+        if ret < 0:
+            raise KvmError("KVM_SET_SREGS", err,
+                           "KVM refused the segment/control register state (e.g. EFER bits the "
+                           "guest CPUID does not offer, or LMA without PG)" if err == _errno.EINVAL else "")
+
+    def get_msrs(self, indices) -> dict:
+        """KVM_GET_MSRS; MSRs KVM cannot read are absent from the result."""
+        indices = list(indices)
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + 16 * len(indices))
+        m = ffi.cast("struct kvm_msrs *", buf)
+        m.nmsrs = len(indices)
+        for i, idx in enumerate(indices):
+            m.entries[i].index = idx
+        n = ioctl(self.fd, K.KVM_GET_MSRS, m)
+        return {m.entries[i].index: m.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: dict) -> int:
+        """KVM_SET_MSRS; returns how many were written (KVM stops at the first it refuses)."""
+        items = list(values.items())
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + 16 * len(items))
+        m = ffi.cast("struct kvm_msrs *", buf)
+        m.nmsrs = len(items)
+        for i, (idx, val) in enumerate(items):
+            m.entries[i].index = idx
+            m.entries[i].data = val
+        return ioctl(self.fd, K.KVM_SET_MSRS, m)
+
+    def set_cpuid(self, entries) -> None:
+        """KVM_SET_CPUID2."""
+        entries = list(entries)
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
+        c = ffi.cast("struct kvm_cpuid2 *", buf)
+        c.nent = len(entries)
+        for i, e in enumerate(entries):
+            d = c.entries[i]
+            d.function, d.index, d.flags = e.function, e.index, e.flags
+            d.eax, d.ebx, d.ecx, d.edx = e.eax, e.ebx, e.ecx, e.edx
+        ioctl(self.fd, K.KVM_SET_CPUID2, c)
+        self.cpuid = tuple(entries)
+
+    def get_cpuid(self) -> list:
+        """KVM_GET_CPUID2."""
+        nent = 256
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + nent * ffi.sizeof("struct kvm_cpuid_entry2"))
+        c = ffi.cast("struct kvm_cpuid2 *", buf)
+        c.nent = nent
+        ioctl(self.fd, K.KVM_GET_CPUID2, c)
+        return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in (c.entries[i] for i in range(c.nent))]
+
+    def set_single_step(self, enabled: bool) -> None:
+        """KVM_SET_GUEST_DEBUG with KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP."""
+        dbg = ffi.new("struct kvm_guest_debug *")
+        dbg.control = (K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_SINGLESTEP) if enabled else 0
+        ioctl(self.fd, K.KVM_SET_GUEST_DEBUG, dbg)
+        self._single_step = enabled
+
+    def enable_sync_regs(self, enabled: bool = True) -> None:
+        """kvm_run.kvm_valid_regs = KVM_SYNC_X86_REGS: KVM copies GPRs into kvm_run at
+        every exit, so a trace can record RIP without a KVM_GET_REGS per exit."""
+        self.kvm_run.kvm_valid_regs = K.KVM_SYNC_X86_REGS if enabled else 0
+
+    def synced_rip(self) -> int:
+        return self.kvm_run.s.regs.regs.rip
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self._mv.release()
+        ffi.release(self._run_ptr)
+        self.kvm_run = None
+        try:
+            self._mm.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+    def __repr__(self):
+        return f"KvmVcpu(id={self.vcpu_id}, fd={self.fd})"

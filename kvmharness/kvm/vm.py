@@ -1,0 +1,154 @@
+"""A KVM VM fd: memory slots, VM capabilities, the MSR filter, vCPUs."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+from ..backend import MemoryRegion, Vm
+from ..errors import KvmError, UsageError
+from . import _ffi as K
+from ._ffi import ffi, ioctl, ioctl_raw
+
+PAGE = 4096
+
+
+class KvmVm(Vm):
+    """Owns the VM fd and the host memory of its slots."""
+
+    def __init__(self, system, fd: int, vm_type: int, *, disable_hypercall_patching: bool = True):
+        self.system = system
+        self.fd = fd
+        self.vm_type = vm_type
+        self.regions: list[MemoryRegion] = []
+        self.vcpus: list = []
+        self._next_slot = 0
+        self._pins: list = []  # cffi buffers that must stay alive while KVM uses them
+        if disable_hypercall_patching:
+            self.disable_fix_hypercall_quirk()
+
+    # -- capabilities and quirks ---------------------------------------------
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd."""
+        ret, _ = ioctl_raw(self.fd, K.KVM_CHECK_EXTENSION, ffi.cast("void *", cap))
+        return ret if ret >= 0 else 0
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM fd with up to four u64 arguments."""
+        c = ffi.new("struct kvm_enable_cap *")
+        c.cap = cap
+        for i, a in enumerate(args):
+            c.args[i] = a
+        ioctl(self.fd, K.KVM_ENABLE_CAP, c)
+
+    def disable_fix_hypercall_quirk(self) -> None:
+        """KVM_CAP_DISABLE_QUIRKS2(KVM_X86_QUIRK_FIX_HYPERCALL_INSN).
+
+        With the quirk on, KVM rewrites VMMCALL/VMCALL in guest memory to the
+        host vendor's instruction; on these machines that makes VMMCALL spin
+        inside KVM_RUN forever and corrupts VMGEXIT (F3 0F 01 D9 -> 0F 01 C1 D9).
+        Off, both raise a clean #UD in the guest, as on SVM hardware without
+        an intercept (measured; dev-kvm reference section 3).
+        """
+        quirk = K.KVM_X86_QUIRK_FIX_HYPERCALL_INSN
+        supported = self.check_extension(K.KVM_CAP_DISABLE_QUIRKS2)
+        if supported & quirk:
+            self.enable_cap(K.KVM_CAP_DISABLE_QUIRKS2, quirk)
+        elif self.check_extension(K.KVM_CAP_DISABLE_QUIRKS):
+            self.enable_cap(K.KVM_CAP_DISABLE_QUIRKS, quirk)
+
+    def enable_user_msr_exits(self, reasons: int) -> None:
+        """KVM_CAP_X86_USER_SPACE_MSR: send refused MSR accesses (these reasons) to userspace."""
+        self.enable_cap(K.KVM_CAP_X86_USER_SPACE_MSR, reasons)
+
+    def set_msr_filter(self, ranges, *, default_allow: bool = True) -> None:
+        """KVM_X86_SET_MSR_FILTER.
+
+        ``ranges``: (base, nmsrs, read_allowed, write_allowed) tuples.  Each
+        becomes two kernel ranges (one per access type) because a kernel range's
+        bitmap applies to every access type named in its flags.
+        """
+        f = ffi.new("struct kvm_msr_filter *")
+        f.flags = K.KVM_MSR_FILTER_DEFAULT_ALLOW if default_allow else K.KVM_MSR_FILTER_DEFAULT_DENY
+        i = 0
+        nranges = len(f.ranges)
+        for base, nmsrs, read, write in ranges:
+            for flag, allowed in ((K.KVM_MSR_FILTER_READ, read), (K.KVM_MSR_FILTER_WRITE, write)):
+                if i >= nranges:
+                    raise UsageError(f"at most {nranges // 2} MSR filter ranges")
+                bitmap = ffi.new("__u8[]", (nmsrs + 7) // 8)
+                if allowed:
+                    ffi.memmove(bitmap, b"\xff" * len(bitmap), len(bitmap))
+                self._pins.append(bitmap)
+                r = f.ranges[i]
+                r.flags, r.nmsrs, r.base, r.bitmap = flag, nmsrs, base, bitmap
+                i += 1
+        ioctl(self.fd, K.KVM_X86_SET_MSR_FILTER, f)
+
+    # -- memory ---------------------------------------------------------------------
+    def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> MemoryRegion:
+        """KVM_SET_USER_MEMORY_REGION backed by a fresh anonymous mapping."""
+        if gpa % PAGE or size % PAGE or size <= 0:
+            raise UsageError(f"memory slot {gpa:#x}+{size:#x} must be page-aligned and non-empty")
+        for r in self.regions:
+            if gpa < r.gpa + r.size and r.gpa < gpa + size:
+                raise UsageError(f"memory slot {gpa:#x}+{size:#x} overlaps {r}")
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        ptr = ffi.from_buffer(mm)
+        region = ffi.new("struct kvm_userspace_memory_region *")
+        region.slot = self._next_slot
+        region.flags = K.KVM_MEM_READONLY if readonly else 0
+        region.guest_phys_addr = gpa
+        region.memory_size = size
+        region.userspace_addr = int(ffi.cast("uintptr_t", ptr))
+        ret, err = ioctl_raw(self.fd, K.KVM_SET_USER_MEMORY_REGION, region)
+        if ret < 0:
+            ffi.release(ptr)
+            mm.close()
+            raise KvmError("KVM_SET_USER_MEMORY_REGION", err, f"slot {region.slot} at {gpa:#x}+{size:#x}")
+        mr = MemoryRegion(self._next_slot, gpa, size, memoryview(mm), readonly, owner=(mm, ptr))
+        self._next_slot += 1
+        self.regions.append(mr)
+        return mr
+
+    def host_address(self, region: MemoryRegion) -> int:
+        """The userspace address KVM was given for a slot (SEV commands take these)."""
+        return int(ffi.cast("uintptr_t", region._owner[1]))
+
+    # -- vCPUs --------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int = 0):
+        """KVM_CREATE_VCPU(id) and mmap of its kvm_run."""
+        from .vcpu import KvmVcpu
+
+        ret, err = ioctl_raw(self.fd, K.KVM_CREATE_VCPU, ffi.cast("void *", vcpu_id))
+        if ret < 0:
+            raise KvmError("KVM_CREATE_VCPU", err, f"vcpu id {vcpu_id}")
+        vcpu = KvmVcpu(self, ret, vcpu_id, self.system.vcpu_mmap_size)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for r in self.regions:
+            mm, ptr = r._owner
+            r.view.release()
+            ffi.release(ptr)
+            try:
+                mm.close()
+            except BufferError:  # the caller still holds a slice of the memory; GC frees it
+                pass
+        self.regions.clear()
+        self._pins.clear()
+
+    def __repr__(self):
+        return f"KvmVm(fd={self.fd}, type={self.vm_type}, slots={len(self.regions)})"
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))

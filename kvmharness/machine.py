@@ -1,0 +1,385 @@
+"""Machine: the one-line common case, and the run loop over a device bus.
+
+    from kvmharness import run_guest
+    result = run_guest("cpuid", backend="auto")
+    print(result.outcome, result.reports)
+
+A Machine owns one VM with one vCPU and RAM at guest-physical 0, a device bus
+(console, ucall, any devices a test adds) and a store for userspace MSRs.  The
+run loop turns every exit into a device call; the guest ends the run through
+the ucall port (done / fail / exception), HLT, a shutdown or an exit nothing
+handles.  Every run is bounded: at the deadline the watchdog kicks the vCPU,
+the VM is torn down and :class:`GuestTimeout` is raised.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import exits as X
+from . import protocol as P
+from .backend import open_backend, System
+from .boot import load_image
+from .devices import Console, DeviceBus, MsrStore, NoDevice, RamLikeMmio
+from .errors import GuestFailure, GuestTimeout, UsageError
+from .images import GuestImage, get_guest
+from .watchdog import WATCHDOG
+from .x86 import CpuidTable
+
+DEFAULT_MEMORY = 2 << 20
+TRACE_LIMIT = 250_000  # exits kept in RunResult.exits; later ones are only counted
+
+_OUTCOME_OF_EXIT = {
+    X.Hlt: "hlt", X.Shutdown: "shutdown", X.InternalError: "internal-error",
+    X.FailEntry: "fail-entry", X.SevTermination: "sev-terminated", X.SystemEvent: "system-event",
+    X.Unsupported: "unsupported", X.Hypercall: "hypercall", X.Debug: "debug",
+}
+
+
+@dataclass
+class TraceRecord:
+    """One userspace-visible exit, with the guest RIP when tracing was on."""
+
+    exit: X.Exit
+    rip: int | None = None
+
+    def to_dict(self) -> dict:
+        d = self.exit.to_dict()
+        if self.rip is not None:
+            d["rip"] = self.rip
+        return d
+
+
+@dataclass
+class RunResult:
+    guest: str
+    backend: str
+    outcome: str  # done | fail | exception | hlt | shutdown | timeout | unhandled | internal-error | ...
+    expected: str = "done"
+    reports: list = field(default_factory=list)  # (key, value) in order
+    console: str = ""
+    exits: list = field(default_factory=list)  # TraceRecord, up to TRACE_LIMIT
+    exit_count: int = 0
+    final_exit: X.Exit | None = None
+    regs: object = None
+    fail_code: int | None = None
+    fail_line: int | None = None
+    exception_vector: int | None = None
+    exception_rip: int | None = None
+    message: str = ""
+    elapsed: float = 0.0
+    hw_trace: list = field(default_factory=list)  # backend's hardware-level trace, if any
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == self.expected
+
+    @property
+    def values(self) -> dict:
+        """Reports as key -> last value."""
+        return dict(self.reports)
+
+    def check(self) -> "RunResult":
+        """Raise :class:`GuestFailure` unless the outcome is the expected one."""
+        if not self.ok:
+            raise GuestFailure(self.guest, self.describe(), code=self.fail_code, line=self.fail_line,
+                               result=self)
+        return self
+
+    def describe(self) -> str:
+        if self.outcome == "fail":
+            return f"reported failure code {self.fail_code} at line {self.fail_line}"
+        if self.outcome == "exception":
+            name = P.EXCEPTION_NAMES.get(self.exception_vector, f"vector {self.exception_vector}")
+            return f"unexpected exception {name} at RIP {self.exception_rip:#x}"
+        if self.outcome == self.expected:
+            return f"finished as expected ({self.outcome})"
+        msg = f"ended with {self.outcome}, expected {self.expected}"
+        if self.message:
+            msg += f": {self.message}"
+        return msg
+
+    def to_dict(self) -> dict:
+        return {
+            "guest": self.guest, "backend": self.backend, "outcome": self.outcome,
+            "expected": self.expected, "ok": self.ok,
+            "reports": [[k, v] for k, v in self.reports], "console": self.console,
+            "exit_count": self.exit_count, "exits": [r.to_dict() for r in self.exits],
+            "final_exit": self.final_exit.to_dict() if self.final_exit else None,
+            "regs": self.regs.to_dict() if self.regs is not None else None,
+            "fail_code": self.fail_code, "fail_line": self.fail_line,
+            "exception_vector": self.exception_vector, "exception_rip": self.exception_rip,
+            "message": self.message, "elapsed_s": round(self.elapsed, 6),
+        }
+
+
+class Machine:
+    """One VM, one vCPU, RAM at 0, a device bus; see the module docstring."""
+
+    def __init__(self, backend: str | System = "auto", *, memory: int = DEFAULT_MEMORY,
+                 vm_type: int = 0, name: str = "machine"):
+        if isinstance(backend, System):
+            self.system, self._owns_system = backend, False
+        else:
+            self.system, self._owns_system = open_backend(backend), True
+        self.name = name
+        self.memory = memory
+        self.vm = None
+        self.vcpu = None
+        try:
+            self.vm = self.system.create_vm(vm_type)
+            self.ram = self.vm.add_memory(0, memory)
+            self.vcpu = self.vm.create_vcpu(0)
+        except BaseException:
+            self.close()
+            raise
+        self.bus = DeviceBus()
+        self.console = Console()
+        self.bus.add_ports(P.CONSOLE_PORT, 1, self.console)
+        self.bus.add_ports(P.UCALL_PORT, 1, _UcallPort(self))
+        # the guest contract's MMIO window (ucall.h MMIO_TEST_ADDR): behaves like RAM
+        self.mmio_scratch = RamLikeMmio(P.MMIO_TEST_ADDR, 0x1000)
+        self.bus.add_mmio(P.MMIO_TEST_ADDR, 0x1000, self.mmio_scratch)
+        self.msrs = MsrStore()
+        self.image: GuestImage | None = None
+        self.expected = "done"
+        self._hooks: list = []
+        self._reset_run_state()
+
+    @property
+    def backend(self) -> str:
+        return self.system.name
+
+    # -- set-up ------------------------------------------------------------------
+    @classmethod
+    def for_guest(cls, guest: str | GuestImage, backend: str | System = "auto", **kw) -> "Machine":
+        """A Machine with a manifest guest loaded, its devices and MSR routing set up."""
+        image = guest if isinstance(guest, GuestImage) else get_guest(guest)
+        ok, why = image.runnable_on(backend.name if isinstance(backend, System) else backend)
+        if not ok:
+            raise UsageError(f"guest {image.name!r} cannot run on the {backend} backend: {why}")
+        data = image.load()  # validated before any VM exists
+        m = cls(backend, memory=image.memory, name=image.name, **kw)
+        try:
+            m.load(image, data)
+        except BaseException:
+            m.close()
+            raise
+        return m
+
+    def load(self, image: GuestImage, data: bytes | None = None) -> None:
+        data = image.load() if data is None else data
+        self.image = image
+        self.name = image.name
+        self.expected = image.expect
+        table = self.system.capabilities.supported_cpuid
+        for entry in image.cpuid:
+            table = table.with_entry(entry)
+        self.cpuid = table
+        if image.user_msrs:
+            self.route_msrs_to_userspace(image.user_msrs)
+        load_image(self.vm, self.vcpu, data, image.mode, self.memory, table)
+
+    def route_msrs_to_userspace(self, indices) -> None:
+        """Deny these MSRs in the kernel's filter so every access exits to userspace,
+        where :attr:`msrs` answers (reads: last value written, initially 0)."""
+        self.vm.enable_user_msr_exits(X.KVM_MSR_EXIT_REASON_FILTER)
+        self.vm.set_msr_filter([(i, 1, False, False) for i in indices], default_allow=True)
+        for i in indices:
+            self.msrs.values.setdefault(i, 0)
+
+    def on_exit(self, callback) -> None:
+        """Call ``callback(machine, exit)`` at every exit before the default handling;
+        a truthy return value means the callback handled the exit itself."""
+        self._hooks.append(callback)
+
+    # -- running -----------------------------------------------------------------
+    def _reset_run_state(self):
+        self._outcome = None
+        self._reports: list = []
+        self._fail = (None, None)
+        self._exception = (None, None)
+        self._message = ""
+        self._final_exit = None
+
+    def run(self, timeout: float | None = None, *, trace: bool = False, record: bool = True) -> RunResult:
+        """Run until the guest finishes; raises GuestTimeout (VM torn down) at the deadline.
+
+        ``record=False`` keeps only the exit count (the benchmark's mode);
+        ``trace=True`` also records the guest RIP at every exit.
+        """
+        if self.vcpu is None:
+            raise UsageError("this Machine is closed")
+        timeout = timeout if timeout is not None else (self.image.timeout if self.image else 10.0)
+        self._reset_run_state()
+        vcpu = self.vcpu
+        kicked = []
+
+        def on_deadline():
+            kicked.append(True)
+            vcpu.kick()
+
+        records: list = []
+        if trace and hasattr(vcpu, "enable_sync_regs"):
+            vcpu.enable_sync_regs(True)
+        t0 = time.perf_counter()
+        token = WATCHDOG.arm(timeout, on_deadline)
+        try:
+            count = self._loop(records if record else None, trace, kicked)
+        except _Timeout as t:
+            WATCHDOG.disarm(token)
+            last = records[-1].exit if records else None
+            self.close()
+            raise GuestTimeout(self.name, timeout, t.count, last) from None
+        finally:
+            WATCHDOG.disarm(token)
+        elapsed = time.perf_counter() - t0
+        fail_code, fail_line = self._fail
+        vec, rip = self._exception
+        return RunResult(
+            guest=self.name, backend=self.backend, outcome=self._outcome, expected=self.expected,
+            reports=self._reports, console=self.console.text, exits=records, exit_count=count,
+            final_exit=self._final_exit, regs=vcpu.get_regs(), fail_code=fail_code,
+            fail_line=fail_line, exception_vector=vec, exception_rip=rip, message=self._message,
+            elapsed=elapsed, hw_trace=list(getattr(vcpu, "hw_trace", ()) or ()))
+
+    def _loop(self, records, trace: bool, kicked) -> int:
+        vcpu, bus, hooks = self.vcpu, self.bus, self._hooks
+        run = vcpu.run
+        port_out = bus.port_out
+        IoOut = X.IoOut
+        append = records.append if records is not None else None
+        synced_rip = getattr(vcpu, "synced_rip", None) if trace else None
+        count = 0
+        limit = TRACE_LIMIT
+        while self._outcome is None:
+            try:
+                e = run()
+            except InterruptedError:
+                if kicked:
+                    raise _Timeout(count)
+                continue  # a stray signal: KVM_RUN is simply re-entered
+            count += 1
+            if append is not None and count <= limit:
+                if trace:
+                    rip = synced_rip() if synced_rip else vcpu.get_regs().rip
+                    append(TraceRecord(e, rip))
+                else:
+                    append(TraceRecord(e))
+            if hooks and self._run_hooks(e):
+                continue
+            try:
+                if type(e) is IoOut:
+                    port_out(e.port, e.size, e.data)
+                else:
+                    self._handle(e)
+            except NoDevice as nd:
+                self._outcome = "unhandled"
+                self._message = f"no device handles {nd} (exit {e})"
+                self._final_exit = e
+        return count
+
+    def _run_hooks(self, e) -> bool:
+        handled = False
+        for h in self._hooks:
+            handled = bool(h(self, e)) or handled
+        return handled
+
+    def _handle(self, e) -> None:
+        t = type(e)
+        vcpu = self.vcpu
+        if t is X.IoIn:
+            data = b"".join(self.bus.port_in(e.port, e.size).to_bytes(e.size, "little")
+                            for _ in range(e.count))
+            vcpu.complete(data)
+        elif t is X.MmioWrite:
+            self.bus.mmio_write(e.addr, e.size, e.data)
+        elif t is X.MmioRead:
+            vcpu.complete(self.bus.mmio_read(e.addr, e.size))
+        elif t is X.MsrRead:
+            value = self.msrs.read(e.index)
+            vcpu.complete(value or 0, error=value is None)
+        elif t is X.MsrWrite:
+            vcpu.complete(error=not self.msrs.write(e.index, e.value))
+        else:
+            self._outcome = _OUTCOME_OF_EXIT.get(t, "unsupported")
+            self._final_exit = e
+            if t is X.InternalError:
+                self._message = f"KVM internal error: {e.description}, data {[hex(d) for d in e.data]}"
+            elif t is X.SevTermination:
+                self._message = (f"SEV guest terminated: reason set {e.reason_set}, "
+                                 f"code {e.reason_code} (GHCB MSR {e.ghcb_msr:#x})")
+            elif t is X.Unsupported:
+                self._message = f"exit reason {e.raw_reason} is not decoded by this kvmharness"
+
+    # called by the ucall port device
+    def _ucall(self, op: int) -> None:
+        regs = self.vcpu.get_regs()
+        if op == P.UCALL_REPORT:
+            self._reports.append((regs.rbx, regs.rcx))
+        elif op == P.UCALL_DONE:
+            self._outcome = "done"
+        elif op == P.UCALL_FAIL:
+            self._outcome = "fail"
+            self._fail = (regs.rbx, regs.rcx)
+        elif op == P.UCALL_EXCEPTION:
+            self._outcome = "exception"
+            self._exception = (regs.rbx, regs.rcx)
+        else:
+            self._outcome = "unhandled"
+            self._message = f"unknown ucall op {op} (RBX={regs.rbx:#x}, RCX={regs.rcx:#x})"
+
+    # -- teardown ---------------------------------------------------------------
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+        self.vm = None
+        self.vcpu = None
+        if self._owns_system and self.system is not None:
+            self.system.close()
+            self.system = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Timeout(Exception):
+    def __init__(self, count):
+        self.count = count
+
+
+class _UcallPort:
+    __slots__ = ("machine",)
+
+    def __init__(self, machine):
+        self.machine = machine
+
+    def io_out(self, port, size, data):
+        self.machine._ucall(data[0])
+
+
+def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeout: float | None = None,
+              trace: bool = False) -> RunResult:
+    """Load a manifest guest, run it to the end, return its result.
+
+    A guest whose manifest expects a timeout (``spin``) returns outcome
+    ``timeout``; any other guest that times out raises :class:`GuestTimeout`.
+    """
+    image = guest if isinstance(guest, GuestImage) else get_guest(guest)
+    m = Machine.for_guest(image, backend)
+    backend_name = m.backend
+    t0 = time.perf_counter()
+    try:
+        return m.run(timeout if timeout is not None else image.timeout, trace=trace)
+    except GuestTimeout as t:
+        if image.expect != "timeout":
+            raise
+        return RunResult(guest=image.name, backend=backend_name, outcome="timeout",
+                         expected=image.expect, exit_count=t.exits, message=str(t),
+                         elapsed=time.perf_counter() - t0)
+    finally:
+        m.close()
