@@ -58,6 +58,11 @@ class DeviceBus:
         self._mmio.insert(i, (start, end, device))
         self._mmio_starts.insert(i, start)
 
+    @property
+    def port_out_handlers(self) -> dict:
+        """port -> io_out bound method (the Machine loop reads this directly)."""
+        return self._port_out
+
     # -- dispatch (hot path) ---------------------------------------------------
     def port_out(self, port: int, size: int, data: bytes) -> None:
         try:

@@ -21,7 +21,7 @@ from . import exits as X
 from . import protocol as P
 from .backend import open_backend, System
 from .boot import load_image
-from .devices import Console, DeviceBus, MsrStore, NoDevice, RamLikeMmio
+from .devices import Console, DeviceBus, MsrStore, NoDevice, NullDevice, RamLikeMmio
 from .errors import GuestFailure, GuestTimeout, UsageError
 from .images import GuestImage, get_guest
 from .watchdog import WATCHDOG
@@ -138,6 +138,8 @@ class Machine:
         self.console = Console()
         self.bus.add_ports(P.CONSOLE_PORT, 1, self.console)
         self.bus.add_ports(P.UCALL_PORT, 1, _UcallPort(self))
+        self.bench_port = NullDevice()
+        self.bus.add_ports(P.BENCH_PORT, 1, self.bench_port)
         # the guest contract's MMIO window (ucall.h MMIO_TEST_ADDR): behaves like RAM
         self.mmio_scratch = RamLikeMmio(P.MMIO_TEST_ADDR, 0x1000)
         self.bus.add_mmio(P.MMIO_TEST_ADDR, 0x1000, self.mmio_scratch)
@@ -247,7 +249,7 @@ class Machine:
     def _loop(self, records, trace: bool, kicked) -> int:
         vcpu, bus, hooks = self.vcpu, self.bus, self._hooks
         run = vcpu.run
-        port_out = bus.port_out
+        port_handlers = bus.port_out_handlers
         IoOut = X.IoOut
         append = records.append if records is not None else None
         synced_rip = getattr(vcpu, "synced_rip", None) if trace else None
@@ -271,7 +273,10 @@ class Machine:
                 continue
             try:
                 if type(e) is IoOut:
-                    port_out(e.port, e.size, e.data)
+                    handler = port_handlers.get(e.port)
+                    if handler is None:
+                        raise NoDevice(f"OUT to port {e.port:#x}")
+                    handler(e.port, e.size, e.data)
                 else:
                     self._handle(e)
             except NoDevice as nd:

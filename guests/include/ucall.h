@@ -3,7 +3,7 @@
  *
  * Guest assembly includes this file (guests are .S files run through the C
  * preprocessor); kvmharness/protocol.py parses the same #define lines, and
- * tests/test_protocol.py assembles a probe to prove both read the same values.
+ * tests/test_guest_images.py assembles a probe to prove both read the same values.
  * Only `#define NAME 0xNUMBER` / `#define NAME NUMBER` lines are part of the
  * contract: keep them on one line each.
  */

@@ -52,6 +52,7 @@ _IO_DIRECTION_OUT = 1  # KVM_EXIT_IO_OUT
 _KVM_RUN = K.KVM_RUN
 _NULL = ffi.NULL
 _EINTR = _errno.EINTR
+_get_ident = threading.get_ident
 
 
 class KvmVcpu(Vcpu):
@@ -68,6 +69,7 @@ class KvmVcpu(Vcpu):
         self._thread = 0
         self._ioctl = libc.ioctl
         self._single_step = False
+        self._io_heads: dict = {}  # raw kvm_run.io header -> decoded head (see decode_exit)
 
     # -- running -------------------------------------------------------------
     def run(self):
@@ -76,7 +78,7 @@ class KvmVcpu(Vcpu):
         Raises ``InterruptedError`` when a signal or ``kick()`` interrupted it
         (EINTR), ``KvmError`` for any other failure.
         """
-        self._thread = threading.get_ident()
+        self._thread = _get_ident()
         if self._ioctl(self.fd, _KVM_RUN, _NULL) < 0:
             err = ffi.errno
             if err == _EINTR:
@@ -94,16 +96,26 @@ class KvmVcpu(Vcpu):
 
     def decode_exit(self):
         """Turn ``kvm_run`` into one exit value (the only reader of the exit union)."""
-        mv = self._mv
-        reason = _U32.unpack_from(mv, _OFF_EXIT_REASON)[0]
+        mm = self._mm
+        reason = _U32.unpack_from(mm, _OFF_EXIT_REASON)[0]
         self._pending = None
         if reason == 2:  # KVM_EXIT_IO
-            direction, size, port, count, off = _IO.unpack_from(mv, _OFF_UNION)
-            if direction == _IO_DIRECTION_OUT:
-                return X.IoOut(port, size, count, bytes(mv[off:off + size * count]))
-            exit_ = X.IoIn(port, size, count)
-            self._pending, self._pending_off = exit_, off
-            return exit_
+            # Exit values are immutable, so identical IO exits are interned: a loop
+            # that writes the same byte to the same port allocates nothing per exit.
+            head = self._io_heads.get(mm[_OFF_UNION:_OFF_UNION + 16])
+            if head is None:
+                head = self._io_head(mm[_OFF_UNION:_OFF_UNION + 16])
+            out, port, size, count, off, n, known = head
+            if out:  # known: data -> interned IoOut
+                data = mm[off:off + n]
+                exit_ = known.get(data)
+                if exit_ is None:
+                    exit_ = X.IoOut(port, size, count, data)
+                    if len(known) < 256:
+                        known[data] = exit_
+                return exit_
+            self._pending, self._pending_off = known, off  # known: the IoIn value
+            return known
         if reason == 6:  # KVM_EXIT_MMIO
             addr, data, length, is_write = _MMIO.unpack_from(mv, _OFF_UNION)
             if is_write:
@@ -140,6 +152,18 @@ class KvmVcpu(Vcpu):
             self._pending, self._pending_off = exit_, _OFF_UNION + 56
             return exit_
         return X.Unsupported(reason)
+
+    def _io_head(self, raw: bytes):
+        """Decode (and cache) one kvm_run.io header: direction, size, port, count, data_offset."""
+        direction, size, port, count, off = _IO.unpack(raw)
+        if direction == _IO_DIRECTION_OUT:
+            head = (True, port, size, count, off, size * count, {})
+        else:
+            head = (False, port, size, count, off, size * count, X.IoIn(port, size, count))
+        if len(self._io_heads) > 4096:
+            self._io_heads.clear()
+        self._io_heads[raw] = head
+        return head
 
     def complete(self, value: int | bytes = 0, *, error: bool = False) -> None:
         """Write the data the pending exit asked for into ``kvm_run``.
