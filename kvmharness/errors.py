@@ -98,6 +98,23 @@ class SevError(HarnessError):
         super().__init__(msg)
 
 
+class MeasurementMismatch(HarnessError):
+    """The firmware's launch measurement is not the one the owner expected.
+
+    Means the guest image, the VMSA, the policy or the firmware version differs
+    from what the owner measured, or the firmware does not hold the owner's
+    TIK.  Do not release secrets to this guest.
+    """
+
+    exit_code = EXIT_GUEST_FAILED
+
+
+class CertificateError(HarnessError):
+    """A SEV certificate is malformed, has the wrong usage, or fails its signature."""
+
+    exit_code = EXIT_HOST
+
+
 class GuestTimeout(HarnessError):
     """The guest did not finish within its time budget; the VM was torn down."""
 

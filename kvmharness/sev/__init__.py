@@ -1,0 +1,22 @@
+"""SEV and SEV-ES without hardware: the pure-logic layer.
+
+Modules (each importable on its own; this package imports nothing heavy):
+
+* ``status``      -- SEV_RET_* firmware status codes, platform and guest states
+* ``policy``      -- :class:`GuestPolicy`, the u32 guest policy
+* ``measurement`` -- launch digest, LAUNCH_MEASURE, :func:`verify_measurement`
+* ``certs``       -- the SEV binary certificate format and the platform chain
+* ``session``     -- the guest owner's side: session blob, secret packets
+* ``memcrypt``    -- simulated memory encryption (per-guest, address-tweaked)
+* ``asid``        -- KVM's SEV ASID allocator
+* ``firmware``    -- :class:`SimulatedSevFirmware`, the model the simulator drives
+
+The /dev/kvm and /dev/sev ioctl path lives elsewhere; it shares ``status`` and
+``policy`` with this package.
+"""
+
+from .policy import GuestPolicy, PolicyFlag
+from .status import GuestState, PlatformState, SevStatus, status_name
+
+__all__ = ["GuestPolicy", "GuestState", "PlatformState", "PolicyFlag", "SevStatus",
+           "status_name"]
