@@ -1,0 +1,106 @@
+"""Every manifest guest on every backend usable here (the `backend` fixture:
+kvm where /dev/kvm works, and always sim), checked against what the harness set up."""
+
+import pytest
+
+from kvmharness import protocol as P
+from kvmharness.errors import GuestTimeout
+from kvmharness.exits import IoOut, MmioRead, MmioWrite, MsrRead, MsrWrite, Shutdown
+from kvmharness.hostinfo import cpuid_deviations
+from kvmharness.images import load_manifest
+from kvmharness.machine import Machine, run_guest
+
+REG_NAMES = ("eax", "ebx", "ecx", "edx")
+
+
+def test_hello_prints_through_the_console_port(backend):
+    r = run_guest("hello", backend)
+    assert r.outcome == "done" and r.ok
+    assert r.console == "Hello from a 16-bit real-mode guest\n"
+    assert all(isinstance(t.exit, IoOut) for t in r.exits)
+    assert sum(1 for t in r.exits if t.exit.port == P.CONSOLE_PORT) == len(r.console)
+
+
+def test_hello64_runs_in_long_mode(backend, machine_factory):
+    m = machine_factory("hello64")
+    r = m.run()
+    assert r.ok and r.console == "Hello from a 64-bit long-mode guest\n"
+    s = m.vcpu.get_sregs()
+    assert s.efer & 0x500 == 0x500 and s.cr0 & 0x80000001 == 0x80000001 and s.cs.l == 1
+
+
+def test_cpuid_guest_sees_exactly_the_table_set_with_set_cpuid(backend, machine_factory):
+    m = machine_factory("cpuid")
+    r = m.run()
+    assert r.ok, r.describe()
+    exempt = cpuid_deviations(backend)
+    checked = 0
+    for key, value in r.reports:
+        fn, idx, reg = key >> 32, (key >> 8) & 0xFFFFFF, key & 0xFF
+        entry = m.cpuid.lookup(fn, idx)
+        want = getattr(entry, REG_NAMES[reg]) if entry else 0
+        if (fn, idx, REG_NAMES[reg]) in exempt:
+            continue
+        assert value == want, f"CPUID {fn:#x}.{idx} {REG_NAMES[reg]}: guest saw {value:#x}, table has {want:#x}"
+        checked += 1
+    assert checked >= 30
+    sev = {k & 0xFF: v for k, v in r.reports if k >> 32 == 0x8000001F}
+    assert sev == {0: 0x1B, 1: 0x73, 2: 509, 3: 100}  # the manifest's custom SEV leaf
+
+
+def test_msr_guest_reaches_userspace_through_the_filter(backend):
+    r = run_guest("msr", backend)
+    assert r.ok, r.describe()
+    assert r.reports == [(0x130, 0xFEDCBA9876543210), (0x130, 0x0123456789ABCDEF)]
+    msr_exits = [t.exit for t in r.exits if isinstance(t.exit, (MsrRead, MsrWrite))]
+    assert [type(e).__name__ for e in msr_exits] == ["MsrWrite", "MsrRead", "MsrWrite", "MsrRead"]
+    assert all(e.index == 0xC0010130 for e in msr_exits)
+    assert msr_exits[0].value == 0xFEDCBA9876543210
+
+
+def test_mmio_guest_every_size(backend, machine_factory):
+    m = machine_factory("mmio")
+    r = m.run()
+    assert r.ok, r.describe()
+    assert r.values == {1: 0xA5, 2: 0xBEEF, 4: 0xCAFEF00D, 8: 0x1122334455667788}
+    writes = [t.exit for t in r.exits if isinstance(t.exit, MmioWrite)]
+    assert sorted(w.size for w in writes) == [1, 2, 4, 8]
+    assert all(P.MMIO_TEST_ADDR <= w.addr < P.MMIO_TEST_ADDR + 0x1000 for w in writes)
+    assert any(isinstance(t.exit, MmioRead) and t.exit.size == 8 for t in r.exits)
+
+
+def test_fault_is_a_shutdown_exit(backend):
+    r = run_guest("fault", backend)
+    assert r.outcome == "shutdown" and isinstance(r.final_exit, Shutdown)
+
+
+def test_fail_reports_code_and_line(backend):
+    r = run_guest("fail", backend)
+    assert r.outcome == "fail" and r.fail_code == 7
+    src = load_manifest()["fail"].source.read_text().splitlines()
+    assert "FAIL(7)" in src[r.fail_line - 1]
+
+
+def test_spin_times_out_and_the_vm_is_torn_down(backend):
+    m = Machine.for_guest("spin", backend)
+    with pytest.raises(GuestTimeout, match="did not finish within 0.3 s"):
+        m.run(0.3)
+    assert m.vcpu is None and m.vm is None  # torn down
+    r = run_guest("spin", backend, timeout=0.2)
+    assert r.outcome == "timeout" and r.ok
+
+
+def test_unexpected_exception_is_reported_with_vector_and_rip(backend, machine_factory):
+    m = machine_factory("hello64")
+    ud2_at = P.GUEST_LOAD_ADDR
+    m.vm.write(ud2_at, b"\x0f\x0b")  # ud2 at the entry point
+    r = m.run(5)
+    assert r.outcome == "exception" and r.exception_vector == 6 and r.exception_rip == ud2_at
+    assert "#UD" in r.describe()
+
+
+def test_vmmcall_gives_ud_with_the_hypercall_quirk_disabled(backend, machine_factory):
+    m = machine_factory("hello64")
+    m.vm.write(P.GUEST_LOAD_ADDR, b"\x0f\x01\xd9")  # vmmcall
+    r = m.run(5)
+    assert r.outcome == "exception" and r.exception_vector == 6
