@@ -117,6 +117,12 @@ def _print_result(result, trace: bool) -> None:
             print(f"  {i:6d} {rip}{r.exit}")
         for rec in result.hw_trace:
             print(f"  hw: {rec}")
+        if result.kernel_trace_error:
+            print(f"kernel trace: {result.kernel_trace_error}")
+        elif result.kernel_trace:
+            print(f"kernel trace ({len(result.kernel_trace)} KVM tracepoint events):")
+            for ev in result.kernel_trace:
+                print(f"  {ev}")
     print(f"outcome: {result.outcome} (expected {result.expected}) on {result.backend} "
           f"in {result.elapsed * 1e3:.2f} ms")
 

@@ -55,6 +55,18 @@ class Exit:
     __slots__ = ()
     reason: int = -1  # the KVM_EXIT_* number this exit kind corresponds to
 
+    def __str__(self) -> str:
+        parts = []
+        for name in self.__slots__:
+            v = getattr(self, name)
+            if isinstance(v, (bytes, bytearray)):
+                parts.append(f"{name}={v.hex() or '-'}")
+            elif isinstance(v, int) and v > 9:
+                parts.append(f"{name}={v:#x}")
+            else:
+                parts.append(f"{name}={v}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     def to_dict(self) -> dict:
         """A JSON-friendly dict: ``{"exit": "IoOut", "port": 233, ...}``."""
         d = {"exit": type(self).__name__}

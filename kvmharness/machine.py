@@ -14,6 +14,7 @@ the VM is torn down and :class:`GuestTimeout` is raised.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -70,6 +71,8 @@ class RunResult:
     message: str = ""
     elapsed: float = 0.0
     hw_trace: list = field(default_factory=list)  # backend's hardware-level trace, if any
+    kernel_trace: list = field(default_factory=list)  # kvm: the kernel's KVM tracepoints
+    kernel_trace_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -111,6 +114,10 @@ class RunResult:
             "fail_code": self.fail_code, "fail_line": self.fail_line,
             "exception_vector": self.exception_vector, "exception_rip": self.exception_rip,
             "message": self.message, "elapsed_s": round(self.elapsed, 6),
+            "hw_trace": [r.to_dict() if hasattr(r, "to_dict") else str(r) for r in self.hw_trace],
+            "kernel_trace": [{"event": e.event, "timestamp": e.timestamp, "fields": e.fields, "text": e.text}
+                             for e in self.kernel_trace],
+            "kernel_trace_error": self.kernel_trace_error,
         }
 
 
@@ -225,10 +232,12 @@ class Machine:
         records: list = []
         if trace and hasattr(vcpu, "enable_sync_regs"):
             vcpu.enable_sync_regs(True)
+        tracer = vcpu.kernel_tracer() if trace and hasattr(vcpu, "kernel_tracer") else contextlib.nullcontext()
         t0 = time.perf_counter()
         token = WATCHDOG.arm(timeout, on_deadline)
         try:
-            count = self._loop(records if record else None, trace, kicked)
+            with tracer:
+                count = self._loop(records if record else None, trace, kicked)
         except _Timeout as t:
             WATCHDOG.disarm(token)
             last = records[-1].exit if records else None
@@ -244,7 +253,8 @@ class Machine:
             reports=self._reports, console=self.console.text, exits=records, exit_count=count,
             final_exit=self._final_exit, regs=vcpu.get_regs(), fail_code=fail_code,
             fail_line=fail_line, exception_vector=vec, exception_rip=rip, message=self._message,
-            elapsed=elapsed, hw_trace=list(getattr(vcpu, "hw_trace", ()) or ()))
+            elapsed=elapsed, hw_trace=list(getattr(vcpu, "hw_trace", ()) or ()),
+            kernel_trace=getattr(tracer, "events", []), kernel_trace_error=getattr(tracer, "error", None))
 
     def _loop(self, records, trace: bool, kicked) -> int:
         vcpu, bus, hooks = self.vcpu, self.bus, self._hooks

@@ -117,7 +117,7 @@ class KvmVcpu(Vcpu):
             self._pending, self._pending_off = known, off  # known: the IoIn value
             return known
         if reason == 6:  # KVM_EXIT_MMIO
-            addr, data, length, is_write = _MMIO.unpack_from(mv, _OFF_UNION)
+            addr, data, length, is_write = _MMIO.unpack_from(mm, _OFF_UNION)
             if is_write:
                 return X.MmioWrite(addr, length, data[:length])
             exit_ = X.MmioRead(addr, length)
@@ -128,26 +128,26 @@ class KvmVcpu(Vcpu):
         if reason == 8:
             return X.Shutdown()
         if reason == 29 or reason == 30:  # X86_RDMSR / X86_WRMSR
-            _, msr_reason, index, data = _MSR.unpack_from(mv, _OFF_UNION)
+            _, msr_reason, index, data = _MSR.unpack_from(mm, _OFF_UNION)
             exit_ = X.MsrRead(index, msr_reason) if reason == 29 else X.MsrWrite(index, data, msr_reason)
             self._pending, self._pending_off = exit_, _OFF_UNION
             return exit_
         if reason == 4:
-            exc, _, pc, dr6, dr7 = _DEBUG.unpack_from(mv, _OFF_UNION)
+            exc, _, pc, dr6, dr7 = _DEBUG.unpack_from(mm, _OFF_UNION)
             return X.Debug(exc, pc, dr6, dr7)
         if reason == 24:
-            etype, ndata, *data = _SYSTEM_EVENT.unpack_from(mv, _OFF_UNION)
+            etype, ndata, *data = _SYSTEM_EVENT.unpack_from(mm, _OFF_UNION)
             if etype == X.KVM_SYSTEM_EVENT_SEV_TERM:
                 return X.SevTermination(data[0] if ndata else 0)
             return X.SystemEvent(etype, tuple(data[:ndata]))
         if reason == 17:
-            sub, ndata, *data = _INTERNAL.unpack_from(mv, _OFF_UNION)
+            sub, ndata, *data = _INTERNAL.unpack_from(mm, _OFF_UNION)
             return X.InternalError(sub, tuple(data[:min(ndata, 16)]))
         if reason == 9:
-            hw, cpu = _FAIL_ENTRY.unpack_from(mv, _OFF_UNION)
+            hw, cpu = _FAIL_ENTRY.unpack_from(mm, _OFF_UNION)
             return X.FailEntry(hw, cpu)
         if reason == 3:
-            nr, *rest = _HYPERCALL.unpack_from(mv, _OFF_UNION)
+            nr, *rest = _HYPERCALL.unpack_from(mm, _OFF_UNION)
             exit_ = X.Hypercall(nr, tuple(rest[:6]))
             self._pending, self._pending_off = exit_, _OFF_UNION + 56
             return exit_
@@ -302,6 +302,12 @@ class KvmVcpu(Vcpu):
 
     def synced_rip(self) -> int:
         return self.kvm_run.s.regs.regs.rip
+
+    def kernel_tracer(self):
+        """A context manager recording KVM's tracepoints for this vCPU's thread."""
+        from .tracepoints import KvmTracepoints
+
+        return KvmTracepoints()
 
     def close(self) -> None:
         if self.fd < 0:
