@@ -127,6 +127,70 @@ def _print_result(result, trace: bool) -> None:
           f"in {result.elapsed * 1e3:.2f} ms")
 
 
+# -- suite ---------------------------------------------------------------------
+def cmd_suite(args) -> int:
+    """Run every manifest guest the chosen backend can run; one line per guest."""
+    import time
+
+    from .backend import open_backend
+    from .images import load_manifest
+    from .machine import run_guest
+
+    guests = load_manifest()
+    system = open_backend(args.backend)
+    rows, worst = [], E.EXIT_OK
+    try:
+        if not args.json:
+            print(f"# {system.chosen_because}", file=sys.stderr)
+        for g in guests.values():
+            ok, why = g.runnable_on(system.name)
+            if ok and g.needs:
+                ok, why = _needs_met(system, g.needs)
+            if not ok:
+                rows.append({"guest": g.name, "status": "skipped", "why": why})
+                if not args.json:
+                    print(f"{g.name:<16} skipped   {why}", flush=True)
+                continue
+            t0 = time.perf_counter()
+            try:
+                r = run_guest(g, system)
+                status = "passed" if r.ok else "FAILED"
+                detail = r.describe()
+                exits = r.exit_count
+            except E.HarnessError as e:
+                status, detail, exits = "FAILED", str(e), None
+            if status != "passed":
+                worst = E.EXIT_GUEST_FAILED
+            row = {"guest": g.name, "status": status, "detail": detail, "exits": exits,
+                   "seconds": round(time.perf_counter() - t0, 4)}
+            rows.append(row)
+            if not args.json:
+                print(f"{g.name:<16} {status:<9} {detail} ({exits} exits, {row['seconds'] * 1e3:.1f} ms)",
+                      flush=True)
+    finally:
+        system.close()
+    if args.json:
+        _print_json({"backend": args.backend, "guests": rows})
+    else:
+        counts = {k: sum(1 for r in rows if r["status"] == k) for k in ("passed", "FAILED", "skipped")}
+        print(f"{counts['passed']} passed, {counts['FAILED']} failed, {counts['skipped']} skipped")
+    return worst
+
+
+def _needs_met(system, needs) -> tuple[bool, str]:
+    caps = system.capabilities
+    for need in needs:
+        if need == "user-msr-exits" and not caps.has("KVM_CAP_X86_USER_SPACE_MSR"):
+            return False, "the backend has no userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR)"
+        if need in ("svm", "nested") and not caps.svm:
+            return False, "the backend does not offer SVM to guests (CPUID 0x80000001 ECX bit 2)"
+        if need in ("sev", "sev-es"):
+            vm_type = 2 if need == "sev" else 3
+            if vm_type not in caps.vm_types:
+                return False, f"the backend offers no {need.upper()} VM type"
+    return True, ""
+
+
 # -- bench ----------------------------------------------------------------------
 def cmd_bench(args) -> int:
     from .bench import run_bench
@@ -157,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", action="store_true", help="record and print every exit with its RIP")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("suite", help="run every guest the backend can run (the main job)")
+    s.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_suite)
 
     s = sub.add_parser("bench", help="exits/s and lifecycle cost: harness vs a C reference, and the simulator")
     s.add_argument("--exits", type=int, default=200_000, help="IO exits per loop run (default 200000)")

@@ -91,13 +91,16 @@ class RunResult:
         return self
 
     def describe(self) -> str:
+        if self.ok:
+            detail = ""
+            if self.outcome == "fail":
+                detail = f": code {self.fail_code} at line {self.fail_line}"
+            return f"finished as expected ({self.outcome}{detail})"
         if self.outcome == "fail":
             return f"reported failure code {self.fail_code} at line {self.fail_line}"
         if self.outcome == "exception":
             name = P.EXCEPTION_NAMES.get(self.exception_vector, f"vector {self.exception_vector}")
             return f"unexpected exception {name} at RIP {self.exception_rip:#x}"
-        if self.outcome == self.expected:
-            return f"finished as expected ({self.outcome})"
         msg = f"ended with {self.outcome}, expected {self.expected}"
         if self.message:
             msg += f": {self.message}"
