@@ -24,8 +24,8 @@ from .errors import DeviceMissing, PermissionDenied, UsageError
 from .x86 import CpuidTable, CPUID_EXT_FEATURES, EXT_ECX_SVM, CPUID_SEV
 
 BACKENDS = ("kvm", "sim")
-KVM_DEVICE = "/dev/kvm"
-SEV_DEVICE = "/dev/sev"
+KVM_DEVICE = os.environ.get("KVMHARNESS_KVM_DEVICE", "/dev/kvm")  # override for tests and odd hosts
+SEV_DEVICE = os.environ.get("KVMHARNESS_SEV_DEVICE", "/dev/sev")
 
 # VM types (KVM_CREATE_VM argument; facts 8e)
 KVM_X86_DEFAULT_VM = 0
@@ -215,12 +215,13 @@ def kvm_usable(path: str = KVM_DEVICE) -> tuple[bool, str]:
     return True, f"{path} is present and accessible"
 
 
-def open_backend(name: str = "auto", *, kvm_path: str = KVM_DEVICE) -> System:
+def open_backend(name: str = "auto", *, kvm_path: str | None = None) -> System:
     """Open a backend by name (``kvm``, ``sim`` or ``auto``).
 
     The returned system has ``chosen_because``: one line saying why it was
     picked, which the CLI and the pytest header print.
     """
+    kvm_path = kvm_path or KVM_DEVICE
     if name not in ("auto",) + BACKENDS:
         raise UsageError(f"unknown backend {name!r}: choose one of auto, kvm, sim")
     if name == "auto":

@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 
-from ..backend import Capabilities, System, VM_TYPE_NAMES, KVM_X86_DEFAULT_VM
+from ..backend import KVM_DEVICE, Capabilities, System, VM_TYPE_NAMES, KVM_X86_DEFAULT_VM
 from ..errors import DeviceMissing, FeatureUnavailable, HostError, KvmError, PermissionDenied
 from ..x86 import CpuidEntry, CpuidTable
 from . import _ffi as K
@@ -57,7 +57,7 @@ class KvmSystem(System):
 
     name = "kvm"
 
-    def __init__(self, path: str = "/dev/kvm"):
+    def __init__(self, path: str = KVM_DEVICE):
         self.path = path
         self.chosen_because = ""
         try:

@@ -1,0 +1,100 @@
+"""The command line as a user meets it: exit codes, one-line errors, no tracebacks."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from kvmharness.cli import main
+
+
+def cli(*args, env=None, prefix=()):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([*prefix, sys.executable, "-m", "kvmharness", *args], capture_output=True,
+                          text=True, env=e, timeout=120)
+
+
+def test_unknown_guest_is_a_usage_error_without_traceback():
+    r = cli("run", "nosuch")
+    assert r.returncode == 2
+    assert "unknown guest 'nosuch'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_backend_choice_is_refused_by_argparse():
+    r = cli("run", "hello", "--backend", "qemu")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_missing_kvm_device_with_kvm_backend_says_what_to_do():
+    r = cli("run", "hello", "--backend", "kvm", env={"KVMHARNESS_KVM_DEVICE": "/nonexistent/kvm"})
+    assert r.returncode == 3
+    assert "does not exist" in r.stderr and "--backend sim" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.requires_kvm
+def test_eacces_says_join_the_kvm_group(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv (util-linux) to make a device node this process cannot open")
+    st = os.stat("/dev/kvm")
+    node = tmp_path / "kvm"
+    os.mknod(node, stat.S_IFCHR | 0o600, st.st_rdev)
+    os.chown(node, 65534, 65534)  # owned by nobody: without capabilities, root cannot open it
+    r = cli("run", "hello", "--backend", "kvm", env={"KVMHARNESS_KVM_DEVICE": str(node)},
+            prefix=("setpriv", "--inh-caps=-all", "--bounding-set=-all"))
+    assert r.returncode == 3, r.stderr
+    assert "join the 'kvm' group" in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+@pytest.mark.requires_kvm
+def test_run_json_and_exit_codes():
+    r = cli("run", "hello", "--backend", "kvm", "--json")
+    assert r.returncode == 0
+    out = json.loads(r.stdout)
+    assert out["outcome"] == "done" and out["console"].startswith("Hello")
+    r = cli("run", "fault", "--backend", "kvm", "--timeout", "5")
+    assert r.returncode == 0  # shutdown is what fault's manifest expects
+
+
+@pytest.mark.requires_kvm
+def test_a_guest_that_hangs_unexpectedly_times_out_with_exit_code_4(tmp_path):
+    manifest = tmp_path / "manifest.toml"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "hang.bin").write_bytes(b"\xeb\xfe")  # jmp .
+    manifest.write_text('[guest.hang]\nmode = "real"\ntimeout = 0.3\n')
+    from kvmharness.images import load_manifest
+    from kvmharness.errors import GuestTimeout
+    from kvmharness.machine import run_guest
+
+    g = load_manifest(manifest)["hang"]
+    with pytest.raises(GuestTimeout) as e:
+        run_guest(g, "kvm")
+    assert e.value.exit_code == 4 and "did not finish within 0.3 s" in str(e.value)
+
+
+def test_info_json_has_a_verdict_per_mode(capsys):
+    assert main(["info", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["verdicts"]) == {"svm", "sev", "sev-es", "sev-snp"}
+    for v in out["verdicts"].values():
+        assert isinstance(v["usable"], bool) and v["why"]
+    assert {"kvm", "cpu", "kernel", "kvm_amd", "sev_device", "memory"} <= set(out)
+
+
+def test_info_here_tells_the_truth_about_svm_and_sev(capsys):
+    main(["info", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    if out["kvm"]["module"] == "kvm_amd":
+        pytest.skip("this host has kvm_amd: the negative verdicts cannot be shown here")
+    assert out["verdicts"]["svm"]["usable"] is False
+    assert "not kvm_amd" in out["verdicts"]["svm"]["why"] or "does not exist" in out["verdicts"]["svm"]["why"]
+    assert out["verdicts"]["sev"]["usable"] is False
+
+
+def test_guests_lists_the_manifest(capsys):
+    assert main(["guests"]) == 0
+    text = capsys.readouterr().out
+    assert "hello" in text and "cpuid" in text
