@@ -74,6 +74,26 @@ def harness_ioloop(system) -> dict:
                 "user_seconds": u}
 
 
+def bare_cffi_ioloop(system) -> dict:
+    """The floor: KVM_RUN through cffi and one read of exit_reason per exit, no harness."""
+    from .kvm._ffi import KVM_RUN, ffi, libc
+    from .machine import Machine
+
+    with Machine.for_guest("ioloop", system) as m:
+        fd, run, kvm_run, null = m.vcpu.fd, libc.ioctl, m.vcpu.kvm_run, ffi.NULL
+        n = 0
+        u0 = _user_cpu()
+        t0 = time.perf_counter()
+        while True:
+            if run(fd, KVM_RUN, null) < 0:
+                raise HostError("KVM_RUN failed in the bare loop")
+            n += 1
+            if kvm_run.exit_reason != 2:
+                break
+        t = time.perf_counter() - t0
+        return {"exits": n, "seconds": t, "user_seconds": _user_cpu() - u0}
+
+
 def harness_lifecycle(system, image: bytes, n: int) -> dict:
     """The same ioctls as the C lifecycle, through the harness's objects."""
     from .boot import real_mode_state
@@ -121,12 +141,14 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
         io_img = get_guest("ioloop").path
         halt = get_guest("halt")
         halt_bytes = halt.load()
-        c_io, h_io, c_lc, h_lc, m_lc = [], [], [], [], []
+        c_io, h_io, b_io, c_lc, h_lc, m_lc = [], [], [], [], [], []
         for r in range(rounds):
             progress(f"kvm round {r + 1}/{rounds}: C ioloop")
             c_io.append(_c(exe, "ioloop", io_img))
             progress(f"kvm round {r + 1}/{rounds}: harness ioloop")
             h_io.append(harness_ioloop(system))
+            progress(f"kvm round {r + 1}/{rounds}: bare cffi loop")
+            b_io.append(bare_cffi_ioloop(system))
             progress(f"kvm round {r + 1}/{rounds}: C lifecycle x{lifecycles}")
             c_lc.append(_c(exe, "lifecycle", halt.path, lifecycles))
             progress(f"kvm round {r + 1}/{rounds}: harness lifecycle x{lifecycles}")
@@ -138,6 +160,8 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
     h_rate = _med([d["exits"] / d["seconds"] for d in h_io])
     h_user = _med([d["user_seconds"] / d["exits"] for d in h_io])
     c_user = _med([d["user_seconds"] / d["exits"] for d in c_io])
+    b_rate = _med([d["exits"] / d["seconds"] for d in b_io])
+    b_user = _med([d["user_seconds"] / d["exits"] for d in b_io])
     c_vm = _med([d["seconds"] / d["count"] for d in c_lc])
     h_vm = _med([d["seconds"] / d["count"] for d in h_lc])
     m_vm = _med([d["seconds"] / d["count"] for d in m_lc])
@@ -147,6 +171,7 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
         "exit_ratio_harness_over_c": round(h_rate / c_rate, 3),
         "harness_user_cpu_us_per_exit": round(h_user * 1e6, 3),
         "c_user_cpu_us_per_exit": round(c_user * 1e6, 3),
+        "bare_cffi_exits_per_s": round(b_rate), "bare_cffi_user_cpu_us_per_exit": round(b_user * 1e6, 3),
         "c_lifecycle_us": round(c_vm * 1e6, 1), "harness_lifecycle_us": round(h_vm * 1e6, 1),
         "lifecycle_ratio_harness_over_c": round(h_vm / c_vm, 3),
         "machine_for_guest_lifecycle_us": round(m_vm * 1e6, 1),
@@ -184,6 +209,8 @@ def run_bench(args) -> int:
         print(f"kvm, {k['exits_per_run']} IO exits per run, medians of {args.rounds} interleaved rounds:")
         print(f"  C loop          {k['c_exits_per_s']:>10,} exits/s")
         print(f"  harness         {k['harness_exits_per_s']:>10,} exits/s   ratio {k['exit_ratio_harness_over_c']:.3f} (target >= 0.95)")
+        print(f"  bare cffi loop  {k['bare_cffi_exits_per_s']:>10,} exits/s   (KVM_RUN + exit_reason only: "
+              f"{k['bare_cffi_user_cpu_us_per_exit']:.3f} us user CPU per exit, the floor for Python)")
         print(f"  harness user CPU per exit {k['harness_user_cpu_us_per_exit']:.3f} us (C {k['c_user_cpu_us_per_exit']:.3f} us; target <= 1.0)")
         print(f"  VM lifecycle    C {k['c_lifecycle_us']:.0f} us, harness {k['harness_lifecycle_us']:.0f} us, "
               f"ratio {k['lifecycle_ratio_harness_over_c']:.3f} (target <= 1.1)")

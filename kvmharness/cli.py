@@ -134,7 +134,7 @@ def cmd_suite(args) -> int:
 
     from .backend import open_backend
     from .images import load_manifest
-    from .machine import run_guest
+    from .machine import needs_met, run_guest
 
     guests = load_manifest()
     system = open_backend(args.backend)
@@ -145,7 +145,7 @@ def cmd_suite(args) -> int:
         for g in guests.values():
             ok, why = g.runnable_on(system.name)
             if ok and g.needs:
-                ok, why = _needs_met(system, g.needs)
+                ok, why = needs_met(system, g.needs)
             if not ok:
                 rows.append({"guest": g.name, "status": "skipped", "why": why})
                 if not args.json:
@@ -175,20 +175,6 @@ def cmd_suite(args) -> int:
         counts = {k: sum(1 for r in rows if r["status"] == k) for k in ("passed", "FAILED", "skipped")}
         print(f"{counts['passed']} passed, {counts['FAILED']} failed, {counts['skipped']} skipped")
     return worst
-
-
-def _needs_met(system, needs) -> tuple[bool, str]:
-    caps = system.capabilities
-    for need in needs:
-        if need == "user-msr-exits" and not caps.has("KVM_CAP_X86_USER_SPACE_MSR"):
-            return False, "the backend has no userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR)"
-        if need in ("svm", "nested") and not caps.svm:
-            return False, "the backend does not offer SVM to guests (CPUID 0x80000001 ECX bit 2)"
-        if need in ("sev", "sev-es"):
-            vm_type = 2 if need == "sev" else 3
-            if vm_type not in caps.vm_types:
-                return False, f"the backend offers no {need.upper()} VM type"
-    return True, ""
 
 
 # -- bench ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from . import protocol as P
 from .backend import open_backend, System
 from .boot import load_image
 from .devices import Console, DeviceBus, MsrStore, NoDevice, NullDevice, RamLikeMmio
-from .errors import GuestFailure, GuestTimeout, UsageError
+from .errors import FeatureUnavailable, GuestFailure, GuestTimeout, UsageError
 from .images import GuestImage, get_guest
 from .watchdog import WATCHDOG
 from .x86 import CpuidTable
@@ -172,7 +172,18 @@ class Machine:
         if not ok:
             raise UsageError(f"guest {image.name!r} cannot run on the {backend} backend: {why}")
         data = image.load()  # validated before any VM exists
-        m = cls(backend, memory=image.memory, name=image.name, **kw)
+        system = backend if isinstance(backend, System) else open_backend(backend)
+        try:
+            ok, why = needs_met(system, image.needs)
+            if not ok:
+                raise FeatureUnavailable(f"guest {image.name!r} cannot run on the {system.name} backend "
+                                         f"here: {why}")
+            m = cls(system, memory=image.memory, name=image.name, **kw)
+        except BaseException:
+            if not isinstance(backend, System):
+                system.close()
+            raise
+        m._owns_system = not isinstance(backend, System)
         try:
             m.load(image, data)
         except BaseException:
@@ -363,6 +374,22 @@ class Machine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def needs_met(system, needs) -> tuple[bool, str]:
+    """Whether a backend offers what a guest's manifest ``needs``; if not, why."""
+    caps = system.capabilities
+    for need in needs:
+        if need == "user-msr-exits" and not caps.has("KVM_CAP_X86_USER_SPACE_MSR"):
+            return False, "no userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR)"
+        if need in ("svm", "nested") and not caps.svm:
+            return False, ("SVM is not offered to guests (CPUID 0x80000001 ECX bit 2 is clear in "
+                           "KVM_GET_SUPPORTED_CPUID: no kvm_amd, or kvm_amd nested=0)")
+        if need in ("sev", "sev-es"):
+            vm_type = 2 if need == "sev" else 3
+            if vm_type not in caps.vm_types:
+                return False, f"no {need.upper()} VM type (KVM_CAP_VM_TYPES has no bit {vm_type})"
+    return True, ""
 
 
 class _Timeout(Exception):
