@@ -1,0 +1,309 @@
+"""``kvmharness sev ...`` (the /dev/sev platform) and ``kvmharness measure`` (offline).
+
+    kvmharness sev status [--backend auto|kvm|sim] [--json]
+    kvmharness sev id | pek-csr [--out FILE] | export [--out DIR]
+    kvmharness sev factory-reset | pek-gen | pdh-gen --i-know-this-is-destructive
+    kvmharness measure GUEST | --image FILE  --policy P --api 1.55 --build 21
+                       --nonce HEX --tik HEX [--mode sev|sev-es] [--vmsa FILE]
+                       [--legacy-init] [--json]
+
+``--backend sim`` answers from the simulated SEV firmware (a fresh chip per
+command: it starts UNINIT, as a platform does before anything initializes
+it); ``auto`` uses /dev/sev when it exists.  ``measure`` needs no device: it
+computes the launch digest the firmware will report for the image
+(zero-padded to 16 bytes, as ``SevLaunch.launch`` loads it) and, given the
+TIK and the firmware's MNONCE, the 32-byte MEASURE an owner compares with
+LAUNCH_MEASURE's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from .. import errors as E
+
+DESTRUCTIVE = {
+    "factory-reset": ("factory_reset", "forget the platform owner and regenerate OCA, PEK and PDH"),
+    "pek-gen": ("pek_gen", "regenerate the OCA and PEK (self-owned) and the PDH"),
+    "pdh-gen": ("pdh_gen", "regenerate the PDH; sessions built for the old one stop working"),
+}
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _platform(args):
+    from .launch import platform_for
+
+    return platform_for(args.backend)
+
+
+def _status_dict(st, backend: str) -> dict:
+    return {"backend": backend, "api": f"{st.api_major}.{st.api_minor}", "api_major": st.api_major,
+            "api_minor": st.api_minor, "build": st.build, "state": st.state.name,
+            "state_value": int(st.state), "flags": f"0x{st.flags:x}",
+            "owner": "external" if st.externally_owned else "self",
+            "config_es": st.config_es, "guest_count": st.guest_count}
+
+
+def cmd_status(args) -> int:
+    """SEV_PLATFORM_STATUS."""
+    with _platform(args) as p:
+        d = _status_dict(p.status(), p.backend)
+    if args.json:
+        _print_json(d)
+    else:
+        print(f"SEV platform ({d['backend']}): API {d['api']} build {d['build']}, state {d['state']}, "
+              f"{d['owner']}-owned, SEV-ES {'initialized' if d['config_es'] else 'not initialized'}, "
+              f"{d['guest_count']} guest(s)")
+    return E.EXIT_OK
+
+
+def cmd_id(args) -> int:
+    """SEV_GET_ID2."""
+    with _platform(args) as p:
+        chip_id = p.get_id()
+        backend = p.backend
+    if args.json:
+        _print_json({"backend": backend, "id": chip_id.hex(), "length": len(chip_id)})
+    else:
+        print(chip_id.hex())
+    return E.EXIT_OK
+
+
+def _cert_summary(raw: bytes) -> dict:
+    from .certs import SevCertificate
+
+    cert = SevCertificate.from_bytes(raw)
+    return {"usage": cert.usage_name, "algo": f"0x{int(cert.algo):x}",
+            "api": f"{cert.api_major}.{cert.api_minor}", "size": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def cmd_export(args) -> int:
+    """SEV_PDH_CERT_EXPORT: the PDH and the chain PEK, OCA, CEK (sevctl's file names)."""
+    from .certs import CERT_SIZE
+
+    with _platform(args) as p:
+        pdh, chain = p.pdh_cert_export()
+        backend = p.backend
+    files = {"pdh.cert": pdh}
+    for i, name in enumerate(("pek.cert", "oca.cert", "cek.cert")):
+        files[name] = chain[i * CERT_SIZE:(i + 1) * CERT_SIZE]
+    out = {"backend": backend, "certificates": {n: _cert_summary(b) for n, b in files.items()}}
+    if args.out:
+        d = Path(args.out)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, raw in files.items():
+            (d / name).write_bytes(raw)
+        (d / "cert_chain.cert").write_bytes(chain)
+        out["written"] = [str(d / n) for n in (*files, "cert_chain.cert")]
+    if args.json:
+        _print_json(out)
+    else:
+        for name, s in out["certificates"].items():
+            print(f"{name:9s} {s['usage']:4s} algo {s['algo']} API {s['api']} sha256 {s['sha256']}")
+        for path in out.get("written", ()):
+            print(f"wrote {path}")
+    return E.EXIT_OK
+
+
+def cmd_pek_csr(args) -> int:
+    """SEV_PEK_CSR: the PEK certificate for an owner's OCA to sign."""
+    with _platform(args) as p:
+        csr = p.pek_csr()
+        backend = p.backend
+    out = {"backend": backend, "csr": _cert_summary(csr)}
+    if args.out:
+        Path(args.out).write_bytes(csr)
+        out["written"] = args.out
+    if args.json:
+        _print_json(out)
+    else:
+        s = out["csr"]
+        print(f"PEK CSR: {s['size']} bytes, usage {s['usage']}, sha256 {s['sha256']}"
+              + (f"; wrote {args.out}" if args.out else " (use --out FILE to save it)"))
+    return E.EXIT_OK
+
+
+def cmd_destructive(args) -> int:
+    method, what = DESTRUCTIVE[args.sev_command]
+    if not args.i_know_this_is_destructive:
+        raise E.UsageError(f"'sev {args.sev_command}' will {what}. Certificates and sessions made "
+                           "for this platform stop working. Re-run with "
+                           "--i-know-this-is-destructive to do it")
+    with _platform(args) as p:
+        getattr(p, method)(allow_destructive=True)
+        d = _status_dict(p.status(), p.backend)
+    if args.json:
+        _print_json({"done": args.sev_command, "status": d})
+    else:
+        print(f"{args.sev_command}: done ({d['backend']}); platform now {d['state']}, "
+              f"{d['owner']}-owned")
+    return E.EXIT_OK
+
+
+# -- measure -------------------------------------------------------------------------
+
+def _hex_arg(text: str, size: int, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        raise E.UsageError(f"--{what} must be hex, got {text!r}") from None
+    if len(raw) != size:
+        raise E.UsageError(f"--{what} must be {size} bytes ({2 * size} hex digits), got {len(raw)}")
+    return raw
+
+
+def _api_arg(text: str) -> tuple[int, int]:
+    try:
+        major, minor = (int(x, 0) for x in text.split("."))
+    except ValueError:
+        raise E.UsageError(f"--api is MAJOR.MINOR (e.g. 1.55), got {text!r}") from None
+    return major, minor
+
+
+def _vmsa_pages(args, guest) -> list[bytes]:
+    """SEV-ES: --vmsa FILE, or the VMSA KVM builds from the harness's entry state of ``guest``."""
+    from .measurement import VMSA_PAGE_SIZE
+
+    if args.vmsa:
+        raw = Path(args.vmsa).read_bytes()
+        if not raw or len(raw) % VMSA_PAGE_SIZE:
+            raise E.UsageError(f"--vmsa {args.vmsa}: {len(raw)} bytes is not a whole number of "
+                               f"{VMSA_PAGE_SIZE}-byte VMSA pages")
+        return [raw[i:i + VMSA_PAGE_SIZE] for i in range(0, len(raw), VMSA_PAGE_SIZE)]
+    if guest is None:
+        raise E.UsageError("an SEV-ES measurement covers the initial VMSA, and the entry state of "
+                           "a raw --image is unknown: pass --vmsa FILE (4096-byte pages, vCPU 0 "
+                           "first) or name a manifest guest")
+    try:
+        from .vmsa import build_vmsa
+    except ImportError:
+        raise E.FeatureUnavailable("an SEV-ES measurement covers the initial VMSA pages, and "
+                                   "kvmharness.sev.vmsa (which builds them) is not present; pass "
+                                   "--vmsa FILE") from None
+    from ..boot import long_mode_state, real_mode_state
+
+    regs, sregs = (long_mode_state(guest.memory) if guest.mode == "long64" else real_mode_state())
+    return [build_vmsa(regs, sregs, sev_features=0, init2=not args.legacy_init)]
+
+
+def cmd_measure(args) -> int:
+    """The expected launch digest and MEASURE, computed offline."""
+    from .launch import pad_image
+    from .measurement import compute_measure, launch_digest
+    from .policy import GuestPolicy
+
+    if bool(args.guest) == bool(args.image):
+        raise E.UsageError("name a guest or give --image FILE (exactly one)")
+    guest = None
+    if args.guest:
+        from ..images import get_guest
+
+        guest = get_guest(args.guest)
+        image = guest.load()
+        source = f"guest {args.guest}"
+    else:
+        try:
+            image = Path(args.image).read_bytes()
+        except OSError as e:
+            raise E.UsageError(f"cannot read --image {args.image}: {e.strerror}") from None
+        source = args.image
+    policy = GuestPolicy.parse(args.policy)
+    policy.validate()
+    if args.mode == "sev-es" and not policy.es:
+        raise E.UsageError(f"an SEV-ES guest's policy has the ES bit; {policy} does not")
+    if args.mode == "sev" and policy.es:
+        raise E.UsageError(f"policy {policy} requires SEV-ES: use --mode sev-es")
+    major, minor = _api_arg(args.api)
+    region = pad_image(image)
+    vmsas = _vmsa_pages(args, guest) if args.mode == "sev-es" else []
+    digest = launch_digest([region], vmsas)
+    out = {"source": source, "mode": args.mode, "image_size": len(image),
+           "measured_size": len(region), "vmsa_pages": len(vmsas),
+           "policy": f"0x{policy.value:08x}", "policy_text": str(policy),
+           "api": f"{major}.{minor}", "build": args.build, "launch_digest": digest.hex()}
+    if vmsas:
+        out["vmsa_sha256"] = [hashlib.sha256(p).hexdigest() for p in vmsas]
+    if args.tik or args.nonce:
+        if not (args.tik and args.nonce):
+            raise E.UsageError("the MEASURE needs both --tik (the owner's 16-byte TIK) and "
+                               "--nonce (the firmware's 16-byte MNONCE)")
+        tik = _hex_arg(args.tik, 16, "tik")
+        mnonce = _hex_arg(args.nonce, 16, "nonce")
+        measure = compute_measure(tik, api_major=major, api_minor=minor, build=args.build,
+                                  policy=policy.value, digest=digest, mnonce=mnonce)
+        out["mnonce"] = mnonce.hex()
+        out["measure"] = measure.hex()
+        out["measurement"] = (measure + mnonce).hex()
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{source}: {out['measured_size']} bytes measured ({args.mode}"
+              + (f", {len(vmsas)} VMSA page(s)" if vmsas else "") + f"), policy {out['policy']} "
+              f"({out['policy_text']}), firmware {out['api']} build {args.build}")
+        print(f"launch digest: {out['launch_digest']}")
+        if "measure" in out:
+            print(f"MEASURE:       {out['measure']}")
+            print(f"measurement (MEASURE || MNONCE): {out['measurement']}")
+        else:
+            print("(give --tik and --nonce for the MEASURE the firmware will report)")
+    return E.EXIT_OK
+
+
+# -- wiring ---------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    """Add ``sev`` and ``measure`` to the kvmharness command line."""
+    sev = subparsers.add_parser("sev", help="the SEV platform (/dev/sev or the simulated firmware)")
+    sev_sub = sev.add_subparsers(dest="sev_command", metavar="SEV_COMMAND")
+    sev_sub.required = True
+
+    def common(p):
+        p.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto",
+                       help="kvm: /dev/sev; sim: the simulated firmware; auto: kvm if /dev/sev "
+                            "exists (default)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    common(sev_sub.add_parser("status", help="PLATFORM_STATUS: API version, build, state, "
+                              "owner, guests")).set_defaults(func=cmd_status)
+    common(sev_sub.add_parser("id", help="GET_ID2: the chip id")).set_defaults(func=cmd_id)
+    p = common(sev_sub.add_parser("export", help="PDH_CERT_EXPORT: the PDH and the "
+                                  "certificate chain"))
+    p.add_argument("--out", metavar="DIR", help="write pdh/pek/oca/cek.cert here")
+    p.set_defaults(func=cmd_export)
+    p = common(sev_sub.add_parser("pek-csr", help="PEK_CSR: the PEK for an owner to sign"))
+    p.add_argument("--out", metavar="FILE", help="write the CSR here")
+    p.set_defaults(func=cmd_pek_csr)
+    for name, (_, what) in DESTRUCTIVE.items():
+        p = common(sev_sub.add_parser(name, help=f"DESTRUCTIVE: {what}"))
+        p.add_argument("--i-know-this-is-destructive", action="store_true",
+                       help="required: confirms you mean it")
+        p.set_defaults(func=cmd_destructive)
+
+    m = subparsers.add_parser("measure", help="the expected SEV launch digest and measurement "
+                              "of a guest, computed offline")
+    m.add_argument("guest", nargs="?", help="a manifest guest (see: kvmharness guests)")
+    m.add_argument("--image", metavar="FILE", help="a raw guest image instead of a manifest guest")
+    m.add_argument("--policy", default="0", help="guest policy: number or flags, e.g. nodbg,es "
+                   "(default 0)")
+    m.add_argument("--api", default="1.55", help="firmware API MAJOR.MINOR (default 1.55)")
+    m.add_argument("--build", type=lambda s: int(s, 0), default=21,
+                   help="firmware build id (default 21)")
+    m.add_argument("--nonce", metavar="HEX", help="the firmware's MNONCE (16 bytes)")
+    m.add_argument("--tik", metavar="HEX", help="the owner's TIK (16 bytes)")
+    m.add_argument("--mode", choices=("sev", "sev-es"), default="sev")
+    m.add_argument("--vmsa", metavar="FILE", help="SEV-ES: the initial VMSA pages (4096 bytes "
+                   "each, vCPU 0 first); default for a guest: built from its entry state")
+    m.add_argument("--legacy-init", action="store_true",
+                   help="SEV-ES: the VM was set up with legacy KVM_SEV_ES_INIT (no FPU state in "
+                        "the VMSA) rather than KVM_SEV_INIT2")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_measure)
