@@ -19,7 +19,7 @@ from .protocol import GUEST_LOAD_ADDR
 from .x86 import CpuidEntry
 
 MODES = ("real", "long64")
-EXPECTS = ("done", "hlt", "shutdown", "timeout", "fail")
+EXPECTS = ("done", "hlt", "shutdown", "timeout", "fail", "sev-terminated")
 NEEDS = ("user-msr-exits", "svm", "sev", "sev-es", "nested")
 BACKEND_NAMES = ("kvm", "sim")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)

@@ -404,7 +404,8 @@ class _UcallPort:
         self.machine = machine
 
     def io_out(self, port, size, data):
-        self.machine._ucall(data[0])
+        # a malformed GHCB can produce a zero-length OUT: op 0 is "unknown ucall"
+        self.machine._ucall(data[0] if data else 0)
 
 
 def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeout: float | None = None,

@@ -10,6 +10,11 @@ Modules (each importable on its own; this package imports nothing heavy):
 * ``memcrypt``    -- simulated memory encryption (per-guest, address-tweaked)
 * ``asid``        -- KVM's SEV ASID allocator
 * ``firmware``    -- :class:`SimulatedSevFirmware`, the model the simulator drives
+* ``launch``      -- :class:`SevLaunch`, the launch flow on either backend
+* ``kvm_model``   -- a model of KVM's sev.c command handling over the firmware model
+* ``vmsa``        -- the SEV-ES save area, built byte for byte as KVM writes it
+* ``ghcb``        -- the GHCB page and the GHCB MSR protocol
+* ``vmgexit``     -- a model of KVM's VMGEXIT handling (sev_handle_vmgexit)
 
 The /dev/kvm and /dev/sev ioctl path lives elsewhere; it shares ``status`` and
 ``policy`` with this package.
