@@ -168,9 +168,10 @@ class Machine:
     def for_guest(cls, guest: str | GuestImage, backend: str | System = "auto", **kw) -> "Machine":
         """A Machine with a manifest guest loaded, its devices and MSR routing set up."""
         image = guest if isinstance(guest, GuestImage) else get_guest(guest)
-        ok, why = image.runnable_on(backend.name if isinstance(backend, System) else backend)
+        backend_name = backend.name if isinstance(backend, System) else backend
+        ok, why = image.runnable_on(backend_name)
         if not ok:
-            raise UsageError(f"guest {image.name!r} cannot run on the {backend} backend: {why}")
+            raise UsageError(f"guest {image.name!r} cannot run on the {backend_name} backend: {why}")
         data = image.load()  # validated before any VM exists
         system = backend if isinstance(backend, System) else open_backend(backend)
         try:

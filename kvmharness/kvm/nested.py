@@ -1,0 +1,184 @@
+"""KVM_GET_NESTED_STATE / KVM_SET_NESTED_STATE: snapshot a vCPU that runs its own guest.
+
+When a guest is itself a hypervisor (it ran VMRUN, so the vCPU is in "guest
+mode" running L2), the registers KVM_GET_REGS/SREGS return are L2's; what
+makes the picture whole is the nested state: whether the vCPU is in guest
+mode, L1's VMCB address (vmcb12), L1's intercepts and other control fields
+KVM cached from that VMCB, and L1's own register state (KVM's vmcb01 save
+area).  Saving it, and the other state, and restoring it in the same or a
+fresh vCPU is how KVM migrates nested guests.
+
+    from kvmharness.kvm.nested import get_nested_state, set_nested_state
+    state = get_nested_state(vcpu)          # a NestedState value
+    if state.guest_mode: print(hex(state.vmcb_pa))
+    set_nested_state(other_vcpu, state)
+
+Order for a fresh vCPU (what KVM's svm_set_nested_state expects, and QEMU
+does): KVM_SET_CPUID2 with SVM, then KVM_SET_SREGS (EFER must have SVME, or
+KVM refuses guest mode with EINVAL) and KVM_SET_REGS with the *L2* values
+the snapshot read, and only then KVM_SET_NESTED_STATE: KVM moves the
+current registers into vmcb02 and takes L1's from the snapshot.
+
+Snapshot at a quiescent point: after an IO or MMIO exit KVM still has to
+finish the instruction on the next KVM_RUN (the kernel's API document says
+to run once with ``immediate_exit`` set before saving), which
+:func:`complete_pending_exit` does.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import struct
+from dataclasses import dataclass
+
+from ..errors import FeatureUnavailable, KvmError, UsageError
+from . import _ffi as K
+from ._ffi import ffi, ioctl_raw
+
+HEADER_SIZE = 128  # sizeof(struct kvm_nested_state): flags u16, format u16, size u32, hdr[120]
+_HEAD = struct.Struct("<HHI")
+
+FORMAT_VMX = K.KVM_STATE_NESTED_FORMAT_VMX
+FORMAT_SVM = K.KVM_STATE_NESTED_FORMAT_SVM
+FLAG_GUEST_MODE = K.KVM_STATE_NESTED_GUEST_MODE
+FLAG_RUN_PENDING = K.KVM_STATE_NESTED_RUN_PENDING
+FLAG_GIF_SET = K.KVM_STATE_NESTED_GIF_SET
+_FLAG_NAMES = ((FLAG_GUEST_MODE, "guest-mode"), (FLAG_RUN_PENDING, "run-pending"),
+               (K.KVM_STATE_NESTED_EVMCS, "evmcs"), (K.KVM_STATE_NESTED_MTF_PENDING, "mtf-pending"),
+               (FLAG_GIF_SET, "gif-set"))
+VMCB_SIZE = K.KVM_STATE_NESTED_SVM_VMCB_SIZE
+
+
+@dataclass(frozen=True)
+class NestedState:
+    """One ``struct kvm_nested_state`` as KVM returned it: the header and the raw data.
+
+    ``header`` is the 120-byte format-specific union (for SVM: ``vmcb_pa``);
+    ``data`` the payload after the 128-byte struct (for SVM in guest mode:
+    a 4 KiB VMCB image whose control area is L1's cached vmcb12 controls and
+    whose save area is L1's own state).
+    """
+
+    flags: int
+    format: int
+    size: int
+    header: bytes
+    data: bytes
+
+    @property
+    def guest_mode(self) -> bool:
+        """The vCPU was running L2 (KVM_STATE_NESTED_GUEST_MODE)."""
+        return bool(self.flags & FLAG_GUEST_MODE)
+
+    @property
+    def run_pending(self) -> bool:
+        """A VMRUN was emulated but L2 has not run yet (KVM_STATE_NESTED_RUN_PENDING)."""
+        return bool(self.flags & FLAG_RUN_PENDING)
+
+    @property
+    def gif_set(self) -> bool:
+        """SVM's global interrupt flag (KVM_STATE_NESTED_GIF_SET)."""
+        return bool(self.flags & FLAG_GIF_SET)
+
+    @property
+    def flag_names(self) -> list[str]:
+        return [name for bit, name in _FLAG_NAMES if self.flags & bit]
+
+    @property
+    def vmcb_pa(self) -> int:
+        """SVM: guest-physical address of L1's VMCB (vmcb12); 0 outside guest mode."""
+        self._need_svm("vmcb_pa")
+        return struct.unpack_from("<Q", self.header)[0]
+
+    @property
+    def vmcb(self) -> bytes:
+        """SVM in guest mode: the 4 KiB VMCB image (L1's controls + L1's save area)."""
+        self._need_svm("vmcb")
+        return self.data[:VMCB_SIZE]
+
+    def _need_svm(self, what: str) -> None:
+        if self.format != FORMAT_SVM:
+            raise UsageError(f"NestedState.{what} is SVM-only; this state has format {self.format} (VMX)")
+
+    def to_bytes(self) -> bytes:
+        """The whole ``struct kvm_nested_state`` (header + data), as KVM_SET_NESTED_STATE takes it."""
+        return _HEAD.pack(self.flags, self.format, self.size) + self.header + self.data
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> NestedState:
+        """Parse a ``struct kvm_nested_state``; ``size`` says how much of ``raw`` is data."""
+        if len(raw) < HEADER_SIZE:
+            raise UsageError(f"a kvm_nested_state is at least {HEADER_SIZE} bytes, got {len(raw)}")
+        flags, fmt, size = _HEAD.unpack_from(raw)
+        if size < HEADER_SIZE or size > len(raw):
+            raise UsageError(f"kvm_nested_state.size is {size}, but {len(raw)} bytes were given "
+                             f"(it must be between {HEADER_SIZE} and the buffer's length)")
+        return cls(flags, fmt, size, bytes(raw[8:HEADER_SIZE]), bytes(raw[HEADER_SIZE:size]))
+
+    def to_dict(self) -> dict:
+        d = {"flags": self.flags, "flag_names": self.flag_names, "format": self.format,
+             "size": self.size, "data_len": len(self.data)}
+        if self.format == FORMAT_SVM:
+            d["vmcb_pa"] = self.vmcb_pa
+        return d
+
+
+def max_nested_state_size(vcpu) -> int:
+    """KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) on the vCPU's VM: the largest state, 0 if none."""
+    return vcpu.vm.check_extension(K.KVM_CAP_NESTED_STATE)
+
+
+def _require(vcpu) -> int:
+    size = max_nested_state_size(vcpu)
+    if size <= 0:
+        raise FeatureUnavailable(
+            "this KVM has no KVM_CAP_NESTED_STATE (KVM_GET/SET_NESTED_STATE): nested "
+            "virtualization needs kvm_amd (or kvm_intel) loaded with nested=1")
+    return size
+
+
+def get_nested_state(vcpu) -> NestedState:
+    """KVM_GET_NESTED_STATE: the vCPU's nested state (raises FeatureUnavailable without the cap)."""
+    size = _require(vcpu)
+    while True:
+        buf = ffi.new("char[]", size)
+        _HEAD.pack_into(ffi.buffer(buf), 0, 0, 0, size)
+        ret, err = ioctl_raw(vcpu.fd, K.KVM_GET_NESTED_STATE, buf)
+        if ret < 0 and err == _errno.E2BIG:
+            needed = _HEAD.unpack_from(ffi.buffer(buf))[2]
+            if needed <= size:
+                raise KvmError("KVM_GET_NESTED_STATE", err, f"E2BIG with a {size}-byte buffer")
+            size = needed  # KVM wrote the size it needs
+            continue
+        if ret < 0:
+            raise KvmError("KVM_GET_NESTED_STATE", err)
+        return NestedState.from_bytes(bytes(ffi.buffer(buf)))
+
+
+def set_nested_state(vcpu, state: NestedState) -> None:
+    """KVM_SET_NESTED_STATE from a :class:`NestedState` (see the module docstring for the order)."""
+    _require(vcpu)
+    raw = state.to_bytes()
+    buf = ffi.new("char[]", raw)
+    ret, err = ioctl_raw(vcpu.fd, K.KVM_SET_NESTED_STATE, buf)
+    if ret < 0:
+        hint = ""
+        if err == _errno.EINVAL:
+            hint = ("KVM refused the state: for guest mode the vCPU's EFER needs SVME and its CPUID "
+                    "SVM (set CPUID, SREGS and REGS first), the size must include the 4 KiB VMCB, "
+                    "and L1's save area must pass KVM's VMRUN checks")
+        raise KvmError("KVM_SET_NESTED_STATE", err, hint)
+
+
+def complete_pending_exit(vcpu) -> None:
+    """KVM_RUN with ``immediate_exit`` set: KVM finishes the last exit's instruction
+    (an IO/MMIO completion) and returns EINTR without entering the guest, so the
+    registers and nested state read afterwards are at an instruction boundary."""
+    vcpu.kvm_run.immediate_exit = 1
+    try:
+        vcpu.run()
+    except InterruptedError:
+        return
+    finally:
+        vcpu.kvm_run.immediate_exit = 0
+    raise KvmError("KVM_RUN", 0, "immediate_exit was set but KVM entered the guest")
