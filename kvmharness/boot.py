@@ -68,13 +68,21 @@ def _idt_gate(handler: int, selector: int = P.KERNEL_CS) -> bytes:
                        handler >> 32, 0)
 
 
-def long_mode_tables() -> dict[int, bytes]:
-    """The boot structures as {guest-physical address: bytes}."""
-    pml4 = struct.pack("<Q", P.BOOT_PDPT | PTE_P | PTE_RW) + bytes(4096 - 8)
+def long_mode_tables(c_bit: int | None = None) -> dict[int, bytes]:
+    """The boot structures as {guest-physical address: bytes}.
+
+    ``c_bit``: for SEV/SEV-ES guests, the encryption bit position (CPUID
+    0x8000001F EBX[5:0]).  It is set in every entry that maps RAM (GiB 0) and
+    in the table pointers, so the GDT, IDT, stack and image are accessed as
+    private memory from the first instruction; the MMIO window (GiB 3) stays
+    shared (C=0), as MMIO must.
+    """
+    enc = (1 << c_bit) if c_bit is not None else 0
+    pml4 = struct.pack("<Q", P.BOOT_PDPT | PTE_P | PTE_RW | enc) + bytes(4096 - 8)
     pdpt = bytearray(4096)
-    struct.pack_into("<Q", pdpt, 0 * 8, P.BOOT_PD0 | PTE_P | PTE_RW)
-    struct.pack_into("<Q", pdpt, 3 * 8, P.BOOT_PD3 | PTE_P | PTE_RW)
-    pd0 = b"".join(struct.pack("<Q", (i << 21) | PTE_P | PTE_RW | PTE_PS) for i in range(512))
+    struct.pack_into("<Q", pdpt, 0 * 8, P.BOOT_PD0 | PTE_P | PTE_RW | enc)
+    struct.pack_into("<Q", pdpt, 3 * 8, P.BOOT_PD3 | PTE_P | PTE_RW | enc)
+    pd0 = b"".join(struct.pack("<Q", (i << 21) | PTE_P | PTE_RW | PTE_PS | enc) for i in range(512))
     pd3 = b"".join(struct.pack("<Q", (3 << 30) + (i << 21) | PTE_P | PTE_RW | PTE_PS)
                    for i in range(512))
     gdt = b"".join(struct.pack("<Q", d) for d in GDT_ENTRIES) + _tss_descriptor(TSS_BASE, TSS_LIMIT)
@@ -114,12 +122,32 @@ def real_mode_state() -> tuple[Regs, Sregs]:
     return Regs(rip=P.GUEST_LOAD_ADDR, rsp=REAL_SP, rflags=0x2), sregs
 
 
-def load_image(vm, vcpu, image: bytes, mode: str, memory_size: int, cpuid) -> None:
+def sev_launch_blob(image: bytes, mode: str, c_bit: int | None) -> tuple[int, bytes]:
+    """What an SEV launch measures for a harness guest: (guest-physical start, bytes).
+
+    One contiguous range from the first boot table to the end of the image
+    (zero-padded to 16 bytes, LAUNCH_UPDATE_DATA's granule), exactly as the
+    harness lays it out in guest RAM -- so ``kvmharness measure GUEST`` and a
+    launch of the same guest hash the same bytes.
+    """
+    padded = bytes(image) + bytes(-len(image) % 16)
+    if mode == "real":
+        return P.GUEST_LOAD_ADDR, padded
+    start = P.BOOT_PML4
+    blob = bytearray(P.GUEST_LOAD_ADDR - start + len(padded))
+    for gpa, data in long_mode_tables(c_bit).items():
+        blob[gpa - start:gpa - start + len(data)] = data
+    blob[P.GUEST_LOAD_ADDR - start:] = padded
+    return start, bytes(blob)
+
+
+def load_image(vm, vcpu, image: bytes, mode: str, memory_size: int, cpuid, *,
+               c_bit: int | None = None) -> None:
     """Write the image (and for long mode the boot tables) and set the entry state."""
     vm.write(P.GUEST_LOAD_ADDR, image)
     vcpu.set_cpuid(cpuid)
     if mode == "long64":
-        for gpa, blob in long_mode_tables().items():
+        for gpa, blob in long_mode_tables(c_bit).items():
             vm.write(gpa, blob)
         regs, sregs = long_mode_state(memory_size)
     elif mode == "real":

@@ -66,11 +66,28 @@ def cmd_run(args) -> int:
 
     image = get_guest(args.guest)
     image.load()  # refuse a bad image before any VM exists
+    owner = None
+    if args.mode != "svm":
+        from .sev.policy import GuestPolicy
+        from .sev.session import GuestOwner
+
+        policy = GuestPolicy.parse(args.policy or ("nodbg,es" if args.mode == "sev-es" else "nodbg"))
+        policy.validate()
+        owner = None if args.no_owner else GuestOwner(policy)
     system = open_backend(args.backend)
     if not args.json:
         print(f"# {system.chosen_because}", file=sys.stderr)
     try:
-        machine = Machine.for_guest(image, system)
+        if args.mode == "svm":
+            machine = Machine.for_guest(image, system)
+        else:
+            machine = Machine.for_guest(image, system, sev=args.mode, policy=policy, owner=owner)
+            if not args.json:
+                launch = machine.launch_result
+                print(f"# {args.mode} launch: {launch.init_command}, handle {launch.handle}, policy "
+                      f"{launch.policy}, measurement "
+                      f"{'verified with the owner TIK' if launch.verified else 'not verified (no owner)'}: "
+                      f"{launch.measurement.measure.hex()}", file=sys.stderr)
         try:
             result = machine.run(args.timeout if args.timeout is not None else image.timeout,
                                  trace=args.trace)
@@ -205,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kvm: real /dev/kvm; sim: the simulator; auto: kvm if /dev/kvm exists (default)")
     s.add_argument("--timeout", type=float, default=None, help="seconds (default: the manifest's)")
     s.add_argument("--trace", action="store_true", help="record and print every exit with its RIP")
+    s.add_argument("--mode", choices=("svm", "sev", "sev-es"), default="svm",
+                   help="svm: a plain guest (default); sev / sev-es: launch it encrypted first, "
+                        "verifying the firmware's measurement with a guest owner's TIK")
+    s.add_argument("--policy", default=None, help="SEV guest policy, e.g. 'nodbg' or 0x5 (default "
+                                                  "nodbg, plus es for sev-es)")
+    s.add_argument("--no-owner", action="store_true",
+                   help="launch without a guest owner session (the measurement is not verified)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_run)
 

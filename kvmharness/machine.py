@@ -128,7 +128,7 @@ class Machine:
     """One VM, one vCPU, RAM at 0, a device bus; see the module docstring."""
 
     def __init__(self, backend: str | System = "auto", *, memory: int = DEFAULT_MEMORY,
-                 vm_type: int = 0, name: str = "machine"):
+                 vm_type: int = 0, name: str = "machine", create_vcpu: bool = True):
         if isinstance(backend, System):
             self.system, self._owns_system = backend, False
         else:
@@ -140,7 +140,8 @@ class Machine:
         try:
             self.vm = self.system.create_vm(vm_type)
             self.ram = self.vm.add_memory(0, memory)
-            self.vcpu = self.vm.create_vcpu(0)
+            if create_vcpu:  # SEV launches create it after KVM_SEV_INIT, as KVM requires
+                self.vcpu = self.vm.create_vcpu(0)
         except BaseException:
             self.close()
             raise
@@ -156,6 +157,7 @@ class Machine:
         self.msrs = MsrStore()
         self.image: GuestImage | None = None
         self.expected = "done"
+        self.launch_result = None  # SEV/SEV-ES: what the launch established
         self._hooks: list = []
         self._reset_run_state()
 
@@ -165,8 +167,14 @@ class Machine:
 
     # -- set-up ------------------------------------------------------------------
     @classmethod
-    def for_guest(cls, guest: str | GuestImage, backend: str | System = "auto", **kw) -> "Machine":
-        """A Machine with a manifest guest loaded, its devices and MSR routing set up."""
+    def for_guest(cls, guest: str | GuestImage, backend: str | System = "auto", *,
+                  sev: str | None = None, policy=None, owner=None, **kw) -> "Machine":
+        """A Machine with a manifest guest loaded, its devices and MSR routing set up.
+
+        ``sev="sev"|"sev-es"`` launches it as an SEV / SEV-ES guest first (see
+        :meth:`_sev_launch`); ``owner`` (a ``sev.session.GuestOwner``) makes the
+        launch verify the firmware's measurement and fail loudly on a mismatch.
+        """
         image = guest if isinstance(guest, GuestImage) else get_guest(guest)
         backend_name = backend.name if isinstance(backend, System) else backend
         ok, why = image.runnable_on(backend_name)
@@ -179,20 +187,51 @@ class Machine:
             if not ok:
                 raise FeatureUnavailable(f"guest {image.name!r} cannot run on the {system.name} backend "
                                          f"here: {why}")
-            m = cls(system, memory=image.memory, name=image.name, **kw)
+            if sev is not None:
+                kw.setdefault("vm_type", _sev_vm_type(system, sev))
+            m = cls(system, memory=image.memory, name=image.name, create_vcpu=sev is None, **kw)
         except BaseException:
             if not isinstance(backend, System):
                 system.close()
             raise
         m._owns_system = not isinstance(backend, System)
         try:
-            m.load(image, data)
+            if sev is None:
+                m.load(image, data)
+            else:
+                m._sev_launch(image, data, sev, policy, owner)
         except BaseException:
             m.close()
             raise
         return m
 
-    def load(self, image: GuestImage, data: bytes | None = None) -> None:
+    def _sev_launch(self, image: GuestImage, data: bytes, mode: str, policy, owner) -> None:
+        """The KVM SEV launch order: INIT before any vCPU, then the vCPU and its state,
+        REG_REGION, LAUNCH_START, UPDATE_DATA over the boot tables and image, (SEV-ES)
+        UPDATE_VMSA, MEASURE (verified with the owner's TIK), FINISH -- GUEST_STATUS
+        checked after each state change."""
+        from .boot import sev_launch_blob
+        from .sev.launch import SevLaunch, expected_vmsa_pages
+
+        launch = SevLaunch(self.vm, mode, policy, owner=owner)
+        launch.init()
+        self.vcpu = self.vm.create_vcpu(0)
+        c_bit = sev_c_bit(self.system)
+        self.load(image, data, c_bit=c_bit)
+        launch.register_memory()
+        launch.start()
+        start, blob = sev_launch_blob(data, image.mode, c_bit)
+        launch.update_data(start, len(blob), expected=blob)
+        if mode == "sev-es":
+            launch.update_vmsa(expected_vmsa_pages(self.vm))
+        launch.measure()
+        if owner is not None:
+            launch.verify()
+        launch.finish()
+        self.sev_launch = launch
+        self.launch_result = launch
+
+    def load(self, image: GuestImage, data: bytes | None = None, *, c_bit: int | None = None) -> None:
         data = image.load() if data is None else data
         self.image = image
         self.name = image.name
@@ -203,7 +242,7 @@ class Machine:
         self.cpuid = table
         if image.user_msrs:
             self.route_msrs_to_userspace(image.user_msrs)
-        load_image(self.vm, self.vcpu, data, image.mode, self.memory, table)
+        load_image(self.vm, self.vcpu, data, image.mode, self.memory, table, c_bit=c_bit)
 
     def route_msrs_to_userspace(self, indices) -> None:
         """Deny these MSRs in the kernel's filter so every access exits to userspace,
@@ -375,6 +414,18 @@ class Machine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _sev_vm_type(system, mode: str) -> int:
+    """KVM_X86_SEV_VM / SEV_ES_VM where offered (INIT2), else the default VM (legacy INIT)."""
+    wanted = 2 if mode == "sev" else 3
+    return wanted if wanted in system.capabilities.vm_types else 0
+
+
+def sev_c_bit(system) -> int:
+    """The encryption bit position the backend's CPUID 0x8000001F EBX[5:0] reports (51 if none)."""
+    leaf = system.capabilities.sev_leaf
+    return (leaf.ebx & 0x3F) if leaf is not None and leaf.ebx & 0x3F else 51
 
 
 def needs_met(system, needs) -> tuple[bool, str]:

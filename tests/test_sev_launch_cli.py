@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from kvmharness.boot import sev_launch_blob
+
 from kvmharness.boot import long_mode_state
 from kvmharness.cli import main
 from kvmharness.errors import EXIT_OK, EXIT_USAGE
@@ -87,7 +89,8 @@ def test_measure_guest_sev_es_includes_the_vmsa(capsys):
     regs, sregs = long_mode_state(guest.memory)
     vmsa = build_vmsa(regs, sregs, sev_features=0, init2=True)
     assert d["vmsa_pages"] == 1
-    assert d["launch_digest"] == launch_digest([pad_image(guest.load())], [vmsa]).hex()
+    _, blob = sev_launch_blob(guest.load(), guest.mode, 51)  # boot tables (C-bit 51) + image
+    assert d["launch_digest"] == launch_digest([blob], [vmsa]).hex()
     legacy = run_json(capsys, "measure", "hello64", "--mode", "sev-es", "--policy", "es",
                       "--legacy-init", "--json")
     assert legacy["launch_digest"] != d["launch_digest"]  # no FPU state in the VMSA
@@ -104,3 +107,15 @@ def test_measure_guest_sev_es_includes_the_vmsa(capsys):
 def test_measure_usage_errors(capsys, argv):
     assert main(argv) == EXIT_USAGE
     assert capsys.readouterr().err.startswith("kvmharness: error:")
+
+
+@pytest.mark.requires_kvm
+def test_run_mode_sev_on_a_host_without_sev_says_why(capsys):
+    from kvmharness.hostinfo import host_report
+
+    if host_report()["verdicts"]["sev"]["usable"]:
+        pytest.skip("this host has SEV: the refusal cannot be shown here")
+    assert main(["run", "hello64", "--backend", "kvm", "--mode", "sev"]) == 3
+    err = capsys.readouterr().err
+    assert "KVM_SEV_INIT failed: errno ENOTTY" in err and "has no SEV" in err
+    assert "Traceback" not in err

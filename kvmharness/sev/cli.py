@@ -222,7 +222,12 @@ def cmd_measure(args) -> int:
     if args.mode == "sev" and policy.es:
         raise E.UsageError(f"policy {policy} requires SEV-ES: use --mode sev-es")
     major, minor = _api_arg(args.api)
-    region = pad_image(image)
+    if guest is not None:  # what a launch of this guest measures: boot tables + image
+        from ..boot import sev_launch_blob
+
+        _, region = sev_launch_blob(image, guest.mode, args.c_bit)
+    else:
+        region = pad_image(image)
     vmsas = _vmsa_pages(args, guest) if args.mode == "sev-es" else []
     digest = launch_digest([region], vmsas)
     out = {"source": source, "mode": args.mode, "image_size": len(image),
@@ -297,6 +302,9 @@ def register(subparsers) -> None:
     m.add_argument("--api", default="1.55", help="firmware API MAJOR.MINOR (default 1.55)")
     m.add_argument("--build", type=lambda s: int(s, 0), default=21,
                    help="firmware build id (default 21)")
+    m.add_argument("--c-bit", type=int, default=51,
+                   help="encryption bit set in the harness's boot page tables of a long-mode "
+                        "guest (CPUID 0x8000001F EBX[5:0] of the host; default 51)")
     m.add_argument("--nonce", metavar="HEX", help="the firmware's MNONCE (16 bytes)")
     m.add_argument("--tik", metavar="HEX", help="the owner's TIK (16 bytes)")
     m.add_argument("--mode", choices=("sev", "sev-es"), default="sev")
