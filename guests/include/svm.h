@@ -149,6 +149,7 @@
 /* Parameters the host may write into guest RAM before the run (zero = off) */
 #define NESTED_PARAMS_PA    0x107000
 #define PARAM_BENCH_LOOPS   0             /* u64: L2 first runs this many unreported CPUIDs */
+#define PARAM_INVALID_FIRST 8             /* u64: nonzero = the first VMRUN has ASID 0 */
 
 /*
  * Report keys: after the n-th #VMEXIT (n from 0) L1 reports

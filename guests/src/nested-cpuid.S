@@ -25,6 +25,12 @@
  * NESTED_PARAMS_PA + PARAM_BENCH_LOOPS before the run, L2 first executes N
  * CPUIDs of L1_LEAF, which L1 emulates without reporting or counting them;
  * the reported sequence is the same as without.
+ *
+ * Consistency-check mode: when the host writes a nonzero u64 at
+ * NESTED_PARAMS_PA + PARAM_INVALID_FIRST, L1's first VMRUN has ASID 0, which
+ * KVM refuses with VMEXIT_INVALID (exit code -1; L2 never runs): that is
+ * reported as #VMEXIT 0, L1 sets ASID 1 and the sequence above follows as
+ * #VMEXITs 1-5.  (Not combined with the benchmark mode.)
  */
 #define GUEST_MODE_LONG64
 #include "guest.h"
@@ -43,6 +49,9 @@ GUEST_ENTRY
         orl     $INTERCEPT_VMMCALL, VMCB(VMCB_INTERCEPT_W4)
         movl    $((1 << VEC_UD) | (1 << VEC_DF) | (1 << VEC_GP) | (1 << VEC_PF)), VMCB(VMCB_INTERCEPT_EXC)
         orb     $(1 << (L1_PORT % 8)), IOPM_PA + L1_PORT / 8   /* intercept port L1_PORT */
+        cmpq    $0, NESTED_PARAMS_PA + PARAM_INVALID_FIRST
+        je      l1_loop
+        movl    $0, VMCB(VMCB_ASID)     /* KVM's VMRUN check: ASID 0 is VMEXIT_INVALID */
 
 l1_loop:
         call    l1_run_l2
@@ -63,7 +72,16 @@ l1_loop:
         je      on_vmmcall
         cmp     $SVM_EXIT_HLT, %rax
         je      on_hlt
+        cmp     $SVM_EXIT_ERR, %rax
+        je      on_invalid
         FAIL(0x60)                      /* an exit L1 did not ask for */
+
+on_invalid:                             /* VMRUN refused: L2 did not run */
+        cmpl    $0, VMCB(VMCB_ASID)
+        je      1f
+        FAIL(0x6B)                      /* refused although L1 did not provoke it */
+1:      movl    $1, VMCB(VMCB_ASID)
+        jmp     l1_loop
 
 on_cpuid:                               /* CPUID is 0F A2: 2 bytes */
         mov     VMCB(VMCB_RAX), %rax
