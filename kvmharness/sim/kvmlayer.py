@@ -1,0 +1,566 @@
+"""What KVM does above each #VMEXIT, so userspace sees exactly what it sees on /dev/kvm.
+
+Two parts: KVM's *policy* -- the CPUID table lookup (``kvm_emulate_cpuid``), the
+MSRs KVM emulates in the kernel, the MSR filter and user-space MSR exit rules
+(``kvm_msr_allowed`` then ``kvm_get/set_msr_common``), EFER validation, which
+intercepts are resolved in the kernel -- and :class:`KvmExitHandling`, the
+per-exit handlers (svm.c ``svm_exit_handlers[]``) the vCPU runs when the core
+stops on an intercept or an exception.
+
+Where the project's hosts' KVM differs from upstream kvm_amd, the host is
+followed, because the contract suite compares the two (dev-kvm-on-these-machines.md):
+VMMCALL/VMGEXIT raise #UD at CPL0 with the FIX_HYPERCALL_INSN quirk disabled (§3),
+``int n``/``int3`` at CPL0 are emulation failures (§0), RIP is already past IN/OUT
+at an IO exit, and the leaf 1 / leaf 7 CPUID fix-ups (§2).
+"""
+
+from __future__ import annotations
+
+import time
+
+import unicorn
+from unicorn import x86_const as X
+
+from .. import exits
+from . import core as corem
+from .events import DeliveryFault, EXC_WITH_ERROR_CODE, VEC_DF, deliver_long, deliver_real
+from .svm import SVM_EXIT_CPUID, SVM_EXIT_EXCP_BASE, SVM_EXIT_HLT, SVM_EXIT_MSR, SVM_EXIT_SHUTDOWN
+
+_M64 = 2**64 - 1
+CR0_PE = 1
+
+KVM_MSR_EXIT_REASON_INVAL = exits.KVM_MSR_EXIT_REASON_INVAL
+KVM_MSR_EXIT_REASON_UNKNOWN = exits.KVM_MSR_EXIT_REASON_UNKNOWN
+KVM_MSR_EXIT_REASON_FILTER = exits.KVM_MSR_EXIT_REASON_FILTER
+
+# MSRs kvm_get/set_msr_common and svm_get/set_msr emulate for a plain (non-SEV) guest,
+# with their reset values.  The pass-through MSRs (svm.PASSTHROUGH_MSRS) are executed by
+# the emulated CPU itself and are not listed.
+KERNEL_MSRS = {
+    0x10: None,                  # IA32_TSC: computed
+    0x1B: 0xFEE00900,            # IA32_APIC_BASE (BSP, enabled)
+    0x8B: 0,                     # IA32_UCODE_REV
+    0xFE: 0x508,                 # MTRRcap: WC | FIX | 8 variable ranges
+    0x179: 0x20,                 # MCG_CAP: KVM_MAX_MCE_BANKS
+    0x17A: 0,                    # MCG_STATUS
+    0x1A0: 0x1,                  # MISC_ENABLE: fast strings
+    0x277: 0x0007040600070406,   # PAT
+    0x2FF: 0,                    # MTRRdefType
+    0xC0010010: 0,               # SYSCFG
+    0xC0010015: 0,               # HWCR
+    0xC0010114: 0,               # VM_CR
+    0xC0010117: 0,               # VM_HSAVE_PA
+}
+KERNEL_MSRS.update({m: 0 for m in range(0x200, 0x210)})  # variable MTRRs
+KERNEL_MSRS.update({m: 0 for m in (0x250, 0x258, 0x259, *range(0x268, 0x270))})  # fixed MTRRs
+READ_ONLY_MSRS = frozenset({0xFE, 0x8B})
+
+
+class MsrPolicy:
+    """VM-wide MSR rules: KVM_X86_SET_MSR_FILTER and KVM_CAP_X86_USER_SPACE_MSR."""
+
+    def __init__(self):
+        self.user_exit_reasons = 0
+        self.filter_ranges: tuple = ()
+        self.default_allow = True
+        self.filter_set = False
+
+    def allowed(self, index: int, write: bool) -> bool:
+        """kvm_msr_allowed: the first range containing the MSR decides, else the default."""
+        if not self.filter_set:
+            return True
+        for base, nmsrs, read_ok, write_ok in self.filter_ranges:
+            if base <= index < base + nmsrs:
+                return bool(write_ok if write else read_ok)
+        return self.default_allow
+
+    def user_exit(self, reason: int) -> bool:
+        return bool(self.user_exit_reasons & reason)
+
+
+class KvmMsrs:
+    """One vCPU's in-kernel MSR values."""
+
+    def __init__(self):
+        self.values = {k: v for k, v in KERNEL_MSRS.items() if v is not None}
+        self._tsc_base = time.perf_counter_ns()
+        self._tsc_offset = 0
+
+    def known(self, index: int) -> bool:
+        return index in KERNEL_MSRS
+
+    def read(self, index: int) -> int:
+        if index == 0x10:
+            return (time.perf_counter_ns() - self._tsc_base) * 3 + self._tsc_offset & (2**64 - 1)
+        return self.values[index]
+
+    def write(self, index: int, value: int) -> bool:
+        """False when KVM would refuse the value (#GP / the INVAL reason)."""
+        if index in READ_ONLY_MSRS:
+            return False
+        if index == 0x10:
+            self._tsc_offset = value - (time.perf_counter_ns() - self._tsc_base) * 3
+            return True
+        if index == 0xC0010117 and value & 0xFFF:
+            return False  # VM_HSAVE_PA must be page aligned (svm_set_msr)
+        self.values[index] = value & (2**64 - 1)
+        return True
+
+
+def cpuid_lookup(table, function: int, index: int) -> tuple[int, int, int, int]:
+    """kvm_emulate_cpuid: exactly the entry set for (function, index), or all zeros.
+
+    The hosts' kvm_pvm forces a few leaf 1 / leaf 7 bits whatever is set; those are
+    recorded as that host's deviations (hostinfo.KNOWN_CPUID_DEVIATIONS) and exempted
+    by the tests, so the model keeps KVM's documented behaviour: the table, verbatim.
+    """
+    e = table.lookup(function, index)
+    if e is None:
+        return 0, 0, 0, 0
+    return e.eax, e.ebx, e.ecx, e.edx
+
+
+# Intercepts KVM resolves without userspace, and how (svm_exit_handlers[]):
+#   "skip"  -- complete the instruction (WBINVD, INVD: kvm_emulate_wbinvd / skip)
+#   "ud"    -- inject #UD (VMRUN/VMLOAD/VMSAVE/STGI/CLGI/SKINIT/INVLPGA without nested,
+#              RDPRU, and VMMCALL with the quirk disabled on these hosts)
+#   "gp"    -- inject #GP (RDPMC of a counter KVM does not expose)
+#   "emul"  -- KVM's emulator fails here: KVM_EXIT_INTERNAL_ERROR, suberror 1
+INTERCEPT_ACTIONS = {
+    0x089: "skip", 0x076: "skip",
+    0x080: "ud", 0x082: "ud", 0x083: "ud", 0x084: "ud", 0x085: "ud", 0x086: "ud", 0x07A: "ud",
+    0x08E: "ud", 0x081: "ud",
+    0x06F: "gp",
+    0x08A: "emul", 0x08B: "emul", 0x08D: "emul", 0x07D: "emul", 0x073: "ud",
+}
+
+
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE, EFER_SVME, EFER_FFXSR = 1, 1 << 8, 1 << 10, 1 << 11, 1 << 12, 1 << 14
+
+
+def efer_write_allowed(table, old: int, new: int, cr0_pg: bool) -> bool:
+    """kvm_valid_efer + set_efer: each EFER bit needs its CPUID feature; LME cannot change
+    while paging is on; reserved bits are refused (-> #GP, or the INVAL user exit)."""
+    ext = table.lookup(0x80000001)
+    edx = ext.edx if ext else 0
+    ecx = ext.ecx if ext else 0
+    allowed = EFER_LMA
+    allowed |= EFER_SCE if edx & (1 << 11) else 0
+    allowed |= EFER_LME if edx & (1 << 29) else 0
+    allowed |= EFER_NXE if edx & (1 << 20) else 0
+    allowed |= EFER_SVME if ecx & (1 << 2) else 0
+    allowed |= EFER_FFXSR if edx & (1 << 25) else 0
+    if new & ~allowed:
+        return False
+    if cr0_pg and (old ^ new) & EFER_LME:
+        return False
+    return True
+
+
+def _decoder():
+    import iced_x86
+
+    return iced_x86
+
+
+
+class KvmExitHandling:
+    """KVM's handling of each #VMEXIT, mixed into :class:`~kvmharness.sim.vcpu.SimVcpu`.
+
+    Each handler first records the #VMEXIT the hardware would take (``self.svm.vmexit``,
+    only when KVM's VMCB intercepts it) and then does what the kvm_amd handler does:
+    resume the guest, inject an exception, or set ``self._exit`` for userspace.
+    """
+
+    def _handle_event(self):
+        intno, rip = self._event
+        self._event = None
+        if intno >= 0x100:
+            self._intercept(intno - 0x100, rip)
+        else:
+            self._exception(intno, rip)
+
+    def _intercept(self, code, rip):
+        core = self.core
+        svm = self.svm
+        if code == SVM_EXIT_CPUID:
+            eax = core.reg(X.UC_X86_REG_RAX) & 0xFFFFFFFF
+            ecx = core.reg(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+            a, b, c, d = cpuid_lookup(self.cpuid, eax, ecx)
+            svm.vmexit(code, 0, 0, rip, rip + 2)
+            for rid, v in ((X.UC_X86_REG_RAX, a), (X.UC_X86_REG_RBX, b), (X.UC_X86_REG_RCX, c),
+                           (X.UC_X86_REG_RDX, d)):
+                core.set_reg(rid, v)
+            core.set_reg(X.UC_X86_REG_RIP, rip + 2)
+            return
+        if code == SVM_EXIT_HLT:
+            if self.single_step:
+                svm.vmexit(code, 0, 0, rip, rip + 1, "Debug")
+                core.set_reg(X.UC_X86_REG_RIP, rip + 1)
+                self._exit = exits.Debug(exception=1, pc=rip + 1, dr6=0xFFFF4FF0, dr7=0x400)
+                return
+            svm.vmexit(code, 0, 0, rip, rip + 1, "Hlt")
+            core.set_reg(X.UC_X86_REG_RIP, rip + 1)  # kvm_emulate_halt skips the instruction
+            self._exit = exits.Hlt()
+            return
+        if code == SVM_EXIT_MSR:
+            self._msr(rip)
+            return
+        if code == SVM_EXIT_SHUTDOWN:  # the core escalated a fault to a triple fault itself
+            svm.vmexit(code, 0, 0, rip, 0, "Shutdown")
+            self._shutdown = True
+            self._exit = exits.Shutdown()
+            return
+        if SVM_EXIT_EXCP_BASE <= code < SVM_EXIT_EXCP_BASE + 32:
+            self._exception(code - SVM_EXIT_EXCP_BASE, rip)  # intercepted exception: KVM reflects it
+            return
+        if code < 0x40 or code == 0x065:
+            self._cr_dr(code, rip)
+            return
+        action = INTERCEPT_ACTIONS.get(code)
+        insn = self._insn(rip)
+        ilen = insn.len if insn is not None else 0
+        if action == "skip":
+            svm.vmexit(code, 0, 0, rip, rip + ilen)
+            core.set_reg(X.UC_X86_REG_RIP, rip + ilen)
+        elif action in ("ud", "gp"):
+            svm.vmexit(code, 0, 0, rip, rip + ilen)
+            self._inject_now(6 if action == "ud" else 13, 0 if action == "gp" else None)
+        elif action == "emul":
+            svm.vmexit(code, 0, 0, rip, rip + ilen, "InternalError")
+            self._exit = self._emulation_failure(rip)
+        else:
+            svm.vmexit(code, 0, 0, rip, rip + ilen, "InternalError")
+            self._exit = exits.InternalError(suberror=4, data=(code, 0))
+
+    def _msr(self, rip):
+        core = self.core
+        opcode = self._code_bytes(rip, 2)
+        write = opcode == b"\x0f\x30"
+        index = core.reg(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+        policy = self.vm.msr_policy
+        if write:
+            value = (core.reg(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32 | core.reg(X.UC_X86_REG_RAX) & 0xFFFFFFFF
+        else:
+            value = 0
+        reason = 0
+        if not policy.allowed(index, write):
+            reason = KVM_MSR_EXIT_REASON_FILTER
+        elif index == corem.MSR_EFER:
+            if not write:  # only reachable with a filter on EFER lifted again: read natively
+                v = core.msr_read_native(index)
+                self.svm.vmexit(SVM_EXIT_MSR, 0, 0, rip, rip + 2)
+                core.set_reg(X.UC_X86_REG_RAX, v & 0xFFFFFFFF)
+                core.set_reg(X.UC_X86_REG_RDX, v >> 32)
+                core.set_reg(X.UC_X86_REG_RIP, rip + 2)
+                return
+            old = core.msr_read_native(index)
+            # LMA is the CPU's to set: keep the current value of the bit
+            value = (value & ~EFER_LMA) | (old & EFER_LMA)
+            if efer_write_allowed(self.cpuid, old, value, bool(core.cr(0) >> 31 & 1)):
+                self.svm.vmexit(SVM_EXIT_MSR, 1, 0, rip, rip + 2)
+                core.msr_write_native(index, value)
+                core.set_reg(X.UC_X86_REG_RIP, rip + 2)
+                return
+            reason = KVM_MSR_EXIT_REASON_INVAL
+        elif self.msrs.known(index):
+            if not write:
+                v = self.msrs.read(index)
+                self.svm.vmexit(SVM_EXIT_MSR, 0, 0, rip, rip + 2)
+                core.set_reg(X.UC_X86_REG_RAX, v & 0xFFFFFFFF)
+                core.set_reg(X.UC_X86_REG_RDX, v >> 32)
+                core.set_reg(X.UC_X86_REG_RIP, rip + 2)
+                return
+            if self.msrs.write(index, value):
+                self.svm.vmexit(SVM_EXIT_MSR, 1, 0, rip, rip + 2)
+                core.set_reg(X.UC_X86_REG_RIP, rip + 2)
+                return
+            reason = KVM_MSR_EXIT_REASON_INVAL
+        else:
+            reason = KVM_MSR_EXIT_REASON_UNKNOWN
+        if policy.user_exit(reason):
+            kind = "MsrWrite" if write else "MsrRead"
+            self.svm.vmexit(SVM_EXIT_MSR, int(write), 0, rip, rip + 2, kind)
+            self._exit = (exits.MsrWrite(index, value, reason) if write else exits.MsrRead(index, reason))
+            self._pending = ("wrmsr" if write else "rdmsr", rip, rip + 2, None)
+            return
+        self.svm.vmexit(SVM_EXIT_MSR, int(write), 0, rip, rip + 2)
+        self._inject_now(13, 0)
+
+    def _cr_dr(self, code, rip):
+        """MOV to/from CRn/DRn (and LMSW/CLTS): emulated in the kernel, as KVM's cr_interception."""
+        ix = _decoder()
+        insn = self._insn(rip)
+        core = self.core
+        if insn is None:
+            self._exit = self._emulation_failure(rip)
+            return
+        mn = insn.mnemonic
+        info1 = 0
+        old_cr0 = core.cr(0)
+        if mn == ix.Mnemonic.MOV:
+            dst, src = insn.op0_register, insn.op1_register
+            reg_name = _reg_name(ix, src if code >= 0x10 and code < 0x20 or 0x30 <= code < 0x40 else dst)
+            gpr = getattr(X, f"UC_X86_REG_{reg_name}")
+            info1 = (1 << 63) | _GPR_NUM.get(reg_name, 0)
+            if code == 0x02:
+                core.set_reg(gpr, self.svm.vmcb.save.cr2)
+            elif code == 0x12:
+                self.svm.vmcb.save.cr2 = core.reg(gpr)
+            elif code < 0x10:
+                core.set_reg(gpr, core.cr(code))
+            elif code < 0x20 or code == 0x65:
+                n = code - 0x10 if code != 0x65 else 0
+                core.set_cr(n, core.reg(gpr))
+            elif code < 0x30:
+                core.set_reg(gpr, core.dr(code - 0x20))
+            else:
+                core.set_dr(code - 0x30, core.reg(gpr))
+        elif mn == ix.Mnemonic.CLTS:
+            core.set_cr(0, core.cr(0) & ~8)
+        elif mn == ix.Mnemonic.LMSW:
+            self._exit = self._emulation_failure(rip)
+            return
+        else:
+            self._exit = self._emulation_failure(rip)
+            return
+        seen = self._cr_dr_exit_code(code, old_cr0)
+        if seen is not None:
+            self.svm.vmexit(seen, info1, 0, rip, rip + insn.len)
+        if code == 0x10 or mn == ix.Mnemonic.CLTS:
+            self.svm.update_cr0_intercepts(core.cr(0))
+        core.set_reg(X.UC_X86_REG_RIP, rip + insn.len)
+
+    def _cr_dr_exit_code(self, code, old_cr0):
+        """Which #VMEXIT the hardware would have taken with KVM's VMCB as it stands, if any.
+
+        CR2 and the CR0-write intercept are the engine's own (core.sync_svm_pages); DR
+        accesses exit once, then KVM stops intercepting them (dr_interception clears the
+        DR intercepts when the host does not debug the guest).
+        """
+        svm = self.svm
+        if code in (0x02, 0x12):
+            return None
+        if code == 0x10:
+            if svm.intercepted(0x10):
+                return 0x10
+            changed = old_cr0 ^ self.core.cr(0)
+            if svm.intercepted(0x65) and changed & ~0xA:  # bits other than TS (3) / MP (1)
+                return 0x65
+            return None
+        if 0x20 <= code < 0x40:
+            if not svm.intercepted(code):
+                return None
+            svm.vmcb.control.intercept_dr = 0
+            return code
+        return code if svm.intercepted(code) else None
+
+    def _exception(self, vector, rip):
+        core = self.core
+        core.reset_exception_state()  # the model delivers it: nothing stays "in flight"
+        if vector >= 32 or self._is_soft_int(vector, rip):
+            # int n / int3 / int1 at CPL0: the hosts' KVM fails to emulate them (dev-kvm §0)
+            start = rip - (1 if vector in (1, 3) and self._code_bytes(rip - 1, 1) in (b"\xcc", b"\xf1") else 2)
+            core.set_reg(X.UC_X86_REG_RIP, start)
+            self._exit = self._emulation_failure(start)
+            return
+        error = None
+        if vector == 14:
+            # unicorn does not expose the fault address of a guest-mode #PF (CR2 reads back
+            # UNTIL-1), so the model finds it as the MMU would: the first byte of the
+            # instruction fetch or of a memory operand that does not translate.
+            cr2, err = self._fault_address(rip)
+            self.svm.vmcb.save.cr2 = cr2
+            self._pf_error = err
+        if vector in EXC_WITH_ERROR_CODE:
+            error = self._error_code(vector, rip)
+        if self.svm.intercepted(SVM_EXIT_EXCP_BASE + vector):
+            info2 = core.cr(2) if vector == 14 else 0
+            # KVM reflects #UD (after failing to emulate), #AC and #MC back into the guest
+            self.svm.vmexit(SVM_EXIT_EXCP_BASE + vector, error or 0, info2, rip, 0)
+        self._inject_now(vector, error, rip)
+
+    def _inject_now(self, vector, error, rip=None):
+        """Deliver an exception now (EVENTINJ at the next VMRUN, done by the model)."""
+        core = self.core
+        rip = core.rip() if rip is None else rip
+        for _ in range(3):
+            try:
+                self._deliver(vector, error, rip)
+                return
+            except DeliveryFault:
+                if vector == VEC_DF:
+                    break
+                vector, error = VEC_DF, 0
+        self.svm.vmexit(SVM_EXIT_SHUTDOWN, 0, 0, rip, 0, "Shutdown")
+        # KVM sets RFLAGS.RF when it queues a fault-class exception (x86.c kvm_deliver_exception)
+        core.set_reg(X.UC_X86_REG_RFLAGS, core.reg(X.UC_X86_REG_RFLAGS) | (1 << 16))
+        self._shutdown = True
+        self._exit = exits.Shutdown()
+
+    def _deliver(self, vector, error, rip):
+        core = self.core
+        efer = core.msr_read_native(corem.MSR_EFER)
+        if efer & EFER_LMA:
+            deliver_long(core, vector, error, rip)
+            return
+        if core.cr(0) & CR0_PE:
+            raise DeliveryFault(VEC_DF)  # 32-bit protected-mode IDT: not modelled
+        self._sync_save_area()
+        s = self.svm.vmcb.save
+        cs, ip = deliver_real(core, vector, rip, s.cs.selector, s.ss.selector, s.ss.base)
+        self._sync_save_area()
+        s.cs.selector, s.cs.base = cs, cs << 4
+        s.rip = ip
+        self._reenter_from_vmcb()
+
+    def _error_code(self, vector, rip):
+        if vector != 14:
+            return 0
+        return self._pf_error
+
+    _pf_error = 0
+
+    def _fault_address(self, rip):
+        """(faulting linear address, #PF error code) of the instruction at ``rip``."""
+        core = self.core
+        ix = _decoder()
+        lin = self._linear(rip)
+        nxe = core.msr_read_native(corem.MSR_EFER) & (1 << 11)
+        for off in (0, 15):  # instruction fetch, including a fetch that crosses into the next page
+            a = lin + off if off == 0 else (lin + off) & ~0xFFF
+            if a >= lin and corem.translate(core, a)[0] is None:
+                return a, (0x10 if nxe else 0)
+        insn = self._insn(rip)
+        if insn is None:
+            return lin, 0
+        writes = (ix.OpAccess.WRITE, ix.OpAccess.READ_WRITE, ix.OpAccess.COND_WRITE,
+                  ix.OpAccess.READ_COND_WRITE)
+        for m in ix.InstructionInfoFactory().info(insn).used_memory():
+            write = m.access in writes
+            addr = self._effective_address(ix, m, insn)
+            if addr is None:
+                continue
+            size = max(1, ix.MemorySizeExt.size(m.memory_size))
+            for a in (addr, (addr + size - 1) & ~0xFFF):
+                if a < addr:
+                    continue
+                gpa, err = corem.translate(core, a, write=write)
+                if gpa is None:
+                    return a, err
+        return lin, 0
+
+    def _effective_address(self, ix, m, insn):
+        core = self.core
+        R = ix.Register
+
+        def val(reg):
+            if reg == R.NONE:
+                return 0
+            name = _reg_name(ix, reg)
+            if name in ("RIP", "EIP"):
+                return insn.next_ip
+            return core.reg(getattr(X, f"UC_X86_REG_{name}"))
+
+        if m.base in (R.RIP, R.EIP):
+            addr = m.displacement
+        else:
+            addr = val(m.base) + val(m.index) * m.scale + m.displacement
+        if m.segment == R.FS:
+            addr += core.reg(X.UC_X86_REG_FS_BASE)
+        elif m.segment == R.GS:
+            addr += core.reg(X.UC_X86_REG_GS_BASE)
+        return addr & _M64
+
+    def _is_soft_int(self, vector, rip):
+        b2 = self._code_bytes(rip - 2, 2)
+        if b2 == bytes((0xCD, vector)):
+            return True
+        return vector in (1, 3) and self._code_bytes(rip - 1, 1) in (b"\xcc", b"\xf1")
+
+    def _emulation_failure(self, rip):
+        """KVM_INTERNAL_ERROR_EMULATION laid out as prepare_emulation_failure_exit does:
+        data[0] flags (1: instruction bytes present), data[1..2] insn_size + 15 bytes
+        (0x90-padded), data[3..7] the exit info of the last #VMEXIT."""
+        insn = self._insn(rip)
+        code = self._code_bytes(rip, 15)
+        size = insn.len if insn is not None else len(code)
+        raw = bytes([size]) + code[:size].ljust(15, b"\x90")
+        c = self.svm.vmcb.control
+        return exits.InternalError(suberror=1, data=(
+            1 if size else 0, int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"),
+            c.exit_code, c.exit_info_1, c.exit_info_2, c.exit_int_info, c.exit_int_info_err))
+
+    def _core_error(self, err):
+        if err == corem.UC_ERR_FETCH_UNMAPPED:
+            return self._emulation_failure(self.core.rip())
+        return exits.InternalError(suberror=1, data=(err, self.core.rip()))
+
+    # -- instruction bytes --------------------------------------------------------
+    def _linear(self, rip):
+        sel_base = 0
+        if not self.core.cr(0) & CR0_PE:
+            sel_base = self.core.selector("cs") << 4
+        return sel_base + rip
+
+    def _code_bytes(self, rip, n):
+        return self._lin_bytes(self._linear(rip), n)
+
+    def _lin_bytes(self, lin, n):
+        out = b""
+        try:
+            while len(out) < n:
+                gpa, _ = corem.translate(self.core, lin + len(out))
+                if gpa is None:
+                    break
+                take = min(n - len(out), 0x1000 - ((lin + len(out)) & 0xFFF))
+                out += self.core.read_phys(gpa, take)
+        except unicorn.UcError:
+            pass
+        return out
+
+    def _bitness(self):
+        if self.core.msr_read_native(corem.MSR_EFER) & EFER_LMA:
+            return 64
+        return 32 if self.core.cr(0) & CR0_PE else 16
+
+    def _insn(self, rip):
+        ix = _decoder()
+        data = self._code_bytes(rip, 15)
+        if not data:
+            return None
+        insn = ix.Decoder(self._bitness(), data, ip=rip).decode()
+        return None if insn.code == ix.Code.INVALID else insn
+
+    def _io_insn(self, rip):
+        key = rip  # cleared when the guest's mode or code may have changed (re-entry, flush)
+        hit = self._insn_cache.get(key)
+        if hit is None:
+            insn = self._insn(rip)
+            bits = self._bitness()
+            if insn is None:
+                hit = (1, False, False, bits)
+            else:
+                string = insn.is_string_instruction
+                rep = insn.has_rep_prefix or insn.has_repe_prefix
+                asz = {16: 16, 32: 32, 64: 64}[bits]
+                raw = self._code_bytes(rip, insn.len)
+                if 0x67 in raw[: insn.len - 1]:
+                    asz = {16: 32, 32: 16, 64: 32}[bits]
+                hit = (insn.len, string, rep, asz)
+            if len(self._insn_cache) > 4096:
+                self._insn_cache.clear()
+            self._insn_cache[key] = hit
+        return hit
+
+_GPR_NUM = {n: i for i, n in enumerate(("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
+                                        "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"))}
+_GPR_NUM.update({"E" + n[1:]: i for n, i in list(_GPR_NUM.items()) if n.startswith("R") and n[1:] in
+                 ("AX", "CX", "DX", "BX", "SP", "BP", "SI", "DI")})
+
+
+def _reg_name(ix, reg) -> str:
+    names = {v: k for k, v in vars(ix.Register).items() if k.isupper()}
+    return names[reg]
+
+

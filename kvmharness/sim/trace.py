@@ -1,0 +1,79 @@
+"""The hardware-level exit trace: one record per simulated #VMEXIT.
+
+A record says what the SVM hardware reported (exit code and name, EXITINFO1/2,
+the guest RIP and nRIP) and what KVM did with it (``handled``: ``"kernel"`` when
+KVM resumed the guest itself, else the userspace exit it produced).  The kvm
+backend fills the same shape from the ``kvm_exit`` tracepoint, so a trace means
+the same on both backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+
+@dataclass(slots=True)
+class HwExit:
+    seq: int
+    exit_code: int
+    exit_info_1: int
+    exit_info_2: int
+    rip: int
+    next_rip: int
+    handled: str = "kernel"
+
+    @property
+    def name(self) -> str:
+        from .svm import exit_name  # svm imports this module
+
+        return exit_name(self.exit_code)
+
+    def to_dict(self) -> dict:
+        return {"seq": self.seq, "exit_code": self.exit_code, "name": self.name,
+                "exit_info_1": self.exit_info_1, "exit_info_2": self.exit_info_2,
+                "rip": self.rip, "next_rip": self.next_rip, "handled": self.handled}
+
+    def __str__(self):
+        return (f"#{self.seq} {self.name}({self.exit_code:#x}) info1={self.exit_info_1:#x} "
+                f"info2={self.exit_info_2:#x} rip={self.rip:#x} -> {self.handled}")
+
+
+class HwTrace:
+    """The :class:`HwExit` records of one vCPU (a sequence), bounded to ``limit`` entries.
+
+    Records are kept as tuples and turned into :class:`HwExit` when read: recording
+    is on the path of every exit.
+    """
+
+    def __init__(self, limit: int = 100_000):
+        self._rows = []
+        self.limit = limit
+        self.total = 0
+
+    def record(self, code, info1, info2, rip, next_rip, handled="kernel") -> None:
+        self.total += 1
+        rows = self._rows
+        if len(rows) >= self.limit:
+            del rows[: self.limit // 2]  # keep the recent half: the tail is what explains a failure
+        rows.append((self.total, code, info1, info2, rip, next_rip, handled))
+
+    def record_overflow(self) -> None:
+        del self._rows[: self.limit // 2]  # keep the recent half: the tail explains a failure
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [HwExit(*r) for r in self._rows[i]]
+        return HwExit(*self._rows[i])
+
+    def __iter__(self):
+        return (HwExit(*r) for r in self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def __repr__(self):
+        return f"HwTrace({len(self._rows)} records, {self.total} total)"

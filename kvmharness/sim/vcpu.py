@@ -1,0 +1,672 @@
+"""A simulated vCPU: KVM_RUN over the SVM model over the unicorn core.
+
+``run()`` enters the guest (VMRUN from the VMCB on first run or after a state
+change), lets it run until the core stops, and turns what stopped it into the
+SVM #VMEXIT (recorded in the VMCB and ``hw_trace``) and then into what KVM
+would do: resume the guest in the kernel (CPUID, in-kernel MSRs, CR/DR moves,
+exceptions it reflects) or return the userspace exit.
+
+Userspace-visible timing follows KVM: during an MMIO or MSR exit the guest RIP
+is the instruction's (``get_regs`` shows it) and the instruction completes on
+the next ``run()`` (``complete_emulated_*``); during an IO exit RIP is already
+past the IN/OUT, as the hosts' KVM shows it.  If userspace moves RIP before the
+next run, the pending completion is dropped, as KVM does.
+
+A ``kick()`` makes the current or next ``run()`` raise ``InterruptedError``
+(errno EINTR), the way KVM_RUN returns -EINTR when a signal is pending.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+import threading
+
+import unicorn
+from unicorn import x86_const as X
+
+from .. import exits
+from ..backend import Vcpu
+from ..errors import SimulatorError
+from ..x86 import CpuidTable, DTable, Regs, Segment, Sregs
+from . import core as corem
+from . import kvmlayer as K
+from .events import DeliveryFault, read_linear, write_linear
+from .svm import PASSTHROUGH_MSRS, SVM_EXIT_IOIO, SVM_EXIT_NPF, Svm, ioio_exit_info1
+
+_M64 = 2**64 - 1
+_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+_stop = corem._lib.uc_emu_stop
+_reg_read = corem._lib.uc_reg_read
+_RIP = X.UC_X86_REG_RIP
+_CR0 = X.UC_X86_REG_CR0
+_SITES = corem.PRECISION == "sites"
+_IO_MNEMONICS = []
+EFER_LMA = 1 << 10
+CR0_PE = 1
+
+
+def _io_mnemonics(ix):
+    if not _IO_MNEMONICS:
+        M = ix.Mnemonic
+        _IO_MNEMONICS.append(frozenset((M.IN, M.OUT, M.INSB, M.INSW, M.INSD, M.OUTSB, M.OUTSW,
+                                        M.OUTSD)))
+    return _IO_MNEMONICS[0]
+
+
+class SimVcpu(K.KvmExitHandling, Vcpu):
+    """One vCPU: its SVM state (``svm``: VMCB, ASID, IOPM/MSRPM, trace), KVM's per-vCPU
+    state (CPUID table, in-kernel MSRs) and the core running it."""
+
+    def __init__(self, vm, vcpu_id: int, asid: int):
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.svm = Svm(asid)
+        self.cpuid = CpuidTable()
+        self.msrs = K.KvmMsrs()
+        self.single_step = False
+        self._shadow = dict(rbx=0, rcx=0, rdx=0x600, rsi=0, rdi=0, rbp=0, r8=0, r9=0, r10=0,
+                            r11=0, r12=0, r13=0, r14=0, r15=0)
+        self._cr8 = 0
+        self._apic_base = 0xFEE00900
+        self._need_entry = True
+        self._pending = None   # completion owed to the guest: (kind, insn_rip, next_rip, extra)
+        self._completion = None
+        self._exit = None
+        self._event = None
+        self._replay = None
+        self._shutdown = False
+        self._kicked = False
+        self._running = False
+        self._insn_cache = {}
+        self._ioio_cache = {}
+        self._out_exits = {}
+        self._resume = None  # where the guest continues when known without reading RIP
+        self._new_sites = []
+        self._new_blocks = []
+        self._vetted = set()
+        self._precise_retry = False
+        self._closed = False
+        self.core = corem.Core(vm._map_list, self.svm, self)
+        self.set_sregs(_reset_sregs())
+        self.set_regs(Regs(rip=0xFFF0, rflags=2, rdx=0x600))
+
+    # -- inspection -----------------------------------------------------------
+    @property
+    def vmcb(self):
+        """The VMCB as the hardware left it at the last #VMEXIT.
+
+        The save area is written lazily, on the first access after the guest ran (the
+        hardware writes it at every #VMEXIT; nobody can tell the difference).  Edits to
+        the save area take effect after :meth:`load_vmcb_state`, as at a VMRUN.
+        """
+        if not self._need_entry and self._save_stale:
+            self._sync_save_area()
+        return self.svm.vmcb
+
+    def load_vmcb_state(self) -> None:
+        """Make the next ``run()`` VMRUN from the VMCB save area (e.g. after a host edited it)."""
+        if self._save_stale and not self._need_entry:
+            self._sync_save_area()
+        self._reenter_from_vmcb()
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Deliver an exception to the guest before it runs again (KVM_SET_VCPU_EVENTS'
+        role; the SEV-ES model uses it for #VC).  A delivery that faults escalates to #DF,
+        then to a triple fault (the next run() returns Shutdown)."""
+        if self._need_entry:
+            self._need_entry = False
+            self._insn_cache.clear()
+            self._ioio_cache.clear()
+            self._resume = None
+            self.core.enter(self._shadow, None)
+        self._inject_now(vector, error_code)
+
+    @property
+    def hw_trace(self):
+        return self.svm.trace
+
+    # -- KVM_RUN ---------------------------------------------------------------
+    def run(self):
+        if self._closed:
+            raise ValueError("vCPU is closed")
+        if self._kicked:
+            self._kicked = False
+            raise InterruptedError(errno.EINTR, "KVM_RUN interrupted by kick()")
+        if self._shutdown:
+            return exits.Shutdown()
+        p = self._pending
+        if p is not None:
+            if p[0] == "out" and self._completion is None and not self._rip_moved:
+                self._pending = None  # OUT is complete in the core already (fast path)
+            else:
+                self._apply_completion()
+        core = self.core
+        self._running = True
+        self._save_stale = True
+        try:
+            while True:
+                self._exit = self._event = None
+                retrying = False
+                if self._need_entry:
+                    self._need_entry = False
+                    self._insn_cache.clear()
+                    self._ioio_cache.clear()
+                    self._vetted.clear()
+                    self._resume = None
+                    err = core.enter(self._shadow, None)
+                    if err == corem.UC_ERR_OK:
+                        continue  # entered: run from the guest's first instruction below
+                elif self._replay is not None:
+                    err = self._run_replay()
+                else:
+                    resume, self._resume = self._resume, None
+                    rip = core.rip() if resume is None else resume
+                    retrying, self._precise_retry = self._precise_retry, False
+                    if self.single_step or retrying:
+                        count = 1
+                    else:
+                        count = corem.RUN_COUNT
+                        if _SITES:
+                            _reg_read(core.uch, _CR0, core._bufp)
+                            lin = rip if core._buf.value & 1 else self._linear(rip)
+                            if lin not in self._vetted:
+                                self._vet(lin)
+                    err = core.start(rip, count) if count != 1 else core.start_counted(rip, 1)
+                if self._new_sites:
+                    self._hook_new_sites()
+                    if self._exit is None and self._event is None:
+                        continue
+                if core.hook_error is not None or core.uc._hook_exception is not None:
+                    hook_error = core.take_hook_error()
+                    raise SimulatorError(f"simulator hook failed: {hook_error!r}") from hook_error
+                if self._event is not None:
+                    if not retrying and self._fault_needs_precise_retry(self._event[0]):
+                        continue
+                    self._handle_event()
+                if self._exit is not None:
+                    return self._exit
+                if err != corem.UC_ERR_OK:
+                    return self._core_error(err)
+                if self._kicked:
+                    self._kicked = False
+                    raise InterruptedError(errno.EINTR, "KVM_RUN interrupted by kick()")
+                if self.single_step and self._event is None and not self._need_entry:
+                    rip = core.rip()
+                    return exits.Debug(exception=1, pc=rip, dr6=0xFFFF4FF0, dr7=0x400)
+        finally:
+            self._running = False
+
+    def complete(self, value=0, *, error: bool = False) -> None:
+        if self._pending is None:
+            raise ValueError("complete(): the last exit does not wait for data")
+        self._completion = (value, error)
+
+    def kick(self) -> None:
+        self._kicked = True
+        self.core.stop()
+
+        def again():
+            if self._running and self._kicked:
+                self.core.stop()
+
+        for delay in (0.005, 0.05):
+            t = threading.Timer(delay, again)
+            t.daemon = True
+            t.start()
+
+    # -- hooks (called by the core while the guest runs) ------------------------
+    def on_out(self, _uc, port, size, value, _ud):
+        """IN/OUT hooks take unicorn's raw callback arguments: this is the hot path.
+        (A raw ctypes callback cannot raise: errors are kept and re-raised by run().)"""
+        try:
+            self._on_out(port, size, value)
+        except BaseException as e:  # noqa: BLE001 - re-raised by run()
+            self.core.hook_failed(e)
+
+    def _on_out(self, port, size, value):
+        core = self.core
+        _reg_read(core.uch, _RIP, core._bufp)
+        rip = core._buf.value
+        key = (rip, port, size, False)
+        hit = self._ioio_cache.get(key)
+        if hit is None:
+            hit = self._ioio_cache[key] = self._ioio_decode(rip, port, size, False)
+        info1, next_rip, string = hit
+        self.svm.vmexit(SVM_EXIT_IOIO, info1, next_rip, rip, next_rip, "IoOut")
+        value &= _MASK[size]
+        ekey = (port, size, value)
+        e = self._out_exits.get(ekey)  # exit values are immutable: reuse them (frozen init is slow)
+        if e is None:
+            if len(self._out_exits) > 1024:
+                self._out_exits.clear()
+            e = self._out_exits[ekey] = exits.IoOut(port, size, 1, value.to_bytes(size, "little"))
+        self._exit = e
+        self._pending = ("out", rip, next_rip, None)
+        # a REP OUTS stops after one element with RIP still on it (one exit per element)
+        self._resume = None if string else next_rip
+        _stop(core.uch)
+
+    def _ioio_decode(self, rip, port, size, is_in):
+        ilen, string, rep, asz = self._io_insn(rip)
+        info1 = ioio_exit_info1(port, size, is_in, string=string, rep=rep, addr_size=asz)
+        if len(self._ioio_cache) > 4096:
+            self._ioio_cache.clear()
+        return info1, rip + ilen, string
+
+    def on_in(self, _uc, port, size, _ud):
+        try:
+            return self._on_in(port, size)
+        except BaseException as e:  # noqa: BLE001 - re-raised by run()
+            self.core.hook_failed(e)
+            return 0
+
+    def _on_in(self, port, size):
+        core = self.core
+        rip = core.rip()
+        key = (rip, port, size, True)
+        hit = self._ioio_cache.get(key)
+        if hit is None:
+            hit = self._ioio_cache[key] = self._ioio_decode(rip, port, size, True)
+        info1, next_rip, string = hit
+        count, extra = 1, None
+        if string:
+            rep = bool(info1 & 8)
+            rcx = core.reg(X.UC_X86_REG_RCX)
+            rdi = core.reg(X.UC_X86_REG_RDI)
+            if rep:
+                # KVM's emulator: one exit for as many elements as fit in the page (dev-kvm §0)
+                count = max(1, min(rcx, (0x1000 - (rdi & 0xFFF)) // size, 0x1000 // size))
+            extra = (rcx, rdi, count, rep)
+        self.svm.vmexit(SVM_EXIT_IOIO, info1, next_rip, rip, next_rip, "IoIn")
+        self._exit = exits.IoIn(port, size, count)
+        self._pending = ("in", rip, next_rip, (size, extra))
+        self._resume = None if string else next_rip
+        _stop(core.uch)
+        return 0
+
+    def on_new_block(self, pc, size):
+        """A block was just translated (not yet run): if it holds IN/OUTs not yet hooked,
+        stop before it runs; the run loop hooks them and drops the block, which is then
+        translated again with the hooks in place."""
+        found = self._scan_io(pc, pc + size)
+        if found:
+            self._new_sites.extend(found)
+            self._new_blocks.append((pc, pc + size))
+            _stop(self.core.uch)
+
+    def _scan_io(self, start, end, *, until_branch=False):
+        ix = K._decoder()
+        data = self._lin_bytes(start, max(1, end - start))
+        found = []
+        known = self.core.io_sites
+        for insn in ix.Decoder(self._bitness(), data, ip=start):
+            if insn.code == ix.Code.INVALID or insn.ip + insn.len > start + len(data):
+                break
+            if insn.mnemonic in _io_mnemonics(ix) and insn.ip not in known:
+                found.append((insn.ip, insn.next_ip))
+            if until_branch and insn.flow_control != ix.FlowControl.NEXT:
+                break
+        return found
+
+    def _vet(self, lin):
+        """Before running from ``lin``: hook the IN/OUTs of the straight-line code there
+        (the first block of a run is translated without a new-block event)."""
+        self._vetted.add(lin)
+        found = self._scan_io(lin, (lin | 0xFFF) + 1, until_branch=True)
+        if found:
+            for site, end in found:
+                self.core.add_io_site(site, end)
+            self.core.uc.ctl_remove_cache(lin, found[-1][1] + 1)  # blocks made before the hooks
+
+    def code_changed(self) -> None:
+        """The host rewrote guest code: decoded instructions and scanned starts are stale."""
+        self._insn_cache.clear()
+        self._ioio_cache.clear()
+        self._vetted.clear()
+
+    def _hook_new_sites(self):
+        for site, end in self._new_sites:
+            self.core.add_io_site(site, end)
+        for start, end in self._new_blocks:
+            self.core.uc.ctl_remove_cache(start, end)
+        self._new_sites.clear()
+        self._new_blocks.clear()
+
+    def on_intr(self, intno):
+        self._event = (intno, self.core.rip())
+        self.core.stop()
+
+    def _fault_needs_precise_retry(self, intno):
+        """Without an instruction count, unicorn raises a guest fault twice before the INTR
+        hook sees it (so a #PF arrives as #DF, measured).  Faults are restartable: forget
+        what was reported, reset QEMU's escalation state and re-execute the instruction
+        under a count of 1, which reports the fault exactly."""
+        if not _SITES or self.single_step:
+            return False
+        if intno < 32 or intno == 0x100 + 0x7F:
+            self.core.reset_exception_state()
+            self._precise_retry = True
+            return True
+        return False
+
+    def on_invalid(self):
+        self._event = (6, self.core.rip())
+        self.core.stop()
+        return True
+
+    def on_unmapped(self, access, addr, size, value):
+        if access == unicorn.UC_MEM_FETCH_UNMAPPED:
+            return False
+        rip = self.core.rip()
+        write = access in (unicorn.UC_MEM_WRITE_UNMAPPED, unicorn.UC_MEM_WRITE_PROT)
+        gpa = addr
+        # NPF EXITINFO1: #PF-style error code (P=0 unbacked, W, bit 32 = final GPA); EXITINFO2: GPA
+        info1 = (1 << 32) | (2 if write else 0) | (1 if access == unicorn.UC_MEM_WRITE_PROT else 0)
+        if write:
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self.svm.vmexit(SVM_EXIT_NPF, info1, gpa, rip, 0, "MmioWrite")
+            self._exit = exits.MmioWrite(gpa, size, data)
+        else:
+            self.svm.vmexit(SVM_EXIT_NPF, info1, gpa, rip, 0, "MmioRead")
+            self._exit = exits.MmioRead(gpa, size)
+        self._pending = ("mmio_w" if write else "mmio_r", rip, rip, (gpa, size, access))
+        return False
+
+    # -- completion of the previous exit (KVM's complete_userspace_io) -----------
+    def _apply_completion(self):
+        pending, self._pending = self._pending, None
+        value, error = self._completion or (0, False)
+        self._completion = None
+        if pending is None:
+            return
+        kind, insn_rip, next_rip, extra = pending
+        core = self.core
+        if kind in ("out", "in"):
+            if self._rip_moved:
+                self._rip_moved = False
+                return
+            if kind == "in":
+                size, string = extra
+                if string is None:
+                    _write_acc(core, size, value)
+                else:
+                    self._complete_ins(size, string, value, insn_rip, next_rip)
+            return
+        if self._rip_moved:
+            self._rip_moved = False
+            return
+        if kind in ("mmio_r", "mmio_w"):
+            gpa, size, access = extra
+            data = value if isinstance(value, (bytes, bytearray)) else \
+                (int(value) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self._replay = (gpa, data if kind == "mmio_r" else b"", access)
+            return
+        if kind == "rdmsr":
+            if error:
+                self._inject_now(13, 0)
+                return
+            v = int(value) & _M64
+            core.set_reg(X.UC_X86_REG_RAX, v & 0xFFFFFFFF)
+            core.set_reg(X.UC_X86_REG_RDX, v >> 32)
+            core.set_reg(X.UC_X86_REG_RIP, next_rip)
+        elif kind == "wrmsr":
+            if error:
+                self._inject_now(13, 0)
+                return
+            core.set_reg(X.UC_X86_REG_RIP, next_rip)
+
+    _rip_moved = False
+    _save_stale = True
+
+    def _complete_ins(self, size, string, value, insn_rip, next_rip):
+        rcx0, rdi0, count, rep = string
+        core = self.core
+        data = value if isinstance(value, (bytes, bytearray)) else \
+            (int(value) & ((1 << (8 * size * count)) - 1)).to_bytes(size * count, "little")
+        down = core.reg(X.UC_X86_REG_RFLAGS) & (1 << 10)
+        if down:
+            write_linear(core, rdi0 - size * (count - 1), bytes(data[: size * count]))
+            core.set_reg(X.UC_X86_REG_RDI, rdi0 - size * count)
+        else:
+            write_linear(core, rdi0, bytes(data[: size * count]))
+            core.set_reg(X.UC_X86_REG_RDI, rdi0 + size * count)
+        if rep:
+            left = rcx0 - count
+            core.set_reg(X.UC_X86_REG_RCX, left)
+            core.set_reg(X.UC_X86_REG_RIP, next_rip if left == 0 else insn_rip)
+        else:
+            core.set_reg(X.UC_X86_REG_RIP, next_rip)
+
+    def _run_replay(self):
+        """Re-execute the MMIO instruction against a scratch page holding userspace's data."""
+        gpa, data, access = self._replay
+        self._replay = None
+        core = self.core
+        page = gpa & ~0xFFF
+        scratch = bytearray(0x1000 + 8)
+        off = gpa - page
+        scratch[off:off + len(data)] = data
+        buf = (ctypes.c_char * len(scratch)).from_buffer(scratch)
+        readonly_region = access == unicorn.UC_MEM_WRITE_PROT
+        if readonly_region:
+            core.uc.mem_protect(page, 0x1000, unicorn.UC_PROT_ALL)
+            saved = core.read_phys(page, 0x1000)
+        else:
+            core.uc.mem_map_ptr(page, 0x1000, unicorn.UC_PROT_ALL, ctypes.addressof(buf))
+        try:
+            return core.start_counted(core.rip(), 1)
+        finally:
+            if readonly_region:
+                core.write_phys(page, saved)
+                core.uc.mem_protect(page, 0x1000, unicorn.UC_PROT_READ | unicorn.UC_PROT_EXEC)
+            else:
+                core.unmap(page, 0x1000)
+            del buf
+
+    # -- state --------------------------------------------------------------------
+    def get_regs(self) -> Regs:
+        if self._need_entry:
+            s = self.svm.vmcb.save
+            return Regs(rax=s.rax, rsp=s.rsp, rip=s.rip, rflags=s.rflags,
+                        **{k: v for k, v in self._shadow.items()})
+        vals = self.core.gprs()
+        regs = Regs(*vals)
+        if self._pending is not None and not self._rip_moved and self._pending[0] not in ("out", "in"):
+            regs.rip = self._pending[1]
+        return regs
+
+    def set_regs(self, regs: Regs) -> None:
+        self._resume = None
+        self._save_stale = True
+        if self._need_entry:
+            s = self.svm.vmcb.save
+            s.rax, s.rsp, s.rip, s.rflags = regs.rax, regs.rsp, regs.rip, regs.rflags | 2
+            for k in self._shadow:
+                self._shadow[k] = getattr(regs, k) & _M64
+            return
+        if self._pending is not None:
+            # the hosts' KVM reports RIP past IN/OUT at an IO exit (measured by the contract
+            # suite); MSR and MMIO exits keep RIP at the instruction until completed
+            shown = self.core.rip() if self._pending[0] in ("out", "in") else self._pending[1]
+            if regs.rip != shown:
+                self._rip_moved = True
+        values = [getattr(regs, n) for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                                             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")]
+        if self._pending is not None and not self._rip_moved and self._pending[0] not in ("out", "in"):
+            values.append(self.core.rip())
+        else:
+            values.append(regs.rip)
+        values.append(regs.rflags | 2)
+        self.core.set_gprs(values)
+
+    def get_sregs(self) -> Sregs:
+        if not self._need_entry:
+            self._sync_save_area()
+        s = self.svm.vmcb.save
+        segs = {n: getattr(s, n).to_segment() for n in ("cs", "ds", "es", "fs", "gs", "ss")}
+        return Sregs(tr=s.tr.to_segment(), ldt=s.ldtr.to_segment(),
+                     gdt=DTable(s.gdtr.base, s.gdtr.limit), idt=DTable(s.idtr.base, s.idtr.limit),
+                     cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, cr8=self._cr8, efer=s.efer,
+                     apic_base=self._apic_base, **segs)
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        """KVM_SET_SREGS: the state goes into the VMCB save area; the next run() VMRUNs from it."""
+        if not self._need_entry:
+            self._sync_save_area()
+        s = self.svm.vmcb.save
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            getattr(s, name).load(getattr(sregs, name))
+        s.tr.load(sregs.tr)
+        s.ldtr.load(sregs.ldt)
+        s.gdtr.base, s.gdtr.limit = sregs.gdt.base, sregs.gdt.limit
+        s.idtr.base, s.idtr.limit = sregs.idt.base, sregs.idt.limit
+        s.cr0, s.cr2, s.cr3, s.cr4, s.efer = sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer
+        self.svm.update_cr0_intercepts(sregs.cr0)
+        s.cpl = sregs.cs.dpl if sregs.cr0 & CR0_PE else 0
+        self._cr8 = sregs.cr8
+        self._apic_base = sregs.apic_base
+        self._reenter_from_vmcb()
+
+    def _reenter_from_vmcb(self):
+        if not self._need_entry:
+            vals = self.core.gprs()
+            names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+                     "r12", "r13", "r14", "r15")
+            for n, v in zip(names, vals):
+                if n in self._shadow:
+                    self._shadow[n] = v
+        self._need_entry = True
+
+    def _sync_save_area(self):
+        """Write the guest state into the save area, as #VMEXIT does (done lazily here)."""
+        self._save_stale = False
+        core = self.core
+        s = self.svm.vmcb.save
+        real = not core.cr(0) & CR0_PE
+        gdt_sel, gdt_base, gdt_limit, _ = core.mmr("gdtr")
+        for name in ("es", "cs", "ss", "ds", "fs", "gs"):
+            sel = core.selector(name)
+            rec = getattr(s, name)
+            if sel == rec.selector and not (real and rec.base != sel << 4):
+                pass
+            elif real:
+                rec.selector, rec.base = sel, sel << 4
+            else:
+                desc = self._gdt_descriptor(gdt_base, gdt_limit, sel)
+                if desc is not None:
+                    rec.selector, rec.attrib, rec.limit, rec.base = desc
+                else:
+                    rec.selector = sel
+        for name in ("fs", "gs"):
+            base = core.reg(X.UC_X86_REG_FS_BASE if name == "fs" else X.UC_X86_REG_GS_BASE)
+            getattr(s, name).base = base
+        s.gdtr.base, s.gdtr.limit = gdt_base, gdt_limit
+        _i, idt_base, idt_limit, _ = core.mmr("idtr")
+        s.idtr.base, s.idtr.limit = idt_base, idt_limit
+        for name, rec in (("ldtr", s.ldtr), ("tr", s.tr)):
+            sel, base, limit, flags = core.mmr(name)
+            rec.selector, rec.base, rec.limit = sel, base, limit
+            if flags:
+                rec.attrib = ((flags >> 8) & 0xFF) | ((flags >> 12) & 0xF00)
+        s.cr0, s.cr3, s.cr4 = core.cr(0), core.cr(3), core.cr(4)  # CR2 is kept in s.cr2 (core.py)
+        s.efer = core.msr_read_native(corem.MSR_EFER) & ~(1 << 12)  # SVME is the host's
+        if s.efer & EFER_LMA or s.star or s.lstar:  # the VMLOAD/VMSAVE set, so a re-entry keeps them
+            for index, name in _VMCB_MSR_FIELDS.items():
+                if name != "efer":
+                    setattr(s, name, core.msr_read_native(index))
+        s.dr6, s.dr7 = core.dr(6), core.dr(7)
+        vals = core.gprs()
+        s.rax, s.rsp, s.rip, s.rflags = vals[0], vals[6], vals[16], vals[17]
+        s.cpl = 0 if real else s.cs.attrib >> 5 & 3
+        self._cr8 = core.cr(8)
+
+    def _gdt_descriptor(self, gdt_base, gdt_limit, sel):
+        if sel & ~3 == 0 or (sel | 7) > gdt_limit or sel & 4:
+            return None
+        try:
+            (d,) = struct.unpack("<Q", read_linear(self.core, gdt_base + (sel & ~7), 8))
+        except DeliveryFault:
+            return None
+        limit = (d & 0xFFFF) | ((d >> 32) & 0xF0000)
+        base = ((d >> 16) & 0xFFFFFF) | ((d >> 32) & 0xFF000000)
+        attrib = ((d >> 40) & 0xFF) | ((d >> 44) & 0xF00)
+        if attrib & 0x800:
+            limit = (limit << 12) | 0xFFF
+        return sel, attrib, limit, base
+
+    def get_msrs(self, indices) -> dict:
+        out = {}
+        for i in indices:
+            if i in PASSTHROUGH_MSRS:
+                out[i] = self.core.msr_read_native(i) if not self._need_entry else self._entry_msr(i)
+            elif self.msrs.known(i):
+                out[i] = self.msrs.read(i)
+        return out
+
+    def set_msrs(self, values: dict) -> int:
+        n = 0
+        for i, v in values.items():
+            if i in PASSTHROUGH_MSRS:
+                if self._need_entry:
+                    _vmcb_msr(self.svm.vmcb.save, i, v)  # VMRUN/VMLOAD load these from the VMCB
+                else:
+                    self.core.msr_write_native(i, v)
+            elif not (self.msrs.known(i) and self.msrs.write(i, v)):
+                break
+            n += 1
+        return n
+
+    def _entry_msr(self, i):
+        return _vmcb_msr(self.svm.vmcb.save, i)
+
+    def set_cpuid(self, entries) -> None:
+        self.cpuid = entries if isinstance(entries, CpuidTable) else CpuidTable(entries)
+
+    def set_single_step(self, enabled: bool) -> None:
+        self.single_step = bool(enabled)
+
+    def close(self) -> None:
+        self._closed = True
+        self.core.close()
+
+
+_VMCB_MSR_FIELDS = {0xC0000080: "efer", 0xC0000081: "star", 0xC0000082: "lstar", 0xC0000083: "cstar",
+                    0xC0000084: "sfmask", 0xC0000102: "kernel_gs_base", 0x174: "sysenter_cs",
+                    0x175: "sysenter_esp", 0x176: "sysenter_eip"}
+
+
+def _vmcb_msr(save, index, value=None):
+    """Read or write an MSR's home in the save area (FS/GS base live in the segment records)."""
+    if index in (0xC0000100, 0xC0000101):
+        rec = save.fs if index == 0xC0000100 else save.gs
+        if value is not None:
+            rec.base = value
+        return rec.base
+    name = _VMCB_MSR_FIELDS[index]
+    if value is not None:
+        setattr(save, name, value)
+    return getattr(save, name)
+
+
+def _write_acc(core, size, value):
+    rax = core.reg(X.UC_X86_REG_RAX)
+    v = int(value) if not isinstance(value, (bytes, bytearray)) else int.from_bytes(value[:size], "little")
+    if size == 1:
+        rax = (rax & ~0xFF) | (v & 0xFF)
+    elif size == 2:
+        rax = (rax & ~0xFFFF) | (v & 0xFFFF)
+    else:
+        rax = v & 0xFFFFFFFF  # a 32-bit destination zero-extends
+    core.set_reg(X.UC_X86_REG_RAX, rax)
+
+
+def _reset_sregs() -> Sregs:
+    """The architectural reset state KVM gives a new vCPU (kvm_vcpu_reset / init_vmcb)."""
+    data = dict(limit=0xFFFF, type=3, present=1, s=1)
+    return Sregs(cs=Segment(base=0xFFFF0000, limit=0xFFFF, selector=0xF000, type=0xB, present=1, s=1),
+                 ds=Segment(**data), es=Segment(**data), fs=Segment(**data), gs=Segment(**data),
+                 ss=Segment(**data), tr=Segment(limit=0xFFFF, type=0xB, present=1, s=0),
+                 ldt=Segment(limit=0xFFFF, type=2, present=1, s=0),
+                 gdt=DTable(0, 0xFFFF), idt=DTable(0, 0xFFFF), cr0=0x60000010, efer=0)

@@ -1,0 +1,77 @@
+"""The contract: every manifest guest both backends can run gives the same result on both.
+
+Compared: the userspace-visible exit sequence, the guest's reports, the outcome
+and the final registers.  A guest a backend cannot run says why in the manifest
+(``unsupported``); guests whose needs a backend lacks are skipped with the need.
+The kvm side runs only where /dev/kvm is usable.
+"""
+
+import difflib
+
+import pytest
+
+from kvmharness.backend import kvm_usable, open_backend
+from kvmharness.hostinfo import cpuid_deviations
+from kvmharness.images import load_manifest
+from kvmharness.machine import needs_met, run_guest
+from kvmharness.sim.system import SimSystem
+
+MANIFEST = load_manifest()
+KVM_OK, KVM_WHY = kvm_usable()
+
+
+REG_NAMES = ("eax", "ebx", "ecx", "edx")
+
+
+def _exempt_keys():
+    """Report keys (the cpuid guest's fn << 32 | index << 8 | reg) of the CPUID registers
+    the kvm host is recorded as not honouring (hostinfo.KNOWN_CPUID_DEVIATIONS)."""
+    return {fn << 32 | idx << 8 | REG_NAMES.index(reg) for fn, idx, reg in cpuid_deviations("kvm")}
+
+
+def _lines(result, exempt=frozenset()):
+    out = [f"outcome {result.outcome}"]
+    out += [f"report {k:#x} = {v:#x}" if k not in exempt else f"report {k:#x} = (host deviation, not compared)"
+            for k, v in result.reports]
+    out += [f"exit {e.to_dict() if hasattr(e, 'to_dict') else e}" for e in result.exits]
+    out += [f"reg {k} = {v:#x}" for k, v in result.regs.to_dict().items()] if result.regs else []
+    return out
+
+
+def _runnable(image, backend):
+    ok, why = image.runnable_on(backend)
+    if not ok:
+        pytest.skip(f"{image.name} on {backend}: {why} (declared in the manifest)")
+    with open_backend(backend) as system:
+        met, need = needs_met(system, image.needs)
+    if not met:
+        pytest.skip(f"{image.name} on {backend}: needs {need}")
+
+
+@pytest.mark.skipif(not KVM_OK, reason=f"no usable /dev/kvm: {KVM_WHY}")
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_same_behaviour_on_sim_and_kvm(name):
+    image = MANIFEST[name]
+    _runnable(image, "sim")
+    _runnable(image, "kvm")
+    with open_backend("kvm") as kvm_system:
+        host_cpuid = kvm_system.capabilities.supported_cpuid
+    # Same input on both sides: the simulator offers the guest this host's supported CPUID
+    # table, so any difference in what the guest sees is the model's, not the tables'.
+    with SimSystem(supported_cpuid=host_cpuid) as sim_system:
+        sim = run_guest(image, backend=sim_system)
+    kvm = run_guest(image, backend="kvm")
+    exempt = _exempt_keys() if name == "cpuid" else frozenset()
+    a, b = _lines(sim, exempt), _lines(kvm, exempt)
+    if a != b:
+        diff = "\n".join(difflib.unified_diff(b, a, "kvm", "sim", lineterm="", n=2))
+        pytest.fail(f"guest {name}: sim and kvm differ:\n{diff[:20000]}")
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_runs_on_sim(name):
+    """Every manifest guest the simulator can run finishes with the manifest's expected outcome."""
+    image = MANIFEST[name]
+    _runnable(image, "sim")
+    result = run_guest(image, backend="sim")
+    assert result.outcome == image.expect, result.describe()
