@@ -1,0 +1,139 @@
+"""`kvmharness rig check` and `kvmharness rig run`.
+
+:func:`register` adds the ``rig`` command to the main parser's subparsers;
+each handler returns the exit status.  paramiko is imported only when a rig
+command actually runs, so the rest of the CLI works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_HOST, EXIT_OK, HarnessError
+
+RUN_EPILOG = """\
+The command after -- runs on each rig in a fresh directory holding the
+project's tests; `pytest ARGS` becomes the venv's `python -m pytest ARGS
+--junitxml=...`.  Results land in RESULTS/<run-id>/<rig>/ (output.log,
+junit.xml, traces/, result.json).  Exit status: the worst rig's (0 best, then
+pytest's 5 "no tests", then larger codes; 3 = a rig was unusable, 4 = timeout,
+130 = interrupted).
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inventory", metavar="FILE",
+                   help="rig inventory TOML (default: $KVMHARNESS_RIGS)")
+    p.add_argument("--rig", action="append", metavar="NAME|LABEL",
+                   help="only these rigs (a name or a label; repeatable; default: all)")
+    p.add_argument("--accept-new-host-keys", action="store_true",
+                   help="trust and record host keys never seen before (a changed key is still refused)")
+    p.add_argument("--wheel", type=Path, metavar="WHL",
+                   help="ship this prebuilt kvmharness wheel instead of building one")
+
+
+def register(subparsers) -> None:
+    """Add `rig check` and `rig run` to the main parser's ``subparsers``."""
+    rig = subparsers.add_parser("rig", help="check or run tests on remote AMD rigs over SSH")
+    sub = rig.add_subparsers(dest="rig_command", metavar="{check,run}")
+    sub.required = True
+
+    c = sub.add_parser("check", help="what each rig can do (kvm, svm, npt, sev, sev-es, sev-snp)")
+    _common(c)
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--ship", action="store_true",
+                   help="always run the current project's kvmharness (shipped), not the rig's own")
+    c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per rig (default 300)")
+    c.set_defaults(func=cmd_rig_check)
+
+    r = sub.add_parser("run", help="run a command (e.g. pytest) on rigs and bring the results home",
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(r)
+    r.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto",
+                   help="KVMHARNESS_BACKEND on the rig (default auto)")
+    r.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+                   help="per rig, setup included (default 1800)")
+    r.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
+                   help="local results folder (default ./results)")
+    r.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS (e.g. -- pytest -m requires_svm)")
+    r.set_defaults(func=cmd_rig_run)
+
+
+def _rigs(args):
+    from .inventory import inventory_path, load_inventory, select_rigs
+
+    return select_rigs(load_inventory(inventory_path(args.inventory)), args.rig)
+
+
+def cmd_rig_check(args) -> int:
+    from .progress import Progress
+    from .rig import check_rigs, format_matrix
+
+    rigs = _rigs(args)
+    progress = Progress([r.name for r in rigs], live=False, stream=sys.stderr, echo_lines=False)
+    results = check_rigs(rigs, accept_new_host_keys=args.accept_new_host_keys, timeout=args.timeout,
+                         ship=args.ship, wheel=args.wheel, progress=progress)
+    progress.close()
+    if args.json:
+        from .rig import capability_row
+
+        json.dump({r.rig: {"ok": r.info is not None, "error": r.reason or None,
+                           "capabilities": capability_row(r) if r.info else None, "info": r.info}
+                   for r in results}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_matrix(results))
+    return EXIT_OK if all(r.info is not None for r in results) else EXIT_HOST
+
+
+def cmd_rig_run(args) -> int:
+    from .progress import Progress
+    from .rig import RunOptions, new_run_id, run_on_rigs
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    rigs = _rigs(args)
+    progress = Progress([r.name for r in rigs], live=False if args.plain else None)
+    opts = RunOptions(command=command, backend=args.backend, timeout=args.timeout,
+                      accept_new_host_keys=args.accept_new_host_keys, results_dir=args.results,
+                      run_id=new_run_id())
+    try:
+        status, results = run_on_rigs(rigs, opts, wheel=args.wheel, progress=progress)
+    finally:
+        progress.close()
+    for r in results:
+        word = "ok" if r.status == 0 else f"exit {r.status}"
+        extra = f": {r.reason}" if r.reason else ""
+        print(f"{r.rig}: {word} in {r.elapsed:.1f} s{extra}")
+        log = args.results / opts.run_id / r.rig / "output.log"
+        if progress.live and r.status not in (0, 5) and log.is_file():
+            # The live lines showed only the latest output; show how it ended.
+            for line in log.read_text(errors="replace").splitlines()[-15:]:
+                print(f"  {r.rig}| {line}")
+    return status
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m kvmharness.remote.cli rig ...``), for tests and debugging."""
+    p = argparse.ArgumentParser(prog="kvmharness")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    register(sub)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except HarnessError as e:
+        print(f"kvmharness: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
