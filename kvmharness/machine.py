@@ -461,14 +461,18 @@ class _UcallPort:
 
 
 def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeout: float | None = None,
-              trace: bool = False) -> RunResult:
+              trace: bool = False, sev: str | None = None) -> RunResult:
     """Load a manifest guest, run it to the end, return its result.
 
     A guest whose manifest expects a timeout (``spin``) returns outcome
     ``timeout``; any other guest that times out raises :class:`GuestTimeout`.
+    A guest that ``needs`` "sev-es" or "sev" is launched in that mode unless
+    ``sev`` names one.
     """
     image = guest if isinstance(guest, GuestImage) else get_guest(guest)
-    m = Machine.for_guest(image, backend)
+    if sev is None:
+        sev = next((mode for mode in ("sev-es", "sev") if mode in image.needs), None)
+    m = Machine.for_guest(image, backend, sev=sev)
     backend_name = m.backend
     t0 = time.perf_counter()
     try:

@@ -121,6 +121,7 @@ _lib.uc_context_size.restype = ctypes.c_size_t
 _lib.uc_context_alloc.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
 _lib.uc_context_save.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
 _lib.uc_context_restore.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+_lib.uc_context_free.argtypes = (ctypes.c_void_p,)
 # unicorn 2.1.4 x86-64: struct uc_context header, sizeof(CPUX86State) saved, and the offset
 # of env->old_exception in it (see Core.reset_exception_state)
 _CTX_HEADER = 40
@@ -165,6 +166,12 @@ class Core:
         self._ctx = None
         self.hook_error = None
         self.io_sites = {}  # linear address of an IN/OUT/INS/OUTS -> last byte to hook
+        # callables run on every fresh engine, after the regions and hooks (sim/sev.py maps the
+        # plaintext alias of encrypted memory and installs its page-table walker here)
+        self.build_hooks = []
+        # set by sim/sev.py for an SEV guest: its own walk of the guest's page tables
+        # (C-bit aware); translate() defers to it
+        self.mmu = None
         self.build()
 
     # -- engine lifecycle ----------------------------------------------------
@@ -198,12 +205,17 @@ class Core:
                         lambda _uc, cur, _prev, _ud: h.on_new_block(cur.pc, cur.size))
             for site, end in list(self.io_sites.items()):
                 self._hook_site(site, end)
+        for fn in self.build_hooks:
+            fn(self)
         self._ctx = None
         if _lib.uc_context_size(self.uch) == _CTX_HEADER + _CONTEXT_SIZE:
             self._ctx = ctypes.c_void_p()
             if _lib.uc_context_alloc(self.uch, ctypes.byref(self._ctx)):
                 self._ctx = None
         self.in_guest = False
+        if getattr(self, "_host_ctx", None) is not None:
+            _lib.uc_context_free(self._host_ctx)
+        self._host_ctx = None  # host-mode CPU state for enter(reuse=True), saved at its first use
 
     def reset_exception_state(self) -> None:
         """Set QEMU's ``env->old_exception`` back to -1 (no exception in flight).
@@ -266,15 +278,23 @@ class Core:
         self.uc = None
 
     # -- entering the guest: VMLOAD + VMRUN on the VMCB ------------------------
-    def enter(self, gprs: dict, count: int | None = RUN_COUNT) -> int:
+    def enter(self, gprs: dict, count: int | None = RUN_COUNT, *, reuse: bool = False) -> int:
         """Rebuild the engine if it is in guest mode, then VMRUN from the host stub.
+
+        ``reuse``: instead of rebuilding, restore the host-mode CPU state saved at the
+        first such entry and VMRUN in the same engine (sim/nested.py's VMCB switches).
 
         ``gprs``: the GPRs VMRUN does not load (all but RAX/RSP/RIP come from the
         host's registers, as on hardware, where KVM loads them before VMRUN).
         Returns the unicorn error of the run (the guest runs until its first stop).
         """
         if self.in_guest:
-            self.build()
+            if reuse and self._host_ctx is not None:
+                # back to the host-mode CPU state saved before an earlier VMRUN: the same engine
+                # (memory, hooks, translated code) VMRUNs again, ~100x cheaper than build()
+                _lib.uc_context_restore(self.uch, self._host_ctx)
+            else:
+                self.build()
         c = self.svm.vmcb.control
         c.iopm_base_pa = HOST_IOPM
         c.msrpm_base_pa = HOST_MSRPM
@@ -283,11 +303,24 @@ class Core:
         uc.msr_write(MSR_EFER, uc.msr_read(MSR_EFER) | EFER_SVME)
         uc.msr_write(MSR_VM_HSAVE_PA, HOST_HSAVE)
         for name, value in gprs.items():
-            uc.reg_write(getattr(X, f"UC_X86_REG_{name.upper()}"), value)
+            self.set_reg(getattr(X, f"UC_X86_REG_{name.upper()}"), value)  # raw: 64-bit GPRs
         uc.reg_write(X.UC_X86_REG_RAX, HOST_VMCB)
+        if reuse and self._host_ctx is None:
+            ctx = ctypes.c_void_p()
+            if not _lib.uc_context_alloc(self.uch, ctypes.byref(ctx)):
+                _lib.uc_context_save(self.uch, ctx)
+                self._host_ctx = ctx
         self.in_guest = True
         self.reset_exception_state()
-        err = self.start(HOST_STUB, 2)  # VMLOAD, VMRUN: stops at the guest's first instruction
+        if reuse:
+            # stop at the guest's first instruction by its address: a count would make unicorn
+            # drop every translated block at the next run without one (uc_emu_start)
+            s = self.svm.vmcb.save
+            err = _lib.uc_emu_start(self.uch, HOST_STUB, (s.cs.base + s.rip) & (2**64 - 1), 0, 0)
+            if not err and self.rip() != s.rip:
+                raise SimulatorError(f"VMRUN did not stop at the guest's first instruction {s.rip:#x}")
+        else:
+            err = self.start(HOST_STUB, 2)  # VMLOAD, VMRUN: stops at the guest's first instruction
         if err:
             return err
         # unicorn's VMRUN leaves CR0 at the host value (measured: 0x11 after loading
@@ -443,6 +476,8 @@ def translate(core: Core, linear: int, *, write: bool = False) -> tuple[int | No
     paging (2 MiB / 1 GiB pages) and no paging; 32-bit paging is not supported
     by the hosts' KVM either (dev-kvm §1).
     """
+    if core.mmu is not None:  # an SEV guest: C-bit stripped, private pages at their alias
+        return core.mmu.translate(linear, write=write)
     cr0 = core.cr(0)
     if not cr0 & (1 << 31):
         return linear & 0xFFFFFFFF, 0

@@ -1,8 +1,8 @@
 """The CPU the simulator models: one CPUID table, defined once.
 
 An EPYC-like part (AuthenticAMD, family 0x19 "Zen 3"), with SVM advertised in
-0x80000001 ECX and the SVM feature leaf 0x8000000A (NRIPS, decode assists,
-NPT) so a nested-SVM guest can see them later.  ``SUPPORTED_CPUID`` is what
+0x80000001 ECX and the SVM feature leaf 0x8000000A as KVM offers it to a
+nested-SVM guest (sim/nested.py).  ``SUPPORTED_CPUID`` is what
 ``Capabilities.supported_cpuid`` reports (KVM_GET_SUPPORTED_CPUID's role);
 the SEV work may add 0x8000001F with :func:`kvmharness.x86.sev_cpuid_leaf`.
 """
@@ -37,9 +37,13 @@ SUPPORTED_CPUID = CpuidTable((
     CpuidEntry(0x80000004, 0, 0, *_BR[8:12]),
     CpuidEntry(0x80000007, 0, 0, 0, 0, 0, 0x100),
     CpuidEntry(0x80000008, 0, 0, 0x3030, 0, 0, 0),  # 48 physical / 48 virtual bits
-    # SVM revision 1, 16 ASIDs, EDX: NP(0) LbrVirt(1) NRIPS(3) TscRateMsr(4) VmcbClean(5)
-    # FlushByAsid(6) DecodeAssists(7) PauseFilter(10)
-    CpuidEntry(0x8000000A, 0, 0, 0x1, 0x10, 0, 0x000004FB),
+    # What KVM offers a guest hypervisor (cpuid.c: revision 1, 8 ASIDs) and sim/nested.py
+    # implements: EDX NRIPS(3) VmcbClean(5) FlushByAsid(6) SVME_ADDR_CHK(28); no NP (nested
+    # NPT is not modelled).  The SVM rig's kvm_amd offers 0x10000021 (NP, no NRIPS: TCG).
+    CpuidEntry(0x8000000A, 0, 0, 0x1, 0x8, 0, 0x10000068),
+    # SEV + SEV-ES, C-bit 51, 1 bit of physical address reduction, 509 ASIDs, SEV-ES ASIDs
+    # 1..99 (sim/sev.py; sev_cpuid_leaf's defaults written out)
+    CpuidEntry(0x8000001F, 0, 0, 0x0000000A, 0x00000073, 509, 100),
     CpuidEntry(0x80000021, 0, 0, 0x45, 0, 0, 0),
 ))
 

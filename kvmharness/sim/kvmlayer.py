@@ -24,6 +24,7 @@ from unicorn import x86_const as X
 from .. import exits
 from . import core as corem
 from .events import DeliveryFault, EXC_WITH_ERROR_CODE, VEC_DF, deliver_long, deliver_real
+from .nested import handle_event as _nested_event
 from .svm import SVM_EXIT_CPUID, SVM_EXIT_EXCP_BASE, SVM_EXIT_HLT, SVM_EXIT_MSR, SVM_EXIT_SHUTDOWN
 
 _M64 = 2**64 - 1
@@ -172,9 +173,13 @@ class KvmExitHandling:
     resume the guest, inject an exception, or set ``self._exit`` for userspace.
     """
 
+    nested = None  # sim/nested.py's NestedSvm once the guest executed VMRUN
+
     def _handle_event(self):
         intno, rip = self._event
         self._event = None
+        if (0x180 <= intno <= 0x185 or self.nested is not None) and _nested_event(self, intno, rip):
+            return  # L1's VMRUN/VMLOAD/VMSAVE/STGI/CLGI, an L2 exit L1 intercepts (sim/nested.py)
         if intno >= 0x100:
             self._intercept(intno - 0x100, rip)
         else:

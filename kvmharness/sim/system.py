@@ -41,7 +41,7 @@ class SimSystem(System):
         self._asids = itertools.count(1)
         self._vms = []
         self._caps = Capabilities(backend="sim", api_version=12, extensions=dict(SIM_EXTENSIONS),
-                                  vm_types=frozenset({KVM_X86_DEFAULT_VM}),
+                                  vm_types=frozenset({KVM_X86_DEFAULT_VM, 2, 3}),  # + SEV, SEV-ES (sim/sev.py)
                                   supported_cpuid=supported_cpuid or SUPPORTED_CPUID,
                                   msr_index_list=(0x10, 0x1B, 0x174, 0x175, 0x176, 0x277, 0xC0000080,
                                                   0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,

@@ -229,6 +229,11 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         core = self.core
         _reg_read(core.uch, _RIP, core._bufp)
         rip = core._buf.value
+        nested = self.nested
+        if nested is not None and nested.guest_mode and nested.io_intercepted(port, size):
+            nested.io_exit(rip, port, size, False)  # L1's port: reflected (sim/nested.py)
+            _stop(core.uch)
+            return
         key = (rip, port, size, False)
         hit = self._ioio_cache.get(key)
         if hit is None:
@@ -265,6 +270,11 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
     def _on_in(self, port, size):
         core = self.core
         rip = core.rip()
+        nested = self.nested
+        if nested is not None and nested.guest_mode and nested.io_intercepted(port, size):
+            nested.io_exit(rip, port, size, True)  # L1's port: reflected (sim/nested.py)
+            _stop(core.uch)
+            return 0
         key = (rip, port, size, True)
         hit = self._ioio_cache.get(key)
         if hit is None:
@@ -571,7 +581,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             if flags:
                 rec.attrib = ((flags >> 8) & 0xFF) | ((flags >> 12) & 0xF00)
         s.cr0, s.cr3, s.cr4 = core.cr(0), core.cr(3), core.cr(4)  # CR2 is kept in s.cr2 (core.py)
-        s.efer = core.msr_read_native(corem.MSR_EFER) & ~(1 << 12)  # SVME is the host's
+        s.efer = core.msr_read_native(corem.MSR_EFER)  # with SVME if the guest set it (KVM_GET_SREGS)
         if s.efer & EFER_LMA or s.star or s.lstar:  # the VMLOAD/VMSAVE set, so a re-entry keeps them
             for index, name in _VMCB_MSR_FIELDS.items():
                 if name != "efer":

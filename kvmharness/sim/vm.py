@@ -22,6 +22,7 @@ class SimVm(Vm):
         self.vcpus = []
         self.msr_policy = K.MsrPolicy()
         self.enabled_caps = {}
+        self.remapped = {}  # guest page -> the guest page whose memory it reaches (remap_page)
         self._closed = False
 
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> MemoryRegion:
@@ -41,16 +42,22 @@ class SimVm(Vm):
         return region
 
     def create_vcpu(self, vcpu_id: int = 0):
-        from .vcpu import SimVcpu
+        from .sev import vcpu_class
 
         if any(v.vcpu_id == vcpu_id for v in self.vcpus):
             raise UsageError(f"vCPU {vcpu_id} already exists")
-        v = SimVcpu(self, vcpu_id, self.asid)
+        v = vcpu_class(self)(self, vcpu_id, self.asid)  # SEV / SEV-ES after KVM_SEV_INIT*
         self.vcpus.append(v)
         return v
 
     def check_extension(self, cap: int) -> int:
         return self.system.check_extension(cap)
+
+    def sev_interface(self):
+        """KVM_MEMORY_ENCRYPT_OP on this VM: its (cached) SEV model, see sim/sev.py."""
+        from .sev import sev_interface
+
+        return sev_interface(self)
 
     def enable_cap(self, cap: int, *args: int) -> None:
         if not self.system.check_extension(cap):
@@ -86,10 +93,85 @@ class SimVm(Vm):
         super().write(gpa, data)
         self.flush_code(gpa, len(data))
 
+    # -- nested page table edits (the hypervisor's-eye lab, kvmharness/lab) -----------
+    def remap_page(self, gpa: int, target: int) -> None:
+        """Point guest-physical page ``gpa`` at the memory behind guest page ``target``.
+
+        What a hypervisor does by rewriting one nested page table entry (the SEVered
+        attack): from the next instruction on, the guest's accesses to ``gpa`` reach
+        ``target``'s memory -- for an SEV guest its private accesses too, which then
+        read ``target``'s plaintext, as hardware decrypts with the tweak of the
+        system-physical page it reaches.  The memory slot, i.e. the host's own view
+        (``read``/``write``), is unchanged.  ``remap_page(gpa, gpa)`` restores the
+        mapping.  Made for kvmharness.lab; KVM has no userspace call for this.
+        How: a plain vCPU's engine maps guest-physical pages directly, so that one
+        page is re-mapped there; an SEV vCPU's engine runs on the page-table walk of
+        sim/sev.py, so the remap is applied to the GPA the walk ends at.
+        """
+        for a in (gpa, target):
+            if a & 0xFFF or self._host_address(a) is None:
+                raise UsageError(f"remap_page: {a:#x} is not a page of guest RAM")
+        remaps = self.remapped
+        if target == gpa:
+            remaps.pop(gpa, None)
+        else:
+            remaps[gpa] = target
+        for v in self.vcpus:
+            if self._apply_remaps not in v.core.build_hooks:
+                v.core.build_hooks.append(self._apply_remaps)
+            self._remap_in(v.core, gpa, target)
+            v.core.flush_all_code()
+            v.code_changed()
+
+    def _host_address(self, gpa: int):
+        """The host address of guest RAM at ``gpa`` (the memory slot), or None."""
+        for g, s, a, _ro in self._map_list:
+            if g <= gpa < g + s:
+                return a + (gpa - g)
+        return None
+
+    def _remap_in(self, core, gpa: int, target: int) -> None:
+        import unicorn
+
+        uc = unicorn.unicorn_const
+        if core.mmu is not None:
+            # an SEV guest (sim/sev.py): the engine runs on virtual addresses filled by the
+            # MMU's walk, so the remap goes there -- applied to the walk's final GPA, where
+            # the nested page table sits
+            mmu = core.mmu
+            if "walk" not in vars(mmu):
+                walk = mmu.walk
+                remaps = self.remapped
+
+                def walk_then_npt(linear, write=False):
+                    g, private, err = walk(linear, write)
+                    if g is not None and (g & ~0xFFF) in remaps:
+                        g = remaps[g & ~0xFFF] | (g & 0xFFF)
+                    return g, private, err
+
+                mmu.walk = walk_then_npt
+        else:
+            src = self._host_address(target)
+            core.uc.mem_unmap(gpa, 0x1000)
+            core.uc.mem_map_ptr(gpa, 0x1000, unicorn.UC_PROT_ALL, src)
+        # translations cached before the change would still reach the old memory
+        core.uc.ctl(uc.UC_CTL_TLB_FLUSH, uc.UC_CTL_IO_WRITE)
+
+    def _apply_remaps(self, core) -> None:
+        """A core build hook: re-apply the remaps to a fresh engine."""
+        for gpa, target in self.remapped.items():
+            self._remap_in(core, gpa, target)
+
     def flush_code(self, gpa: int, size: int) -> None:
         """Drop translated code over a range the host rewrote (unicorn keeps stale blocks)."""
         for v in self.vcpus:
-            v.core.flush_code(gpa, size)
+            if v.core.mmu is None:
+                # Not for an SEV vCPU (sim/sev.py): its engine runs on virtual addresses, so
+                # unicorn's TB lookup here would TLB-fill ``gpa`` as an instruction fetch --
+                # which that MMU maps private -- and a later data access to a shared page
+                # (the GHCB) would reach the plaintext alias.  Its code runs from the alias,
+                # which sev.py flushes itself when the host changes memory.
+                v.core.flush_code(gpa, size)
             v.code_changed()
 
     def close(self) -> None:
@@ -99,3 +181,6 @@ class SimVm(Vm):
         for v in self.vcpus:
             v.close()
         self.vcpus.clear()
+        model = getattr(self, "_sev_model", None)
+        if model is not None:  # sev_vm_destroy: DEACTIVATE, DECOMMISSION, free the ASID
+            model.close()

@@ -1,0 +1,236 @@
+"""SEV-ES in the simulator: protected guest state, #VC, the GHCB MSR and VMGEXIT.
+
+A vCPU of a VM that ran KVM_SEV_ES_INIT / KVM_SEV_INIT2 on an SEV-ES VM type is a
+:class:`SevEsVcpu` (chosen by ``sev.vcpu_class``).  It has everything ``SevVcpu``
+has (encrypted memory, the C-bit walk) and, once LAUNCH_UPDATE_VMSA encrypted its
+VMSA (the guest state is then *protected*):
+
+* **The VMSA.**  KvmSevModel keeps the encrypted page (``vmsa_pages``); the host
+  sees only that ciphertext.  The VMCB the host reads (:attr:`SevEsVcpu.vmcb`)
+  has its control area (with SEV_ENABLE | SEV_ES_ENABLE in nested_ctl, the
+  VMSA pointer at 0x108 and the GHCB GPA at 0x0A0) and an all-zero save area:
+  the guest's registers are not in it.  (The engine itself still enters from
+  the model's own copy of the state, which is what the VMSA held: the
+  decryption the CPU does at VMRUN is not re-done.)
+* **NAE events.**  An intercept whose exit code ``vmgexit.vc_error_code`` maps
+  (CPUID, RDMSR/WRMSR, VMMCALL, RDTSC, INVD, WBINVD, DR7, MONITOR/MWAIT ...)
+  raises #VC (vector 29) inside the guest with the exit code as error code and
+  RIP at the instruction; nothing reaches KVM or userspace and nothing is
+  traced (no #VMEXIT happens).  Not modelled: IN/OUT executed directly by an
+  SEV-ES guest (the simulator sees IO through instruction hooks, not
+  intercepts; the es-* guests use the GHCB for all IO) and MMIO #VC (NPF on a
+  reserved-bit shared page).
+* **MSRs 0xC0010130 (GHCB) and 0xC0010131 (SEV_STATUS = 3)** are answered by
+  the CPU: no #VC, no exit.
+* **VMGEXIT** (F3 0F 01 D9, delivered by the engine as a VMMCALL intercept at
+  the F3 prefix): RIP moves past it, ``SevEsVmgexitHandler.vmgexit`` handles
+  the GHCB MSR value exactly as vmgexit.py's docstring prescribes (resume:
+  new GHCB MSR value and any injected exception; exit: ``run()`` returns the
+  userspace exit, completed by ``complete()`` or the next ``run()``; error:
+  ``run()`` raises ``KvmError("KVM_RUN", errno)``).  Every VMGEXIT is one
+  ``hw_trace`` record (exit code 0x403, EXITINFO1 = the GHCB MSR value,
+  EXITINFO2 = SW_EXIT_CODE for the page protocol, ``handled`` = what KVM did),
+  and its decoded form (``VmgexitTrace``) is kept in :attr:`vmgexit_trace`.
+* **Registers.**  ``get_regs()`` returns KVM's register cache (the GPRs the
+  guest exposed in the GHCB, 0 otherwise; RIP 0, RFLAGS 2), so Machine's ucall
+  reads RBX/RCX from the GHCB; ``set_regs()`` is refused (EINVAL).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+from unicorn import x86_const as X
+
+from ..errors import KvmError
+from ..sev.vmgexit import X86_TRAP_VC, SevEsVmgexitHandler, vc_error_code
+from ..x86 import Regs
+from .sev import MSR_SEV_ES_GHCB, MSR_SEV_STATUS, SevVcpu, c_bit_of
+from .svm import SVM_EXIT_MSR, SVM_EXIT_VMGEXIT, SVM_EXIT_VMMCALL
+from .vmcb import Vmcb
+
+VMGEXIT_BYTES = b"\xF3\x0F\x01\xD9"
+NESTED_CTL_SEV = 1 << 1
+NESTED_CTL_SEV_ES = 1 << 2
+TRACE_KEEP = 100_000
+_VMGEXIT_EVENTS = frozenset({6, 0x100 + 0x46, 0x100 + SVM_EXIT_VMMCALL})
+
+
+class SevEsVcpu(SevVcpu):
+    """A vCPU of an SEV-ES guest (see the module docstring)."""
+
+    sev_status = 3  # SEV_STATUS: SEV | SEV-ES
+
+    def __init__(self, vm, vcpu_id: int, asid: int):
+        super().__init__(vm, vcpu_id, asid)
+        self.ghcb = None  # SevEsVmgexitHandler, made when the guest state becomes protected
+        self.ghcb_msr = 0
+        self.vmgexit_trace = []
+        self.vc_count = 0
+        self._es_completion = None
+        self._es_rip = 0
+        self._sregs_at_launch = None
+
+    # -- protected state ------------------------------------------------------------
+    @property
+    def protected(self) -> bool:
+        """LAUNCH_UPDATE_VMSA encrypted this vCPU's VMSA."""
+        return self.vm.vcpus.index(self) in self.sev_model.vmsa_pages if self in self.vm.vcpus else False
+
+    def _handler(self):
+        if self.ghcb is None and self.protected:
+            model = self.sev_model
+            p = self.vm.msr_policy
+            user_msrs = set()
+            for base, n, read_ok, write_ok in p.filter_ranges:
+                if not (read_ok and write_ok) and n <= 0x10000:
+                    user_msrs.update(range(base, base + n))
+            self.ghcb = SevEsVmgexitHandler(
+                cpuid=self.cpuid, read_guest=self.vm.read, write_guest=self._write_shared,
+                ghcb_version=model.ghcb_version, c_bit=c_bit_of(self.vm.system),
+                user_msrs=user_msrs, user_msr_reasons=p.user_exit_reasons,
+                vmsa_features=model.vmsa_features,
+                vcpu_ids=tuple(v.vcpu_id for v in self.vm.vcpus), vcpu_id=self.vcpu_id)
+            self.ghcb_msr = self.ghcb.reset_ghcb_msr()
+            if self._need_entry:
+                self._sregs_at_launch = super().get_sregs()
+        return self.ghcb
+
+    def _write_shared(self, gpa: int, data: bytes) -> None:
+        """kvm_write_guest: host-view memory (the GHCB and its scratch area are shared)."""
+        self.vm.write(gpa, data)
+
+    @property
+    def vmcb(self):
+        """The VMCB as the host sees it: control area only, the save area is unused."""
+        if not self.protected:
+            return super().vmcb
+        shown = Vmcb()
+        shown.raw[:0x400] = self.svm.vmcb.raw[:0x400]
+        shown.raw[0x90] |= NESTED_CTL_SEV | NESTED_CTL_SEV_ES
+        spa = self.sev_model.vmsa_pages[self.vm.vcpus.index(self)][0]
+        struct.pack_into("<Q", shown.raw, 0x108, spa)
+        struct.pack_into("<Q", shown.raw, 0x0A0, self.ghcb_msr)
+        return shown
+
+    def vmsa_ciphertext(self) -> bytes:
+        """The encrypted VMSA page, as the host can read it."""
+        return bytes(self.sev_model.vmsa_pages[self.vm.vcpus.index(self)][1])
+
+    def get_regs(self) -> Regs:
+        if not self.protected:
+            return super().get_regs()
+        return Regs(**self._handler().register_cache(), rip=0, rflags=0x2)
+
+    def get_sregs(self):
+        """Protected: what KVM cached before the launch (the live state is in the VMSA)."""
+        if not self.protected:
+            return super().get_sregs()
+        if self._sregs_at_launch is None:
+            self._sregs_at_launch = super().get_sregs()
+        return self._sregs_at_launch
+
+    def set_regs(self, regs: Regs) -> None:
+        if self.protected:
+            raise KvmError("KVM_SET_REGS", errno.EINVAL, "the vCPU's state is protected (SEV-ES)")
+        super().set_regs(regs)
+
+    # -- KVM_RUN --------------------------------------------------------------------
+    def run(self):
+        h = self._handler()
+        if h is not None and h.pending:
+            value, error = self._es_completion or (None, False)
+            self._es_completion = None
+            e = self._after(h.complete(value, error=error), self._es_rip, in_run=False)
+            if e is not None:
+                return e
+        return super().run()
+
+    def complete(self, value=0, *, error: bool = False) -> None:
+        if self.ghcb is not None and self.ghcb.pending:
+            self._es_completion = (value, error)
+            return
+        super().complete(value, error=error)
+
+    # -- intercepts -------------------------------------------------------------------
+    def _handle_event(self):
+        """VMGEXIT reaches the engine as #UD (invalid opcode / the #UD intercept) or as a
+        VMMCALL intercept, RIP at the F3 prefix: either way it is the VMGEXIT exit."""
+        intno, rip = self._event
+        if intno in _VMGEXIT_EVENTS and self._handler() is not None \
+                and self._code_bytes(rip, 4) == VMGEXIT_BYTES:
+            self._event = None
+            self._vmgexit(self.ghcb, rip)
+            return
+        super()._handle_event()
+
+    def _intercept(self, code, rip):
+        h = self._handler()
+        if h is None:
+            return super()._intercept(code, rip)
+        if code == SVM_EXIT_MSR:
+            index = self.core.reg(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+            if index in (MSR_SEV_ES_GHCB, MSR_SEV_STATUS):
+                self._native_msr(index, rip)
+                return None
+        vc = vc_error_code(code)
+        if vc is not None:
+            self.vc_count += 1
+            self._inject_now(X86_TRAP_VC, vc, rip)
+            return None
+        return super()._intercept(code, rip)
+
+    def _native_msr(self, index, rip):
+        core = self.core
+        write = self._code_bytes(rip, 2) == b"\x0f\x30"
+        if write:
+            if index == MSR_SEV_STATUS:
+                self._inject_now(13, 0, rip)
+                return
+            self.ghcb_msr = ((core.reg(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32
+                             | core.reg(X.UC_X86_REG_RAX) & 0xFFFFFFFF)
+        else:
+            value = self.ghcb_msr if index == MSR_SEV_ES_GHCB else self.sev_status
+            core.set_reg(X.UC_X86_REG_RAX, value & 0xFFFFFFFF)
+            core.set_reg(X.UC_X86_REG_RDX, value >> 32)
+        core.set_reg(X.UC_X86_REG_RIP, rip + 2)
+
+    def _vmgexit(self, h, rip):
+        self.core.set_reg(X.UC_X86_REG_RIP, rip + 4)
+        self._es_rip = rip
+        r = h.vmgexit(self.ghcb_msr)
+        e = self._after(r, rip, in_run=True)
+        if e is not None:
+            self._exit = e
+
+    def _after(self, r, rip, *, in_run: bool):
+        """Act on a VmgexitResult: trace it; resume / return the exit / raise.
+
+        ``in_run``: the result of a VMGEXIT (one #VMEXIT: traced); otherwise of a
+        userspace completion, which is no new exit (the handler updates the same
+        decoded record in place)."""
+        t = r.trace
+        if in_run:
+            self.vmgexit_trace.append(t)
+            if len(self.vmgexit_trace) > TRACE_KEEP:
+                del self.vmgexit_trace[: TRACE_KEEP // 2]
+            handled = "kernel" if r.action == "resume" else (
+                type(r.exit).__name__ if r.exit is not None else "error")
+            self.svm.vmexit(SVM_EXIT_VMGEXIT, t.ghcb_msr, t.sw_exit_code or 0, rip, rip + 4,
+                            handled)
+        if r.action == "error":
+            raise KvmError("KVM_RUN", r.errno or errno.EINVAL, f"VMGEXIT: {t.detail}")
+        self.ghcb_msr = r.ghcb_msr
+        if r.action == "resume":
+            if r.inject is not None:
+                vector, err = r.inject
+                if in_run:
+                    self._inject_now(vector, err)
+                else:
+                    self.inject_exception(vector, err)
+            return None
+        return r.exit
+
+
+__all__ = ["VMGEXIT_BYTES", "SevEsVcpu"]
