@@ -1,0 +1,14 @@
+/*
+ * lab-service-es: lab-service.S for SEV-ES guests (ucalls through the GHCB; the
+ * GHCB page stays shared in the service's page tables).  See lab-service.S.
+ */
+#define GUEST_MODE_LONG64
+#include "guest.h"
+#define ES_VC_CPUID es_cpuid_ghcb
+#include "sev_es.h"
+#define LAB_SEV_ES
+
+GUEST_ENTRY
+        call    es_init
+        jmp     lab_main
+#include "lab-service.S"

@@ -1,0 +1,109 @@
+"""The hypervisor's-eye lab: what a malicious hypervisor sees and can do under SVM, SEV, SEV-ES.
+
+    from kvmharness.lab import run_scenario
+    report = run_scenario("regleak", mode="sev", backend="sim")
+    print(report.text())
+
+Five scenarios (``SCENARIOS``), each a guest (``guests/src/lab-*.S``; the ``-es``
+image for SEV-ES) plus a hypervisor-side script (:mod:`kvmharness.lab.scenarios`):
+
+* ``regleak``    -- a secret in registers across a CPUID exit;
+* ``memview``    -- guest memory as the host reads it, with a PNG page map;
+* ``lying-hv``   -- CPUID answers of the hypervisor's choosing; what the guest can check;
+* ``remap``      -- SEVered: a nested page table entry re-pointed, the secret leaves;
+* ``ciphertext`` -- CipherLeaks: the VMSA ciphertext repeats when a register does.
+
+Every scenario runs on the simulator in every mode.  On real KVM the same command
+runs ``regleak`` and ``memview`` in every mode the host offers (svm wherever /dev/kvm
+runs guests -- this includes a KVM without kvm_amd; sev/sev-es on an EPYC with SEV),
+``lying-hv`` in svm and sev mode (through KVM_SET_CPUID2) and ``ciphertext`` in svm
+and sev mode (the counter read from KVM_GET_REGS).  What needs a hook inside KVM --
+the NPT remap, rewriting the GHCB between KVM's answer and the guest's read, reading
+the VMSA -- runs on the simulator only; the command says so (:class:`LabUnavailable`,
+exit code 3).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ..errors import FeatureUnavailable, SevError, UsageError
+from .scenarios import LabReport, LabUnavailable
+
+MODES = ("svm", "sev", "sev-es")
+#: scenario -> (guest base name, one line)
+SCENARIOS = {
+    "regleak": ("lab-regleak", "a secret in registers across a CPUID exit: who can read it"),
+    "memview": ("lab-service", "guest memory as the host reads it, and a PNG page map"),
+    "lying-hv": ("lab-cpuid", "CPUID answers of the hypervisor's choosing, and what the guest checks"),
+    "remap": ("lab-service", "SEVered: re-point the reply page at the secret page"),
+    "ciphertext": ("lab-counter", "CipherLeaks: VMSA ciphertext repeats reveal a loop counter"),
+}
+DEFAULT_OUT = os.path.join(tempfile.gettempdir(), "kvmharness-lab")
+
+
+def guest_for(scenario: str, mode: str) -> str:
+    """The manifest guest a scenario runs in a mode (the ``-es`` image under SEV-ES)."""
+    base = SCENARIOS[scenario][0]
+    return base + "-es" if mode == "sev-es" else base
+
+
+def launch(guest: str, mode: str, system):
+    """A Machine with ``guest`` loaded; for sev/sev-es launched encrypted with a guest owner
+    (the measurement is verified).  Raises LabUnavailable when the backend cannot."""
+    from ..machine import Machine
+
+    try:
+        if mode == "svm":
+            return Machine.for_guest(guest, system)
+        from ..sev.policy import GuestPolicy
+        from ..sev.session import GuestOwner
+
+        policy = GuestPolicy.parse("nodbg,es" if mode == "sev-es" else "nodbg")
+        return Machine.for_guest(guest, system, sev=mode, policy=policy, owner=GuestOwner(policy))
+    except (FeatureUnavailable, SevError, UsageError) as e:
+        raise LabUnavailable(f"{mode} guests cannot run on the {system.name} backend here: {e}") from e
+
+
+def run_scenario(name: str, mode: str = "svm", backend="auto", *, out_dir: str | None = None) -> LabReport:
+    """Run one scenario in one mode; returns its :class:`LabReport`."""
+    from ..backend import System, open_backend
+    from . import scenarios as S
+
+    if name not in SCENARIOS:
+        raise UsageError(f"unknown lab scenario {name!r}: choose one of {', '.join(SCENARIOS)}")
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    own = not isinstance(backend, System)
+    system = open_backend(backend) if own else backend
+    try:
+        machine = launch(guest_for(name, mode), mode, system)
+        try:
+            if name == "regleak":
+                return S.regleak(machine, mode)
+            if name == "memview":
+                return S.memview(machine, mode, out_dir or DEFAULT_OUT)
+            if name == "lying-hv":
+                return S.lying_hv(machine, mode)
+            if name == "remap":
+                return S.remap(machine, mode)
+            return S.ciphertext(machine, mode)
+        finally:
+            machine.close()
+    finally:
+        if own:
+            system.close()
+
+
+__all__ = [
+    "DEFAULT_OUT",
+    "MODES",
+    "SCENARIOS",
+    "HarnessError",
+    "LabReport",
+    "LabUnavailable",
+    "guest_for",
+    "launch",
+    "run_scenario",
+]

@@ -1,0 +1,507 @@
+"""The five lab scenarios: a guest, a hypervisor-side script, a report.
+
+Each scenario function takes a launched :class:`~kvmharness.machine.Machine` (the
+guest of the scenario, in the requested mode) and returns a :class:`LabReport`.
+The hypervisor side uses only what a hypervisor has:
+
+* ``Machine.on_exit(callback)`` -- every exit userspace sees (on both backends);
+* on the simulator, ``vcpu.svm.on_vmexit`` -- every #VMEXIT, including the ones KVM
+  handles in the kernel (CPUID, VMGEXIT): what the kernel half of a malicious
+  hypervisor sees; ``vcpu.vmcb`` and, for SEV-ES, ``vcpu.vmsa_ciphertext()``;
+* guest memory as the host reads it (``Vm.read``/``Vm.write``: the memory slot);
+* ``SimVm.remap_page`` -- one nested page table entry changed (simulator only);
+* the CPUID table it gives KVM (``Vcpu.set_cpuid``), and under SEV-ES the GHCB page,
+  which is shared memory the host may rewrite before the guest reads KVM's answer.
+
+Which secret the guest holds is known to the lab (it built the guest), so a report
+can say *whether* the hypervisor got it; the hypervisor code itself only looks.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .. import exits as X
+from .. import protocol as P
+from ..errors import FeatureUnavailable, HarnessError
+from ..x86 import CpuidEntry
+from . import pagemap
+
+SVM_EXIT_CPUID = 0x72
+SVM_EXIT_VMGEXIT = 0x403
+
+
+@dataclass
+class LabReport:
+    """What one scenario run showed: a verdict line, facts, text lines, files."""
+
+    scenario: str
+    mode: str
+    backend: str
+    outcome: str  # how the guest run ended (RunResult.outcome)
+    verdict: str  # one line: what the hypervisor learned or changed
+    findings: dict = field(default_factory=dict)
+    lines: list = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)  # name -> file path
+
+    def to_dict(self) -> dict:
+        return {"scenario": self.scenario, "mode": self.mode, "backend": self.backend,
+                "outcome": self.outcome, "verdict": self.verdict, "findings": self.findings,
+                "lines": list(self.lines), "artifacts": dict(self.artifacts)}
+
+    def text(self) -> str:
+        head = f"lab {self.scenario} --mode {self.mode} on {self.backend}: {self.verdict}"
+        body = [f"  {line}" for line in self.lines]
+        files = [f"  {name}: {path}" for name, path in self.artifacts.items()]
+        return "\n".join([head, *body, *files, f"  guest outcome: {self.outcome}"])
+
+
+class LabUnavailable(FeatureUnavailable):
+    """The scenario cannot run in this mode on this backend (the message says why)."""
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+def _q(value: int) -> bytes:
+    return struct.pack("<Q", value & (2**64 - 1))
+
+
+def _is_report(e) -> bool:
+    return type(e) is X.IoOut and e.port == P.UCALL_PORT and e.data[:1] == bytes([P.UCALL_REPORT])
+
+
+def _sim_svm(machine):
+    """The vCPU's SVM model (simulator) or None (real KVM: the kernel's exits are not ours)."""
+    return getattr(machine.vcpu, "svm", None)
+
+
+def _safe_regs(machine):
+    try:
+        return machine.vcpu.get_regs(), None
+    except HarnessError as e:  # SEV-ES with protected state on a newer KVM: EINVAL
+        return None, str(e)
+
+
+def _ghcb_page(machine) -> tuple[int | None, bytes | None]:
+    """(GPA, host view) of the GHCB the vCPU registered in its GHCB MSR, if any."""
+    vmcb = getattr(machine.vcpu, "vmcb", None)
+    gpa = vmcb.control.ghcb_gpa if vmcb is not None else 0
+    if not gpa or gpa & 0xFFF:
+        return None, None
+    try:
+        return gpa, machine.vm.read(gpa, 4096)
+    except HarnessError:
+        return gpa, None
+
+
+def _vmsa(machine) -> bytes | None:
+    fn = getattr(machine.vcpu, "vmsa_ciphertext", None)
+    if fn is None:
+        return None
+    try:
+        return fn()
+    except (LookupError, ValueError, AttributeError):
+        return None
+
+
+def _printable(data: bytes, n: int = 48) -> str:
+    return "".join(chr(b) if 32 <= b < 127 else "." for b in data[:n])
+
+
+def _finish(machine, scenario, mode, result, verdict, findings, lines, artifacts=None):
+    return LabReport(scenario=scenario, mode=mode, backend=machine.backend, outcome=result.outcome,
+                     verdict=verdict, findings=findings, lines=lines, artifacts=artifacts or {})
+
+
+# -- 1. register leak ------------------------------------------------------------------------
+
+REGLEAK_SECRETS = {"r12": 0x5EC2E7C0FFEE1234, "r13": 0x70D0F00DCAFE5678, "r14": 0x1A55B00B5EEDBEEF}
+
+
+def regleak(machine, mode: str) -> LabReport:
+    """At the CPUID exit (and the REPORT exit after it) the hypervisor reads every register
+    it can: KVM's register file (KVM_GET_REGS), the VMCB save area, the GHCB, the VMSA."""
+    snapshots: list = []
+
+    def look(where: str):
+        regs, err = _safe_regs(machine)
+        vmcb = getattr(machine.vcpu, "vmcb", None)
+        gpa, ghcb = _ghcb_page(machine) if mode == "sev-es" else (None, None)
+        snap = {"where": where, "regs": regs.to_dict() if regs is not None else None,
+                "regs_error": err,
+                "vmcb_save": ({"rax": vmcb.save.rax, "rip": vmcb.save.rip, "rsp": vmcb.save.rsp}
+                              if vmcb is not None else None),
+                "ghcb_gpa": gpa}
+        places = {"KVM_GET_REGS": b"".join(_q(v) for k, v in (snap["regs"] or {}).items()
+                                           if isinstance(v, int)),
+                  "VMCB page": bytes(vmcb.raw) if vmcb is not None else b"",
+                  "GHCB page": ghcb or b"", "VMSA (host view)": _vmsa(machine) or b""}
+        snap["found"] = {name: [where_ for where_, data in places.items() if _q(secret) in data]
+                         for name, secret in REGLEAK_SECRETS.items()}
+        if ghcb is not None:
+            from ..sev.ghcb import Ghcb
+
+            g = Ghcb(bytearray(ghcb))
+            snap["ghcb_valid"] = list(g.valid_fields())
+            snap["ghcb"] = {f: g.get(f) for f in ("rax", "rbx", "rcx", "rdx", "sw_exit_code")}
+        snapshots.append(snap)
+
+    svm = _sim_svm(machine)
+    if svm is not None:
+        def at_vmexit(rec):
+            if rec.exit_code == SVM_EXIT_CPUID or (rec.exit_code == SVM_EXIT_VMGEXIT
+                                                    and rec.exit_info_2 == SVM_EXIT_CPUID):
+                look(f"CPUID #VMEXIT ({rec.name}, in the kernel)")
+        svm.on_vmexit.append(at_vmexit)
+
+    def at_exit(m, e):
+        if _is_report(e) and not any(s["where"].startswith("REPORT") for s in snapshots):
+            look("REPORT exit (userspace, right after the CPUID)")
+
+    machine.on_exit(at_exit)
+    result = machine.run()
+    if svm is not None:
+        svm.on_vmexit.remove(at_vmexit)
+
+    leaked = sorted({name for s in snapshots for name, places in s["found"].items() if places})
+    lines = []
+    for s in snapshots:
+        lines.append(f"at the {s['where']}:")
+        if s["regs"] is not None:
+            r = s["regs"]
+            lines.append("  KVM_GET_REGS: " + ", ".join(f"{k}={r[k]:#x}" for k in
+                                                        ("rax", "rbx", "rcx", "rdx", "r12", "r13", "r14")))
+        else:
+            lines.append(f"  KVM_GET_REGS refused: {s['regs_error']}")
+        if s["vmcb_save"] is not None:
+            v = s["vmcb_save"]
+            lines.append(f"  VMCB save area: rax={v['rax']:#x} rip={v['rip']:#x} rsp={v['rsp']:#x}")
+        if s.get("ghcb") is not None:
+            lines.append(f"  GHCB at {s['ghcb_gpa']:#x}: valid {', '.join(s['ghcb_valid']) or '-'}; "
+                         + ", ".join(f"{k}={v:#x}" for k, v in s["ghcb"].items()))
+        for name, places in s["found"].items():
+            lines.append(f"  secret {name}: {'FOUND in ' + ', '.join(places) if places else 'not found'}")
+    if not snapshots:
+        lines.append("no exit seen")
+    if leaked:
+        verdict = f"the hypervisor read the secret registers {', '.join(leaked)}"
+    else:
+        verdict = ("no secret register reached the hypervisor: it saw only what the guest put in "
+                   "the GHCB (the VMSA is encrypted)")
+    findings = {"leaked": leaked, "snapshots": snapshots, "secrets": {k: hex(v) for k, v in
+                                                                       REGLEAK_SECRETS.items()}}
+    return _finish(machine, "regleak", mode, result, verdict, findings, lines)
+
+
+# -- 2. memory view --------------------------------------------------------------------------
+
+SERVICE_REPLY_PAGE = 0x20000
+SERVICE_SECRET_PAGE = 0x21000
+SERVICE_SHARED_BUF = 0x40000
+SERVICE_KEY_REPLY = 0x5E0
+SECRET_TEXT = b"TOP-SECRET guest key"
+REPLY_TEXT = b"GUEST SERVICE v1"
+
+
+def memview(machine, mode: str, out_dir: str) -> LabReport:
+    """At the service's first reply the hypervisor reads all of guest RAM and maps it."""
+    seen: dict = {}
+
+    def at_exit(m, e):
+        if _is_report(e) and not seen:
+            regs, _ = _safe_regs(m)
+            if regs is not None and regs.rbx != SERVICE_KEY_REPLY:
+                return
+            seen["memory"] = m.vm.read(0, m.memory)
+            seen["ghcb_gpa"] = _ghcb_page(m)[0] if mode == "sev-es" else None
+
+    machine.on_exit(at_exit)
+    result = machine.run()
+    if "memory" not in seen:
+        raise LabUnavailable("the service guest never announced a reply")
+    memory = seen["memory"]
+    encrypted = mode != "svm"
+    cats = pagemap.classify_memory(memory, encrypted)
+    counts = {c: cats.count(c) for c in pagemap.CATEGORIES}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"memview-{mode}.png")
+    with open(path, "wb") as f:
+        f.write(pagemap.render(cats))
+
+    def page(gpa):
+        return memory[gpa:gpa + 4096]
+
+    probes = {"secret page": SERVICE_SECRET_PAGE, "reply page": SERVICE_REPLY_PAGE,
+              "shared buffer": SERVICE_SHARED_BUF}
+    if seen.get("ghcb_gpa"):
+        probes["GHCB"] = seen["ghcb_gpa"]
+    lines = [f"guest RAM {len(memory) >> 10} KiB, {len(cats)} pages: "
+             + ", ".join(f"{n} {c}" for c, n in counts.items())]
+    pages = {}
+    for name, gpa in probes.items():
+        data = page(gpa)
+        cat = cats[gpa // 4096]
+        pages[name] = {"gpa": gpa, "category": cat, "entropy": round(pagemap.entropy(data), 2),
+                       "head": data[:48].hex()}
+        lines.append(f"{name} at {gpa:#x}: {cat} (entropy {pagemap.entropy(data):.2f}): "
+                     f"'{_printable(data)}'")
+    secret_readable = SECRET_TEXT in memory
+    lines.append("the secret text is " + ("READABLE in host memory" if secret_readable else
+                                          "nowhere in host memory (only ciphertext)"))
+    verdict = ("the host reads guest memory in the clear" if not encrypted else
+               "the host reads ciphertext, except the pages the guest shares")
+    findings = {"counts": counts, "pages": pages, "secret_readable": secret_readable,
+                "reply_readable_in_shared_buffer": REPLY_TEXT in page(SERVICE_SHARED_BUF),
+                "categories": cats}
+    return _finish(machine, "memview", mode, result, verdict, findings, lines, {"pagemap": path})
+
+
+# -- 3. lying hypervisor ----------------------------------------------------------------------
+
+CPUID_FEATURES = 0x80000001
+CPUID_SEV = 0x8000001F
+RDTSCP_BIT = 27  # CPUID 0x80000001 EDX
+
+
+def _lie_table(table, fake_c_bit: int):
+    """The CPUID table with RDTSCP hidden (0x80000001 EDX bit 27) and the C-bit moved."""
+    ext = table.lookup(CPUID_FEATURES)
+    sev = table.lookup(CPUID_SEV)
+    if ext is not None:
+        table = table.with_entry(CpuidEntry(ext.function, ext.index, ext.flags, ext.eax, ext.ebx,
+                                            ext.ecx, ext.edx & ~(1 << RDTSCP_BIT)))
+    if sev is not None:
+        table = table.with_entry(CpuidEntry(sev.function, sev.index, sev.flags, sev.eax,
+                                            (sev.ebx & ~0x3F) | fake_c_bit, sev.ecx, sev.edx))
+    return table
+
+
+def lying_hv(machine, mode: str) -> LabReport:
+    """The hypervisor answers CPUID with values of its choosing: RDTSCP hidden, the C-bit
+    moved.  Under SVM/SEV through the CPUID table KVM answers from; under SEV-ES by
+    rewriting KVM's answer in the (shared) GHCB page before the guest reads it."""
+    table = machine.cpuid
+    real_sev = table.lookup(CPUID_SEV)
+    real_c_bit = real_sev.ebx & 0x3F if real_sev is not None else 0
+    fake_c_bit = real_c_bit - 4 if real_c_bit > 36 else 47
+    lied = _lie_table(table, fake_c_bit)
+    tampered: list = []
+    svm = _sim_svm(machine)
+    if mode == "sev-es":
+        if svm is None:
+            raise LabUnavailable("rewriting the GHCB between KVM's answer and the guest's read needs "
+                                 "a hook inside KVM's VMGEXIT handling: the simulator has one "
+                                 "(svm.on_vmexit), real KVM does not")
+        from ..sev.ghcb import Ghcb
+
+        def at_vmexit(rec):
+            if rec.exit_code != SVM_EXIT_VMGEXIT or rec.exit_info_2 != SVM_EXIT_CPUID:
+                return
+            gpa, raw = _ghcb_page(machine)
+            if raw is None:
+                return
+            g = Ghcb(bytearray(raw))
+            answer = (g.get("rax"), g.get("rbx"), g.get("rcx"), g.get("rdx"))
+            # which leaf KVM answered: the honest entry its answer equals
+            for f in (CPUID_FEATURES, CPUID_SEV):
+                honest, entry = table.lookup(f), lied.lookup(f)
+                if honest is None or answer != (honest.eax, honest.ebx, honest.ecx, honest.edx):
+                    continue
+                for reg, value in zip(("rax", "rbx", "rcx", "rdx"),
+                                      (entry.eax, entry.ebx, entry.ecx, entry.edx)):
+                    g.put(reg, value)
+                machine.vm.write(gpa, bytes(g.buf))
+                tampered.append({"function": hex(f), "honest": [hex(x) for x in answer],
+                                 "sent": [hex(entry.eax), hex(entry.ebx), hex(entry.ecx),
+                                          hex(entry.edx)]})
+                break
+
+        svm.on_vmexit.append(at_vmexit)
+        how = "KVM answered from the honest table; the host rewrote the answer in the GHCB page"
+    else:
+        machine.vcpu.set_cpuid(lied)
+        how = "KVM answered from a CPUID table the hypervisor edited (KVM_SET_CPUID2)"
+    result = machine.run()
+    if mode == "sev-es":
+        svm.on_vmexit.remove(at_vmexit)
+    v = result.values
+    seen_c_bit = v.get(2, 0) & 0x3F
+    pt_c_bit = v.get(4, 0)
+    verdict_bits = v.get(5, 0)
+    rdtscp_path = v.get(7)
+    detected = []
+    if verdict_bits & 1:
+        detected.append(f"C-bit: CPUID says {seen_c_bit}, the measured boot page tables use {pt_c_bit}")
+    if verdict_bits & 2:
+        detected.append("SEV hidden in CPUID although the guest runs encrypted")
+    if verdict_bits & 4:
+        detected.append("C-bit: the GHCB SEV information response differs from the page tables")
+    accepted = []
+    honest_ext = table.lookup(CPUID_FEATURES)
+    offered = bool(honest_ext and honest_ext.edx >> RDTSCP_BIT & 1)
+    if offered and rdtscp_path == 0:
+        accepted.append("RDTSCP hidden: the guest took its fallback path (it cannot check)")
+    notes = [] if offered else ["RDTSCP is not offered here: nothing to hide"]
+    if offered and rdtscp_path:
+        notes.append("RDTSCP: the lie did not reach the guest (the host's KVM forced the bit)")
+    if not verdict_bits & 1 and seen_c_bit == fake_c_bit:
+        accepted.append(f"C-bit {fake_c_bit}: accepted, nothing to compare with")
+    shown = "shown" if v.get(3, 0) >> RDTSCP_BIT & 1 else "hidden"
+    lines = [how + ".",
+             (f"the guest saw CPUID 0x8000001F EBX={v.get(2, 0):#x} (C-bit {seen_c_bit}; real "
+              f"{real_c_bit}, lie {fake_c_bit}), CPUID 0x80000001 EDX={v.get(3, 0):#x} "
+              f"(RDTSCP {shown})"),
+             f"the C-bit in the measured boot page tables: {pt_c_bit or 'none (not an SEV launch)'}"]
+    if 6 in v:
+        lines.append(f"the C-bit in the GHCB MSR protocol's SEV information: {v[6]}")
+    lines += [f"accepted: {a}" for a in accepted] + [f"DETECTED: {d}" for d in detected] + notes
+    lines.append("what a guest can check: a source the hypervisor cannot answer for -- the "
+                 "measured boot page tables (above), SEV_STATUS (MSR 0xC0010131, read from the "
+                 "CPU, not intercepted); under SEV-SNP the firmware-validated CPUID page")
+    verdict = (f"the guest accepted {len(accepted)} lie(s) and detected {len(detected)}")
+    findings = {"accepted": accepted, "detected": detected, "verdict_bits": verdict_bits,
+                "rdtscp_path": rdtscp_path, "rdtscp_offered": offered, "seen_c_bit": seen_c_bit, "page_table_c_bit": pt_c_bit,
+                "fake_c_bit": fake_c_bit, "real_c_bit": real_c_bit, "ghcb_rewrites": tampered}
+    return _finish(machine, "lying-hv", mode, result, verdict, findings, lines)
+
+
+# -- 4. page remapping (SEVered) -------------------------------------------------------------
+
+def remap(machine, mode: str) -> LabReport:
+    """After the service's first reply the hypervisor points the reply page's guest-physical
+    address at the secret page's memory; the next reply carries the secret out."""
+    vm = machine.vm
+    if not hasattr(vm, "remap_page"):
+        raise LabUnavailable("changing one nested page table entry needs the simulator "
+                             "(SimVm.remap_page): KVM offers userspace no call for it")
+    replies: list = []
+    direct = {}
+
+    def at_exit(m, e):
+        if not _is_report(e):
+            return
+        regs, _ = _safe_regs(m)
+        if regs is None or regs.rbx != SERVICE_KEY_REPLY:
+            return
+        n = regs.rcx
+        buf = m.vm.read(SERVICE_SHARED_BUF, 4096)
+        replies.append({"request": n, "text": _printable(buf, 64),
+                        "secret": SECRET_TEXT in buf, "public": REPLY_TEXT in buf})
+        if n == 0:
+            direct["secret_page"] = m.vm.read(SERVICE_SECRET_PAGE, 4096)
+            m.vm.remap_page(SERVICE_REPLY_PAGE, SERVICE_SECRET_PAGE)
+        elif n == 1:
+            m.vm.remap_page(SERVICE_REPLY_PAGE, SERVICE_REPLY_PAGE)  # cover the tracks
+
+    machine.on_exit(at_exit)
+    result = machine.run()
+    leaked = any(r["secret"] for r in replies)
+    sp = direct.get("secret_page", b"")
+    kind = "plaintext" if SECRET_TEXT in sp else "ciphertext"
+    lines = [f"reading the secret page {SERVICE_SECRET_PAGE:#x} directly: '{_printable(sp)}' ({kind})",
+             (f"after reply 0: NPT entry of {SERVICE_REPLY_PAGE:#x} -> the memory of "
+              f"{SERVICE_SECRET_PAGE:#x}; after reply 1: restored")]
+    for r in replies:
+        lines.append(f"reply {r['request']} in the shared buffer: '{r['text'][:60]}'")
+    lines.append("SEV-SNP would stop this: the RMP records, for every private page, the guest and "
+                 "the GPA it was validated at; an NPT entry that maps GPA "
+                 f"{SERVICE_REPLY_PAGE:#x} to the page validated at {SERVICE_SECRET_PAGE:#x} fails "
+                 "the RMP check (#NPF), and a page swapped in behind the guest's back is not "
+                 "validated (#VC on access)")
+    verdict = ("the secret left through the service's own reply" if leaked
+               else "the remapped reply did not carry the secret")
+    findings = {"leaked": leaked, "replies": replies,
+                "secret_page_readable_directly": SECRET_TEXT in sp}
+    return _finish(machine, "remap", mode, result, verdict, findings, lines)
+
+
+# -- 5. ciphertext side channel --------------------------------------------------------------
+
+COUNTER_KEY_TICK = 0x71C
+VMSA_R12_BLOCK = 0x360  # R12 and R13 share this 16-byte block of the VMSA
+COUNTER_SECRET = b"K3Y!s3v!"
+
+
+class VmsaAtExit:
+    """The CPU's part the simulator leaves out: at every #VMEXIT of an SEV-ES guest the
+    hardware writes the guest state into the VMSA, encrypted with the guest's key and the
+    VMSA page's address as tweak.  sim/seves.py keeps the launch-time VMSA; this hook, on
+    ``svm.on_vmexit``, re-encrypts the GPRs/RIP/RSP/RFLAGS into that page at each exit, so
+    ``vcpu.vmsa_ciphertext()`` is what the host would read.  The hypervisor side of the
+    scenario only reads that ciphertext."""
+
+    def __init__(self, vcpu):
+        self.vcpu = vcpu
+        index = vcpu.vm.vcpus.index(vcpu)
+        self.spa, self.page = vcpu.sev_model.vmsa_pages[index]
+        self.key = vcpu.sev_model.key
+
+    def __call__(self, rec) -> None:
+        from ..sev.vmsa import Vmsa
+
+        names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+                 "r12", "r13", "r14", "r15", "rip", "rflags")
+        v = Vmsa()
+        for name, value in zip(names, self.vcpu.core.gprs()):
+            v.put(name, value)
+        self.page[:] = self.key.encrypt(self.spa, bytes(v.buf))
+
+
+def ciphertext(machine, mode: str) -> LabReport:
+    """At every tick the hypervisor records the counter's value if it can read registers,
+    else the ciphertext of the VMSA block holding it, and decodes phase 2 with phase 1."""
+    observations: list = []
+    writeback = None
+    if mode == "sev-es":
+        svm = _sim_svm(machine)
+        if svm is None or not hasattr(machine.vcpu, "vmsa_ciphertext"):
+            raise LabUnavailable("the host cannot read an SEV-ES VMSA here: KVM keeps it in kernel "
+                                 "memory (the simulator exposes it)")
+        if not getattr(machine.vcpu, "vmsa_saved_at_exit", False):
+            writeback = VmsaAtExit(machine.vcpu)
+            svm.on_vmexit.append(writeback)
+
+    def at_exit(m, e):
+        if not _is_report(e):
+            return
+        regs, _ = _safe_regs(m)
+        if regs is None or regs.rbx != COUNTER_KEY_TICK:
+            return
+        if mode == "sev-es":
+            vmsa = _vmsa(m) or b""
+            observations.append(vmsa[VMSA_R12_BLOCK:VMSA_R12_BLOCK + 16].hex())
+        else:
+            observations.append(regs.r12)
+
+    machine.on_exit(at_exit)
+    result = machine.run()
+    if writeback is not None:
+        _sim_svm(machine).on_vmexit.remove(writeback)
+    phase1, phase2 = observations[:16], observations[16:32]
+    codebook = {}
+    for i, obs in enumerate(phase1):  # the hypervisor knows phase 1 counts 0..15
+        codebook.setdefault(obs, i)
+    nibbles = [codebook.get(obs) for obs in phase2]
+    decoded = None
+    if len(nibbles) == 16 and None not in nibbles:
+        decoded = bytes(nibbles[2 * i] | nibbles[2 * i + 1] << 4 for i in range(8))
+    distinct = len(set(observations))
+    how = ("the VMSA ciphertext of the 16-byte block holding R12 (offset 0x360)" if mode == "sev-es"
+           else "R12 itself (KVM_GET_REGS)")
+    lines = [f"observed at each of {len(observations)} ticks: {how}",
+             f"{distinct} distinct observations; phase 1 (counter 0..15) gives the codebook",
+             "phase 2 decoded: " + (" ".join("?" if n is None else f"{n:x}" for n in nibbles)),
+             f"-> the secret bytes: {decoded!r}" if decoded else "-> not decoded"]
+    if mode == "sev-es":
+        lines.append("equal plaintext at the same address gives equal ciphertext (XEX/XTS tweaked by "
+                     "address only): repeats are visible without the key.  The mitigations shipped "
+                     "after CipherLeaks (SEV-SNP-era firmware; ciphertext hiding on newer parts) "
+                     "take this view away from the hypervisor; SEV-ES as modelled here has none")
+    verdict = (f"the hypervisor recovered the secret the loop walked: {decoded!r}" if decoded
+               else "the hypervisor could not decode the loop")
+    findings = {"decoded": decoded.decode("latin-1") if decoded else None, "ticks": len(observations),
+                "distinct": distinct, "nibbles": nibbles,
+                "vmsa_writeback_model": writeback is not None}
+    return _finish(machine, "ciphertext", mode, result, verdict, findings, lines)
