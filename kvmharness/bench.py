@@ -185,7 +185,14 @@ def bench_sim(progress) -> dict | None:
     except ImportError:
         return None
     progress("sim: ioloop, straight-line instructions")
-    return run()
+    out = run()
+    try:
+        from .sim.sevbench import bench_sev
+    except ImportError:
+        return out
+    progress("sim: SEV launch, memory encryption, SEV-ES VMGEXIT and #VC")
+    out["sev"] = bench_sev(repeat=3, n_cpuid=5_000, n_vmgexit=5_000)
+    return out
 
 
 def run_bench(args) -> int:
@@ -219,7 +226,12 @@ def run_bench(args) -> int:
     if s:
         print("sim:")
         for key, value in s.items():
-            print(f"  {key}: {value}")
+            if isinstance(value, dict):
+                print(f"  {key}:")
+                for k2, v2 in value.items():
+                    print(f"    {k2}: {v2}")
+            else:
+                print(f"  {key}: {value}")
     elif args.only in ("sim", "all"):
         print("sim: not available in this build")
     return EXIT_OK
