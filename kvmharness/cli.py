@@ -66,6 +66,10 @@ def cmd_run(args) -> int:
 
     image = get_guest(args.guest)
     image.load()  # refuse a bad image before any VM exists
+    if args.timeout is not None and not args.timeout > 0:
+        raise E.UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    if args.mode is None:  # the manifest says what the guest needs
+        args.mode = "sev-es" if "sev-es" in image.needs else "sev" if "sev" in image.needs else "svm"
     owner = None
     if args.mode != "svm":
         from .sev.policy import GuestPolicy
@@ -222,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kvm: real /dev/kvm; sim: the simulator; auto: kvm if /dev/kvm exists (default)")
     s.add_argument("--timeout", type=float, default=None, help="seconds (default: the manifest's)")
     s.add_argument("--trace", action="store_true", help="record and print every exit with its RIP")
-    s.add_argument("--mode", choices=("svm", "sev", "sev-es"), default="svm",
-                   help="svm: a plain guest (default); sev / sev-es: launch it encrypted first, "
-                        "verifying the firmware's measurement with a guest owner's TIK")
+    s.add_argument("--mode", choices=("svm", "sev", "sev-es"), default=None,
+                   help="svm: a plain guest; sev / sev-es: launch it encrypted first, verifying "
+                        "the firmware's measurement with a guest owner's TIK (default: what the "
+                        "guest's manifest needs)")
     s.add_argument("--policy", default=None, help="SEV guest policy, e.g. 'nodbg' or 0x5 (default "
                                                   "nodbg, plus es for sev-es)")
     s.add_argument("--no-owner", action="store_true",

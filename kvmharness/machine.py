@@ -178,8 +178,8 @@ class Machine:
         image = guest if isinstance(guest, GuestImage) else get_guest(guest)
         backend_name = backend.name if isinstance(backend, System) else backend
         ok, why = image.runnable_on(backend_name)
-        if not ok:
-            raise UsageError(f"guest {image.name!r} cannot run on the {backend_name} backend: {why}")
+        if not ok:  # declared in the manifest: the backend (or its host) lacks what it needs
+            raise FeatureUnavailable(f"guest {image.name!r} cannot run on the {backend_name} backend: {why}")
         data = image.load()  # validated before any VM exists
         system = backend if isinstance(backend, System) else open_backend(backend)
         try:
@@ -275,6 +275,8 @@ class Machine:
         if self.vcpu is None:
             raise UsageError("this Machine is closed")
         timeout = timeout if timeout is not None else (self.image.timeout if self.image else 10.0)
+        if not timeout > 0:
+            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self._reset_run_state()
         vcpu = self.vcpu
         kicked = []

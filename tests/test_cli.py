@@ -98,3 +98,19 @@ def test_guests_lists_the_manifest(capsys):
     assert main(["guests"]) == 0
     text = capsys.readouterr().out
     assert "hello" in text and "cpuid" in text
+
+
+def test_non_positive_timeout_is_a_usage_error():
+    r = cli("run", "hello", "--backend", "sim", "--timeout", "-1")
+    assert r.returncode == 2 and "--timeout must be a positive number" in r.stderr
+
+
+def test_run_picks_the_sev_mode_the_manifest_needs():
+    r = cli("run", "sev-hello", "--backend", "sim")
+    assert r.returncode == 0, r.stderr
+    assert "# sev launch: KVM_SEV_INIT2" in r.stderr and "verified with the owner TIK" in r.stderr
+
+
+def test_guest_declared_unsupported_is_a_host_error():
+    r = cli("run", "es-io", "--backend", "kvm")
+    assert r.returncode == 3 and "needs SEV-ES hardware" in r.stderr
