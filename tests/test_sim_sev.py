@@ -21,10 +21,12 @@ from kvmharness.sev.launch import expected_vmsa_pages
 from kvmharness.sev.policy import GuestPolicy
 from kvmharness.sev.session import GuestOwner
 from kvmharness.sev.status import SevStatus
-from kvmharness.sim.kvmlayer import cpuid_lookup
-from kvmharness.sim.sev import SevVcpu
-from kvmharness.sim.seves import SevEsVcpu
-from kvmharness.sim.svm import SVM_EXIT_CPUID, SVM_EXIT_VMGEXIT
+pytest.importorskip("unicorn", reason="the simulator's CPU core (pip install unicorn==2.1.4)")
+
+from kvmharness.sim.kvmlayer import cpuid_lookup  # noqa: E402
+from kvmharness.sim.sev import SevVcpu  # noqa: E402
+from kvmharness.sim.seves import SevEsVcpu  # noqa: E402
+from kvmharness.sim.svm import SVM_EXIT_CPUID, SVM_EXIT_VMGEXIT  # noqa: E402
 
 SHARED_PAGE, PRIVATE_PAGE = 0x16000, 0x17000
 SECRET = (0x2D7665732D706F74).to_bytes(8, "little") + (0x2174657263657321).to_bytes(8, "little")
