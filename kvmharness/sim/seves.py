@@ -16,10 +16,19 @@ VMSA (the guest state is then *protected*):
   (CPUID, RDMSR/WRMSR, VMMCALL, RDTSC, INVD, WBINVD, DR7, MONITOR/MWAIT ...)
   raises #VC (vector 29) inside the guest with the exit code as error code and
   RIP at the instruction; nothing reaches KVM or userspace and nothing is
-  traced (no #VMEXIT happens).  Not modelled: IN/OUT executed directly by an
-  SEV-ES guest (the simulator sees IO through instruction hooks, not
-  intercepts; the es-* guests use the GHCB for all IO) and MMIO #VC (NPF on a
-  reserved-bit shared page).
+  traced (no #VMEXIT happens).
+* **IN/OUT and MMIO.**  An IN/OUT/INS/OUTS (REP too) the guest executes itself
+  raises #VC with error code 0x7B (SVM_EXIT_IOIO), and a load or store to a
+  GPA no memory slot backs (the NPF KVM turns into a reserved-bit fault for
+  MMIO) raises #VC with error code 0x400 (SVM_EXIT_NPF): RIP at the
+  instruction, no IO/MMIO exit, nothing traced, the instruction without
+  architectural effect.  IN/OUTs the core finds before they run (precision
+  "sites", core.py) get a code hook on the instruction itself that stops the
+  core before it; otherwise (precision "count") the IN/OUT hook, which runs
+  inside the instruction, records the registers and the event handler puts
+  them back -- exact except that INS's first element then stays zero (QEMU's
+  restartable dummy store happens before the hook).  A write to a read-only
+  slot is not an unbacked GPA and still exits as MMIO.
 * **MSRs 0xC0010130 (GHCB) and 0xC0010131 (SEV_STATUS = 3)** are answered by
   the CPU: no #VC, no exit.
 * **VMGEXIT** (F3 0F 01 D9, delivered by the engine as a VMMCALL intercept at
@@ -41,13 +50,23 @@ from __future__ import annotations
 import errno
 import struct
 
+import unicorn
 from unicorn import x86_const as X
 
 from ..errors import KvmError
 from ..sev.vmgexit import X86_TRAP_VC, SevEsVmgexitHandler, vc_error_code
 from ..x86 import Regs
+from .events import DeliveryFault, read_linear, write_linear
+from .kvmlayer import _decoder
 from .sev import MSR_SEV_ES_GHCB, MSR_SEV_STATUS, SevVcpu, c_bit_of
-from .svm import SVM_EXIT_MSR, SVM_EXIT_VMGEXIT, SVM_EXIT_VMMCALL
+from .svm import (
+    SVM_EXIT_IOIO,
+    SVM_EXIT_MSR,
+    SVM_EXIT_NPF,
+    SVM_EXIT_VMGEXIT,
+    SVM_EXIT_VMMCALL,
+)
+from .vcpu import _io_mnemonics
 from .vmcb import Vmcb
 
 VMGEXIT_BYTES = b"\xF3\x0F\x01\xD9"
@@ -55,6 +74,9 @@ NESTED_CTL_SEV = 1 << 1
 NESTED_CTL_SEV_ES = 1 << 2
 TRACE_KEEP = 100_000
 _VMGEXIT_EVENTS = frozenset({6, 0x100 + 0x46, 0x100 + SVM_EXIT_VMMCALL})
+# run-loop events of this model (above the 0x100 + exit code intercepts and nested.py's 0x1000 + code)
+VC_IO_EVENT = 0x2000 + SVM_EXIT_IOIO
+VC_MMIO_EVENT = 0x2000 + SVM_EXIT_NPF
 
 
 class SevEsVcpu(SevVcpu):
@@ -71,6 +93,9 @@ class SevEsVcpu(SevVcpu):
         self._es_completion = None
         self._es_rip = 0
         self._sregs_at_launch = None
+        self._vc_io_undo = None  # (GPRs, (INS destination, its old bytes) or None)
+        self._vc_sites = set()   # IN/OUT sites with a #VC code hook on the instruction itself
+        self.core.build_hooks.append(self._hook_vc_sites)
 
     # -- protected state ------------------------------------------------------------
     @property
@@ -163,7 +188,88 @@ class SevEsVcpu(SevVcpu):
             self._event = None
             self._vmgexit(self.ghcb, rip)
             return
+        if intno in (VC_IO_EVENT, VC_MMIO_EVENT):
+            self._event = None
+            if intno == VC_IO_EVENT and self._vc_io_undo is not None:
+                gprs, ins = self._vc_io_undo
+                self._vc_io_undo = None
+                self.core.set_gprs(gprs)  # undo the IN/OUT the core already ran
+                if ins is not None:
+                    write_linear(self.core, *ins)
+            else:
+                self._fault_consumed = True
+            self.vc_count += 1
+            self._inject_now(X86_TRAP_VC, intno - 0x2000, rip)
+            return
         super()._handle_event()
+
+    # -- IN/OUT and MMIO: #VC, not exits -----------------------------------------------
+    # Where the IN/OUTs are found before they run (precision "sites", core.py), a code hook
+    # on the instruction itself stops the core before it: #VC with nothing executed.  The
+    # IN/OUT hooks below are the fallback (precision "count", or a site not yet found):
+    # they undo what the instruction did -- registers exactly; for INS the element's bytes
+    # only as the hook finds them, and QEMU has already stored zeros there (its restartable
+    # dummy store), so that fallback leaves them zero.
+    def _scan_io(self, start, end, *, until_branch=False):
+        found = super()._scan_io(start, end, until_branch=until_branch)
+        for site, _after in found:
+            if site not in self._vc_sites:
+                self._vc_sites.add(site)
+                self._hook_vc_site(self.core, site)
+        return found
+
+    def _hook_vc_sites(self, core):
+        """A core build hook: the #VC hooks again on a fresh engine."""
+        for site in self._vc_sites:
+            self._hook_vc_site(core, site)
+
+    def _hook_vc_site(self, core, site):
+        core.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_vc_site, begin=site, end=site)
+
+    def _on_vc_site(self, _uc, address, _size, _ud):
+        if self._handler() is None or self._event is not None:
+            return
+        insn = self._insn(address)  # the code may have changed since the scan
+        if insn is not None and insn.mnemonic in _io_mnemonics(_decoder()):
+            self._vc_io_undo = None
+            self._event = (VC_IO_EVENT, address)
+            self.core.stop()  # takes effect before the instruction runs
+
+    def _on_out(self, port, size, value):
+        if self._handler() is None:
+            return super()._on_out(port, size, value)
+        self._vc_io(False, size)
+        return None
+
+    def _on_in(self, port, size):
+        if self._handler() is None:
+            return super()._on_in(port, size)
+        return self._vc_io(True, size)
+
+    def _vc_io(self, is_in, size):
+        """From the IN/OUT hook (the instruction is executing): keep what it changes,
+        stop, and let the event handler undo it and raise #VC."""
+        core = self.core
+        gprs = core.gprs()
+        rip = gprs[16]
+        ins = None
+        if is_in and self._io_insn(rip)[1]:
+            rdi = gprs[5]  # INS stores its first element at ES:RDI (base 0) whatever DF is
+            try:
+                ins = (rdi, read_linear(core, rdi, size))
+            except DeliveryFault:
+                ins = None  # the store faults: nothing to restore
+        self._vc_io_undo = (gprs, ins)
+        self._event = (VC_IO_EVENT, rip)
+        core.stop()
+        return gprs[0] & ((1 << (8 * size)) - 1)
+
+    def on_unmapped(self, access, addr, size, value):
+        if access in (unicorn.UC_MEM_READ_UNMAPPED, unicorn.UC_MEM_WRITE_UNMAPPED) \
+                and self._handler() is not None:
+            self._event = (VC_MMIO_EVENT, self.core.rip())
+            return False
+        return super().on_unmapped(access, addr, size, value)
 
     def _intercept(self, code, rip):
         h = self._handler()
@@ -233,4 +339,4 @@ class SevEsVcpu(SevVcpu):
         return r.exit
 
 
-__all__ = ["VMGEXIT_BYTES", "SevEsVcpu"]
+__all__ = ["VC_IO_EVENT", "VC_MMIO_EVENT", "VMGEXIT_BYTES", "SevEsVcpu"]

@@ -188,7 +188,9 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 if self._exit is not None:
                     return self._exit
                 if err != corem.UC_ERR_OK:
-                    return self._core_error(err)
+                    if not self._fault_consumed:
+                        return self._core_error(err)
+                    self._fault_consumed = False  # the model turned the access into an event
                 if self._kicked:
                     self._kicked = False
                     raise InterruptedError(errno.EINTR, "KVM_RUN interrupted by kick()")
@@ -429,6 +431,9 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
 
     _rip_moved = False
     _save_stale = True
+    # set by an event handler that answered the access the core stopped on (an SEV-ES
+    # MMIO #VC, sim/seves.py): the core's error for it is then not a KVM_RUN result
+    _fault_consumed = False
 
     def _complete_ins(self, size, string, value, insn_rip, next_rip):
         rcx0, rdi0, count, rep = string
