@@ -3,7 +3,8 @@
 Compared: the userspace-visible exit sequence, the guest's reports, the outcome
 and the final registers.  A guest a backend cannot run says why in the manifest
 (``unsupported``); guests whose needs a backend lacks are skipped with the need.
-The kvm side runs only where /dev/kvm is usable.
+The kvm side runs only where /dev/kvm is usable; the simulator runs with the profile of
+the KVM module behind it (kvm_pvm here, else kvm_amd: kvmharness/sim/profile.py).
 """
 
 import difflib
@@ -11,9 +12,10 @@ import difflib
 import pytest
 
 from kvmharness.backend import kvm_usable, open_backend
-from kvmharness.hostinfo import cpuid_deviations
+from kvmharness.hostinfo import cpuid_deviations, kvm_device_info
 from kvmharness.images import load_manifest
 from kvmharness.machine import needs_met, run_guest
+from kvmharness.sim.profile import for_kvm_module
 from kvmharness.sim.system import SimSystem
 
 MANIFEST = load_manifest()
@@ -57,8 +59,10 @@ def test_same_behaviour_on_sim_and_kvm(name):
     with open_backend("kvm") as kvm_system:
         host_cpuid = kvm_system.capabilities.supported_cpuid
     # Same input on both sides: the simulator offers the guest this host's supported CPUID
-    # table, so any difference in what the guest sees is the model's, not the tables'.
-    with SimSystem(supported_cpuid=host_cpuid) as sim_system:
+    # table, so any difference in what the guest sees is the model's, not the tables'; and
+    # it models the KVM module this host runs (kvm_pvm's profile on these machines).
+    profile = for_kvm_module(kvm_device_info()["module"])
+    with SimSystem(supported_cpuid=host_cpuid, profile=profile) as sim_system:
         sim = run_guest(image, backend=sim_system)
     kvm = run_guest(image, backend="kvm")
     exempt = _exempt_keys() if name == "cpuid" else frozenset()

@@ -100,15 +100,33 @@ def test_unexpected_exception_is_reported_with_vector_and_rip(backend, machine_f
 
 
 def test_vmmcall_with_the_hypercall_quirk_disabled(backend, machine_factory):
-    """kvm_pvm (these machines) raises #UD for VMMCALL at CPL0 (measured), and the simulator
-    follows it; kvm_amd treats it as KVM's own hypercall: unknown nr -> RAX = -KVM_ENOSYS."""
+    """kvm_pvm (these machines) raises #UD for VMMCALL at CPL0 (measured), as does the
+    simulator's kvm_pvm profile; kvm_amd (and the simulator's default profile) treats it as
+    KVM's own hypercall: unknown nr -> RAX = -KVM_ENOSYS."""
     from kvmharness.hostinfo import kvm_device_info
 
     m = machine_factory("hello64")
     m.vm.write(P.GUEST_LOAD_ADDR, b"\xb8\xad\xde\x00\x00\x0f\x01\xd9\xf4")  # mov $0xdead,%eax; vmmcall; hlt
     r = m.run(5)
-    if backend == "kvm" and kvm_device_info()["module"] == "kvm_amd":
+    module = kvm_device_info()["module"] if backend == "kvm" else m.system.profile.name
+    if module == "kvm_amd":
         assert r.outcome == "hlt" and r.regs.rax == 2**64 - 1000
     else:
         assert r.outcome == "exception" and r.exception_vector == 6
         assert r.exception_rip == P.GUEST_LOAD_ADDR + 5
+
+
+def test_vmmcall_is_ud_on_the_sims_kvm_pvm_profile():
+    """The simulator's kvm_pvm profile (what the contract suite uses on these machines)."""
+    pytest.importorskip("unicorn")
+    from kvmharness.sim.system import SimSystem
+
+    with SimSystem(profile="kvm_pvm") as system:
+        m = Machine.for_guest("hello64", system)
+        try:
+            m.vm.write(P.GUEST_LOAD_ADDR, b"\xb8\xad\xde\x00\x00\x0f\x01\xd9\xf4")
+            r = m.run(5)
+        finally:
+            m.close()
+    assert r.outcome == "exception" and r.exception_vector == 6
+    assert r.exception_rip == P.GUEST_LOAD_ADDR + 5

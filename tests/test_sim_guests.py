@@ -17,9 +17,37 @@ from kvmharness.sim.system import SimSystem  # noqa: E402
 needs_as = pytest.mark.skipif(not T.have_binutils(), reason="GNU as/ld (binutils) not installed")
 
 
+# -- the profile ------------------------------------------------------------------
+def test_profile_default_env_and_unknown(monkeypatch):
+    from kvmharness.backend import open_backend
+    from kvmharness.errors import UsageError
+    from kvmharness.sim.profile import for_kvm_module
+
+    monkeypatch.delenv("KVMHARNESS_SIM_PROFILE", raising=False)
+    with open_backend("sim") as system:
+        assert system.profile.name == "kvm_amd"
+        assert not (system.profile.io_rip_past or system.profile.vmmcall_ud or system.profile.soft_int_fails)
+    monkeypatch.setenv("KVMHARNESS_SIM_PROFILE", "kvm_pvm")
+    with open_backend("sim") as system:
+        assert system.profile.name == "kvm_pvm"
+        assert system.profile.io_rip_past and system.profile.vmmcall_ud and system.profile.soft_int_fails
+        assert system.create_vm().create_vcpu(0).profile is system.profile
+    assert SimSystem(profile="kvm_amd").profile.name == "kvm_amd"  # an explicit profile wins
+    with pytest.raises(UsageError, match="unknown simulator profile 'kvm_intel'"):
+        SimSystem(profile="kvm_intel")
+    monkeypatch.setenv("KVMHARNESS_SIM_PROFILE", "bogus")
+    with pytest.raises(UsageError, match="KVMHARNESS_SIM_PROFILE"):
+        SimSystem()
+    assert (for_kvm_module("kvm_pvm"), for_kvm_module("kvm_amd"), for_kvm_module(None)) == \
+        ("kvm_pvm", "kvm_amd", "kvm_amd")
+
+
 # -- guests -----------------------------------------------------------------------
-def _vm(src, bits=64):
-    system = SimSystem()
+PROFILES = ("kvm_amd", "kvm_pvm")  # sim/profile.py: upstream KVM and this project's hosts' KVM
+
+
+def _vm(src, bits=64, profile=None):
+    system = SimSystem(profile=profile)
     vm = system.create_vm()
     v = vm.create_vcpu(0)
     if bits == 64:
@@ -98,13 +126,112 @@ def test_mmio_8_byte_write_and_read_are_single_exits():
 
 
 @needs_as
-def test_vmmcall_and_vmgexit_raise_ud():
+def test_vmmcall_and_vmgexit_raise_ud_on_kvm_pvm():
     for insn in ("vmmcall", ".byte 0xf3, 0x0f, 0x01, 0xd9"):
-        vm, v = _vm(insn + "\nhlt")
+        vm, v = _vm(insn + "\nhlt", profile="kvm_pvm")
         assert v.run() == exits.IoOut(0xEB, 1, 1, b"\x04")
         assert v.get_regs().rbx == 6
         # the core raises #UD for these itself (intercepted #UD, 0x46) or reports VMMCALL (0x81)
         assert any(t.exit_code in (S.SVM_EXIT_VMMCALL, 0x46) for t in v.hw_trace)
+
+
+@needs_as
+@pytest.mark.parametrize("insn, ilen", [("vmmcall", 3), (".byte 0xf3, 0x0f, 0x01, 0xd9", 4)])
+@pytest.mark.parametrize("nr, rax", [(1, 0), (11, 0), (9, 2**64 - 95), (12, 2**64 - 1000),
+                                     (0x4711, 2**64 - 1000), (2**32 + 1, 2**64 - 1000)])
+def test_vmmcall_is_kvms_hypercall_on_kvm_amd(insn, ilen, nr, rax):
+    """kvm_emulate_hypercall: RAX = the result, RIP past the VMMCALL (VMGEXIT outside SEV-ES
+    is VMMCALL with a REP prefix); VAPIC_POLL_IRQ / SCHED_YIELD 0, an unknown number
+    -KVM_ENOSYS (the 64-bit nr is not truncated in 64-bit mode)."""
+    vm, v = _vm(f"movabs rax, {nr:#x}\n{insn}\nhlt", profile="kvm_amd")
+    assert v.run() == exits.Hlt()
+    r = v.get_regs()
+    assert r.rax == rax and r.rip == 0x800A + ilen + 1  # movabs is 10 bytes; past the HLT
+    assert [t.exit_code for t in v.hw_trace] == [S.SVM_EXIT_VMMCALL, S.SVM_EXIT_HLT]
+
+
+def _ring3_vm(user_code, profile="kvm_amd"):
+    """A long-mode guest that IRETQs to ring 3 (GDT entries 3/4, user pages, IOPL 3 so that
+    ring 3 may OUT) and runs ``user_code`` there."""
+    vm, v = _vm("lea rax, [rip+gdt]\nmov [rip+gdtr+2], rax\nlgdt [rip+gdtr]\n"
+                "push 0x23\npush 0x100000\npushfq\nor qword ptr [rsp], 0x3000\npush 0x1b\n"
+                "lea rax, [rip+user]\npush rax\niretq\nuser: " + user_code + "\n"
+                ".balign 8\ngdt: .quad 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00AFFA000000FFFF,"
+                " 0x00CFF2000000FFFF\ngdtr: .word 39\n.quad 0\n", profile=profile)
+    for table, n in ((T.PML4, 1), (T.PDPT, 1), (T.PD0, 512)):  # user pages
+        entries = struct.unpack(f"<{n}Q", vm.read(table, 8 * n))
+        vm.write(table, struct.pack(f"<{n}Q", *(e | 4 for e in entries)))
+    return vm, v
+
+
+@needs_as
+def test_vmmcall_at_cpl3_is_eperm_on_kvm_amd():
+    vm, v = _ring3_vm("mov eax, 1\nvmmcall\nmov rbx, rax\nmov al, 0x77\nout 0xe9, al")
+    assert v.run() == exits.IoOut(0xE9, 1, 1, b"\x77")
+    assert v.get_sregs().cs.selector & 3 == 3
+    assert v.get_regs().rbx == 2**64 - 1  # -KVM_EPERM
+
+
+@needs_as
+def test_int_n_at_cpl3_through_a_dpl0_gate_is_gp_on_kvm_amd():
+    vm, v = _ring3_vm("int 0x0e")  # the test IDT's gates have DPL 0
+    assert v.run() == exits.IoOut(0xEB, 1, 1, b"\x04")
+    r = v.get_regs()
+    assert r.rbx == 13 and struct.unpack("<Q", vm.read(r.rsp, 8))[0] == 0x0E * 8 + 2
+
+
+@needs_as
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("insn, vector, ilen", [("int3", 3, 1), (".byte 0xcd, 3", 3, 2), ("int 0x0e", 14, 2),
+                                                ("int 0x1f", 31, 2)])
+def test_int_n_at_cpl0_per_profile(profile, insn, vector, ilen):
+    """kvm_amd lets the guest's IDT deliver INT n / INT3 (return address past it, no error
+    code even for #PF's vector); the hosts' kvm_pvm fails to emulate them."""
+    vm, v = _vm(f"nop\n{insn}\nhlt", profile=profile)
+    e = v.run()
+    if profile == "kvm_amd":
+        assert e == exits.IoOut(0xEB, 1, 1, b"\x04")
+        r = v.get_regs()
+        assert r.rbx == vector
+        assert struct.unpack("<2Q", vm.read(r.rsp, 16)) == (0x8001 + ilen, 8)  # RIP, CS
+    else:
+        assert isinstance(e, exits.InternalError) and e.suberror == 1
+        assert v.get_regs().rip == 0x8001 and e.data[1] & 0xFF == ilen  # insn_size, at the INT
+
+
+@needs_as
+def test_int_n_beyond_the_idt_limit_is_gp_on_the_int_on_kvm_amd():
+    vm, v = _vm("nop\nint 0x80\nhlt", profile="kvm_amd")  # the test IDT holds 32 gates
+    assert v.run() == exits.IoOut(0xEB, 1, 1, b"\x04")
+    r = v.get_regs()
+    assert r.rbx == 13 and struct.unpack("<2Q", vm.read(r.rsp, 16)) == (0x80 * 8 + 2, 0x8001)
+
+
+@needs_as
+@pytest.mark.parametrize("profile", PROFILES)
+def test_rip_at_an_io_exit_per_profile(profile):
+    """kvm_amd shows RIP at the IN/OUT until the next KVM_RUN completes it (kvm_fast_pio);
+    kvm_pvm shows it past.  Moving RIP drops the pending IN completion on both."""
+    vm, v = _vm("out 0x80, al\nin al, 0x81\nmov bl, al\nhlt\nmov cl, 0x11\nhlt", profile=profile)
+    past = profile == "kvm_pvm"
+    assert v.run() == exits.IoOut(0x80, 1, 1, b"\x00")
+    assert v.get_regs().rip == (0x8002 if past else 0x8000)
+    v.set_regs(v.get_regs())  # writing back what was read changes nothing
+    assert v.run() == exits.IoIn(0x81, 1, 1)
+    assert v.get_regs().rip == (0x8004 if past else 0x8002)
+    v.complete(0x42)
+    assert v.run() == exits.Hlt()
+    assert v.get_regs().rbx & 0xFF == 0x42 and v.get_regs().rip == 0x8007
+    # now an IN whose RIP userspace moves to the MOV CL: the completion is dropped
+    vm, v = _vm("in al, 0x81\nmov bl, al\nhlt\nmov cl, 0x11\nhlt", profile=profile)
+    assert v.run() == exits.IoIn(0x81, 1, 1)
+    r = v.get_regs()
+    r.rip = 0x8005
+    v.set_regs(r)
+    v.complete(0x42)
+    assert v.run() == exits.Hlt()
+    r = v.get_regs()
+    assert r.rax & 0xFF == 0 and r.rbx & 0xFF == 0 and r.rcx & 0xFF == 0x11 and r.rip == 0x8008
 
 
 @needs_as
@@ -404,7 +531,7 @@ def test_inject_exception_and_at_exit_callbacks():
     assert r.rbx == 29
     frame = struct.unpack("<2Q", vm.read(r.rsp, 16))
     assert frame == (0x72, 0x8000)  # error code, then the interrupted RIP
-    assert seen == [("IOIO", r.rip - 2)]
+    assert seen == [("IOIO", r.rip - 2 if v.profile.io_rip_past else r.rip)]  # RIP at the OUT: kvm_amd
 
 
 @needs_as
@@ -425,10 +552,30 @@ def test_io_exits_stop_exactly_after_the_instruction():
 
 
 @needs_as
-def test_vmmcall_in_real_mode_is_ud_through_the_ivt():
-    vm, v = _vm("vmmcall\nhlt", bits=16)
+@pytest.mark.parametrize("profile", PROFILES)
+def test_vmmcall_in_real_mode_per_profile(profile):
+    """kvm_pvm: #UD through the IVT; kvm_amd: the hypercall, 32-bit result outside 64-bit mode."""
+    vm, v = _vm("mov eax, 0x1234\nvmmcall\nhlt", bits=16, profile=profile)
     vm.write(6 * 4, bytes([0x00, 0x02, 0x00, 0x07]))  # IVT[6] = 0700:0200
     vm.write(0x7200, T.assemble("pop bx\nmov al, 0x66\nout 0xe9, al\nhlt", 16, 0x200))
-    assert v.run() == exits.IoOut(0xE9, 1, 1, b"\x66")
-    assert v.get_regs().rbx & 0xFFFF == 0x100  # the #UD frame's IP: the VMMCALL itself
-    assert vm.read(0x7100, 3) == bytes.fromhex("0f01d9")  # not patched (quirk disabled)
+    if profile == "kvm_pvm":
+        assert v.run() == exits.IoOut(0xE9, 1, 1, b"\x66")
+        assert v.get_regs().rbx & 0xFFFF == 0x106  # the #UD frame's IP: the VMMCALL itself
+    else:
+        assert v.run() == exits.Hlt()
+        r = v.get_regs()
+        assert r.rax == 0xFFFFFC18 and r.rip == 0x10A  # (u32)-KVM_ENOSYS; past VMMCALL and HLT
+    assert vm.read(0x7106, 3) == bytes.fromhex("0f01d9")  # not patched (quirk disabled)
+
+
+@needs_as
+@pytest.mark.parametrize("profile", PROFILES)
+def test_int_n_in_real_mode_per_profile(profile):
+    vm, v = _vm("int 0x21\nhlt", bits=16, profile=profile)
+    vm.write(0x21 * 4, bytes([0x00, 0x02, 0x00, 0x07]))  # IVT[0x21] = 0700:0200
+    vm.write(0x7200, T.assemble("pop bx\nmov al, 0x66\nout 0xe9, al\nhlt", 16, 0x200))
+    e = v.run()
+    if profile == "kvm_amd":
+        assert e == exits.IoOut(0xE9, 1, 1, b"\x66") and v.get_regs().rbx & 0xFFFF == 0x102
+    else:
+        assert isinstance(e, exits.InternalError) and e.suberror == 1

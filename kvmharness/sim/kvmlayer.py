@@ -7,11 +7,15 @@ intercepts are resolved in the kernel -- and :class:`KvmExitHandling`, the
 per-exit handlers (svm.c ``svm_exit_handlers[]``) the vCPU runs when the core
 stops on an intercept or an exception.
 
-Where the project's hosts' KVM differs from upstream kvm_amd, the host is
-followed, because the contract suite compares the two (dev-kvm-on-these-machines.md):
-VMMCALL/VMGEXIT raise #UD at CPL0 with the FIX_HYPERCALL_INSN quirk disabled (§3),
-``int n``/``int3`` at CPL0 are emulation failures (§0), RIP is already past IN/OUT
-at an IO exit, and the leaf 1 / leaf 7 CPUID fix-ups (§2).
+Where the project's hosts' KVM (kvm_pvm) differs from upstream kvm_amd, the vCPU's
+profile (sim/profile.py) decides: kvm_amd (the default) or kvm_pvm, which the contract
+suite selects when the kvm backend is kvm_pvm (dev-kvm-on-these-machines.md).  kvm_pvm
+raises #UD for VMMCALL/VMGEXIT at CPL0 with the FIX_HYPERCALL_INSN quirk disabled (§3)
+where kvm_amd runs its hypercall (:meth:`KvmExitHandling._hypercall`); kvm_pvm fails to
+emulate ``int n``/``int3`` at CPL0 (§0) where kvm_amd lets the guest's IDT deliver them;
+and kvm_pvm shows RIP already past IN/OUT at an IO exit (sim/vcpu.py).  The leaf 1 /
+leaf 7 CPUID fix-ups of kvm_pvm (§2) are not modelled in either profile (see
+:func:`cpuid_lookup`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from .. import exits
 from . import core as corem
 from .events import DeliveryFault, EXC_WITH_ERROR_CODE, VEC_DF, deliver_long, deliver_real
 from .nested import handle_event as _nested_event
-from .svm import SVM_EXIT_CPUID, SVM_EXIT_EXCP_BASE, SVM_EXIT_HLT, SVM_EXIT_MSR, SVM_EXIT_SHUTDOWN
+from .svm import (SVM_EXIT_CPUID, SVM_EXIT_EXCP_BASE, SVM_EXIT_HLT, SVM_EXIT_MSR, SVM_EXIT_SHUTDOWN,
+                  SVM_EXIT_VMMCALL)
 
 _M64 = 2**64 - 1
 CR0_PE = 1
@@ -55,6 +60,11 @@ KERNEL_MSRS = {
 KERNEL_MSRS.update({m: 0 for m in range(0x200, 0x210)})  # variable MTRRs
 KERNEL_MSRS.update({m: 0 for m in (0x250, 0x258, 0x259, *range(0x268, 0x270))})  # fixed MTRRs
 READ_ONLY_MSRS = frozenset({0xFE, 0x8B})
+
+# KVM's hypercall results (include/uapi/linux/kvm_para.h), see KvmExitHandling._hypercall
+KVM_ENOSYS, KVM_EPERM, KVM_EOPNOTSUPP = 1000, 1, 95
+HYPERCALL_RESULTS = {1: 0, 5: 0, 9: -KVM_EOPNOTSUPP, 10: 0, 11: 0}
+_VMMCALL = b"\x0f\x01\xd9"
 
 
 class MsrPolicy:
@@ -124,7 +134,7 @@ def cpuid_lookup(table, function: int, index: int) -> tuple[int, int, int, int]:
 # Intercepts KVM resolves without userspace, and how (svm_exit_handlers[]):
 #   "skip"  -- complete the instruction (WBINVD, INVD: kvm_emulate_wbinvd / skip)
 #   "ud"    -- inject #UD (VMRUN/VMLOAD/VMSAVE/STGI/CLGI/SKINIT/INVLPGA without nested,
-#              RDPRU, and VMMCALL with the quirk disabled on these hosts)
+#              RDPRU; VMMCALL is the hypercall instead unless profile.vmmcall_ud)
 #   "gp"    -- inject #GP (RDPMC of a counter KVM does not expose)
 #   "emul"  -- KVM's emulator fails here: KVM_EXIT_INTERNAL_ERROR, suberror 1
 INTERCEPT_ACTIONS = {
@@ -225,6 +235,9 @@ class KvmExitHandling:
         action = INTERCEPT_ACTIONS.get(code)
         insn = self._insn(rip)
         ilen = insn.len if insn is not None else 0
+        if code == SVM_EXIT_VMMCALL and not self.profile.vmmcall_ud:
+            self._hypercall(rip, ilen or 3)
+            return
         if action == "skip":
             svm.vmexit(code, 0, 0, rip, rip + ilen)
             core.set_reg(X.UC_X86_REG_RIP, rip + ilen)
@@ -364,11 +377,24 @@ class KvmExitHandling:
         core = self.core
         core.reset_exception_state()  # the model delivers it: nothing stays "in flight"
         if vector >= 32 or self._is_soft_int(vector, rip):
+            if not self.profile.soft_int_fails:
+                # kvm_amd intercepts none of them: the guest's IDT delivers the software
+                # interrupt natively, the return address past the instruction
+                self._soft_int(vector, rip)
+                return
             # int n / int3 / int1 at CPL0: the hosts' KVM fails to emulate them (dev-kvm §0)
             start = rip - (1 if vector in (1, 3) and self._code_bytes(rip - 1, 1) in (b"\xcc", b"\xf1") else 2)
             core.set_reg(X.UC_X86_REG_RIP, start)
             self._exit = self._emulation_failure(start)
             return
+        if vector == 6 and not self.profile.vmmcall_ud:
+            # the engine raises #UD for VMMCALL where the hardware takes KVM's VMMCALL
+            # intercept (real mode; VMGEXIT outside SEV-ES, i.e. VMMCALL with a REP prefix)
+            code = self._code_bytes(rip, 4)
+            ilen = 3 if code[:3] == _VMMCALL else 4 if code == b"\xf3" + _VMMCALL else 0
+            if ilen:
+                self._hypercall(rip, ilen)
+                return
         error = None
         if vector == 14:
             # unicorn does not expose the fault address of a guest-mode #PF (CR2 reads back
@@ -384,6 +410,56 @@ class KvmExitHandling:
             # KVM reflects #UD (after failing to emulate), #AC and #MC back into the guest
             self.svm.vmexit(SVM_EXIT_EXCP_BASE + vector, error or 0, info2, rip, 0)
         self._inject_now(vector, error, rip)
+
+    def _soft_int(self, vector, next_rip):
+        """INT n / INT3 delivered by the guest's IDT, the return address past the instruction.
+        A gate that faults (beyond the IDT limit, not present; in long mode a DPL below CPL)
+        raises that fault on the INT itself, #GP/#NP(vector * 8 + 2), as the CPU does."""
+        core = self.core
+        start = next_rip - (1 if self._code_bytes(next_rip - 1, 1) in (b"\xcc", b"\xf1") else 2)
+        try:
+            if core.msr_read_native(corem.MSR_EFER) & EFER_LMA and self._cpl():
+                _sel, idt_base, idt_limit, _f = core.mmr("idtr")
+                if vector * 16 + 15 <= idt_limit:
+                    raw = self._lin_bytes(idt_base + vector * 16, 8).ljust(8, b"\0")
+                    gate = int.from_bytes(raw, "little")
+                    if (gate >> 45) & 3 < self._cpl():
+                        raise DeliveryFault(13, vector * 8 + 2)
+            self._deliver(vector, None, next_rip)
+        except DeliveryFault as f:
+            core.set_reg(X.UC_X86_REG_RIP, start)
+            self._inject_now(f.vector, f.error, start)
+
+    def _hypercall(self, rip, ilen):
+        """vmmcall_interception -> kvm_emulate_hypercall: RAX = the result, RIP past VMMCALL.
+
+        Modelled numbers (KVM_CAP_ENFORCE_PV_FEATURE_CPUID off, no in-kernel APIC):
+        VAPIC_POLL_IRQ (1), KICK_CPU (5), SEND_IPI (10, no target: 0 IPIs sent) and
+        SCHED_YIELD (11) return 0; CLOCK_PAIRING (9) -KVM_EOPNOTSUPP (no TSC-based host
+        clock in the model); every other number, MAP_GPA_RANGE (12) included (its user
+        exit needs KVM_CAP_EXIT_HYPERCALL, not modelled), -KVM_ENOSYS.  At CPL > 0 the
+        result is -KVM_EPERM; outside 64-bit mode nr and the result are 32-bit.
+        """
+        core = self.core
+        self.svm.vmexit(SVM_EXIT_VMMCALL, 0, 0, rip, rip + ilen)
+        long64 = self._bitness() == 64  # is_64_bit_hypercall (the model runs no compat-mode code)
+        nr = core.reg(X.UC_X86_REG_RAX)
+        if not long64:
+            nr &= 0xFFFFFFFF
+        if self._cpl():
+            ret = -KVM_EPERM
+        else:
+            ret = HYPERCALL_RESULTS.get(nr, -KVM_ENOSYS)
+        core.set_reg(X.UC_X86_REG_RAX, ret & (_M64 if long64 else 0xFFFFFFFF))
+        core.set_reg(X.UC_X86_REG_RIP, rip + ilen)  # kvm_skip_emulated_instruction
+        if self.single_step:
+            self._exit = exits.Debug(exception=1, pc=rip + ilen, dr6=0xFFFF4FF0, dr7=0x400)
+
+    def _cpl(self):
+        core = self.core
+        if not core.cr(0) & CR0_PE:
+            return 0
+        return core.selector("cs") & 3
 
     def _inject_now(self, vector, error, rip=None):
         """Deliver an exception now (EVENTINJ at the next VMRUN, done by the model)."""

@@ -7,6 +7,7 @@ import itertools
 from ..backend import Capabilities, KVM_X86_DEFAULT_VM, System
 from ..errors import FeatureUnavailable
 from .cpumodel import SUPPORTED_CPUID
+from .profile import KvmProfile, resolve as _resolve_profile
 
 # KVM_CAP_* numbers (linux/kvm.h) of the capabilities the model offers, and their values.
 KVM_CAP_NUMBERS = {
@@ -35,9 +36,12 @@ SIM_EXTENSIONS = {
 class SimSystem(System):
     name = "sim"
 
-    def __init__(self, *, supported_cpuid=None):
+    def __init__(self, *, supported_cpuid=None, profile: str | KvmProfile | None = None):
         """``supported_cpuid`` replaces the model's table (cpumodel.SUPPORTED_CPUID), e.g. with
-        a real host's KVM_GET_SUPPORTED_CPUID so both backends give guests the same leaves."""
+        a real host's KVM_GET_SUPPORTED_CPUID so both backends give guests the same leaves.
+        ``profile`` is the KVM modelled, ``"kvm_amd"`` or ``"kvm_pvm"`` (sim/profile.py);
+        default ``$KVMHARNESS_SIM_PROFILE``, else kvm_amd."""
+        self.profile = _resolve_profile(profile)
         self._asids = itertools.count(1)
         self._vms = []
         self._caps = Capabilities(backend="sim", api_version=12, extensions=dict(SIM_EXTENSIONS),

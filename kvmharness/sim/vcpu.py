@@ -8,9 +8,10 @@ exceptions it reflects) or return the userspace exit.
 
 Userspace-visible timing follows KVM: during an MMIO or MSR exit the guest RIP
 is the instruction's (``get_regs`` shows it) and the instruction completes on
-the next ``run()`` (``complete_emulated_*``); during an IO exit RIP is already
-past the IN/OUT, as the hosts' KVM shows it.  If userspace moves RIP before the
-next run, the pending completion is dropped, as KVM does.
+the next ``run()`` (``complete_emulated_*``).  During an IO exit RIP depends on the
+profile (sim/profile.py): kvm_amd shows it AT the IN/OUT and skips it on the next run
+(``complete_fast_pio_*``); kvm_pvm, the hosts' KVM, shows it already past.  If
+userspace moves RIP before the next run, the pending completion is dropped, as KVM does.
 
 A ``kick()`` makes the current or next ``run()`` raise ``InterruptedError``
 (errno EINTR), the way KVM_RUN returns -EINTR when a signal is pending.
@@ -33,6 +34,7 @@ from ..x86 import CpuidTable, DTable, Regs, Segment, Sregs
 from . import core as corem
 from . import kvmlayer as K
 from .events import DeliveryFault, read_linear, write_linear
+from .profile import resolve as _resolve_profile
 from .svm import PASSTHROUGH_MSRS, SVM_EXIT_IOIO, SVM_EXIT_NPF, Svm, ioio_exit_info1
 
 _M64 = 2**64 - 1
@@ -62,6 +64,10 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
     def __init__(self, vm, vcpu_id: int, asid: int):
         self.vm = vm
         self.vcpu_id = vcpu_id
+        self.profile = getattr(getattr(vm, "system", None), "profile", None) or _resolve_profile()
+        # IO exits whose RIP userspace sees at the instruction, as MMIO/MSR exits (kvm_amd)
+        self._rip_at_insn = ("mmio_r", "mmio_w", "rdmsr", "wrmsr") if self.profile.io_rip_past else \
+            ("mmio_r", "mmio_w", "rdmsr", "wrmsr", "out", "in")
         self.svm = Svm(asid)
         self.cpuid = CpuidTable()
         self.msrs = K.KvmMsrs()
@@ -357,6 +363,8 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         under a count of 1, which reports the fault exactly."""
         if not _SITES or self.single_step:
             return False
+        if intno < 32 and self._is_soft_int(intno, self._event[1]):
+            return False  # INT n / INT3 / INT1 are traps: the hook saw them exactly, RIP past
         if intno < 32 or intno == 0x100 + 0x7F:
             self.core.reset_exception_state()
             self._precise_retry = True
@@ -488,7 +496,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                         **{k: v for k, v in self._shadow.items()})
         vals = self.core.gprs()
         regs = Regs(*vals)
-        if self._pending is not None and not self._rip_moved and self._pending[0] not in ("out", "in"):
+        if self._pending is not None and not self._rip_moved and self._pending[0] in self._rip_at_insn:
             regs.rip = self._pending[1]
         return regs
 
@@ -502,14 +510,14 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 self._shadow[k] = getattr(regs, k) & _M64
             return
         if self._pending is not None:
-            # the hosts' KVM reports RIP past IN/OUT at an IO exit (measured by the contract
-            # suite); MSR and MMIO exits keep RIP at the instruction until completed
-            shown = self.core.rip() if self._pending[0] in ("out", "in") else self._pending[1]
+            # MSR and MMIO exits keep RIP at the instruction until completed; IO exits too on
+            # kvm_amd, while the hosts' kvm_pvm reports RIP past the IN/OUT (profile.io_rip_past)
+            shown = self._pending[1] if self._pending[0] in self._rip_at_insn else self.core.rip()
             if regs.rip != shown:
                 self._rip_moved = True
         values = [getattr(regs, n) for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
                                              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")]
-        if self._pending is not None and not self._rip_moved and self._pending[0] not in ("out", "in"):
+        if self._pending is not None and not self._rip_moved and self._pending[0] in self._rip_at_insn:
             values.append(self.core.rip())
         else:
             values.append(regs.rip)

@@ -68,8 +68,8 @@ class SimVm(Vm):
 
     def disable_fix_hypercall_quirk(self) -> None:
         """KVM_CAP_DISABLE_QUIRKS2(FIX_HYPERCALL_INSN): the model always behaves with it disabled
-        (VMMCALL/VMGEXIT -> #UD); with it enabled these hosts' KVM spins inside KVM_RUN, which
-        is not worth reproducing."""
+        (VMMCALL/VMGEXIT: KVM's hypercall on the kvm_amd profile, #UD on kvm_pvm); with it
+        enabled these hosts' KVM spins inside KVM_RUN, which is not worth reproducing."""
         self.enabled_caps[KVM_CAP_NUMBERS["KVM_CAP_DISABLE_QUIRKS2"]] = (1 << 7,)
 
     def enable_user_msr_exits(self, reasons: int) -> None:
