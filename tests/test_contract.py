@@ -47,7 +47,7 @@ def _runnable(image, backend):
     with open_backend(backend) as system:
         met, need = needs_met(system, image.needs)
     if not met:
-        pytest.skip(f"{image.name} on {backend}: needs {need}")
+        pytest.skip(f"{image.name} on {backend}: the backend lacks what the manifest needs: {need}")
 
 
 @pytest.mark.skipif(not KVM_OK, reason=f"no usable /dev/kvm: {KVM_WHY}")
