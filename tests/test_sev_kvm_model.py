@@ -11,15 +11,13 @@ from __future__ import annotations
 import errno
 
 import pytest
+from sev_fakes import MemoryOnlyVm
 
 from kvmharness.backend import (
     KVM_X86_DEFAULT_VM,
     KVM_X86_SEV_ES_VM,
     KVM_X86_SEV_VM,
-    MemoryRegion,
-    Vm,
 )
-from kvmharness.boot import long_mode_state
 from kvmharness.errors import SevError, UsageError
 from kvmharness.sev.firmware import SimulatedSevFirmware
 from kvmharness.sev.kvm_model import (
@@ -36,65 +34,13 @@ from kvmharness.x86 import sev_cpuid_leaf
 MiB = 1 << 20
 
 
-class FakeVcpu:
-    """What the model reads from a vCPU: registers (for the VMSA) and guest_debug."""
-
-    def __init__(self, memory: int):
-        self.regs, self.sregs = long_mode_state(memory)
-        self.guest_debug = 0
-        self.dr7 = 0x400
-
-    def get_regs(self):
-        return self.regs
-
-    def get_sregs(self):
-        return self.sregs
-
-
-class FakeVm(Vm):
-    """A VM that is only memory and a vCPU list: all the KVM model needs."""
-
-    def __init__(self, vm_type: int = KVM_X86_DEFAULT_VM, memory: int = MiB):
-        self.vm_type = vm_type
-        self.system = None
-        self.vcpus: list = []
-        self.regions: list = []
-        self.add_memory(0, memory)
-
-    def add_memory(self, gpa, size, *, readonly=False):
-        buf = bytearray(size)
-        region = MemoryRegion(len(self.regions), gpa, size, memoryview(buf), readonly, owner=buf)
-        self.regions.append(region)
-        return region
-
-    def create_vcpu(self, vcpu_id=0):
-        vcpu = FakeVcpu(self.regions[0].size)
-        self.vcpus.append(vcpu)
-        return vcpu
-
-    def check_extension(self, cap):
-        return 0
-
-    def enable_cap(self, cap, *args):
-        pass
-
-    def enable_user_msr_exits(self, reasons):
-        pass
-
-    def set_msr_filter(self, ranges, *, default_allow=True):
-        pass
-
-    def close(self):
-        pass
-
-
 @pytest.fixture
 def fw():
     return SimulatedSevFirmware()
 
 
 def model(fw, vm_type=KVM_X86_DEFAULT_VM, **kw):
-    vm = FakeVm(vm_type)
+    vm = MemoryOnlyVm(vm_type)
     return vm, KvmSevModel(vm, fw, **kw)
 
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 import errno
 
 import pytest
+from sev_fakes import FakeSystem, MemoryOnlyVm
 
 from kvmharness.backend import (
     KVM_X86_DEFAULT_VM,
     KVM_X86_SEV_ES_VM,
     KVM_X86_SEV_VM,
-    MemoryRegion,
-    Vm,
 )
-from kvmharness.boot import long_mode_state
 from kvmharness.errors import SevError, UsageError
 from kvmharness.sev.firmware import SimulatedSevFirmware
 from kvmharness.sev.kvm_model import KvmSevModel
@@ -38,60 +36,13 @@ IMAGE = bytes(range(256)) * 40 + b"tail"  # not a multiple of 16: padded by the 
 LOAD = 0x10000
 
 
-class FakeVcpu:
-    def __init__(self, memory):
-        self.regs, self.sregs = long_mode_state(memory)
-
-    def get_regs(self):
-        return self.regs
-
-    def get_sregs(self):
-        return self.sregs
-
-
-class FakeSystem:
-    name = "fake"
-
-    def __init__(self, firmware):
-        self.sev_firmware = firmware  # how a simulator system offers SEV
-
-
-class FakeVm(Vm):
-    def __init__(self, system, vm_type=KVM_X86_DEFAULT_VM, memory=MiB):
-        self.system, self.vm_type, self.vcpus, self.regions = system, vm_type, [], []
-        buf = bytearray(memory)
-        self.regions.append(MemoryRegion(0, 0, memory, memoryview(buf), False, owner=buf))
-
-    def add_memory(self, gpa, size, *, readonly=False):
-        raise NotImplementedError
-
-    def create_vcpu(self, vcpu_id=0):
-        self.vcpus.append(FakeVcpu(self.regions[0].size))
-        return self.vcpus[-1]
-
-    def check_extension(self, cap):
-        return 0
-
-    def enable_cap(self, cap, *args):
-        pass
-
-    def enable_user_msr_exits(self, reasons):
-        pass
-
-    def set_msr_filter(self, ranges, *, default_allow=True):
-        pass
-
-    def close(self):
-        pass
-
-
 @pytest.fixture
 def fw():
     return SimulatedSevFirmware()
 
 
 def vm_for(fw, vm_type=KVM_X86_SEV_VM):
-    return FakeVm(FakeSystem(fw), vm_type)
+    return MemoryOnlyVm(vm_type, system=FakeSystem(fw))
 
 
 def test_interface_lookup_uses_the_systems_firmware(fw):
