@@ -26,7 +26,6 @@ from .devices import Console, DeviceBus, MsrStore, NoDevice, NullDevice, RamLike
 from .errors import FeatureUnavailable, GuestFailure, GuestTimeout, UsageError
 from .images import GuestImage, get_guest
 from .watchdog import WATCHDOG
-from .x86 import CpuidTable
 
 DEFAULT_MEMORY = 2 << 20
 TRACE_LIMIT = 250_000  # exits kept in RunResult.exits; later ones are only counted
