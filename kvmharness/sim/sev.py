@@ -180,11 +180,13 @@ class SevMemory:
         off = gpa - r[0]
         return r[3][off:off + n]
 
-    def enter_sync(self) -> None:
-        """Before the guest runs: decrypt every page the host changed into the alias."""
-        if not self.host_dirty:
-            return
-        pages, self.host_dirty = self.host_dirty, set()
+    def _copy_changed(self, pages, to_host: bool) -> int:
+        """Re-encrypt (guest -> host RAM) or re-decrypt (host RAM -> guest alias) every page of
+        ``pages`` whose source side changed since the last sync; returns the bytes moved.
+
+        Each region keeps a snapshot of both sides, so a page marked dirty but unchanged
+        costs one memcmp and no AES."""
+        moved = 0
         key = self.key
         for page in sorted(pages):
             r = self.region(page)
@@ -192,40 +194,41 @@ class SevMemory:
                 continue
             gpa, _size, addr, _alias, alias_addr, plain_snap, cipher_snap = r
             off = page - gpa
-            snap = ctypes.addressof(cipher_snap) + off
-            if not _memcmp(addr + off, snap, PAGE):
+            host, alias = addr + off, alias_addr + off
+            psnap = ctypes.addressof(plain_snap) + off
+            csnap = ctypes.addressof(cipher_snap) + off
+            src, src_snap = (alias, psnap) if to_host else (host, csnap)
+            if not _memcmp(src, src_snap, PAGE):
                 continue
-            cipher = ctypes.string_at(addr + off, PAGE)
-            plain = key.decrypt(page, cipher)
-            ctypes.memmove(alias_addr + off, plain, PAGE)
-            ctypes.memmove(ctypes.addressof(plain_snap) + off, plain, PAGE)
-            ctypes.memmove(snap, cipher, PAGE)
-            self.bytes_decrypted += PAGE
-            for v in self.vm.vcpus:
-                v.core.flush_code(SHADOW_BASE + page, PAGE)
-                v.code_changed()
+            if to_host:
+                plain = ctypes.string_at(alias, PAGE)
+                cipher = key.encrypt(page, plain)
+                ctypes.memmove(host, cipher, PAGE)
+            else:
+                cipher = ctypes.string_at(host, PAGE)
+                plain = key.decrypt(page, cipher)
+                ctypes.memmove(alias, plain, PAGE)
+            ctypes.memmove(psnap, plain, PAGE)
+            ctypes.memmove(csnap, cipher, PAGE)
+            moved += PAGE
+            if not to_host:
+                for v in self.vm.vcpus:
+                    v.core.flush_code(SHADOW_BASE + page, PAGE)
+                    v.code_changed()
+        return moved
+
+    def enter_sync(self) -> None:
+        """Before the guest runs: decrypt every page the host changed into the alias."""
+        if self.host_dirty:
+            pages, self.host_dirty = self.host_dirty, set()
+            self.bytes_decrypted += self._copy_changed(pages, to_host=False)
 
     def exit_sync(self) -> None:
         """After the guest ran: encrypt every page it changed privately into host RAM."""
         if not self.guest_dirty:
             return
         pages, self.guest_dirty = self.guest_dirty, set()
-        key = self.key
-        for page in sorted(pages):
-            r = self.region(page)
-            if r is None:
-                continue
-            gpa, _size, addr, _alias, alias_addr, plain_snap, cipher_snap = r
-            off = page - gpa
-            psnap = ctypes.addressof(plain_snap) + off
-            if not _memcmp(alias_addr + off, psnap, PAGE):
-                continue
-            plain = ctypes.string_at(alias_addr + off, PAGE)
-            cipher = key.encrypt(page, plain)
-            ctypes.memmove(addr + off, cipher, PAGE)
-            ctypes.memmove(ctypes.addressof(cipher_snap) + off, cipher, PAGE)
-            ctypes.memmove(psnap, plain, PAGE)
-            self.bytes_encrypted += PAGE
+        self.bytes_encrypted += self._copy_changed(pages, to_host=True)
         for core in self.cores:  # re-arm the first-write fills: a CR3 reload flushes the TLB
             if core.uc is not None and core.in_guest:
                 core.set_reg(_CR3, core.reg(_CR3))
