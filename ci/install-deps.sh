@@ -16,23 +16,11 @@ if [ "$(id -u)" != 0 ]; then
   exec sudo -E bash "$0" "$@"
 fi
 
-declare -A debs=(
-  [gcc]=/usr/bin/gcc
-  [binutils]=/usr/bin/objcopy
-  [cpp]=/usr/bin/cpp
-  [linux-libc-dev]=/usr/include/linux/kvm.h
-)
-missing=()
-for pkg in "${!debs[@]}"; do
-  [ -e "${debs[$pkg]}" ] || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "install-deps: apt-get install ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=ci/apt-missing.sh
+. "$here/apt-missing.sh"
+apt_install_missing install-deps gcc=/usr/bin/gcc binutils=/usr/bin/objcopy cpp=/usr/bin/cpp \
+  linux-libc-dev=/usr/include/linux/kvm.h
 
-if [ -x "$here/rig/install-test-deps.sh" ] || [ -f "$here/rig/install-test-deps.sh" ]; then
+if [ -f "$here/rig/install-test-deps.sh" ]; then
   bash "$here/rig/install-test-deps.sh"
 fi

@@ -10,36 +10,17 @@ set -euo pipefail
 want_rig=1
 [ "${1:-}" = "--tests" ] && want_rig=0
 
-# Debian packages: name of the package -> a file that proves it is installed.
-declare -A debs=(
-  [openssh-server]=/usr/sbin/sshd
-  [openssh-client]=/usr/bin/ssh-keygen
-  [iproute2]=/usr/sbin/ip
-)
+# Debian packages, each with a file that proves it is installed.  The openssh-server
+# postinst starts no daemon in a container without init; the tests start their own sshd.
+# shellcheck source=ci/apt-missing.sh
+. "$(cd "$(dirname "$0")/.." && pwd)/apt-missing.sh"
+debs=(openssh-server=/usr/sbin/sshd openssh-client=/usr/bin/ssh-keygen iproute2=/usr/sbin/ip)
 if [ "$want_rig" = 1 ]; then
-  debs+=(
-    [qemu-system-x86]=/usr/bin/qemu-system-x86_64
-    [mmdebstrap]=/usr/bin/mmdebstrap
-    [zstd]=/usr/bin/zstd
-    [cpio]=/usr/bin/cpio
-    [kmod]=/usr/sbin/depmod
-    [debian-archive-keyring]=/usr/share/keyrings/debian-archive-keyring.gpg
-  )
+  debs+=(qemu-system-x86=/usr/bin/qemu-system-x86_64 mmdebstrap=/usr/bin/mmdebstrap
+         zstd=/usr/bin/zstd cpio=/usr/bin/cpio kmod=/usr/sbin/depmod
+         debian-archive-keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
 fi
-
-missing=()
-for pkg in "${!debs[@]}"; do
-  [ -e "${debs[$pkg]}" ] || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "install-test-deps: apt-get install ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  # --no-install-recommends keeps qemu from pulling a desktop's worth of GUI
-  # libraries.  The openssh-server postinst starts no daemon in a container
-  # without init; the tests start their own sshd anyway.
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install_missing install-test-deps "${debs[@]}"
 
 # Python packages used by the remote code and its tests (also in pyproject).
 py="${PYTHON:-python3}"
