@@ -130,3 +130,12 @@ def test_vmmcall_is_ud_on_the_sims_kvm_pvm_profile():
             m.close()
     assert r.outcome == "exception" and r.exception_vector == 6
     assert r.exception_rip == P.GUEST_LOAD_ADDR + 5
+
+
+def test_complete_without_a_pending_read_is_the_same_error_on_every_backend(backend, machine_factory):
+    from kvmharness.errors import UsageError
+
+    m = machine_factory("halt")
+    assert m.run().outcome == "hlt"
+    with pytest.raises(UsageError, match="asked for no data"):
+        m.vcpu.complete(1)

@@ -13,6 +13,7 @@ import struct
 import time
 
 from .. import exits
+from ..errors import SimulatorError
 
 # mov ecx, N; 1: out 0x80,al; dec ecx; jnz 1b; mov al,1; out 0x81,al;
 # mov rcx, M; 2: add rax,rcx; xor rax,3; dec rcx; jnz 2b; hlt
@@ -43,7 +44,7 @@ def bench_sim(n_exits: int = 200_000, n_loop: int = 20_000_000) -> dict:
         e = vcpu.run()
         t2, c2 = time.perf_counter(), time.process_time()
         if not isinstance(e, exits.Hlt) or n != n_exits:
-            raise RuntimeError(f"benchmark guest misbehaved: {n} exits, last {e}")
+            raise SimulatorError(f"benchmark guest misbehaved: {n} exits, last {e}")
     insns = 4 * n_loop
     wall_exit = (t1 - t0) / (n - 1)
     return {

@@ -27,6 +27,7 @@ import struct
 import time
 
 from .. import exits
+from ..errors import SimulatorError
 from .. import protocol as P
 
 # start: out %al,$0x80
@@ -87,9 +88,9 @@ def _phases(m, n_markers: int) -> list[float]:
         if isinstance(e, exits.Hlt):
             break
         if not (isinstance(e, exits.IoOut) and e.port == 0x80):
-            raise RuntimeError(f"SEV benchmark guest misbehaved: {e}")
+            raise SimulatorError(f"SEV benchmark guest misbehaved: {e}")
     if len(stamps) != n_markers + 1:
-        raise RuntimeError(f"SEV benchmark guest gave {len(stamps) - 1} markers, not {n_markers}")
+        raise SimulatorError(f"SEV benchmark guest gave {len(stamps) - 1} markers, not {n_markers}")
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
@@ -112,7 +113,7 @@ def bench_sev(repeat: int = 5, n_cpuid: int = 20_000, n_vmgexit: int = 20_000) -
             t2 = time.perf_counter()
             m.close()
             if r.outcome != "done":
-                raise RuntimeError(f"sev-hello: {r.describe()}")
+                raise SimulatorError(f"sev-hello: {r.describe()}")
             launches.append(t1 - t0)
             runs.append(t2 - t1)
         out["launch_ms"] = round(statistics.median(launches) * 1e3, 2)
@@ -142,7 +143,7 @@ def bench_sev(repeat: int = 5, n_cpuid: int = 20_000, n_vmgexit: int = 20_000) -
         vc_time, vc = _es_run(system, n_cpuid, 1)
         gexit_time, gexits = _es_run(system, 1, n_vmgexit)
     if vc[0] != n_cpuid + 3 or gexits[1] != n_vmgexit:  # + the 3 marker OUTs
-        raise RuntimeError(f"SEV-ES loop: {vc[0]} #VC, {gexits[1]} VMGEXITs")
+        raise SimulatorError(f"SEV-ES loop: {vc[0]} #VC, {gexits[1]} VMGEXITs")
     # phases: [0] start marker -> after the CPUID loop
     out["cpuid_exit_us"] = round(plain[0] / n_cpuid * 1e6, 2)
     out["vc_us"] = round(vc_time / n_cpuid * 1e6, 2)
@@ -159,7 +160,7 @@ def _es_run(system, n_cpuid: int, n_vmgexit: int) -> tuple[float, tuple[int, int
         e = m.vcpu.run()
         t = time.perf_counter() - t0
         if not isinstance(e, exits.Hlt):
-            raise RuntimeError(f"SEV-ES benchmark guest misbehaved: {e}")
+            raise SimulatorError(f"SEV-ES benchmark guest misbehaved: {e}")
         return t, (m.vcpu.vc_count, len(m.vcpu.vmgexit_trace))
     finally:
         m.close()

@@ -29,7 +29,7 @@ from unicorn import x86_const as X
 
 from .. import exits
 from ..backend import Vcpu
-from ..errors import SimulatorError
+from ..errors import SimulatorError, UsageError
 from ..x86 import CpuidTable, DTable, Regs, Segment, Sregs
 from . import core as corem
 from . import kvmlayer as K
@@ -208,7 +208,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
 
     def complete(self, value=0, *, error: bool = False) -> None:
         if self._pending is None:
-            raise ValueError("complete(): the last exit does not wait for data")
+            raise UsageError("complete() called but the last exit asked for no data")
         self._completion = (value, error)
 
     def kick(self) -> None:
