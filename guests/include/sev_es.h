@@ -78,6 +78,25 @@
 /* VMGEXIT = rep vmmcall (facts §7) */
 #define VMGEXIT          .byte 0xF3, 0x0F, 0x01, 0xD9
 
+/* Write the 64-bit interrupt gate for the handler whose address is in %rax to \lo and \hi
+ * (offset 15:0, selector, 0x8E00, offset 31:16, offset 63:32).  Clobbers %rax, %rcx, %rdx. */
+.macro write_idt_gate lo, hi
+        mov     %rax, %rdx
+        and     $0xFFFF, %edx
+        or      $(KERNEL_CS << 16), %edx
+        mov     %rax, %rcx
+        shr     $16, %rcx
+        and     $0xFFFF, %ecx
+        shl     $48, %rcx
+        or      %rcx, %rdx
+        mov     $0x8E00, %ecx
+        shl     $32, %rcx
+        or      %rcx, %rdx
+        mov     %rdx, \lo
+        shr     $32, %rax
+        mov     %rax, \hi
+.endm
+
 /* GHCB MSR protocol codes (facts §5) */
 #define GHCB_MSR_SEV_INFO_REQ   0x002
 #define GHCB_MSR_SEV_INFO_RESP  0x001
@@ -272,21 +291,7 @@ es_init:
 7:      shl     $3, %rax
         lea     es_exc_stubs(%rip), %rdx
         add     %rdx, %rax
-8:      /* 64-bit interrupt gate: offset 15:0, selector, 0x8E00, offset 31:16, offset 63:32 */
-        mov     %rax, %rdx
-        and     $0xFFFF, %edx
-        or      $(KERNEL_CS << 16), %edx
-        mov     %rax, %rcx
-        shr     $16, %rcx
-        and     $0xFFFF, %ecx
-        shl     $48, %rcx
-        or      %rcx, %rdx
-        mov     $0x8E00, %ecx
-        shl     $32, %rcx
-        or      %rcx, %rdx
-        mov     %rdx, (%rdi)
-        shr     $32, %rax
-        mov     %rax, 8(%rdi)
+8:      write_idt_gate (%rdi), 8(%rdi)
         add     $16, %rdi
         inc     %esi
         cmp     $256, %esi

@@ -41,20 +41,7 @@ GUEST_ENTRY
 
         /* IDT gate 29 -> vc_record (same gate layout as es_init writes) */
         lea     vc_record(%rip), %rax
-        mov     %rax, %rdx
-        and     $0xFFFF, %edx
-        or      $(KERNEL_CS << 16), %edx
-        mov     %rax, %rcx
-        shr     $16, %rcx
-        and     $0xFFFF, %ecx
-        shl     $48, %rcx
-        or      %rcx, %rdx
-        mov     $0x8E00, %ecx
-        shl     $32, %rcx
-        or      %rcx, %rdx
-        mov     %rdx, ES_IDT + 16 * X86_TRAP_VC
-        shr     $32, %rax
-        mov     %rax, ES_IDT + 16 * X86_TRAP_VC + 8
+        write_idt_gate ES_IDT+16*X86_TRAP_VC, ES_IDT+16*X86_TRAP_VC+8
 
         /* the MMIO page is shared (C-bit clear), as a guest maps MMIO */
         mov     es_cbit(%rip), %rcx
