@@ -205,6 +205,16 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvmharness", description="Drive AMD SVM/SEV/SEV-ES guests through KVM, or simulate them.",
@@ -243,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_suite)
 
     s = sub.add_parser("bench", help="exits/s and lifecycle cost: harness vs a C reference, and the simulator")
-    s.add_argument("--exits", type=int, default=200_000, help="IO exits per loop run (default 200000)")
-    s.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    s.add_argument("--lifecycles", type=int, default=200, help="VM lifecycles per round (default 200)")
+    s.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds (default 3)")
+    s.add_argument("--lifecycles", type=_positive_int, default=200,
+                   help="VM lifecycles per round (default 200)")
     s.add_argument("--only", choices=("kvm", "sim", "all"), default="all")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
@@ -273,6 +283,10 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return E.EXIT_OK
+    except OSError as e:  # a file the user named cannot be read or written
+        where = f" {e.filename}" if e.filename else ""
+        print(f"kvmharness: error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
+        return E.EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -114,3 +114,13 @@ def test_run_picks_the_sev_mode_the_manifest_needs():
 def test_guest_declared_unsupported_is_a_host_error():
     r = cli("run", "es-io", "--backend", "kvm")
     assert r.returncode == 3 and "needs SEV-ES hardware" in r.stderr
+
+
+@pytest.mark.parametrize("argv, rc, message", [
+    (["measure", "hello64", "--c-bit", "99"], 2, "the C-bit is a page-table bit from 32 to 63"),
+    (["sev", "export", "--backend", "sim", "--out", "/proc/nonexistent/x"], 2, "cannot use /proc/nonexistent"),
+    (["bench", "--rounds", "0"], 2, "must be at least 1"),
+])
+def test_bad_arguments_and_unwritable_paths_are_one_line_errors(argv, rc, message):
+    r = cli(*argv)
+    assert r.returncode == rc and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -194,6 +194,18 @@ def _vmsa_pages(args, guest) -> list[bytes]:
     return [build_vmsa(regs, sregs, sev_features=0, init2=not args.legacy_init)]
 
 
+def _c_bit_arg(text: str) -> int:
+    import argparse
+
+    try:
+        bit = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 32 <= bit <= 63:  # EPYC parts report 47 or 51; a PTE bit above the address bits
+        raise argparse.ArgumentTypeError(f"the C-bit is a page-table bit from 32 to 63, not {bit}")
+    return bit
+
+
 def cmd_measure(args) -> int:
     """The expected launch digest and MEASURE, computed offline."""
     from .launch import pad_image
@@ -302,7 +314,7 @@ def register(subparsers) -> None:
     m.add_argument("--api", default="1.55", help="firmware API MAJOR.MINOR (default 1.55)")
     m.add_argument("--build", type=lambda s: int(s, 0), default=21,
                    help="firmware build id (default 21)")
-    m.add_argument("--c-bit", type=int, default=51,
+    m.add_argument("--c-bit", type=_c_bit_arg, default=51,
                    help="encryption bit set in the harness's boot page tables of a long-mode "
                         "guest (CPUID 0x8000001F EBX[5:0] of the host; default 51)")
     m.add_argument("--nonce", metavar="HEX", help="the firmware's MNONCE (16 bytes)")
