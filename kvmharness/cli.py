@@ -66,8 +66,10 @@ def cmd_run(args) -> int:
 
     image = get_guest(args.guest)
     image.load()  # refuse a bad image before any VM exists
-    if args.timeout is not None and not args.timeout > 0:
-        raise E.UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    if args.timeout is not None:  # refused (exit 2) before any VM exists
+        from .watchdog import check_timeout
+
+        args.timeout = check_timeout(args.timeout, "--timeout")
     if args.mode is None:  # the manifest says what the guest needs
         args.mode = "sev-es" if "sev-es" in image.needs else "sev" if "sev" in image.needs else "svm"
     owner = None
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("guest", help="guest name (see: kvmharness guests)")
     s.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto",
                    help="kvm: real /dev/kvm; sim: the simulator; auto: kvm if /dev/kvm exists (default)")
-    s.add_argument("--timeout", type=float, default=None, help="seconds (default: the manifest's)")
+    s.add_argument("--timeout", type=float, default=None, help="seconds, finite, > 0 and at most 86400 (default: the manifest's)")
     s.add_argument("--trace", action="store_true", help="record and print every exit with its RIP")
     s.add_argument("--mode", choices=("svm", "sev", "sev-es"), default=None,
                    help="svm: a plain guest; sev / sev-es: launch it encrypted first, verifying "

@@ -25,7 +25,7 @@ from .boot import load_image
 from .devices import Console, DeviceBus, MsrStore, NoDevice, NullDevice, RamLikeMmio
 from .errors import FeatureUnavailable, GuestFailure, GuestTimeout, UsageError
 from .images import GuestImage, get_guest
-from .watchdog import WATCHDOG
+from .watchdog import WATCHDOG, check_timeout
 
 DEFAULT_MEMORY = 2 << 20
 TRACE_LIMIT = 250_000  # exits kept in RunResult.exits; later ones are only counted
@@ -273,9 +273,7 @@ class Machine:
         """
         if self.vcpu is None:
             raise UsageError("this Machine is closed")
-        timeout = timeout if timeout is not None else (self.image.timeout if self.image else 10.0)
-        if not timeout > 0:
-            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        timeout = _run_timeout(timeout, self.image)
         self._reset_run_state()
         vcpu = self.vcpu
         kicked = []
@@ -445,6 +443,16 @@ def needs_met(system, needs) -> tuple[bool, str]:
     return True, ""
 
 
+def _run_timeout(timeout, image: GuestImage | None) -> float:
+    """The timeout a run uses: the caller's, else the manifest's, else 10 s; checked by
+    :func:`watchdog.check_timeout` either way (a manifest's nan or inf is refused too)."""
+    if timeout is not None:
+        return check_timeout(timeout)
+    if image is not None:
+        return check_timeout(image.timeout, f"guest {image.name!r}: manifest timeout")
+    return check_timeout(10.0)
+
+
 class _Timeout(Exception):
     def __init__(self, count):
         self.count = count
@@ -471,13 +479,14 @@ def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeou
     ``sev`` names one.
     """
     image = guest if isinstance(guest, GuestImage) else get_guest(guest)
+    timeout = _run_timeout(timeout, image)  # refused before any VM exists
     if sev is None:
         sev = next((mode for mode in ("sev-es", "sev") if mode in image.needs), None)
     m = Machine.for_guest(image, backend, sev=sev)
     backend_name = m.backend
     t0 = time.perf_counter()
     try:
-        return m.run(timeout if timeout is not None else image.timeout, trace=trace)
+        return m.run(timeout, trace=trace)
     except GuestTimeout as t:
         if image.expect != "timeout":
             raise
