@@ -180,14 +180,14 @@ class SimulatedSevFirmware:
         self._asid_dirty: set[int] = set()  # deactivated, not yet DF_FLUSHed
         self.asids = AsidAllocator(num_asids, min_sev_asid, flush=self.df_flush)
         # Chip identity: CEK is fused per chip (derived from the chip secret on
-        # real parts); ASK stands in for AMD's signing key (see certs.py).
-        self._ask_key = generate_key()
-        self.ask_cert = SevCertificate.for_key(self._ask_key, CertUsage.ASK,
-                                               CertAlgo.ECDSA_SHA256).signed(
-                                                   self._ask_key, CertUsage.ASK)
+        # real parts), signed by the ASK with RSA-PSS as AMD's is; ark_cert and
+        # ask_cert are the simulator's stand-in for AMD, in AMD's CA format (amd_ca.py).
+        from .amd_ca import simulated_amd_roots
+
+        self.ark_cert, self.ask_cert, ask_key = simulated_amd_roots()
         self._cek_key = generate_key()
         self._cek = self._new_cert(self._cek_key, CertUsage.CEK, CertAlgo.ECDSA_SHA256).signed(
-            self._ask_key, CertUsage.ASK)
+            ask_key, CertUsage.ASK, CertAlgo.RSA_SHA256)
         self._owner_external = False
         self._self_own()
 
