@@ -12,9 +12,10 @@ on both backends; ``Vcpu.run()`` returns one of the exit values in
 ``kvmharness.exits``.
 """
 
-from .backend import Capabilities, open_backend
+from .backend import Capabilities
 from .errors import (GuestFailure, GuestTimeout, HarnessError, HostError, KvmError, SevError,
                      UsageError)
+from .factory import open_backend
 from .images import get_guest, load_manifest
 from .machine import Machine, RunResult, run_guest
 

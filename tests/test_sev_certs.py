@@ -114,3 +114,25 @@ def test_platform_chain_from_simulated_firmware_verifies():
     # wrong order is refused on parse
     with pytest.raises(CertificateError, match="expected a PEK"):
         PlatformCertChain.from_bytes(chain_raw[CERT_SIZE:] + chain_raw[:CERT_SIZE])
+
+
+def test_simulated_chip_chain_runs_the_real_verify_path():
+    """The simulated CEK is signed as AMD signs one: RSA-PSS by an ASK under an ARK."""
+    from kvmharness.sev.amd_ca import AmdCaCertificate, roots_for_cek
+    from kvmharness.sev.chain import verify_chain
+
+    fw = SimulatedSevFirmware(num_asids=4, min_sev_asid=2)
+    assert isinstance(fw.ask_cert, AmdCaCertificate) and isinstance(fw.ark_cert, AmdCaCertificate)
+    assert (fw.ark_cert.usage, fw.ask_cert.usage) == (CertUsage.ARK, CertUsage.ASK)
+    pdh, chain = fw.pdh_cert_export()
+    cek = PlatformCertChain.from_bytes(chain).cek
+    assert (cek.sigs[0].usage, cek.sigs[0].algo) == (CertUsage.ASK, CertAlgo.RSA_SHA256)
+    result = verify_chain(pdh, *(chain[i * CERT_SIZE:(i + 1) * CERT_SIZE] for i in range(3)),
+                          ask=fw.ask_cert.to_bytes(), ark=fw.ark_cert.to_bytes())
+    assert result.complete
+    assert roots_for_cek(cek) is None  # AMD's real roots never vouch for a simulated chip
+
+
+def test_rsa_signature_needs_an_rsa_key(oca, oca_key):
+    with pytest.raises(CertificateError, match="RSA key"):
+        oca.signed(oca_key, CertUsage.ASK, CertAlgo.RSA_SHA384)

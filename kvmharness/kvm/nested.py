@@ -29,98 +29,35 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from dataclasses import dataclass
 
-from ..errors import FeatureUnavailable, KvmError, UsageError
+from ..abi import (
+    KVM_STATE_NESTED_FORMAT_SVM,
+    KVM_STATE_NESTED_FORMAT_VMX,
+    KVM_STATE_NESTED_GIF_SET,
+    KVM_STATE_NESTED_GUEST_MODE,
+    KVM_STATE_NESTED_RUN_PENDING,
+    KVM_STATE_NESTED_SVM_VMCB_SIZE,
+    NESTED_STATE_HEADER_SIZE,
+    NestedState,
+)
+from ..errors import FeatureUnavailable, KvmError
 from . import _ffi as K
 from ._ffi import ffi, ioctl_raw
 
-HEADER_SIZE = 128  # sizeof(struct kvm_nested_state): flags u16, format u16, size u32, hdr[120]
+# The value type and the numbers live in kvmharness.abi (the simulator builds the
+# same NestedState); the names below stay for callers of this module.
+HEADER_SIZE = NESTED_STATE_HEADER_SIZE
 _HEAD = struct.Struct("<HHI")
+FORMAT_VMX = KVM_STATE_NESTED_FORMAT_VMX
+FORMAT_SVM = KVM_STATE_NESTED_FORMAT_SVM
+FLAG_GUEST_MODE = KVM_STATE_NESTED_GUEST_MODE
+FLAG_RUN_PENDING = KVM_STATE_NESTED_RUN_PENDING
+FLAG_GIF_SET = KVM_STATE_NESTED_GIF_SET
+VMCB_SIZE = KVM_STATE_NESTED_SVM_VMCB_SIZE
 
-FORMAT_VMX = K.KVM_STATE_NESTED_FORMAT_VMX
-FORMAT_SVM = K.KVM_STATE_NESTED_FORMAT_SVM
-FLAG_GUEST_MODE = K.KVM_STATE_NESTED_GUEST_MODE
-FLAG_RUN_PENDING = K.KVM_STATE_NESTED_RUN_PENDING
-FLAG_GIF_SET = K.KVM_STATE_NESTED_GIF_SET
-_FLAG_NAMES = ((FLAG_GUEST_MODE, "guest-mode"), (FLAG_RUN_PENDING, "run-pending"),
-               (K.KVM_STATE_NESTED_EVMCS, "evmcs"), (K.KVM_STATE_NESTED_MTF_PENDING, "mtf-pending"),
-               (FLAG_GIF_SET, "gif-set"))
-VMCB_SIZE = K.KVM_STATE_NESTED_SVM_VMCB_SIZE
-
-
-@dataclass(frozen=True)
-class NestedState:
-    """One ``struct kvm_nested_state`` as KVM returned it: the header and the raw data.
-
-    ``header`` is the 120-byte format-specific union (for SVM: ``vmcb_pa``);
-    ``data`` the payload after the 128-byte struct (for SVM in guest mode:
-    a 4 KiB VMCB image whose control area is L1's cached vmcb12 controls and
-    whose save area is L1's own state).
-    """
-
-    flags: int
-    format: int
-    size: int
-    header: bytes
-    data: bytes
-
-    @property
-    def guest_mode(self) -> bool:
-        """The vCPU was running L2 (KVM_STATE_NESTED_GUEST_MODE)."""
-        return bool(self.flags & FLAG_GUEST_MODE)
-
-    @property
-    def run_pending(self) -> bool:
-        """A VMRUN was emulated but L2 has not run yet (KVM_STATE_NESTED_RUN_PENDING)."""
-        return bool(self.flags & FLAG_RUN_PENDING)
-
-    @property
-    def gif_set(self) -> bool:
-        """SVM's global interrupt flag (KVM_STATE_NESTED_GIF_SET)."""
-        return bool(self.flags & FLAG_GIF_SET)
-
-    @property
-    def flag_names(self) -> list[str]:
-        return [name for bit, name in _FLAG_NAMES if self.flags & bit]
-
-    @property
-    def vmcb_pa(self) -> int:
-        """SVM: guest-physical address of L1's VMCB (vmcb12); 0 outside guest mode."""
-        self._need_svm("vmcb_pa")
-        return struct.unpack_from("<Q", self.header)[0]
-
-    @property
-    def vmcb(self) -> bytes:
-        """SVM in guest mode: the 4 KiB VMCB image (L1's controls + L1's save area)."""
-        self._need_svm("vmcb")
-        return self.data[:VMCB_SIZE]
-
-    def _need_svm(self, what: str) -> None:
-        if self.format != FORMAT_SVM:
-            raise UsageError(f"NestedState.{what} is SVM-only; this state has format {self.format} (VMX)")
-
-    def to_bytes(self) -> bytes:
-        """The whole ``struct kvm_nested_state`` (header + data), as KVM_SET_NESTED_STATE takes it."""
-        return _HEAD.pack(self.flags, self.format, self.size) + self.header + self.data
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> NestedState:
-        """Parse a ``struct kvm_nested_state``; ``size`` says how much of ``raw`` is data."""
-        if len(raw) < HEADER_SIZE:
-            raise UsageError(f"a kvm_nested_state is at least {HEADER_SIZE} bytes, got {len(raw)}")
-        flags, fmt, size = _HEAD.unpack_from(raw)
-        if size < HEADER_SIZE or size > len(raw):
-            raise UsageError(f"kvm_nested_state.size is {size}, but {len(raw)} bytes were given "
-                             f"(it must be between {HEADER_SIZE} and the buffer's length)")
-        return cls(flags, fmt, size, bytes(raw[8:HEADER_SIZE]), bytes(raw[HEADER_SIZE:size]))
-
-    def to_dict(self) -> dict:
-        d = {"flags": self.flags, "flag_names": self.flag_names, "format": self.format,
-             "size": self.size, "data_len": len(self.data)}
-        if self.format == FORMAT_SVM:
-            d["vmcb_pa"] = self.vmcb_pa
-        return d
+__all__ = ["FLAG_GIF_SET", "FLAG_GUEST_MODE", "FLAG_RUN_PENDING", "FORMAT_SVM", "FORMAT_VMX",
+           "HEADER_SIZE", "VMCB_SIZE", "NestedState", "complete_pending_exit", "get_nested_state",
+           "max_nested_state_size", "set_nested_state"]
 
 
 def max_nested_state_size(vcpu) -> int:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-import threading
 
-from ..backend import KVM_DEVICE, Capabilities, System, VM_TYPE_NAMES, KVM_X86_DEFAULT_VM
+from ..abi import KVM_X86_DEFAULT_VM, VM_TYPE_NAMES
+from ..backend import KVM_DEVICE, Capabilities, System
 from ..errors import DeviceMissing, FeatureUnavailable, HostError, KvmError, PermissionDenied
 from ..x86 import CpuidEntry, CpuidTable
 from . import _ffi as K
 from ._ffi import ffi, ioctl, ioctl_raw
+from .vcpu import KICK_SIGNAL as KICK_SIGNAL  # re-exported: it lived here first
+from .vcpu import ensure_kick_signal
+from .vm import KvmVm
 
 KVM_API_VERSION = 12
 
@@ -25,32 +27,6 @@ REPORTED_CAPS = (
     "KVM_CAP_EXIT_ON_EMULATION_FAILURE", "KVM_CAP_X86_TRIPLE_FAULT_EVENT", "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_USER_MEMORY2", "KVM_CAP_MEMORY_FAULT_INFO",
 )
-
-# The signal that interrupts KVM_RUN for Vcpu.kick().  A real-time signal, so it
-# cannot collide with the SIGALRM/SIGINT/SIGUSR* handlers of pytest plugins.
-KICK_SIGNAL = signal.SIGRTMIN + 7
-_kick_handler_installed = False
-
-
-def _noop(signum, frame):
-    pass
-
-
-def ensure_kick_signal() -> bool:
-    """Install the no-op handler for KICK_SIGNAL (only possible from the main thread).
-
-    The handler must exist: with the default action the signal would kill the
-    process, and an ignored signal would not interrupt KVM_RUN.
-    """
-    global _kick_handler_installed
-    if _kick_handler_installed:
-        return True
-    if threading.current_thread() is not threading.main_thread():
-        return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-    signal.signal(KICK_SIGNAL, _noop)
-    _kick_handler_installed = True
-    return True
-
 
 class KvmSystem(System):
     """KVM_GET_API_VERSION etc. on ``/dev/kvm``; makes :class:`KvmVm` objects."""
@@ -150,8 +126,6 @@ class KvmSystem(System):
     # -- VMs --------------------------------------------------------------------
     def create_vm(self, vm_type: int = KVM_X86_DEFAULT_VM):
         """KVM_CREATE_VM(type)."""
-        from .vm import KvmVm
-
         ret, err = ioctl_raw(self.fd, K.KVM_CREATE_VM, ffi.cast("void *", vm_type))
         if ret < 0:
             if err == errno.EINVAL and vm_type != KVM_X86_DEFAULT_VM:

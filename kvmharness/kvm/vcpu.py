@@ -21,7 +21,33 @@ from ..errors import KvmError, UsageError
 from ..x86 import CpuidEntry, DTable, Regs, Segment, Sregs
 from . import _ffi as K
 from ._ffi import ffi, ioctl, ioctl_raw, libc
-from .system import KICK_SIGNAL
+
+# The signal that interrupts KVM_RUN for Vcpu.kick().  A real-time signal, so it
+# cannot collide with the SIGALRM/SIGINT/SIGUSR* handlers of pytest plugins.
+KICK_SIGNAL = signal.SIGRTMIN + 7
+_kick_handler_installed = False
+
+
+def _noop(signum, frame):
+    pass
+
+
+def ensure_kick_signal() -> bool:
+    """Install the no-op handler for KICK_SIGNAL (only possible from the main thread).
+
+    The handler must exist: with the default action the signal would kill the
+    process, and an ignored signal would not interrupt KVM_RUN.
+    """
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    signal.signal(KICK_SIGNAL, _noop)
+    _kick_handler_installed = True
+    return True
+
+
 
 _RUN = "struct kvm_run"
 _OFF_EXIT_REASON = ffi.offsetof(_RUN, "exit_reason")

@@ -10,6 +10,7 @@ from ..backend import MemoryRegion, Vm
 from ..errors import KvmError, UsageError
 from . import _ffi as K
 from ._ffi import ffi, ioctl, ioctl_raw
+from .vcpu import KvmVcpu
 
 PAGE = 4096
 
@@ -119,8 +120,6 @@ class KvmVm(Vm):
     # -- vCPUs --------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0):
         """KVM_CREATE_VCPU(id) and mmap of its kvm_run."""
-        from .vcpu import KvmVcpu
-
         ret, err = ioctl_raw(self.fd, K.KVM_CREATE_VCPU, ffi.cast("void *", vcpu_id))
         if ret < 0:
             raise KvmError("KVM_CREATE_VCPU", err, f"vcpu id {vcpu_id}")

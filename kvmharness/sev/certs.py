@@ -313,10 +313,14 @@ class SevCertificate:
 
     def signature_problem(self, signer) -> str | None:
         """None if ``signer`` (``.usage``, ``.public_key()``) signed this; else why not."""
-        slots = [sig for sig in self.sigs if not sig.empty and sig.usage == signer.usage]
-        if not slots:
+        named = [sig for sig in self.sigs if sig.usage == signer.usage]
+        if not named:
             return (f"{self.usage_name} certificate has no signature by an "
                     f"{usage_name(signer.usage)} key")
+        slots = [sig for sig in named if not sig.empty]
+        if not slots:
+            return (f"{self.usage_name} certificate's {usage_name(signer.usage)} signature slot "
+                    f"has algorithm 0x{named[0].algo:x}, not ECDSA or RSA-PSS")
         key = signer.public_key()
         if any(sig.verifies(key, self.body()) for sig in slots):
             return None

@@ -135,7 +135,7 @@ def verify_chain(pdh, pek, oca, cek, *, ask=None, ark=None) -> ChainVerification
         certs[role], problems[role] = _parse(role, cert)
     links = []
     for name, signer, subject in LINKS:
-        missing = [r.upper() for r in (signer, subject) if given[r] is None]
+        missing = [r.upper() for r in dict.fromkeys((signer, subject)) if given[r] is None]
         broken = [problems[r] for r in dict.fromkeys((signer, subject)) if problems.get(r)]
         if missing:
             links.append(LinkResult(name, signer, subject, "skipped",

@@ -3,6 +3,7 @@
     kvmharness sev status [--backend auto|kvm|sim] [--json]
     kvmharness sev id | pek-csr [--out FILE] | export [--out DIR]
     kvmharness sev factory-reset | pek-gen | pdh-gen --i-know-this-is-destructive
+    kvmharness sev verify [--pdh F --pek F --oca F --cek F] [--ask F] [--ark F] [--product P]
     kvmharness measure GUEST | --image FILE  --policy P --api 1.55 --build 21
                        --nonce HEX --tik HEX [--mode sev|sev-es] [--vmsa FILE]
                        [--legacy-init] [--json]
@@ -146,6 +147,134 @@ def cmd_destructive(args) -> int:
         print(f"{args.sev_command}: done ({d['backend']}); platform now {d['state']}, "
               f"{d['owner']}-owned")
     return E.EXIT_OK
+
+
+# -- verify ------------------------------------------------------------------------
+
+_CHAIN_FILES = ("pdh", "pek", "oca", "cek")
+
+
+def _read_file(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise E.UsageError(f"cannot read --{flag} {path}: {e.strerror}") from None
+
+
+def _given_amd_certs(args) -> tuple[dict, dict]:
+    """--ask/--ark files (AMD CA format; a file holding ASK||ARK, as AMD's KDS serves
+    ``ask_ark_<product>.cert``, fills both roles unless the other is given too)."""
+    from .amd_ca import AmdCaCertificate
+    from .certs import CertUsage
+
+    amd, info = {}, {}
+    for flag in ("ask", "ark"):
+        path = getattr(args, flag)
+        if not path:
+            continue
+        raw = _read_file(path, flag)
+        try:
+            certs = AmdCaCertificate.parse_many(raw)
+        except E.CertificateError:
+            certs = []
+        # unparseable: pass the bytes on, and verify_chain says what is wrong on the link
+        amd[flag], info[flag] = (certs[0] if certs else raw), f"--{flag} {path}"
+        for extra in certs[1:]:
+            role = "ark" if extra.usage == CertUsage.ARK else "ask"
+            if role not in amd and not getattr(args, role):
+                amd[role], info[role] = extra, f"--{flag} {path}"
+    return amd, info
+
+
+def _product_for_cek(cek: bytes) -> str | None:
+    """The built-in product whose ASK signed this CEK (None: none did, or no CEK)."""
+    from .amd_ca import roots_for_cek
+    from .certs import SevCertificate
+
+    try:
+        roots = roots_for_cek(SevCertificate.from_bytes(cek))
+    except E.CertificateError:
+        return None
+    return roots.product if roots else None
+
+
+def _choose_roots(args, chain: dict, platform_roots) -> tuple[dict, dict]:
+    """The ARK/ASK to verify with, and where each came from.
+
+    Given files first; then ``--product``; else the simulated platform's own
+    root (sim), or the built-in product whose ASK signed the CEK.
+    """
+    from .amd_ca import builtin_roots
+
+    amd, info = _given_amd_certs(args)
+    product = None if args.product == "auto" else args.product
+    if product is None and len(amd) < 2:
+        if platform_roots is not None:
+            for role, cert in zip(("ark", "ask"), platform_roots):
+                if role not in amd:
+                    amd[role], info[role] = cert, "the simulated platform's AMD root"
+        else:
+            product = _product_for_cek(chain["cek"])
+    if product is not None:
+        roots = builtin_roots(product)
+        for role in ("ark", "ask"):
+            if role not in amd:
+                amd[role], info[role] = getattr(roots, role), f"built-in {product}"
+    info["product"] = product
+    return amd, info
+
+
+def cmd_verify(args) -> int:
+    """The SEV chain ARK -> ASK -> CEK -> PEK <- OCA, PEK -> PDH, one result per link."""
+    from .amd_ca import PRODUCTS
+    from .certs import CERT_SIZE
+    from .chain import ChainVerification, LinkResult, verify_chain
+
+    given = [f for f in _CHAIN_FILES if getattr(args, f)]
+    platform_roots = None
+    if given:
+        if len(given) != 4:
+            missing = ", ".join(f"--{f}" for f in _CHAIN_FILES if f not in given)
+            raise E.UsageError(f"verifying from files needs --pdh, --pek, --oca and --cek; "
+                               f"missing {missing} (or give none to export from the platform)")
+        chain = {f: _read_file(getattr(args, f), f) for f in _CHAIN_FILES}
+        source = "files"
+    else:
+        with _platform(args) as p:
+            pdh, certs = p.pdh_cert_export()
+            source = p.backend
+            fw = getattr(p, "firmware", None)
+            if fw is not None and getattr(fw, "ark_cert", None) is not None:
+                platform_roots = (fw.ark_cert, fw.ask_cert)
+        chain = {"pdh": pdh}
+        for i, name in enumerate(("pek", "oca", "cek")):
+            chain[name] = certs[i * CERT_SIZE:(i + 1) * CERT_SIZE]
+    amd, roots = _choose_roots(args, chain, platform_roots)
+    result = verify_chain(chain["pdh"], chain["pek"], chain["oca"], chain["cek"],
+                          ask=amd.get("ask"), ark=amd.get("ark"))
+    if "ask" not in amd:  # auto found no built-in ASK that signed this CEK: say so
+        why = (f"the CEK is signed by none of the built-in AMD ASKs ({', '.join(PRODUCTS)}); "
+               "give --ask/--ark or --product")
+        links = tuple(LinkResult(l.name, l.signer, l.subject, "failed", why)
+                      if l.name == "ASK -> CEK" and l.status == "skipped" else l
+                      for l in result.links)
+        result = ChainVerification(links, result.certs)
+    out = {"source": source, "roots": roots, **result.to_dict()}
+    if args.json:
+        _print_json(out)
+    else:
+        where = "; ".join(f"{r.upper()} {roots[r]}" for r in ("ark", "ask") if roots.get(r))
+        print(f"SEV certificate chain from {source}; AMD roots: {where or 'none'}")
+        for link in result.links:
+            mark = {"ok": "ok", "failed": "FAILED", "skipped": "skipped"}[link.status]
+            print(f"  {mark:8s}{link.name}" + (f": {link.reason}" if link.reason else ""))
+        if result.failed:
+            print(f"chain FAILED at: {', '.join(result.failed)}")
+        elif result.skipped:
+            print(f"chain holds as far as checked; not checked: {', '.join(result.skipped)}")
+        else:
+            print("chain verified: ARK -> ASK -> CEK -> PEK, OCA -> PEK, PEK -> PDH")
+    return E.EXIT_GUEST_FAILED if result.failed else E.EXIT_OK
 
 
 # -- measure -------------------------------------------------------------------------
@@ -304,6 +433,18 @@ def register(subparsers) -> None:
         p.add_argument("--i-know-this-is-destructive", action="store_true",
                        help="required: confirms you mean it")
         p.set_defaults(func=cmd_destructive)
+    p = common(sev_sub.add_parser("verify", help="verify the certificate chain ARK -> ASK -> "
+                                  "CEK -> PEK <- OCA, PEK -> PDH (as sevctl verify)"))
+    for name in _CHAIN_FILES:
+        p.add_argument(f"--{name}", metavar="FILE", help=f"the {name.upper()} certificate "
+                       "(SEV format); give all four, or none to export from the platform")
+    p.add_argument("--ask", metavar="FILE", help="AMD's ASK (AMD CA format; a file holding "
+                   "ASK||ARK, as AMD serves ask_ark_<product>.cert, gives both)")
+    p.add_argument("--ark", metavar="FILE", help="AMD's ARK (AMD CA format)")
+    p.add_argument("--product", choices=("auto", "naples", "rome", "milan", "genoa", "turin"),
+                   default="auto", help="built-in ARK/ASK to use (default auto: the one whose "
+                   "ASK signed the CEK; on the simulator, its own simulated root)")
+    p.set_defaults(func=cmd_verify)
 
     m = subparsers.add_parser("measure", help="the expected SEV launch digest and measurement "
                               "of a guest, computed offline")

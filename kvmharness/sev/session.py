@@ -195,19 +195,22 @@ class GuestOwner:
         self.measurement: LaunchMeasurement | None = None
 
     def start(self, pdh: bytes | SevCertificate, chain: bytes | PlatformCertChain | None = None,
-              *, ask: SevCertificate | None = None, nonce: bytes | None = None,
+              *, ask=None, ark=None, nonce: bytes | None = None,
               iv: bytes | None = None,
               godh_key: ec.EllipticCurvePrivateKey | None = None) -> LaunchStart:
         """Build LAUNCH_START's dh_cert and session blob for the platform's PDH.
 
-        ``chain`` (PDH_CERT_EXPORT's cert_chain) is verified when given;
-        pass ``None`` only if the PDH came from a trusted channel.
+        ``chain`` (PDH_CERT_EXPORT's cert_chain, a real platform's with its
+        RSA-signed CEK included) is verified when given; pass ``None`` only if
+        the PDH came from a trusted channel.  ``ask``/``ark`` (AMD's, an
+        :class:`~kvmharness.sev.amd_ca.AmdCaCertificate`, e.g. from
+        :func:`~kvmharness.sev.amd_ca.builtin_roots`) extend the check to AMD.
         """
         pdh_cert = pdh if isinstance(pdh, SevCertificate) else SevCertificate.from_bytes(pdh)
         if chain is not None:
             if not isinstance(chain, PlatformCertChain):
                 chain = PlatformCertChain.from_bytes(chain)
-            pdh_key = verify_platform_chain(pdh_cert, chain, ask)
+            pdh_key = verify_platform_chain(pdh_cert, chain, ask, ark)
         else:
             pdh_cert.expect_usage(CertUsage.PDH)
             pdh_key = pdh_cert.public_key()

@@ -82,10 +82,19 @@ its values of VMRUN time back, as with KVM's vmcb01).
 
 from __future__ import annotations
 
+import errno
 import struct
 
 from unicorn import x86_const as X
 
+from ..abi import KVM_STATE_NESTED_FORMAT_SVM as FORMAT_SVM
+from ..abi import KVM_STATE_NESTED_GIF_SET as FLAG_GIF_SET
+from ..abi import KVM_STATE_NESTED_GUEST_MODE as FLAG_GUEST_MODE
+from ..abi import KVM_STATE_NESTED_RUN_PENDING as FLAG_RUN_PENDING
+from ..abi import KVM_STATE_NESTED_SVM_VMCB_SIZE as VMCB_SIZE
+from ..abi import NESTED_STATE_HEADER_SIZE as HEADER_SIZE
+from ..abi import NestedState
+from ..errors import KvmError
 from .events import EXC_WITH_ERROR_CODE, DeliveryFault, deliver_long
 from .vmcb import SAVE_AREA_OFFSET, Vmcb
 
@@ -531,7 +540,7 @@ class NestedSvm:
 
 
 # -- KVM_GET_NESTED_STATE / KVM_SET_NESTED_STATE on the simulator ------------------------
-# The same value object as the kvm backend (kvmharness.kvm.nested.NestedState); the layout
+# The same value object as the kvm backend (kvmharness.abi.NestedState); the layout
 # is svm_get_nested_state's: a 128-byte header (flags, format SVM, size, vmcb_pa) and, in
 # guest mode, a 4 KiB VMCB image whose control area is L1's vmcb12 controls as KVM caches
 # them (nested_copy_vmcb_cache_to_control) and whose save area is L1's own state (vmcb01).
@@ -543,15 +552,6 @@ _SAVE_SIZE = 0x2E8
 
 def get_nested_state(vcpu):
     """KVM_GET_NESTED_STATE for a simulated vCPU."""
-    from ..kvm.nested import (
-        FLAG_GIF_SET,
-        FLAG_GUEST_MODE,
-        FORMAT_SVM,
-        HEADER_SIZE,
-        VMCB_SIZE,
-        NestedState,
-    )
-
     nested = vcpu.nested
     flags = FLAG_GIF_SET if nested is None or nested.gif else 0
     if nested is None or not nested.guest_mode:
@@ -572,18 +572,6 @@ def set_nested_state(vcpu, state) -> None:
     REGS first); L1's come from the state's save area.  Refusals raise the same KvmError
     (EINVAL) the kvm backend raises.
     """
-    import errno
-
-    from ..errors import KvmError
-    from ..kvm.nested import (
-        FLAG_GIF_SET,
-        FLAG_GUEST_MODE,
-        FLAG_RUN_PENDING,
-        FORMAT_SVM,
-        HEADER_SIZE,
-        VMCB_SIZE,
-    )
-
     def refuse(why):
         raise KvmError("KVM_SET_NESTED_STATE", errno.EINVAL, f"KVM refused the state: {why}")
 

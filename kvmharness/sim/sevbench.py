@@ -49,11 +49,13 @@ MEMORY = 4 << 20
 
 
 def _loop_machine(system, es: bool, n_cpuid: int, n_vmgexit: int):
+    from ..abi import KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM
     from ..boot import _idt_gate, load_image
     from ..machine import Machine
     from ..sev.policy import GuestPolicy
 
-    m = Machine(system, memory=MEMORY, vm_type=3 if es else 0, create_vcpu=not es)
+    m = Machine(system, memory=MEMORY, vm_type=KVM_X86_SEV_ES_VM if es else KVM_X86_DEFAULT_VM,
+                create_vcpu=not es)
     table = system.capabilities.supported_cpuid
     if not es:
         load_image(m.vm, m.vcpu, _CODE, "long64", MEMORY, table)

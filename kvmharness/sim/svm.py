@@ -18,75 +18,48 @@ from __future__ import annotations
 
 import struct
 
+from ..abi import (  # the exit codes are ABI: both backends and the GHCB code name them
+    EXIT_NAMES,
+    INTERCEPT_WORD3_NAMES,
+    INTERCEPT_WORD4_NAMES,
+    SVM_EXIT_CLGI,
+    SVM_EXIT_CPUID,
+    SVM_EXIT_CR0_SEL_WRITE,
+    SVM_EXIT_ERR,
+    SVM_EXIT_EXCP_BASE,
+    SVM_EXIT_HLT,
+    SVM_EXIT_INTR,
+    SVM_EXIT_INVD,
+    SVM_EXIT_INVLPG,
+    SVM_EXIT_INVLPGA,
+    SVM_EXIT_IOIO,
+    SVM_EXIT_MONITOR,
+    SVM_EXIT_MSR,
+    SVM_EXIT_MWAIT,
+    SVM_EXIT_NPF,
+    SVM_EXIT_RDPMC,
+    SVM_EXIT_RDPRU,
+    SVM_EXIT_RDTSCP,
+    SVM_EXIT_READ_CR0,
+    SVM_EXIT_READ_DR0,
+    SVM_EXIT_RSM,
+    SVM_EXIT_SHUTDOWN,
+    SVM_EXIT_SKINIT,
+    SVM_EXIT_STGI,
+    SVM_EXIT_TASK_SWITCH,
+    SVM_EXIT_VMGEXIT,
+    SVM_EXIT_VMLOAD,
+    SVM_EXIT_VMMCALL,
+    SVM_EXIT_VMRUN,
+    SVM_EXIT_VMSAVE,
+    SVM_EXIT_WBINVD,
+    SVM_EXIT_WRITE_CR0,
+    SVM_EXIT_WRITE_DR0,
+    SVM_EXIT_XSETBV,
+    exit_name,
+)
 from .trace import HwTrace
 from .vmcb import Vmcb
-
-# -- exit codes (facts §1a/§1b) --------------------------------------------
-SVM_EXIT_READ_CR0 = 0x000
-SVM_EXIT_WRITE_CR0 = 0x010
-SVM_EXIT_READ_DR0 = 0x020
-SVM_EXIT_WRITE_DR0 = 0x030
-SVM_EXIT_EXCP_BASE = 0x040
-SVM_EXIT_INTR = 0x060
-SVM_EXIT_CR0_SEL_WRITE = 0x065
-SVM_EXIT_RDPMC = 0x06F
-SVM_EXIT_CPUID = 0x072
-SVM_EXIT_RSM = 0x073
-SVM_EXIT_INVD = 0x076
-SVM_EXIT_HLT = 0x078
-SVM_EXIT_INVLPG = 0x079
-SVM_EXIT_INVLPGA = 0x07A
-SVM_EXIT_IOIO = 0x07B
-SVM_EXIT_MSR = 0x07C
-SVM_EXIT_TASK_SWITCH = 0x07D
-SVM_EXIT_SHUTDOWN = 0x07F
-SVM_EXIT_VMRUN = 0x080
-SVM_EXIT_VMMCALL = 0x081
-SVM_EXIT_VMLOAD = 0x082
-SVM_EXIT_VMSAVE = 0x083
-SVM_EXIT_STGI = 0x084
-SVM_EXIT_CLGI = 0x085
-SVM_EXIT_SKINIT = 0x086
-SVM_EXIT_RDTSCP = 0x087
-SVM_EXIT_WBINVD = 0x089
-SVM_EXIT_MONITOR = 0x08A
-SVM_EXIT_MWAIT = 0x08B
-SVM_EXIT_XSETBV = 0x08D
-SVM_EXIT_RDPRU = 0x08E
-SVM_EXIT_NPF = 0x400
-SVM_EXIT_VMGEXIT = 0x403
-SVM_EXIT_ERR = -1 & 0xFFFFFFFFFFFFFFFF
-
-_WORD3 = ("INTR", "NMI", "SMI", "INIT", "VINTR", "CR0_SEL_WRITE", "READ_IDTR", "READ_GDTR",
-          "READ_LDTR", "READ_TR", "WRITE_IDTR", "WRITE_GDTR", "WRITE_LDTR", "WRITE_TR", "RDTSC",
-          "RDPMC", "PUSHF", "POPF", "CPUID", "RSM", "IRET", "SWINT", "INVD", "PAUSE", "HLT",
-          "INVLPG", "INVLPGA", "IOIO", "MSR", "TASK_SWITCH", "FERR_FREEZE", "SHUTDOWN")
-_WORD4 = ("VMRUN", "VMMCALL", "VMLOAD", "VMSAVE", "STGI", "CLGI", "SKINIT", "RDTSCP", "ICEBP",
-          "WBINVD", "MONITOR", "MWAIT", "MWAIT_COND", "XSETBV", "RDPRU", "EFER_WRITE_TRAP")
-_EXC = ("DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF",
-        "15", "MF", "AC", "MC", "XM", "VE", "CP", "22", "23", "24", "25", "26", "27", "HV", "VC",
-        "SX", "31")
-
-EXIT_NAMES: dict[int, str] = {}
-for _n in range(16):
-    EXIT_NAMES[SVM_EXIT_READ_CR0 + _n] = f"READ_CR{_n}"
-    EXIT_NAMES[SVM_EXIT_WRITE_CR0 + _n] = f"WRITE_CR{_n}"
-    EXIT_NAMES[SVM_EXIT_READ_DR0 + _n] = f"READ_DR{_n}"
-    EXIT_NAMES[SVM_EXIT_WRITE_DR0 + _n] = f"WRITE_DR{_n}"
-    EXIT_NAMES[0x090 + _n] = f"CR{_n}_WRITE_TRAP"
-for _n, _name in enumerate(_EXC):
-    EXIT_NAMES[SVM_EXIT_EXCP_BASE + _n] = f"EXCP_{_name}"
-for _n, _name in enumerate(_WORD3):
-    EXIT_NAMES[0x060 + _n] = _name
-for _n, _name in enumerate(_WORD4):
-    EXIT_NAMES[0x080 + _n] = _name
-EXIT_NAMES.update({0x0A2: "INVPCID", 0x0A5: "BUS_LOCK", 0x0A6: "IDLE_HLT", SVM_EXIT_NPF: "NPF",
-                   0x401: "AVIC_INCOMPLETE_IPI", 0x402: "AVIC_UNACCELERATED_ACCESS",
-                   SVM_EXIT_VMGEXIT: "VMGEXIT", SVM_EXIT_ERR: "ERR"})
-
-
-def exit_name(code: int) -> str:
-    return EXIT_NAMES.get(code, f"UNKNOWN_{code:#x}")
 
 
 # -- intercept bit numbers (kernel enum: 32 * word + bit) ------------------
@@ -98,9 +71,9 @@ def _w4(bit):
     return 4 * 32 + bit
 
 
-KVM_INIT_INTERCEPTS = tuple(_w3(_WORD3.index(n)) for n in (
+KVM_INIT_INTERCEPTS = tuple(_w3(INTERCEPT_WORD3_NAMES.index(n)) for n in (
     "INTR", "NMI", "SMI", "CR0_SEL_WRITE", "RDPMC", "CPUID", "INVD", "HLT", "INVLPGA", "IOIO", "MSR",
-    "TASK_SWITCH", "SHUTDOWN", "RSM")) + tuple(_w4(_WORD4.index(n)) for n in (
+    "TASK_SWITCH", "SHUTDOWN", "RSM")) + tuple(_w4(INTERCEPT_WORD4_NAMES.index(n)) for n in (
     "VMRUN", "VMMCALL", "VMLOAD", "VMSAVE", "STGI", "CLGI", "SKINIT", "WBINVD", "MONITOR", "MWAIT",
     "XSETBV", "RDPRU"))
 KVM_INIT_EXCEPTIONS = (6, 18, 17)  # #UD, #MC, #AC (svm.c init_vmcb; #PF only without NPT)
@@ -277,3 +250,20 @@ class Svm:
             rec = self.trace[-1]
             for callback in self.on_vmexit:
                 callback(rec)
+
+__all__ = [
+    "EXIT_NAMES", "INTERCEPT_WORD3_NAMES", "INTERCEPT_WORD4_NAMES", "IOIO_ADDR_SHIFT", "IOIO_REP",
+    "IOIO_SEG_SHIFT", "IOIO_SIZE_SHIFT", "IOIO_STR", "IOIO_TYPE_IN", "IOPM_SIZE",
+    "KVM_INIT_CR_INTERCEPTS", "KVM_INIT_DR_INTERCEPTS", "KVM_INIT_EXCEPTIONS",
+    "KVM_INIT_INTERCEPTS", "MSRPM_SIZE", "NESTED_CTL_NP_ENABLE", "NESTED_CTL_SEV_ENABLE",
+    "NESTED_CTL_SEV_ES_ENABLE", "PASSTHROUGH_MSRS", "SVM_EXIT_CLGI", "SVM_EXIT_CPUID",
+    "SVM_EXIT_CR0_SEL_WRITE", "SVM_EXIT_ERR", "SVM_EXIT_EXCP_BASE", "SVM_EXIT_HLT", "SVM_EXIT_INTR",
+    "SVM_EXIT_INVD", "SVM_EXIT_INVLPG", "SVM_EXIT_INVLPGA", "SVM_EXIT_IOIO", "SVM_EXIT_MONITOR",
+    "SVM_EXIT_MSR", "SVM_EXIT_MWAIT", "SVM_EXIT_NPF", "SVM_EXIT_RDPMC", "SVM_EXIT_RDPRU",
+    "SVM_EXIT_RDTSCP", "SVM_EXIT_READ_CR0", "SVM_EXIT_READ_DR0", "SVM_EXIT_RSM",
+    "SVM_EXIT_SHUTDOWN", "SVM_EXIT_SKINIT", "SVM_EXIT_STGI", "SVM_EXIT_TASK_SWITCH",
+    "SVM_EXIT_VMGEXIT", "SVM_EXIT_VMLOAD", "SVM_EXIT_VMMCALL", "SVM_EXIT_VMRUN", "SVM_EXIT_VMSAVE",
+    "SVM_EXIT_WBINVD", "SVM_EXIT_WRITE_CR0", "SVM_EXIT_WRITE_DR0", "SVM_EXIT_XSETBV", "Svm",
+    "WRITE_INTERCEPTED_PASSTHROUGH", "decode_ioio_exit_info1", "exit_name", "ioio_exit_info1",
+    "msrpm_position",
+]

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import itertools
 
-from ..backend import Capabilities, KVM_X86_DEFAULT_VM, System
+from ..abi import KVM_CAP_NUMBERS, KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM
+from ..backend import Capabilities, System
 from ..errors import FeatureUnavailable
 from .cpumodel import SUPPORTED_CPUID
 from .profile import KvmProfile, resolve as _resolve_profile
 
-# KVM_CAP_* numbers (linux/kvm.h) of the capabilities the model offers, and their values.
-KVM_CAP_NUMBERS = {
-    "KVM_CAP_HLT": 1,
-    "KVM_CAP_USER_MEMORY": 3,
-    "KVM_CAP_EXT_CPUID": 7,
-    "KVM_CAP_NR_VCPUS": 9,
-    "KVM_CAP_NR_MEMSLOTS": 10,
-    "KVM_CAP_SET_GUEST_DEBUG": 23,
-    "KVM_CAP_MAX_VCPUS": 66,
-    "KVM_CAP_READONLY_MEM": 81,
-    "KVM_CAP_IMMEDIATE_EXIT": 136,
-    "KVM_CAP_X86_USER_SPACE_MSR": 188,
-    "KVM_CAP_X86_MSR_FILTER": 189,
-    "KVM_CAP_DISABLE_QUIRKS2": 213,
-    "KVM_CAP_VM_TYPES": 235,
-}
+# The capabilities the model offers (their KVM_CAP_* numbers are in kvmharness.abi), and their values.
 SIM_EXTENSIONS = {
     "KVM_CAP_HLT": 1, "KVM_CAP_USER_MEMORY": 1, "KVM_CAP_EXT_CPUID": 1, "KVM_CAP_NR_VCPUS": 1,
     "KVM_CAP_NR_MEMSLOTS": 32764, "KVM_CAP_SET_GUEST_DEBUG": 1, "KVM_CAP_MAX_VCPUS": 1,
@@ -45,7 +31,8 @@ class SimSystem(System):
         self._asids = itertools.count(1)
         self._vms = []
         self._caps = Capabilities(backend="sim", api_version=12, extensions=dict(SIM_EXTENSIONS),
-                                  vm_types=frozenset({KVM_X86_DEFAULT_VM, 2, 3}),  # + SEV, SEV-ES (sim/sev.py)
+                                  vm_types=frozenset({KVM_X86_DEFAULT_VM, KVM_X86_SEV_VM,  # SEV, SEV-ES: sim/sev.py
+                                                     KVM_X86_SEV_ES_VM}),
                                   supported_cpuid=supported_cpuid or SUPPORTED_CPUID,
                                   msr_index_list=(0x10, 0x1B, 0x174, 0x175, 0x176, 0x277, 0xC0000080,
                                                   0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,

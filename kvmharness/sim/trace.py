@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..abi import exit_name
 
 
 @dataclass(slots=True)
@@ -25,8 +26,6 @@ class HwExit:
 
     @property
     def name(self) -> str:
-        from .svm import exit_name  # svm imports this module
-
         return exit_name(self.exit_code)
 
     def to_dict(self) -> dict:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from ..abi import KVM_CAP_NUMBERS
 from ..backend import MemoryRegion, Vm
 from ..errors import UsageError
 from . import kvmlayer as K
-from .system import KVM_CAP_NUMBERS
 
 
 class SimVm(Vm):
