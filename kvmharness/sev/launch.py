@@ -31,7 +31,6 @@ import dataclasses
 import errno
 import os
 import typing
-import weakref
 
 from ..errors import FeatureUnavailable, SevError, UsageError
 from .measurement import (
@@ -248,7 +247,10 @@ class SevKvmInterface(abc.ABC):
 # ---------------------------------------------------------------------------
 # Finding the interface of a VM, and a platform for a backend
 
-_INTERFACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The interface is kept on the VM object itself.  (A WeakKeyDictionary keyed by the VM
+# never let go: every interface holds its VM, so each entry kept its own key alive --
+# every SEV machine's memory and engine on the simulator, and on KVM the /dev/sev fd
+# KvmSev closes when it is collected; issue 13.)
 
 
 def sev_interface_for(vm) -> SevKvmInterface:
@@ -258,7 +260,7 @@ def sev_interface_for(vm) -> SevKvmInterface:
     it), ``kvm.sev.KvmSev`` for a KVM VM, ``kvm_model.KvmSevModel`` over
     ``vm.system.sev_firmware`` if the system has one.
     """
-    found = _INTERFACES.get(vm)
+    found = getattr(vm, "_sev_interface_of_vm", None)
     if found is not None:
         return found
     hook = getattr(vm, "sev_interface", None)
@@ -275,7 +277,7 @@ def sev_interface_for(vm) -> SevKvmInterface:
     else:
         raise FeatureUnavailable(f"{vm!r} offers no SEV interface (its backend has neither "
                                  "KVM_MEMORY_ENCRYPT_OP nor a simulated SEV firmware)")
-    _INTERFACES[vm] = iface
+    vm._sev_interface_of_vm = iface
     return iface
 
 

@@ -177,6 +177,8 @@ class Core:
     # -- engine lifecycle ----------------------------------------------------
     def build(self) -> None:
         """A fresh engine with every region mapped and every hook installed."""
+        self._release_contexts()
+        self._release_engine()  # a rebuild (a new VMRUN from guest mode) frees the old engine now
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         uc.ctl_set_cpu_model(X.UC_CPU_X86_EPYC)  # must precede mem_map (reference §5)
         self.uc = uc
@@ -207,15 +209,12 @@ class Core:
                 self._hook_site(site, end)
         for fn in self.build_hooks:
             fn(self)
-        self._ctx = None
         if _lib.uc_context_size(self.uch) == _CTX_HEADER + _CONTEXT_SIZE:
             self._ctx = ctypes.c_void_p()
             if _lib.uc_context_alloc(self.uch, ctypes.byref(self._ctx)):
                 self._ctx = None
         self.in_guest = False
-        if getattr(self, "_host_ctx", None) is not None:
-            _lib.uc_context_free(self._host_ctx)
-        self._host_ctx = None  # host-mode CPU state for enter(reuse=True), saved at its first use
+        # self._host_ctx (None now): host-mode CPU state for enter(reuse=True), saved at its first use
 
     def reset_exception_state(self) -> None:
         """Set QEMU's ``env->old_exception`` back to -1 (no exception in flight).
@@ -275,7 +274,37 @@ class Core:
         self.uc.mem_unmap(gpa, size)
 
     def close(self) -> None:
-        self.uc = None
+        """Free the engine now: its contexts, its hooks' callbacks and the uc itself.
+
+        A unicorn ``Uc`` is always in a reference cycle (its ``_callbacks`` hold wrappers
+        that hold the ``Uc``; our hooks hold this Core through the vCPU), so without this
+        its ``uc_close`` -- and the engine's translation buffer and guest-mode copies --
+        would wait for the cyclic GC's oldest generation.  The binding frees the handle in
+        a ``weakref.finalize``; calling that finalizer runs ``uc_close`` once, now, and
+        never again at collection.
+        """
+        self._release_engine()
+        self._release_contexts()
+        self.build_hooks = []
+        self.handler = self._out_cb = self._in_cb = None
+
+    def _release_engine(self) -> None:
+        uc, self.uc, self.uch = self.uc, None, None
+        if uc is None:
+            return
+        uc._callbacks.clear()
+        uc._mmio_callbacks.clear()
+        uc._hook_exception = None  # its traceback would hold the hook's frames
+        finalizer = getattr(uc, "_Uc__finalizer", None)  # unicorn 2.1: Uc.release_handle(uch)
+        if finalizer is not None:
+            finalizer()
+
+    def _release_contexts(self) -> None:
+        for name in ("_ctx", "_host_ctx"):
+            ctx = getattr(self, name, None)
+            if ctx is not None:
+                _lib.uc_context_free(ctx)
+            setattr(self, name, None)
 
     # -- entering the guest: VMLOAD + VMRUN on the VMCB ------------------------
     def enter(self, gprs: dict, count: int | None = RUN_COUNT, *, reuse: bool = False) -> int:
@@ -384,7 +413,8 @@ class Core:
         return _lib.uc_emu_start(self.uch, begin, UNTIL, 0, count)
 
     def stop(self) -> None:
-        _lib.uc_emu_stop(self.uch)
+        if self.uch is not None:  # a late kick after close() finds no engine
+            _lib.uc_emu_stop(self.uch)
 
     # -- registers -----------------------------------------------------------
     def rip(self) -> int:

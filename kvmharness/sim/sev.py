@@ -166,6 +166,17 @@ class SevMemory:
 
         vm.flush_code = flush_code  # this VM's host writes now also mark pages for decryption
 
+    def close(self) -> None:
+        """SimVm.close(): drop the alias mappings and snapshots (3x the VM's RAM)."""
+        regions, self.regions = self.regions, []
+        for r in regions:
+            try:
+                r[3].close()  # the alias mmap
+            except BufferError:
+                pass
+        self.cores.clear()
+        self.vm = None
+
     def region(self, gpa: int):
         for r in self.regions:
             if r[0] <= gpa < r[0] + r[1]:
