@@ -103,3 +103,41 @@ def test_simulated_platform_chain_verifies(capsys):
     # AMD's real roots do not vouch for the simulated chip
     rc, out = run(capsys, "--backend", "sim", "--product", "milan", "--json")
     assert rc == EXIT_GUEST_FAILED and json.loads(out)["failed"] == ["ASK -> CEK"]
+
+
+class _ExportOnly:
+    """A stand-in /dev/sev that answers PDH_CERT_EXPORT with a captured real chain."""
+
+    backend = "kvm"
+
+    def __init__(self, gen: str):
+        self.raw = {r: (DATA / gen / f"{r}.cert").read_bytes() for r in ("pdh", "pek", "oca", "cek")}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def pdh_cert_export(self):
+        return self.raw["pdh"], self.raw["pek"] + self.raw["oca"] + self.raw["cek"]
+
+
+@pytest.mark.parametrize("gen", ["naples", "rome"])
+def test_platform_export_path_picks_the_builtin_roots(capsys, monkeypatch, gen):
+    """The /dev/sev path (no simulated root on the device): the built-in root that signed the CEK."""
+    import kvmharness.sev.cli as sev_cli
+
+    monkeypatch.setattr(sev_cli, "_platform", lambda args: _ExportOnly(gen))
+    rc, out = run(capsys, "--backend", "kvm", "--json")
+    d = json.loads(out)
+    assert rc == EXIT_OK and d["source"] == "kvm" and d["complete"]
+    assert d["roots"]["product"] == gen
+
+
+@pytest.mark.skipif(Path("/dev/sev").exists(), reason="this host has /dev/sev")
+def test_no_dev_sev_is_a_host_error(capsys):
+    from kvmharness.errors import EXIT_HOST
+
+    assert main(["sev", "verify", "--backend", "kvm"]) == EXIT_HOST
+    assert "/dev/sev" in capsys.readouterr().err
