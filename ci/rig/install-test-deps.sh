@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Install what the remote-rig tests and the SVM rig in a box need on a clean
-# Debian 12 machine.  Idempotent: when everything is present it only checks
-# (well under a second) and touches neither apt nor pip.
+# Install what the remote-rig tests and the SVM rig in a box need from the OS on a
+# clean Debian/Ubuntu machine (apt only: their Python packages, paramiko and
+# pyroute2, come with the project's [test] extra into the venv).  Idempotent: when
+# everything is present it only checks (well under a second) and touches no apt.
 #
 #   ci/rig/install-test-deps.sh          # sshd + iproute2 (tests) and rig tools
 #   ci/rig/install-test-deps.sh --tests  # only what tests/test_remote_* need
+#   ci/rig/install-test-deps.sh --check  # exit 1 if anything is missing, install nothing
 set -euo pipefail
 
-want_rig=1
-[ "${1:-}" = "--tests" ] && want_rig=0
+want_rig=1 check=0
+case "${1:-}" in
+  --tests) want_rig=0 ;;
+  --check) check=1 ;;
+esac
 
 # Debian packages, each with a file that proves it is installed.  The openssh-server
 # postinst starts no daemon in a container without init; the tests start their own sshd.
@@ -20,13 +25,8 @@ if [ "$want_rig" = 1 ]; then
          zstd=/usr/bin/zstd cpio=/usr/bin/cpio kmod=/usr/sbin/depmod
          debian-archive-keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
 fi
-apt_install_missing install-test-deps "${debs[@]}"
-
-# Python packages used by the remote code and its tests (also in pyproject).
-py="${PYTHON:-python3}"
-# wheel: `rig run` builds the project's wheel with `pip wheel --no-build-isolation`
-# (2 s, offline) when setuptools and wheel are importable, else pip fetches them.
-if ! "$py" -c 'import paramiko, pyroute2, wheel' 2>/dev/null; then
-  echo "install-test-deps: pip install paramiko pyroute2 wheel" >&2
-  "$py" -m pip install -q 'paramiko>=3.0' 'pyroute2>=0.7' wheel
+if [ "$check" = 1 ]; then
+  [ -z "$(missing_debs "${debs[@]}")" ]
+  exit
 fi
+apt_install_missing install-test-deps "${debs[@]}"
