@@ -28,6 +28,7 @@ from kvmharness.sev.kvm_model import (
 )
 from kvmharness.sev.launch import SevKvmInterface, vmsa_page_for_vcpu
 from kvmharness.sev.policy import GuestPolicy, PolicyFlag
+from kvmharness.sev.session import GuestOwner
 from kvmharness.sev.status import GuestState, PlatformState, SevStatus
 from kvmharness.x86 import sev_cpuid_leaf
 
@@ -185,9 +186,11 @@ def test_update_after_finish(fw):
 def test_bad_policy(fw):
     _, m = model(fw)
     m.init("sev")
-    fails(m.launch_start, 1 << 6, err=errno.EIO, fw_error=SevStatus.POLICY_FAILURE)  # reserved
-    fails(m.launch_start, GuestPolicy(0, api_major=2, api_minor=0).value,
-          err=errno.EIO, fw_error=SevStatus.POLICY_FAILURE)  # firmware too old
+    # the firmware checks the policy only with an owner's session (sev_guest_verify_policy)
+    for policy in (1 << 6, GuestPolicy(0, api_major=2, api_minor=0).value):  # reserved, too new
+        start = GuestOwner(policy).start(*fw.pdh_cert_export())
+        fails(m.launch_start, policy, dh_cert=start.dh_cert, session=start.session,
+              err=errno.EIO, fw_error=SevStatus.POLICY_FAILURE)
     assert m.handle == 0 and not fw._guests
 
 

@@ -88,7 +88,9 @@ def _firmware(name: str):
     try:
         yield
     except SevError as e:
-        raise SevError(name, e.errno, e.fw_error, e.detail) from None
+        relabelled = SevError(name, e.errno, e.fw_error, e.detail)
+        relabelled.fw_check = getattr(e, "fw_check", None)  # the firmware check that fired
+        raise relabelled from None
 
 
 class KvmSevModel(SevKvmInterface):
@@ -420,10 +422,8 @@ class KvmSevModel(SevKvmInterface):
         self.regions.clear()
         if self.handle:
             for step in (self.firmware.deactivate, self.firmware.decommission):
-                try:
+                with contextlib.suppress(SevError):  # sev_unbind_asid ignores them too
                     step(self.handle)
-                except SevError:
-                    pass  # sev_unbind_asid ignores firmware errors too
         self.firmware.asids.free(self.asid)
         self.active = False
         self.handle = self.asid = 0

@@ -139,6 +139,7 @@ class GuestState(enum.IntEnum):
     """
 
     UNINIT = 0
+    INVALID = 0  # AMD's firmware source name (SEV_GUEST_STATE_INVALID): no such guest
     LUPDATE = 1  # launching: LAUNCH_UPDATE_* accepted
     LSECRET = 2  # measured: LAUNCH_SECRET accepted
     RUNNING = 3
@@ -191,3 +192,5 @@ class SevCommand(enum.IntEnum):
 # and the config u16 of the firmware's structure.
 SEV_STATUS_FLAGS_OWNER = 1 << 0  # 1 = externally owned (PEK_CERT_IMPORT done)
 SEV_STATUS_FLAGS_CONFIG_ES = 1 << 8  # SEV-ES initialized on the platform
+# INIT command buffer flags (psp-sev.h SEV_INIT_FLAGS_SEV_ES; AMD: SEV_CONFIG_ES_FLAG)
+SEV_INIT_FLAGS_ES = 1 << 0
