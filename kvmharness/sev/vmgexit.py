@@ -114,6 +114,8 @@ KVM_EXIT_AP_RESET_HOLD = 32
 KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
 VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
 
+from ..sim import kvmpolicy as _kvm_policy  # noqa: E402 - KVM's policy, one model for both paths
+
 # KVM hypercall numbers and return codes (include/uapi/linux/kvm_para.h)
 KVM_HC_VAPIC_POLL_IRQ = 1
 KVM_HC_KICK_CPU = 5
@@ -264,7 +266,7 @@ class SevEsVmgexitHandler:
         self.snp = snp
         self.user_msrs = frozenset(user_msrs)
         self.user_msr_reasons = user_msr_reasons
-        self.kernel_msrs = kernel_msrs if kernel_msrs is not None else {}
+        self.kernel_msrs = kernel_msrs if kernel_msrs is not None else _kvm_policy.initial_kernel_msrs()
         self.vmsa_features = vmsa_features
         self.vcpu_ids = frozenset(vcpu_ids)
         self.vcpu_id = vcpu_id
@@ -659,14 +661,8 @@ class SevEsVmgexitHandler:
                                       inject=(UD_VECTOR, None))
         if code == G.SVM_EXIT_VMMCALL:
             nr = regs["rax"]
-            if cpl:
-                ret = -KVM_EPERM
-            elif nr in (KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD):
-                ret = 0
-            else:
-                ret = -KVM_ENOSYS
-            regs["rax"] = ret & MASK64
-            return self._unmap_resume(gpa, trace, f"hypercall {nr:#x} -> {ret}")
+            regs["rax"] = _kvm_policy.hypercall_result(nr, cpl)  # the one model, sim/kvmpolicy.py
+            return self._unmap_resume(gpa, trace, f"hypercall {nr:#x} -> {regs['rax']:#x}")
         if code == G.SVM_EXIT_IOIO:
             return self._ioio(gpa, trace, info1, info2)
         if code == G.SVM_EXIT_MSR:

@@ -20,7 +20,6 @@ leaf 7 CPUID fix-ups of kvm_pvm (§2) are not modelled in either profile (see
 
 from __future__ import annotations
 
-import time
 
 import unicorn
 from unicorn import x86_const as X
@@ -34,101 +33,18 @@ from .svm import (SVM_EXIT_CPUID, SVM_EXIT_EXCP_BASE, SVM_EXIT_HLT, SVM_EXIT_MSR
 
 _M64 = 2**64 - 1
 CR0_PE = 1
+RFLAGS_RF = 1 << 16
 
 KVM_MSR_EXIT_REASON_INVAL = exits.KVM_MSR_EXIT_REASON_INVAL
 KVM_MSR_EXIT_REASON_UNKNOWN = exits.KVM_MSR_EXIT_REASON_UNKNOWN
 KVM_MSR_EXIT_REASON_FILTER = exits.KVM_MSR_EXIT_REASON_FILTER
 
-# MSRs kvm_get/set_msr_common and svm_get/set_msr emulate for a plain (non-SEV) guest,
-# with their reset values.  The pass-through MSRs (svm.PASSTHROUGH_MSRS) are executed by
-# the emulated CPU itself and are not listed.
-KERNEL_MSRS = {
-    0x10: None,                  # IA32_TSC: computed
-    0x1B: 0xFEE00900,            # IA32_APIC_BASE (BSP, enabled)
-    0x8B: 0,                     # IA32_UCODE_REV
-    0xFE: 0x508,                 # MTRRcap: WC | FIX | 8 variable ranges
-    0x179: 0x20,                 # MCG_CAP: KVM_MAX_MCE_BANKS
-    0x17A: 0,                    # MCG_STATUS
-    0x1A0: 0x1,                  # MISC_ENABLE: fast strings
-    0x277: 0x0007040600070406,   # PAT
-    0x2FF: 0,                    # MTRRdefType
-    0xC0010010: 0,               # SYSCFG
-    0xC0010015: 0,               # HWCR
-    0xC0010114: 0,               # VM_CR
-    0xC0010117: 0,               # VM_HSAVE_PA
-}
-KERNEL_MSRS.update({m: 0 for m in range(0x200, 0x210)})  # variable MTRRs
-KERNEL_MSRS.update({m: 0 for m in (0x250, 0x258, 0x259, *range(0x268, 0x270))})  # fixed MTRRs
-READ_ONLY_MSRS = frozenset({0xFE, 0x8B})
-
-# KVM's hypercall results (include/uapi/linux/kvm_para.h), see KvmExitHandling._hypercall
-KVM_ENOSYS, KVM_EPERM, KVM_EOPNOTSUPP = 1000, 1, 95
-HYPERCALL_RESULTS = {1: 0, 5: 0, 9: -KVM_EOPNOTSUPP, 10: 0, 11: 0}
+# KVM's policy (hypercall results, in-kernel MSRs, the MSR filter, CPUID) lives in
+# sim/kvmpolicy.py, shared with the SEV-ES GHCB path (sev/vmgexit.py); re-exported here.
+from .kvmpolicy import (KERNEL_MSRS, KVM_ENOSYS, KVM_EOPNOTSUPP, KVM_EPERM,  # noqa: E402,F401
+                        READ_ONLY_MSRS, HYPERCALL_RESULTS, KvmMsrs, MsrPolicy, cpuid_lookup,
+                        hypercall_result, maxphyaddr)
 _VMMCALL = b"\x0f\x01\xd9"
-
-
-class MsrPolicy:
-    """VM-wide MSR rules: KVM_X86_SET_MSR_FILTER and KVM_CAP_X86_USER_SPACE_MSR."""
-
-    def __init__(self):
-        self.user_exit_reasons = 0
-        self.filter_ranges: tuple = ()
-        self.default_allow = True
-        self.filter_set = False
-
-    def allowed(self, index: int, write: bool) -> bool:
-        """kvm_msr_allowed: the first range containing the MSR decides, else the default."""
-        if not self.filter_set:
-            return True
-        for base, nmsrs, read_ok, write_ok in self.filter_ranges:
-            if base <= index < base + nmsrs:
-                return bool(write_ok if write else read_ok)
-        return self.default_allow
-
-    def user_exit(self, reason: int) -> bool:
-        return bool(self.user_exit_reasons & reason)
-
-
-class KvmMsrs:
-    """One vCPU's in-kernel MSR values."""
-
-    def __init__(self):
-        self.values = {k: v for k, v in KERNEL_MSRS.items() if v is not None}
-        self._tsc_base = time.perf_counter_ns()
-        self._tsc_offset = 0
-
-    def known(self, index: int) -> bool:
-        return index in KERNEL_MSRS
-
-    def read(self, index: int) -> int:
-        if index == 0x10:
-            return (time.perf_counter_ns() - self._tsc_base) * 3 + self._tsc_offset & (2**64 - 1)
-        return self.values[index]
-
-    def write(self, index: int, value: int) -> bool:
-        """False when KVM would refuse the value (#GP / the INVAL reason)."""
-        if index in READ_ONLY_MSRS:
-            return False
-        if index == 0x10:
-            self._tsc_offset = value - (time.perf_counter_ns() - self._tsc_base) * 3
-            return True
-        if index == 0xC0010117 and value & 0xFFF:
-            return False  # VM_HSAVE_PA must be page aligned (svm_set_msr)
-        self.values[index] = value & (2**64 - 1)
-        return True
-
-
-def cpuid_lookup(table, function: int, index: int) -> tuple[int, int, int, int]:
-    """kvm_emulate_cpuid: exactly the entry set for (function, index), or all zeros.
-
-    The hosts' kvm_pvm forces a few leaf 1 / leaf 7 bits whatever is set; those are
-    recorded as that host's deviations (hostinfo.KNOWN_CPUID_DEVIATIONS) and exempted
-    by the tests, so the model keeps KVM's documented behaviour: the table, verbatim.
-    """
-    e = table.lookup(function, index)
-    if e is None:
-        return 0, 0, 0, 0
-    return e.eax, e.ebx, e.ecx, e.edx
 
 
 # Intercepts KVM resolves without userspace, and how (svm_exit_handlers[]):
@@ -289,11 +205,11 @@ class KvmExitHandling:
                 core.set_reg(X.UC_X86_REG_RDX, v >> 32)
                 core.set_reg(X.UC_X86_REG_RIP, rip + 2)
                 return
-            if self.msrs.write(index, value):
+            reason = self.msrs.write_reason(index, value, maxphyaddr=maxphyaddr(self.cpuid))
+            if not reason:
                 self.svm.vmexit(SVM_EXIT_MSR, 1, 0, rip, rip + 2)
                 core.set_reg(X.UC_X86_REG_RIP, rip + 2)
                 return
-            reason = KVM_MSR_EXIT_REASON_INVAL
         else:
             reason = KVM_MSR_EXIT_REASON_UNKNOWN
         if policy.user_exit(reason):
@@ -433,12 +349,7 @@ class KvmExitHandling:
     def _hypercall(self, rip, ilen):
         """vmmcall_interception -> kvm_emulate_hypercall: RAX = the result, RIP past VMMCALL.
 
-        Modelled numbers (KVM_CAP_ENFORCE_PV_FEATURE_CPUID off, no in-kernel APIC):
-        VAPIC_POLL_IRQ (1), KICK_CPU (5), SEND_IPI (10, no target: 0 IPIs sent) and
-        SCHED_YIELD (11) return 0; CLOCK_PAIRING (9) -KVM_EOPNOTSUPP (no TSC-based host
-        clock in the model); every other number, MAP_GPA_RANGE (12) included (its user
-        exit needs KVM_CAP_EXIT_HYPERCALL, not modelled), -KVM_ENOSYS.  At CPL > 0 the
-        result is -KVM_EPERM; outside 64-bit mode nr and the result are 32-bit.
+        The result is sim/kvmpolicy.py's ``hypercall_result`` (shared with the GHCB path).
         """
         core = self.core
         self.svm.vmexit(SVM_EXIT_VMMCALL, 0, 0, rip, rip + ilen)
@@ -446,14 +357,80 @@ class KvmExitHandling:
         nr = core.reg(X.UC_X86_REG_RAX)
         if not long64:
             nr &= 0xFFFFFFFF
-        if self._cpl():
-            ret = -KVM_EPERM
-        else:
-            ret = HYPERCALL_RESULTS.get(nr, -KVM_ENOSYS)
-        core.set_reg(X.UC_X86_REG_RAX, ret & (_M64 if long64 else 0xFFFFFFFF))
+        core.set_reg(X.UC_X86_REG_RAX, hypercall_result(nr, self._cpl(), long64))
         core.set_reg(X.UC_X86_REG_RIP, rip + ilen)  # kvm_skip_emulated_instruction
         if self.single_step:
             self._exit = exits.Debug(exception=1, pc=rip + ilen, dr6=0xFFFF4FF0, dr7=0x400)
+
+    # -- what KVM's emulator finishes before an exit reaches userspace ---------------
+    def _exit_to_user(self):
+        """The exit as KVM_RUN returns it, after what KVM completes first.
+
+        * An MMIO write: KVM's emulator runs the whole instruction -- its write is
+          buffered (emulator_write_emulated -> vcpu->mmio_fragments), x86_emulate_insn
+          writes back the registers, and only then does KVM_RUN return KVM_EXIT_MMIO.  So
+          the instruction is complete at the exit (RIP past it, a POP's RSP moved, a REP
+          STOS/MOVS iteration done), and nothing is left for the next KVM_RUN.
+        * A REP string instruction that exits between iterations (an MMIO write above, an
+          OUTS): x86_emulate_insn sets RFLAGS.RF while the string is not finished
+          (emulate.c, ``ctxt->eflags |= X86_EFLAGS_RF`` for a restarted REP instruction).
+        """
+        e = self._exit
+        p = self._pending
+        if p is not None and p[0] == "mmio_w":
+            self._pending = None
+            gpa, _size, access = p[3]
+            self._replay = (gpa, b"", access)
+            self._exit = None
+            self._run_replay()
+            self._exit = e
+            self._string_rf(p[1])
+        elif p is not None and p[0] == "out" and self._resume is None:
+            self._string_rf(p[1])  # an OUTS: stopped after one element, RIP still on it
+        return e
+
+    def _string_rf(self, insn_rip):
+        """RF set while KVM's emulator restarts a REP string instruction at ``insn_rip``
+        (measured on kvm_pvm: at every OUTS and MMIO-write exit of a REP string, the last
+        element's included, where RIP is still on it; not at its MMIO-read exits)."""
+        core = self.core
+        insn = self._insn(insn_rip)
+        if insn is None or not insn.is_string_instruction or not (insn.has_rep_prefix or insn.has_repe_prefix):
+            return
+        fl = core.reg(X.UC_X86_REG_RFLAGS)
+        if core.rip() == insn_rip:  # even after the last element (measured: RCX 0, RF 1)
+            core.set_reg(X.UC_X86_REG_RFLAGS, fl | RFLAGS_RF)
+            self._rf_shown = True
+
+    _rf_shown = False
+
+    def _rf_resume(self):
+        """Before the guest runs again: RF only suppresses instruction breakpoints on the
+        restarted instruction, which the model has none of, and the engine (unlike the CPU)
+        never clears it itself -- so the bit set for the exit is dropped here."""
+        if self._rf_shown:
+            self._rf_shown = False
+            if not self._need_entry:
+                core = self.core
+                core.set_reg(X.UC_X86_REG_RFLAGS, core.reg(X.UC_X86_REG_RFLAGS) & ~RFLAGS_RF)
+
+    def _replay_writes(self, writes, was_write):
+        """After an MMIO read was completed by re-running its instruction: the write a
+        read-modify-write instruction (ADD/OR/XCHG/CMPXCHG/XADD/BTS/NEG... to MMIO) made.
+        KVM's emulator reads (KVM_EXIT_MMIO read), then on the next KVM_RUN finishes the
+        instruction and writes back (emulate.c writeback -> segmented_write, or
+        segmented_cmpxchg, which for MMIO is "emulating exchange as write"): a second
+        KVM_EXIT_MMIO, the instruction complete.  CMPXCHG writes even when the comparison
+        fails (em_cmpxchg writes the old value back)."""
+        if was_write or not writes:
+            return
+        addr, size, value = writes[0]
+        for a, s_, v in writes[1:]:  # unicorn may split a wide store: merge contiguous parts
+            if a == addr + size:
+                value |= (v & ((1 << (8 * s_)) - 1)) << (8 * size)
+                size += s_
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self._exit = exits.MmioWrite(addr, size, data)
 
     def _cpl(self):
         core = self.core

@@ -1,16 +1,22 @@
 """Which KVM the simulator models: upstream ``kvm_amd`` (the default) or this project's host KVM.
 
-The project's hosts run ``kvm_pvm``, which differs from upstream kvm_amd in three
+The project's hosts run ``kvm_pvm``, which differs from upstream kvm_amd in these
 userspace-visible ways (kvm_amd measured on the SVM rig); a :class:`KvmProfile`
 selects each of them, in this one place:
 
 =====================  ======================================  =========================
 behaviour              kvm_amd (upstream, default)             kvm_pvm (these hosts)
 =====================  ======================================  =========================
-RIP at an IO exit      AT the IN/OUT: x86.c kvm_fast_pio's     already past the IN/OUT
-                       complete_fast_pio_in/out skip it on
+RIP at an OUT exit     AT the OUT: x86.c kvm_fast_pio's        already past the OUT
+                       complete_fast_pio_out skips it on
                        the next KVM_RUN (dropped if userspace
                        moved RIP meanwhile)
+RIP at an IN exit      AT the IN (complete_fast_pio_in)        AT the IN as well (measured
+                                                               by kvmharness fuzz on a
+                                                               kvm_pvm host, 2026-12-01:
+                                                               `in %dx,%ax` at 0x80ae gave
+                                                               RIP 0x80ae at the IoIn exit,
+                                                               0x80b0 at the next exit)
 VMMCALL, FIX_HYPER-    KVM's hypercall (kvm_emulate_hyper-     #UD
 CALL_INSN disabled     call): RIP past it, RAX = the result
 ``int n`` / ``int3``   delivered through the guest's IDT       emulation failure
@@ -35,9 +41,11 @@ DEFAULT_PROFILE = "kvm_amd"
 @dataclass(frozen=True)
 class KvmProfile:
     name: str
-    io_rip_past: bool      # KVM_GET_REGS during an IO exit shows RIP past the IN/OUT
+    io_rip_past: bool      # KVM_GET_REGS during an OUT exit shows RIP past the OUT
     vmmcall_ud: bool       # VMMCALL (quirk disabled) raises #UD instead of being a hypercall
     soft_int_fails: bool   # int n / int3 / int1 are emulation failures instead of IDT deliveries
+
+    in_rip_past: bool = False  # ... and during an IN exit past the IN (no KVM measured does)
 
     def __str__(self) -> str:
         return self.name

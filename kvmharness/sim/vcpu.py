@@ -36,6 +36,7 @@ from . import kvmlayer as K
 from .events import DeliveryFault, read_linear, write_linear
 from .profile import resolve as _resolve_profile
 from .svm import PASSTHROUGH_MSRS, SVM_EXIT_IOIO, SVM_EXIT_NPF, Svm, ioio_exit_info1
+from .ucbinding import pending_hook_exception
 
 _M64 = 2**64 - 1
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
@@ -65,9 +66,10 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         self.vm = vm
         self.vcpu_id = vcpu_id
         self.profile = getattr(getattr(vm, "system", None), "profile", None) or _resolve_profile()
-        # IO exits whose RIP userspace sees at the instruction, as MMIO/MSR exits (kvm_amd)
-        self._rip_at_insn = ("mmio_r", "mmio_w", "rdmsr", "wrmsr") if self.profile.io_rip_past else \
-            ("mmio_r", "mmio_w", "rdmsr", "wrmsr", "out", "in")
+        # exits whose RIP userspace sees at the instruction: MMIO reads, MSR exits, and IO
+        # exits as the profile says (an MMIO write is complete when it exits: RIP past it)
+        self._rip_at_insn = ("mmio_r", "rdmsr", "wrmsr") + \
+            (() if self.profile.io_rip_past else ("out",)) + (() if self.profile.in_rip_past else ("in",))
         self.svm = Svm(asid)
         self.cpuid = CpuidTable()
         self.msrs = K.KvmMsrs()
@@ -148,6 +150,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 self._pending = None  # OUT is complete in the core already (fast path)
             else:
                 self._apply_completion()
+        self._rf_resume()  # sim/kvmlayer.py: RF shown at a REP string exit, gone on re-entry
         core = self.core
         self._running = True
         self._save_stale = True
@@ -184,7 +187,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                     self._hook_new_sites()
                     if self._exit is None and self._event is None:
                         continue
-                if core.hook_error is not None or core.uc._hook_exception is not None:
+                if core.hook_error is not None or pending_hook_exception(core.uc) is not None:
                     hook_error = core.take_hook_error()
                     raise SimulatorError(f"simulator hook failed: {hook_error!r}") from hook_error
                 if self._event is not None:
@@ -192,7 +195,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                         continue
                     self._handle_event()
                 if self._exit is not None:
-                    return self._exit
+                    return self._exit_to_user()  # sim/kvmlayer.py: what KVM finishes first
                 if err != corem.UC_ERR_OK:
                     if not self._fault_consumed:
                         return self._core_error(err)
@@ -298,6 +301,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 count = max(1, min(rcx, (0x1000 - (rdi & 0xFFF)) // size, 0x1000 // size))
             extra = (rcx, rdi, count, rep)
         self.svm.vmexit(SVM_EXIT_IOIO, info1, next_rip, rip, next_rip, "IoIn")
+        self._in_old_rax = core.reg(X.UC_X86_REG_RAX)  # KVM_GET_REGS shows it until completed
         self._exit = exits.IoIn(port, size, count)
         self._pending = ("in", rip, next_rip, (size, extra))
         self._resume = None if string else next_rip
@@ -438,6 +442,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             core.set_reg(X.UC_X86_REG_RIP, next_rip)
 
     _rip_moved = False
+    _in_old_rax = 0
     _save_stale = True
     # set by an event handler that answered the access the core stopped on (an SEV-ES
     # MMIO #VC, sim/seves.py): the core's error for it is then not a KVM_RUN result
@@ -450,7 +455,10 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             (int(value) & ((1 << (8 * size * count)) - 1)).to_bytes(size * count, "little")
         down = core.reg(X.UC_X86_REG_RFLAGS) & (1 << 10)
         if down:
-            write_linear(core, rdi0 - size * (count - 1), bytes(data[: size * count]))
+            # element i goes to RDI - i*size: the first element at the highest address
+            # (emulate.c em_in via pio_in_emulated's read cache, one element per iteration)
+            elems = [bytes(data[i * size:(i + 1) * size]) for i in range(count)]
+            write_linear(core, rdi0 - size * (count - 1), b"".join(reversed(elems)))
             core.set_reg(X.UC_X86_REG_RDI, rdi0 - size * count)
         else:
             write_linear(core, rdi0, bytes(data[: size * count]))
@@ -479,7 +487,16 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         else:
             core.uc.mem_map_ptr(page, 0x1000, unicorn.UC_PROT_ALL, ctypes.addressof(buf))
         try:
-            return core.start_counted(core.rip(), 1)
+            writes = []
+            hook = core.uc.hook_add(unicorn.UC_HOOK_MEM_WRITE,
+                                    lambda _uc, _a, addr, size, value, _ud: writes.append((addr, size, value)),
+                                    begin=page, end=page + 0xFFF)
+            try:
+                err = core.start_counted(core.rip(), 1)
+            finally:
+                core.uc.hook_del(hook)
+            self._replay_writes(writes, data == b"")  # sim/kvmlayer.py: the RMW's write exit
+            return err
         finally:
             if readonly_region:
                 core.write_phys(page, saved)
@@ -498,6 +515,8 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         regs = Regs(*vals)
         if self._pending is not None and not self._rip_moved and self._pending[0] in self._rip_at_insn:
             regs.rip = self._pending[1]
+        if self._pending is not None and self._pending[0] == "in" and self._pending[3][1] is None:
+            regs.rax = self._in_old_rax  # KVM writes the accumulator only when completing the IN
         return regs
 
     def set_regs(self, regs: Regs) -> None:

@@ -1,0 +1,81 @@
+"""Assemble a fuzz guest with GNU ``as`` (as guests/build.py does), cached by the source's hash.
+
+Returns the flat image and its labels (``opN_start`` / ``opN_end``: which op an exit's
+RIP belongs to).  The cache lives in ``$KVMHARNESS_FUZZ_CACHE`` or
+``~/.cache/kvmharness/fuzz`` (one ``.bin`` + ``.sym`` per source hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import FeatureUnavailable
+
+TOOLS = ("as", "objcopy", "nm")
+_MEMO: dict = {}
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("KVMHARNESS_FUZZ_CACHE")
+    return Path(d) if d else Path.home() / ".cache" / "kvmharness" / "fuzz"
+
+
+def missing_tools() -> list:
+    return [t for t in TOOLS if shutil.which(t) is None]
+
+
+class AsmError(RuntimeError):
+    """``as`` rejected a generated source (a generator bug): the message has its stderr."""
+
+
+def assemble(source: str) -> tuple[bytes, dict]:
+    """(flat image, {label: offset}) of a 64-bit source."""
+    key = hashlib.sha256(source.encode()).hexdigest()[:32]
+    hit = _MEMO.get(key)
+    if hit is not None:
+        return hit
+    cdir = cache_dir()
+    binf, symf = cdir / f"{key}.bin", cdir / f"{key}.sym"
+    try:
+        if binf.is_file() and symf.is_file():
+            hit = binf.read_bytes(), json.loads(symf.read_text())
+            _MEMO[key] = hit
+            return hit
+    except (OSError, ValueError):
+        pass
+    missing = missing_tools()
+    if missing:
+        raise FeatureUnavailable(f"assembling fuzz guests needs {', '.join(missing)} (Debian: apt-get install binutils)")
+    with tempfile.TemporaryDirectory(prefix="kvmh-fuzz-") as tmp:
+        src, obj, out = Path(tmp, "g.S"), Path(tmp, "g.o"), Path(tmp, "g.bin")
+        src.write_text(source)
+        r = subprocess.run(["as", "--64", "-o", str(obj), str(src)], capture_output=True, text=True)
+        if r.returncode:
+            raise AsmError(f"as failed: {r.stderr.strip()[:2000]}")
+        r = subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(out)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise AsmError(f"objcopy failed: {r.stderr.strip()}")
+        r = subprocess.run(["nm", str(obj)], capture_output=True, text=True)
+        syms = {}
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                syms[parts[2]] = int(parts[0], 16)
+        image = out.read_bytes()
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+        binf.write_bytes(image)
+        symf.write_text(json.dumps(syms))
+    except OSError:
+        pass
+    _MEMO[key] = (image, syms)
+    if len(_MEMO) > 4096:
+        _MEMO.clear()
+    return image, syms
