@@ -6,6 +6,8 @@ These are the Python faces of ``struct kvm_regs``, ``kvm_sregs``, ``kvm_segment`
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field, fields, asdict
 
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -200,6 +202,21 @@ class CpuidTable:
 
     def __len__(self):
         return len(self.entries)
+
+
+def with_vcpu_apic_id(table: CpuidTable, apic_id: int) -> CpuidTable:
+    """``table`` with the initial APIC ID of vCPU ``apic_id`` in CPUID 1 EBX[31:24].
+
+    KVM_GET_SUPPORTED_CPUID runs CPUID on whichever host CPU the ioctl happened to
+    run on, so that byte is the *host's* APIC ID of that CPU (arch/x86/kvm/cpuid.c
+    do_host_cpuid); a VMM puts the vCPU's own ID there (QEMU's cpu_x86_cpuid, leaf
+    1).  Without this two tables read on different host CPUs differ.
+    """
+    leaf = table.lookup(1)
+    if leaf is None:
+        return table
+    ebx = (leaf.ebx & 0x00FFFFFF) | ((apic_id & 0xFF) << 24)
+    return table.with_entry(dataclasses.replace(leaf, ebx=ebx))
 
 
 def sev_cpuid_leaf(c_bit: int = 51, phys_reduction: int = 1, num_guests: int = 509,
