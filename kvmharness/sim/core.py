@@ -62,9 +62,10 @@ import struct
 
 import unicorn
 from unicorn import x86_const as X
-from unicorn.unicorn_py3.unicorn import uclib as _uclib
 
 from ..errors import SimulatorError
+from .ucbinding import raw_handle, release_engine, take_hook_exception
+from .ucbinding import uclib as _uclib
 
 # Host-only physical page range (below the 40-bit physical limit of the model CPU).
 HOST_BASE = 0xFF_FFF0_0000
@@ -182,7 +183,7 @@ class Core:
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         uc.ctl_set_cpu_model(X.UC_CPU_X86_EPYC)  # must precede mem_map (reference §5)
         self.uc = uc
-        self.uch = uc._uch
+        self.uch = raw_handle(uc)
         self._keep = []
         uc.mem_map_ptr(HOST_BASE, HOST_SIZE, unicorn.UC_PROT_ALL, ctypes.addressof(self._host))
         # The SVM pages live in the model's bytearrays; the page-aligned host window holds
@@ -243,8 +244,8 @@ class Core:
     def take_hook_error(self):
         """The first exception a hook raised during the last run (binding or raw hooks)."""
         err, self.hook_error = self.hook_error, None
-        if err is None and self.uc is not None and getattr(self.uc, "_hook_exception", None) is not None:
-            err, self.uc._hook_exception = self.uc._hook_exception, None
+        if err is None and self.uc is not None:
+            err = take_hook_exception(self.uc)
         return err
 
     def add_io_site(self, site: int, after: int) -> None:
@@ -292,12 +293,7 @@ class Core:
         uc, self.uc, self.uch = self.uc, None, None
         if uc is None:
             return
-        uc._callbacks.clear()
-        uc._mmio_callbacks.clear()
-        uc._hook_exception = None  # its traceback would hold the hook's frames
-        finalizer = getattr(uc, "_Uc__finalizer", None)  # unicorn 2.1: Uc.release_handle(uch)
-        if finalizer is not None:
-            finalizer()
+        release_engine(uc)
 
     def _release_contexts(self) -> None:
         for name in ("_ctx", "_host_ctx"):
