@@ -196,6 +196,11 @@ def bench_sim(progress) -> dict | None:
 
 
 def run_bench(args) -> int:
+    if getattr(args, "soak", False):  # kvmharness bench --soak: leaks, not speed
+        from .soak import main as soak_main
+
+        return soak_main(args)
+
     def progress(msg):
         if not args.json:
             print(f"... {msg}", file=sys.stderr, flush=True)

@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lifecycles", type=_positive_int, default=200,
                    help="VM lifecycles per round (default 200)")
     s.add_argument("--only", choices=("kvm", "sim", "all"), default="all")
+    s.add_argument("--soak", action="store_true",
+                   help="instead: run --count machines of each kind (plain, SEV, SEV-ES, triple fault, "
+                        "timeout) on each backend that can, and print fds, threads and RSS before "
+                        "and after (kvmharness/soak.py)")
+    s.add_argument("--count", type=_positive_int, default=None,
+                   help="machines of each kind per backend for --soak (default 1000)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 

@@ -226,6 +226,13 @@ def host_report() -> dict:
     return report
 
 
+def process_usage() -> dict:
+    """This process's open file descriptors, OS threads and resident set size in bytes
+    (``kvmharness bench --soak`` reads them before and after each batch of machines)."""
+    p = psutil.Process()
+    return {"fds": p.num_fds(), "threads": p.num_threads(), "rss": p.memory_info().rss}
+
+
 def format_report(r: dict) -> str:
     """The human-readable form of :func:`host_report`."""
     lines = []
