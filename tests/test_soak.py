@@ -57,3 +57,32 @@ def test_bench_soak_refuses_a_bad_count(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--soak", "--count", "0"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("kind,guest", [k for k in soak.KINDS if k[0] != "timeout"],
+                         ids=[k for k, _ in soak.KINDS if k != "timeout"])
+def test_machines_on_one_long_lived_system_leave_nothing_behind(kind, guest, backend):
+    """The same on one System kept open (the suite's and the lab's pattern): a closed VM
+    must not stay on the System's books (the simulator's SimSystem kept every VM)."""
+    from kvmharness.backend import open_backend
+    from kvmharness.errors import HostError
+    from kvmharness.machine import Machine
+
+    sev = {"sev": "sev", "sev-es": "sev-es"}.get(kind)
+    with open_backend(backend) as system:
+        def one():
+            with Machine.for_guest(guest, system, sev=sev) as m:
+                assert m.run().ok
+
+        try:
+            for _ in range(soak.WARMUP):
+                one()
+        except HostError as e:
+            pytest.skip(f"{backend} cannot run {guest} here: {e}")
+        before = soak.usage()
+        for _ in range(COUNT):
+            one()
+        after = soak.usage()
+        assert after["fds"] == before["fds"] and after["threads"] == before["threads"]
+        assert after["rss"] - before["rss"] < RSS_BOUND
+        assert len(getattr(system, "_vms", ())) == 0  # sim: nothing kept for the System's close()

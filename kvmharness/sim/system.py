@@ -59,6 +59,6 @@ class SimSystem(System):
         return vm
 
     def close(self) -> None:
-        for vm in self._vms:
+        for vm in list(self._vms):  # a VM's close() takes it off the list
             vm.close()
         self._vms.clear()

@@ -199,3 +199,6 @@ class SimVm(Vm):
         self.regions.clear()
         self._map_list.clear()
         self._buffers.clear()
+        vms = getattr(self.system, "_vms", None)  # a long-lived SimSystem keeps only open VMs
+        if vms is not None and self in vms:
+            vms.remove(self)
