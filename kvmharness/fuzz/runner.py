@@ -102,6 +102,8 @@ def _regs(vcpu) -> dict:
 class Target:
     """One backend to run guests on: the kvm backend, or the simulator modelling a KVM."""
 
+    profile = None  # the simulator's KvmProfile
+
     def __init__(self, name: str, system, cpuid):
         self.name = name
         self.system = system
@@ -136,7 +138,9 @@ def open_targets(pair=("kvm", "sim"), profile: str | None = None) -> list:
             prof = profile or (for_kvm_module(kvm_device_info()["module"]) if host_cpuid is not None
                                else None)
             system = SimSystem(supported_cpuid=host_cpuid, profile=prof)
-            targets.append(Target(f"sim[{system.profile}]", system, system.capabilities.supported_cpuid))
+            t = Target(f"sim[{system.profile}]", system, system.capabilities.supported_cpuid)
+            t.profile = system.profile
+            targets.append(t)
     order = {n: i for i, n in enumerate(pair)}
     targets.sort(key=lambda t: order.get(t.name.split("[")[0], 99))
     return targets
@@ -315,3 +319,17 @@ def _exit_diff(a: dict, b: dict) -> str:
     if a.get("exit") != b.get("exit"):
         return f"kind({a.get('exit')}/{b.get('exit')})"
     return a.get("exit") + "." + ",".join(sorted(k for k in a if a.get(k) != b.get(k)))
+
+
+def cpuid_deviations(targets) -> frozenset:
+    """CPUID registers not compared: those a kvm host is recorded as not honouring
+    (hostinfo) and those the simulated module declares it sets itself (the profile)."""
+    from ..hostinfo import cpuid_deviations as host_deviations
+
+    out = set()
+    for t in targets:
+        if t.name == "kvm":
+            out |= host_deviations("kvm")
+        elif t.profile is not None:
+            out |= t.profile.cpuid_unhonoured
+    return frozenset(out)

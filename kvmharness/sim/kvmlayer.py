@@ -20,6 +20,8 @@ leaf 7 CPUID fix-ups of kvm_pvm (§2) are not modelled in either profile (see
 
 from __future__ import annotations
 
+import ctypes
+
 
 import unicorn
 from unicorn import x86_const as X
@@ -43,7 +45,7 @@ KVM_MSR_EXIT_REASON_FILTER = exits.KVM_MSR_EXIT_REASON_FILTER
 # sim/kvmpolicy.py, shared with the SEV-ES GHCB path (sev/vmgexit.py); re-exported here.
 from .kvmpolicy import (KERNEL_MSRS, KVM_ENOSYS, KVM_EOPNOTSUPP, KVM_EPERM,  # noqa: E402,F401
                         READ_ONLY_MSRS, HYPERCALL_RESULTS, KvmMsrs, MsrPolicy, cpuid_lookup,
-                        hypercall_result, maxphyaddr)
+                        hypercall_result, maxphyaddr, CANONICAL_MSRS, MSR_PAT, is_canonical)
 _VMMCALL = b"\x0f\x01\xd9"
 
 
@@ -180,6 +182,14 @@ class KvmExitHandling:
         reason = 0
         if not policy.allowed(index, write):
             reason = KVM_MSR_EXIT_REASON_FILTER
+        elif write and index in CANONICAL_MSRS and self.profile.emulates_passthrough_msrs:
+            # kvm_pvm: the WRMSR went through kvm_set_msr (__kvm_set_msr's canonical check)
+            if is_canonical(value):
+                self.svm.vmexit(SVM_EXIT_MSR, 1, 0, rip, rip + 2)
+                core.msr_write_native(index, value)
+                core.set_reg(X.UC_X86_REG_RIP, rip + 2)
+                return
+            reason = KVM_MSR_EXIT_REASON_INVAL
         elif index == corem.MSR_EFER:
             if not write:  # only reachable with a filter on EFER lifted again: read natively
                 v = core.msr_read_native(index)
@@ -205,7 +215,11 @@ class KvmExitHandling:
                 core.set_reg(X.UC_X86_REG_RDX, v >> 32)
                 core.set_reg(X.UC_X86_REG_RIP, rip + 2)
                 return
-            reason = self.msrs.write_reason(index, value, maxphyaddr=maxphyaddr(self.cpuid))
+            if index == MSR_PAT and not self.profile.pat_checked:
+                self.msrs.values[index] = value & _M64
+                reason = 0
+            else:
+                reason = self.msrs.write_reason(index, value, maxphyaddr=maxphyaddr(self.cpuid))
             if not reason:
                 self.svm.vmexit(SVM_EXIT_MSR, 1, 0, rip, rip + 2)
                 core.set_reg(X.UC_X86_REG_RIP, rip + 2)
@@ -403,11 +417,24 @@ class KvmExitHandling:
             self._rf_shown = True
 
     _rf_shown = False
+    _profile_msrpm = False
 
-    def _rf_resume(self):
-        """Before the guest runs again: RF only suppresses instruction breakpoints on the
-        restarted instruction, which the model has none of, and the engine (unlike the CPU)
-        never clears it itself -- so the bit set for the exit is dropped here."""
+    def _before_run(self):
+        """At each KVM_RUN, before the guest runs again.
+
+        * A profile whose KVM emulates the pass-through MSRs (kvm_pvm) gets their writes
+          intercepted, once, so ``_msr`` applies kvm_set_msr's checks to them.
+        * RF only suppresses instruction breakpoints on the restarted instruction, which the
+          model has none of, and the engine (unlike the CPU) never clears it itself -- so
+          the bit set for a REP string exit is dropped here.
+        """
+        if not self._profile_msrpm:
+            self._profile_msrpm = True
+            if self.profile.emulates_passthrough_msrs:
+                from .kvmpolicy import CANONICAL_MSRS
+                for msr in CANONICAL_MSRS:
+                    self.svm.set_msr_intercept(msr, False, True)
+                self.core.sync_msrpm()
         if self._rf_shown:
             self._rf_shown = False
             if not self._need_entry:
@@ -536,22 +563,64 @@ class KvmExitHandling:
             return True
         return vector in (1, 3) and self._code_bytes(rip - 1, 1) in (b"\xcc", b"\xf1")
 
+    def _run_to_unfetchable(self):
+        """The engine gives up on a whole block when part of it cannot be fetched, with RIP
+        at the block's start; KVM fails at the instruction whose bytes are missing.  Run the
+        complete instructions before it (one by one) so RIP is there."""
+        ix = _decoder()
+        core = self.core
+        rip = core.rip()
+        data = self._code_bytes(rip, 64)
+        n, at = 0, rip
+        for insn in ix.Decoder(self._bitness(), data, ip=rip):
+            if insn.code == ix.Code.INVALID or insn.next_ip > rip + len(data):
+                break
+            n, at = n + 1, insn.next_ip
+        gpa, _err = corem.translate(core, self._linear(rip) + len(data))
+        if not n or gpa is None:
+            return
+        # the engine translates a whole block before running any of it: lend it a page of
+        # zeros where the fetch fails, for exactly the n complete instructions
+        page = gpa & ~0xFFF
+        buf = (ctypes.c_char * 0x1000)()
+        core.uc.mem_map_ptr(page, 0x1000, unicorn.UC_PROT_ALL, ctypes.addressof(buf))
+        try:
+            core.start_counted(rip, n)
+        finally:
+            core.unmap(page, 0x1000)
+            core.flush_code(page, 0x1000)
+
+    def _fetch_failure(self):
+        """An instruction fetch from a GPA with no memslot: KVM's emulator cannot fetch the
+        bytes (x86_decode_insn fails), so handle_emulation_failure reports no instruction
+        bytes: data[0] = 0, then the exit info (svm_get_exit_info, or the profile's)."""
+        self._run_to_unfetchable()
+        info = self.profile.fetch_failure_exit_info
+        if info is None:
+            c = self.svm.vmcb.control
+            info = (c.exit_code, c.exit_info_1, c.exit_info_2, c.exit_int_info, c.exit_int_info_err)
+        return exits.InternalError(suberror=1, data=(0, *info))
+
     def _emulation_failure(self, rip):
         """KVM_INTERNAL_ERROR_EMULATION laid out as prepare_emulation_failure_exit does:
         data[0] flags (1: instruction bytes present), data[1..2] insn_size + 15 bytes
         (0x90-padded), data[3..7] the exit info of the last #VMEXIT."""
-        insn = self._insn(rip)
-        code = self._code_bytes(rip, 15)
-        size = insn.len if insn is not None else len(code)
+        # the bytes are what the emulator fetched (x86_decode_insn's ctxt->fetch: up to 15,
+        # not past the page end), not the decoded instruction's length (measured on kvm_pvm:
+        # int3 followed by code reported insn_size 15)
+        code = self._code_bytes(rip, min(15, 0x1000 - (self._linear(rip) & 0xFFF)))
+        size = len(code)
         raw = bytes([size]) + code[:size].ljust(15, b"\x90")
         c = self.svm.vmcb.control
+        info = self.profile.fetch_failure_exit_info or (
+            c.exit_code, c.exit_info_1, c.exit_info_2, c.exit_int_info, c.exit_int_info_err)
         return exits.InternalError(suberror=1, data=(
             1 if size else 0, int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"),
-            c.exit_code, c.exit_info_1, c.exit_info_2, c.exit_int_info, c.exit_int_info_err))
+            *info))
 
     def _core_error(self, err):
         if err == corem.UC_ERR_FETCH_UNMAPPED:
-            return self._emulation_failure(self.core.rip())
+            return self._fetch_failure()
         return exits.InternalError(suberror=1, data=(err, self.core.rip()))
 
     # -- instruction bytes --------------------------------------------------------

@@ -46,13 +46,42 @@ class KvmProfile:
     soft_int_fails: bool   # int n / int3 / int1 are emulation failures instead of IDT deliveries
 
     in_rip_past: bool = False  # ... and during an IN exit past the IN (no KVM measured does)
+    # Guest CPL0 code is emulated instruction by instruction (dev-kvm §0), so every WRMSR goes
+    # through kvm_set_msr, the pass-through MSRs (FS/GS/KERNEL_GS base, LSTAR, CSTAR) too:
+    # a non-canonical value is refused with the INVAL reason (measured by kvmharness fuzz:
+    # WRMSR LSTAR/GS_BASE 0x7f9a88002a94a441-like values gave KVM_EXIT_X86_WRMSR reason 1),
+    # where kvm_amd lets the CPU execute them (svm.c direct_access_msrs: #GP from the CPU).
+    emulates_passthrough_msrs: bool = False
+    # kvm_set_msr_common checks PAT (x86.h kvm_pat_valid) on kvm_amd; kvm_pvm accepted
+    # PAT values with a reserved memory type 2 (measured by kvmharness fuzz: WRMSR 0x277
+    # 0x0606040006010206 and 0x0000070001050206 completed with no exit and no #GP).
+    pat_checked: bool = True
+    # CPUID registers the module sets itself whatever KVM_SET_CPUID2 says, as
+    # (function, index, register): not modelled (their values are the host CPU's), declared.
+    cpuid_unhonoured: frozenset = frozenset()
+    # KVM_EXIT_INTERNAL_ERROR (emulation failure): the (exit reason, info1, info2, intr info,
+    # error code) KVM appends (None: the last #VMEXIT's, as kvm_amd's svm_get_exit_info does)
+    fetch_failure_exit_info: tuple | None = None
 
     def __str__(self) -> str:
         return self.name
 
 
 KVM_AMD = KvmProfile("kvm_amd", io_rip_past=False, vmmcall_ud=False, soft_int_fails=False)
-KVM_PVM = KvmProfile("kvm_pvm", io_rip_past=True, vmmcall_ud=True, soft_int_fails=True)
+KVM_PVM = KvmProfile(
+    "kvm_pvm", io_rip_past=True, vmmcall_ud=True, soft_int_fails=True,
+    emulates_passthrough_msrs=True, pat_checked=False,
+    # measured on kvm_pvm hosts: leaf 1 ECX/EDX and 7.0 EBX/ECX/EDX (dev-kvm §2); by kvmharness
+    # fuzz (2026-12-01, the host's supported table set, the guest read back something else):
+    # 7.1 EAX, 0xD.0 EBX (it follows XCR0, dev-kvm §2), 0xD.1 EAX and EBX; the report
+    # from another kvm_pvm host adds 7.0 EAX and 0xD.0 EAX/ECX.
+    cpuid_unhonoured=frozenset({(0x1, 0, "ecx"), (0x1, 0, "edx"), (0x7, 0, "eax"), (0x7, 0, "ebx"),
+                                (0x7, 0, "ecx"), (0x7, 0, "edx"), (0x7, 1, "eax"), (0xD, 0, "eax"),
+                                (0xD, 0, "ebx"), (0xD, 0, "ecx"), (0xD, 1, "eax"), (0xD, 1, "ebx")}),
+    # measured by kvmharness fuzz: a jump to the last 2 bytes of RAM gave suberror 1 with
+    # data (0, 0x1000, 0, 0, 0, 0) (no instruction bytes), int3 data (1, <bytes>, 0x1000,
+    # 0, 0, 0, 0): kvm_pvm's own exit reason 0x1000, no exit info
+    fetch_failure_exit_info=(0x1000, 0, 0, 0, 0))
 PROFILES = {p.name: p for p in (KVM_AMD, KVM_PVM)}
 
 

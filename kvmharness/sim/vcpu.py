@@ -150,7 +150,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 self._pending = None  # OUT is complete in the core already (fast path)
             else:
                 self._apply_completion()
-        self._rf_resume()  # sim/kvmlayer.py: RF shown at a REP string exit, gone on re-entry
+        self._before_run()  # sim/kvmlayer.py: the profile's MSR intercepts; RF of a REP exit
         core = self.core
         self._running = True
         self._save_stale = True
