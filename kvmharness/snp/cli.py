@@ -1,0 +1,229 @@
+"""``kvmharness snp ...``: verify, show and simulate SEV-SNP attestation reports.
+
+    kvmharness snp verify --report FILE [--vcek FILE] [--processor milan|genoa|turin]
+                          [--ark FILE --ask FILE] [--certs-dir DIR] [--measurement HEX]
+                          [--report-data HEX] [--policy P] [--at TIME] [--json]
+    kvmharness snp show --report FILE [--processor P] [--json]
+    kvmharness snp simulate --out DIR [--processor P] [--report-data HEX] [--measurement HEX]
+                          [--policy P] [--vmpl N] [--host-data HEX] [--chip-id HEX] [--json]
+
+``verify`` exits 0 when every check passes, 1 naming the first check that
+fails, 2 for a file it cannot read or parse.  It never uses the network: the
+VCEK comes from --vcek or --certs-dir (a KDS-style directory: ark.pem, ask.pem,
+vcek.pem or vcek.der, cert_chain.pem), the ARK and ASK from files or AMD's
+published roots shipped with kvmharness.  ``simulate`` writes report.bin,
+vcek.pem, ask.pem and ark.pem from the simulated firmware (no guest is run:
+that is ``snp report`` once the SNP launch exists).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+from .. import errors as E
+
+REPORT_HEX_CHARS = 2 * 0x4A0
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def read_report_file(path: str | Path) -> bytes:
+    """A report file: the raw 0x4A0 bytes, or the same as hex text (virtee's .hex files)."""
+    data = Path(path).read_bytes()
+    if len(data) != 0x4A0:
+        text = b"".join(data.split())
+        if len(text) == REPORT_HEX_CHARS:
+            try:
+                return bytes.fromhex(text.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                pass
+    return data
+
+
+def _generation(text: str | None):
+    from .report import Generation
+
+    return Generation.parse(text) if text else None
+
+
+def _policy(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise E.UsageError(f"--policy: not a number: {text!r} (e.g. 0x30000)") from None
+    if not 0 <= value < 1 << 64:
+        raise E.UsageError("--policy: the SNP guest policy is a 64-bit value")
+    return value
+
+
+def _when(text: str | None) -> _dt.datetime | None:
+    if text is None:
+        return None
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise E.UsageError(f"--at: not an ISO 8601 time: {text!r} (e.g. 2027-01-01)") from None
+    return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
+
+
+# -- verify -----------------------------------------------------------------------------------
+def cmd_verify(args) -> int:
+    from . import certs
+    from .verify import Expectations, load_certs_dir, parse_hex, verify_report
+
+    found = load_certs_dir(args.certs_dir) if args.certs_dir else {}
+    for role in ("vcek", "ark", "ask"):
+        path = getattr(args, role)
+        if path:
+            found[role] = certs.read_certificate(path)
+    if "vcek" not in found:
+        raise E.UsageError("no VCEK: pass --vcek FILE or --certs-dir DIR holding vcek.pem or "
+                           "vcek.der (kvmharness never fetches from AMD's KDS; "
+                           "https://kdsintf.amd.com/vcek/v1/<product>/<hwid>?... serves it)")
+    expect = Expectations(
+        measurement=(parse_hex(args.measurement, "--measurement", 48, exact=True)
+                     if args.measurement else None),
+        report_data=parse_hex(args.report_data, "--report-data", 64) if args.report_data else None,
+        policy=_policy(args.policy))
+    report = read_report_file(args.report)
+    v = verify_report(report, found["vcek"], generation=_generation(args.processor),
+                      ark=found.get("ark"), ask=found.get("ask"), expect=expect,
+                      at=_when(args.at))
+    if args.json:
+        _print_json(v.to_dict())
+    else:
+        gen = v.generation.title if v.generation else "?"
+        version = f"v{v.report.version} " if v.report else ""
+        print(f"SNP attestation report {version}({gen}): {args.report}")
+        print(f"root: {v.root_detail}")
+        for c in v.checks:
+            status = {True: "ok", False: "FAIL", None: "-"}[c.ok]
+            print(f"  {status:4}  {c.name:12} {c.detail}")
+        if v.ok:
+            print("verified" + ("" if v.root == "amd" else
+                                " (against the supplied root, not AMD's)"))
+    if not v.ok:
+        bad = v.failed
+        print(f"kvmharness: error: attestation check {bad.name!r} failed: {bad.detail}",
+              file=sys.stderr)
+        return E.EXIT_GUEST_FAILED
+    return E.EXIT_OK
+
+
+# -- show -------------------------------------------------------------------------------------
+def cmd_show(args) -> int:
+    from .report import AttestationReport
+
+    report = AttestationReport.parse(read_report_file(args.report))
+    gen = _generation(args.processor) or report.generation_from_cpuid()
+    d = report.to_dict(gen)
+    if args.json:
+        _print_json({"generation": gen.value if gen else None, "report": d})
+    else:
+        _print_report(d, gen)
+    return E.EXIT_OK
+
+
+def _print_report(d: dict, gen) -> None:
+    print(f"generation: {gen.title if gen else 'unknown (v2 report: pass --processor)'}")
+    for key, value in d.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k}={v}" for k, v in value.items())
+            print(f"  {key:18} {inner}")
+        else:
+            print(f"  {key:18} {value}")
+
+
+# -- simulate ---------------------------------------------------------------------------------
+def cmd_simulate(args) -> int:
+    from .attest import GuestAttestationContext, SimulatedSnpChip
+    from .report import AttestationReport
+    from .verify import parse_hex
+
+    gen = _generation(args.processor or "milan")
+    chip_id = None
+    if args.chip_id:
+        chip_id = parse_hex(args.chip_id, "--chip-id", 64).ljust(64, b"\0")
+    if not 0 <= args.vmpl <= 3:
+        raise E.UsageError("--vmpl: 0 to 3")
+    try:
+        chip = SimulatedSnpChip(gen, chip_id=chip_id)
+    except ValueError as e:
+        raise E.UsageError(f"--chip-id: {e}") from None
+    policy = _policy(args.policy)
+    guest = GuestAttestationContext(
+        measurement=(parse_hex(args.measurement, "--measurement", 48, exact=True)
+                     if args.measurement else bytes(48)),
+        policy=0x30000 if policy is None else policy,
+        host_data=(parse_hex(args.host_data, "--host-data", 32).ljust(32, b"\0")
+                   if args.host_data else bytes(32)))
+    report_data = parse_hex(args.report_data, "--report-data", 64) if args.report_data else b""
+    report = chip.report(guest, report_data, vmpl=args.vmpl)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.bin").write_bytes(report)
+    for role, pem in chip.certificates().items():
+        (out / f"{role}.pem").write_bytes(pem)
+    d = AttestationReport.parse(report).to_dict(gen)
+    if args.json:
+        _print_json({"generation": gen.value, "out": str(out), "simulated": True,
+                     "files": ["report.bin", "vcek.pem", "ask.pem", "ark.pem"], "report": d})
+    else:
+        print(f"wrote {out}/report.bin, vcek.pem, ask.pem, ark.pem (simulated {gen.title} "
+              f"firmware; its ARK is not AMD's)")
+        _print_report(d, gen)
+    return E.EXIT_OK
+
+
+def register(subparsers) -> None:
+    snp = subparsers.add_parser("snp", help="SEV-SNP attestation: verify real or simulated "
+                                            "reports, show one, simulate one")
+    sub = snp.add_subparsers(dest="snp_command", metavar="SUBCOMMAND")
+    sub.required = True
+    processors = ("milan", "genoa", "turin")
+
+    v = sub.add_parser("verify", help="check a report: AMD's chain, the signature, the TCB "
+                                      "against the VCEK, and the given expectations")
+    v.add_argument("--report", required=True, help="the 0x4A0-byte report (binary or hex text)")
+    v.add_argument("--vcek", help="the VCEK (PEM or DER)")
+    v.add_argument("--processor", choices=processors,
+                   help="the generation (default: the VCEK's productName, else the report's CPUID)")
+    v.add_argument("--ark", help="the ARK to trust instead of AMD's built-in one")
+    v.add_argument("--ask", help="the ASK (default: AMD's built-in one for the generation)")
+    v.add_argument("--certs-dir", help="a KDS-style directory: ark.pem, ask.pem, vcek.pem or "
+                                       "vcek.der, cert_chain.pem")
+    v.add_argument("--measurement", help="expected MEASUREMENT (48 bytes, hex)")
+    v.add_argument("--report-data", help="expected REPORT_DATA (up to 64 bytes, hex; zero padded)")
+    v.add_argument("--policy", help="expected guest POLICY (e.g. 0x30000)")
+    v.add_argument("--at", help="check certificate validity at this ISO 8601 time (default now)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("show", help="print a report's fields (no verification)")
+    s.add_argument("--report", required=True)
+    s.add_argument("--processor", choices=processors,
+                   help="to decode the TCBs of a v2 report (v3+ carry the CPUID)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_show)
+
+    m = sub.add_parser("simulate", help="a report from the simulated SNP firmware, with its "
+                                        "simulated VCEK, ASK and ARK")
+    m.add_argument("--out", required=True, help="directory for report.bin, vcek.pem, ask.pem, "
+                                                "ark.pem")
+    m.add_argument("--processor", choices=processors, default="milan")
+    m.add_argument("--report-data", help="REPORT_DATA (up to 64 bytes, hex)")
+    m.add_argument("--measurement", help="MEASUREMENT (48 bytes, hex; default zeros)")
+    m.add_argument("--policy", help="guest POLICY (default 0x30000)")
+    m.add_argument("--vmpl", type=int, default=0)
+    m.add_argument("--host-data", help="HOST_DATA (up to 32 bytes, hex)")
+    m.add_argument("--chip-id", help="CHIP_ID (hex, up to 64 bytes; 8 on Turin)")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_simulate)
