@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 
-    for extra in ("kvmharness.remote.cli", "kvmharness.sev.cli", "kvmharness.lab.cli"):
+    for extra in ("kvmharness.remote.cli", "kvmharness.sev.cli", "kvmharness.lab.cli",
+                  "kvmharness.snp.cli"):
         try:
             present = importlib.util.find_spec(extra) is not None
         except ModuleNotFoundError:
