@@ -254,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_suite)
 
+    s = sub.add_parser("fuzz", help="random guests on kvm and the simulator, compared exit by exit")
+    from .fuzz.cli import add_arguments as _fuzz_arguments
+    _fuzz_arguments(s)
+    s.set_defaults(func=lambda args: importlib.import_module("kvmharness.fuzz.cli").run_fuzz(args))
+
     s = sub.add_parser("bench", help="exits/s and lifecycle cost: harness vs a C reference, and the simulator")
     s.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds (default 3)")
     s.add_argument("--lifecycles", type=_positive_int, default=200,
