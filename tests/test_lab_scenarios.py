@@ -202,3 +202,87 @@ def test_unknown_scenario_and_mode_are_usage_errors():
         run_scenario("nope", "svm", "sim")
     with pytest.raises(UsageError, match="unknown mode"):
         run_scenario("regleak", "tdx", "sim")
+
+
+# -- lab all: exit status and reasons as each combination alone, and a summary ---------------
+
+def _lab(capsys, *args):
+    import json as _json
+
+    from kvmharness.cli import main
+
+    rc = main(["lab", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err, (_json.loads(out.out) if "--json" in args else None)
+
+
+def test_combined_status_is_the_worst_combination():
+    from kvmharness import errors as E
+    from kvmharness.lab.cli import combined_status
+
+    assert combined_status([E.EXIT_OK, E.EXIT_OK]) == E.EXIT_OK
+    assert combined_status([E.EXIT_OK, E.EXIT_HOST]) == E.EXIT_HOST
+    assert combined_status([E.EXIT_HOST, E.EXIT_GUEST_FAILED, E.EXIT_OK]) == E.EXIT_GUEST_FAILED
+    assert combined_status([E.EXIT_HOST, E.EXIT_TIMEOUT]) == E.EXIT_TIMEOUT
+    assert combined_status([E.EXIT_TIMEOUT, E.EXIT_GUEST_FAILED]) == E.EXIT_GUEST_FAILED
+    assert combined_status([E.EXIT_INTERNAL, E.EXIT_GUEST_FAILED]) == E.EXIT_INTERNAL
+
+
+def test_lab_all_with_a_failure_and_an_unavailable_combination_exits_1(capsys, monkeypatch):
+    """A failed combination outranks unavailable ones; a timeout is not 'unavailable'."""
+    import kvmharness.lab as lab
+    from kvmharness.errors import GuestTimeout
+    from kvmharness.lab.scenarios import LabReport
+
+    def fake(name, mode, backend, out_dir=None):
+        if name == "regleak":
+            raise LabUnavailable(f"{mode} guests cannot run on the sim backend here: test")
+        if name == "memview":
+            raise GuestTimeout("lab-service", 1.0, 0, None)
+        outcome = "fail" if name == "remap" else "done"
+        return LabReport(scenario=name, mode=mode, backend="sim", outcome=outcome, verdict="v")
+
+    monkeypatch.setattr(lab, "run_scenario", fake)
+    rc, out, _err, doc = _lab(capsys, "all", "--mode", "svm", "--backend", "sim", "--json")
+    assert rc == doc["exit_status"] == 1
+    states = {r["scenario"]: r["status"] for r in doc["summary"]}
+    assert states == {"regleak": "unavailable", "memview": "timed out", "lying-hv": "ran",
+                      "remap": "failed", "ciphertext": "ran"}
+    monkeypatch.setattr(lab, "run_scenario",
+                        lambda name, mode, backend, out_dir=None: fake("regleak", mode, backend))
+    rc, out, _err, _ = _lab(capsys, "all", "--mode", "all", "--backend", "sim")
+    assert rc == 3
+    assert "summary on the sim backend: 15 unavailable; exit status 3" in out
+
+
+def test_lab_all_on_the_simulator_runs_every_combination(capsys, tmp_path):
+    for mode in MODES:
+        if sim_mode_missing(mode):
+            pytest.skip(sim_mode_missing(mode))
+    rc, _out, _err, doc = _lab(capsys, "all", "--mode", "all", "--backend", "sim", "--json",
+                               "--out", str(tmp_path))
+    assert rc == doc["exit_status"] == 0
+    assert len(doc["summary"]) == len(SCENARIOS) * len(MODES) == len(doc["reports"])
+    assert {(r["scenario"], r["mode"], r["backend"], r["status"]) for r in doc["summary"]} == \
+        {(n, m, "sim", "ran") for n in SCENARIOS for m in MODES}
+
+
+@pytest.mark.skipif(not KVM_OK, reason=f"no usable /dev/kvm: {KVM_WHY}")
+def test_lab_all_on_kvm_agrees_with_each_scenario_alone(capsys, tmp_path):
+    """Each combination's status and reason are what the single command gives; the combined
+    status is the worst of them (3 here at least: remap needs the simulator everywhere)."""
+    from kvmharness.lab.cli import combined_status
+
+    rc, out, _err, doc = _lab(capsys, "all", "--mode", "all", "--backend", "kvm", "--json",
+                              "--out", str(tmp_path))
+    assert rc == doc["exit_status"] == combined_status(r["exit_status"] for r in doc["summary"])
+    assert rc != 0
+    for row in doc["summary"]:
+        alone, _o, err, _ = _lab(capsys, row["scenario"], "--mode", row["mode"], "--backend", "kvm",
+                                 "--out", str(tmp_path))
+        assert alone == row["exit_status"], row
+        if row["exit_status"] not in (0, 1):  # refused: the single command's one-line error
+            assert err.strip() == f"kvmharness: error: {row['why']}"
+            assert row["why"].count("cannot run on the") <= 1, row["why"]
+    rc_text, text, _err, _ = _lab(capsys, "all", "--mode", "all", "--backend", "kvm", "--out", str(tmp_path))
+    assert rc_text == rc and "summary on the kvm backend:" in text and f"exit status {rc}" in text

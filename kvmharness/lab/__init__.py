@@ -63,7 +63,10 @@ def launch(guest: str, mode: str, system):
         policy = GuestPolicy.parse("nodbg,es" if mode == "sev-es" else "nodbg")
         return Machine.for_guest(guest, system, sev=mode, policy=policy, owner=GuestOwner(policy))
     except (FeatureUnavailable, SevError, UsageError) as e:
-        raise LabUnavailable(f"{mode} guests cannot run on the {system.name} backend here: {e}") from e
+        why = str(e)
+        if f"on the {system.name} backend" not in why:  # Machine.for_guest's own reasons say so already
+            why = f"{mode} guests cannot run on the {system.name} backend here: {why}"
+        raise LabUnavailable(why) from e
 
 
 def run_scenario(name: str, mode: str = "svm", backend="auto", *, out_dir: str | None = None) -> LabReport:
