@@ -121,18 +121,14 @@ class Verification:
 
 # -- AMD's roots --------------------------------------------------------------------------------
 def amd_root_pems(generation: Generation) -> tuple[bytes, bytes]:
-    """(ARK PEM, ASK PEM) AMD publishes for ``generation``, as kvmharness ships them."""
-    try:  # the SEV package's accessor, where it offers one
-        from ..sev import amd_root_pems as sev_roots  # type: ignore[attr-defined]
-    except ImportError:
-        sev_roots = None
-    if sev_roots is not None:
-        got = sev_roots(generation.value)
-        if isinstance(got, dict):
-            return got["ark"], got["ask"]
-        return tuple(got)  # type: ignore[return-value]
-    base = importlib.resources.files("kvmharness.sev") / "roots" / generation.value
-    return (base / "ark.pem").read_bytes(), (base / "ask.pem").read_bytes()
+    """(ARK PEM, ASK PEM) AMD publishes for ``generation``, as kvmharness ships them
+    (kvmharness/sev/roots/<product>/, read through the SEV package's accessor)."""
+    try:
+        from ..sev.amd_ca import amd_root_pems as sev_root_pems
+    except ImportError:  # the accessor is absent: read the same package data directly
+        base = importlib.resources.files("kvmharness.sev") / "roots" / generation.value
+        return (base / "ark.pem").read_bytes(), (base / "ask.pem").read_bytes()
+    return sev_root_pems(generation.value)
 
 
 # -- inputs ------------------------------------------------------------------------------------
