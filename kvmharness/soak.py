@@ -140,11 +140,14 @@ def _fmt(u: dict) -> str:
 
 
 def main(args) -> int:
-    """``kvmharness bench --soak [--count N] [--json]``."""
+    """``kvmharness bench --soak [--count N] [--only kvm|sim|all] [--json]``."""
     def progress(msg):
         print(f"... {msg}", file=sys.stderr, flush=True)
 
-    out = run_soak(args.count if args.count is not None else DEFAULT_COUNT, progress=progress)
+    only = getattr(args, "only", "all") or "all"
+    backends = [(b, why) for b, why in backends_here() if only in ("all", b)]
+    out = run_soak(args.count if args.count is not None else DEFAULT_COUNT, backends=backends,
+                   progress=progress)
     failed = any(r.get("failures") for r in out["batches"])
     if args.json:
         print(json.dumps(out, indent=2))
