@@ -42,19 +42,70 @@ def cmd_info(args) -> int:
 
 # -- guests -------------------------------------------------------------------
 def cmd_guests(args) -> int:
+    """The manifest's guests, what each needs and, probed on this host, whether each
+    backend meets every need."""
+    from .backend import BACKENDS, open_backend
+    from .hostinfo import need_status
     from .images import load_manifest
 
     guests = load_manifest()
+    # per backend: unavailable (why), or each need probed once
+    probed: dict = {}
+    for name in BACKENDS:
+        try:
+            system = open_backend(name)
+        except E.HarnessError as e:
+            probed[name] = {"available": False, "why": str(e)}
+            continue
+        try:
+            wanted = sorted({n for g in guests.values() for n in (*g.needs, *g.modes) if n != "svm"}
+                            | {n for g in guests.values() for n in g.needs})
+            probed[name] = {"available": True, "needs": {n: need_status(system, n) for n in wanted}}
+        finally:
+            system.close()
+
+    def on(g, backend) -> dict:
+        """Each need of ``g`` and each of its run modes (sev and sev-es add themselves as a
+        need), met or not on ``backend`` here."""
+        p = probed[backend]
+        if not p["available"]:
+            return {"runnable": False, "backend_unavailable": p["why"], "needs": {}, "modes": {}}
+        needs = {n: {"met": p["needs"][n][0], "why": p["needs"][n][1]} for n in g.needs}
+        modes = {}
+        for mode in g.modes:
+            extra = [] if mode == "svm" or mode in g.needs else [mode]
+            unmet = {n: p["needs"][n][1] for n in (*g.needs, *extra) if not p["needs"][n][0]}
+            modes[mode] = {"runnable": not unmet, "unmet": unmet}
+        return {"runnable": modes[g.default_mode]["runnable"], "needs": needs, "modes": modes}
+
+    rows = []
+    for g in guests.values():
+        d = g.to_dict()
+        d["here"] = {b: on(g, b) for b in BACKENDS}
+        rows.append(d)
     if args.json:
-        _print_json([g.to_dict() for g in guests.values()])
+        _print_json(rows)
         return E.EXIT_OK
     width = max(len(n) for n in guests)
-    for g in guests.values():
-        extra = f"  needs: {', '.join(g.needs)}" if g.needs else ""
-        for b, why in g.unsupported.items():
-            extra += f"  (not on {b}: {why})"
-        print(f"{g.name:<{width}}  {g.mode:<6}  {g.memory // 1024:>5} KiB  expect {g.expect:<8}  "
-              f"{g.description}{extra}")
+    for d in rows:
+        print(f"{d['name']:<{width}}  {d['mode']:<6}  {d['memory'] // 1024:>5} KiB  "
+              f"expect {d['expect']:<8}  modes {','.join(d['modes']):<8}  {d['description']}")
+        here = []
+        for b, r in d["here"].items():
+            if "backend_unavailable" in r:
+                here.append(f"{b}: unavailable ({r['backend_unavailable']})")
+                continue
+            met = [f"{n} met" if v["met"] else f"{n} NOT met ({v['why']})" for n, v in r["needs"].items()]
+            ok = [m for m, v in r["modes"].items() if v["runnable"]]
+            text = f"{b}: " + (f"{', '.join(met)}; " if met else "") + f"runs it in: {', '.join(ok) or 'none'}"
+            for m, v in r["modes"].items():
+                extra = {n: why for n, why in v["unmet"].items() if n not in r["needs"]}
+                if not v["runnable"] and extra:
+                    text += f" (not {m}: " + "; ".join(f"needs {n}: {why}" for n, why in extra.items()) + ")"
+            here.append(text)
+        print(f"{'':<{width}}  needs: {', '.join(d['needs']) or 'nothing'}")
+        for line in here:
+            print(f"{'':<{width}}    {line}")
     return E.EXIT_OK
 
 
@@ -70,14 +121,16 @@ def cmd_run(args) -> int:
         from .watchdog import check_timeout
 
         args.timeout = check_timeout(args.timeout, "--timeout")
-    if args.mode is None:  # the manifest says what the guest needs
-        args.mode = "sev-es" if "sev-es" in image.needs else "sev" if "sev" in image.needs else "svm"
+    if args.mode is None:  # the manifest's first mode (from what the guest needs)
+        args.mode = image.default_mode
+    image.check_mode(args.mode)  # a mode the guest does not declare: exit 2, before any VM
     owner = None
     if args.mode != "svm":
+        from .images import DEFAULT_SEV_POLICY
         from .sev.policy import GuestPolicy
         from .sev.session import GuestOwner
 
-        policy = GuestPolicy.parse(args.policy or ("nodbg,es" if args.mode == "sev-es" else "nodbg"))
+        policy = GuestPolicy.parse(args.policy or DEFAULT_SEV_POLICY[args.mode])
         policy.validate()
         owner = None if args.no_owner else GuestOwner(policy)
     system = open_backend(args.backend)

@@ -11,17 +11,31 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import shutil
 import stat
 import struct
+import subprocess
 from pathlib import Path
 
 import psutil
 
-from .backend import KVM_DEVICE, SEV_DEVICE, VM_TYPE_NAMES, kvm_usable
+from . import backend as _backend
+from .backend import VM_TYPE_NAMES, kvm_usable
 from .x86 import CPUID_SEV
 
 KVM_AMD_PARAMS = Path("/sys/module/kvm_amd/parameters")
+KVM_MISC_DEV = Path("/sys/class/misc/kvm/dev")  # "major:minor" of the kernel's /dev/kvm
 MODES = ("svm", "sev", "sev-es", "sev-snp")
+
+
+def kvm_device_path() -> str:
+    """The KVM device every command uses: ``KVMHARNESS_KVM_DEVICE``, else /dev/kvm."""
+    return _backend.KVM_DEVICE
+
+
+def sev_device_path() -> str:
+    """The SEV device: ``KVMHARNESS_SEV_DEVICE``, else /dev/sev."""
+    return _backend.SEV_DEVICE
 
 
 def _read(path: Path) -> str | None:
@@ -91,20 +105,53 @@ def kvm_amd_params() -> dict | None:
     return {p.name: _read(p) for p in sorted(KVM_AMD_PARAMS.iterdir())}
 
 
+def kvm_amd_param_names() -> tuple[frozenset | None, str]:
+    """The parameters this kernel's kvm_amd takes, probed: from sysfs when it is loaded,
+    else from ``modinfo``; (None, why) when neither can say."""
+    params = kvm_amd_params()
+    if params is not None:
+        return frozenset(params), f"{KVM_AMD_PARAMS}"
+    modinfo = shutil.which("modinfo") or next(
+        (p for p in ("/usr/sbin/modinfo", "/sbin/modinfo") if os.access(p, os.X_OK)), None)
+    if modinfo is None:
+        return None, "kvm_amd is not loaded and modinfo is not installed (package kmod)"
+    try:
+        proc = subprocess.run([modinfo, "-F", "parm", "kvm_amd"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"modinfo kvm_amd failed: {e}"
+    if proc.returncode != 0:
+        return None, (proc.stderr.strip().splitlines() or [f"modinfo exited {proc.returncode}"])[-1]
+    names = frozenset(line.split(":", 1)[0].strip() for line in proc.stdout.splitlines() if ":" in line)
+    return names, "modinfo kvm_amd"
+
+
+def _is_kvm_device(st) -> bool | None:
+    """Whether a stat result is the kernel's KVM misc device (None: cannot tell)."""
+    text = _read(KVM_MISC_DEV)
+    if not text or ":" not in text:
+        return None
+    major, minor = (int(x) for x in text.split(":"))
+    return stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major and os.minor(st.st_rdev) == minor
+
+
 def kvm_device_info() -> dict:
-    usable, why = kvm_usable(KVM_DEVICE)
-    d = {"path": KVM_DEVICE, "present": os.path.exists(KVM_DEVICE), "accessible": usable, "why": why,
+    path = kvm_device_path()
+    usable, why = kvm_usable(path)
+    d = {"path": path, "present": os.path.exists(path), "accessible": usable, "why": why,
          "mode": None, "group": None, "api_version": None, "module": None}
     try:
-        st = os.stat(KVM_DEVICE)
-        d["mode"] = stat.filemode(st.st_mode)
-        try:
-            import grp
-            d["group"] = grp.getgrgid(st.st_gid).gr_name
-        except (KeyError, ImportError):
-            d["group"] = st.st_gid
+        st = os.stat(path)
     except OSError:
-        pass
+        return d  # no device here: no module provides it
+    d["mode"] = stat.filemode(st.st_mode)
+    try:
+        import grp
+        d["group"] = grp.getgrgid(st.st_gid).gr_name
+    except (KeyError, ImportError):
+        d["group"] = st.st_gid
+    if _is_kvm_device(st) is False:
+        return d  # some other device node: which module serves it is unknown
     for mod in ("kvm_amd", "kvm_intel", "kvm_pvm"):
         if Path(f"/sys/module/{mod}").is_dir():
             d["module"] = mod
@@ -118,7 +165,7 @@ def _kvm_details() -> tuple[dict, object]:
     from .errors import HarnessError
 
     try:
-        system = open_backend("kvm")
+        system = open_backend("kvm", kvm_path=kvm_device_path())
     except HarnessError as e:
         return {"error": str(e)}, None
     try:
@@ -158,42 +205,61 @@ def _memory_encrypt_probe(system) -> str:
         vm.close()
 
 
-def verdicts(kvm: dict, details: dict, cpu: dict, params: dict | None, sev_present: bool) -> dict:
+def _param_advice(mode: str, param: str, params: dict | None, kernel: str) -> str | None:
+    """Why ``param`` does not enable ``mode``, with advice that holds on this kernel; None if
+    it is on.  A parameter this kernel's kvm_amd does not have is never advised."""
+    value = (params or {}).get(param)
+    if _flag(value):
+        return None
+    names = frozenset(params) if params is not None else kvm_amd_param_names()[0]
+    if names is not None and param not in names:
+        newer = " (Linux 6.11 and later have it)" if param == "sev_snp" else ""
+        return (f"this kernel's kvm_amd ({kernel}) has no {param} parameter, so it cannot run "
+                f"{mode} guests: use a kernel whose kvm_amd has it{newer}")
+    how = (f"reload kvm_amd with it on (modprobe -r kvm_amd && modprobe kvm_amd {param}=1)"
+           if params is not None else f"load kvm_amd with it on (modprobe kvm_amd {param}=1)")
+    return (f"kvm_amd parameter {param}={value or 'unset'}: {how}; the firmware must have SME/SEV "
+            "enabled and the PSP driver ccp loaded")
+
+
+def verdicts(kvm: dict, details: dict, cpu: dict, params: dict | None, sev_present: bool,
+             kernel: str | None = None) -> dict:
     """For each mode: usable here, or why not and what to do."""
     out = {}
     module = kvm.get("module")
+    path = kvm.get("path") or kvm_device_path()
+    kernel = kernel or platform.release()
     types = set(details.get("vm_type_numbers", [0]))
     if not kvm["present"]:
-        base = (False, f"{KVM_DEVICE} does not exist: no KVM on this host. Use --backend sim, "
+        base = (False, f"{path} does not exist: no KVM on this host. Use --backend sim, "
                        "or a remote SVM rig (kvmharness rig check)")
     elif not kvm["accessible"]:
         base = (False, kvm["why"])
     elif module != "kvm_amd":
-        base = (False, f"/dev/kvm is provided by {module or 'an unknown module'}, not kvm_amd"
+        base = (False, f"{path} is provided by {module or 'an unknown module'}, not kvm_amd"
                        + ("" if cpu["svm_flag"] else "; the CPU has no 'svm' flag")
                        + ". Run on an AMD host with SVM enabled in firmware and kvm_amd loaded, "
                        "use a remote rig (kvmharness rig), or --backend sim")
     else:
-        base = (True, "kvm_amd is loaded and /dev/kvm is accessible")
+        base = (True, f"kvm_amd is loaded and {path} is accessible")
     out["svm"] = {"usable": base[0], "why": base[1]}
+    sev_dev = sev_device_path()
 
-    def sev_mode(mode, param, vm_type, need_policy):
+    def sev_mode(mode, param, vm_type):
         if not base[0]:
             return {"usable": False, "why": f"{mode} needs SVM first: {base[1]}"}
-        value = (params or {}).get(param)
-        if not _flag(value):
-            return {"usable": False, "why": f"kvm_amd parameter {param}={value or 'absent'}: enable "
-                    f"it (modprobe kvm_amd {param}=1; the firmware must have SME/SEV enabled and "
-                    "the PSP driver ccp loaded)"}
+        why_not = _param_advice(mode, param, params, kernel)
+        if why_not:
+            return {"usable": False, "why": why_not}
         if not sev_present:
-            return {"usable": False, "why": f"{SEV_DEVICE} does not exist: load the ccp module"}
+            return {"usable": False, "why": f"{sev_dev} does not exist: load the ccp module"}
         if vm_type not in types and details.get("memory_encrypt_op") != "supported":
             return {"usable": False, "why": f"KVM offers neither VM type {vm_type} nor legacy SEV commands"}
-        return {"usable": True, "why": f"kvm_amd {param}={value}, {SEV_DEVICE} present"}
+        return {"usable": True, "why": f"kvm_amd {param}={params[param]}, {sev_dev} present"}
 
-    out["sev"] = sev_mode("SEV", "sev", 2, None)
-    out["sev-es"] = sev_mode("SEV-ES", "sev_es", 3, None)
-    out["sev-snp"] = sev_mode("SEV-SNP", "sev_snp", 4, None)
+    out["sev"] = sev_mode("SEV", "sev", 2)
+    out["sev-es"] = sev_mode("SEV-ES", "sev_es", 3)
+    out["sev-snp"] = sev_mode("SEV-SNP", "sev_snp", 4)
     return out
 
 
@@ -205,7 +271,7 @@ def host_report() -> dict:
     kvm["api_version"] = details.get("api_version")
     params = kvm_amd_params()
     raw_leaf = host_cpuid(CPUID_SEV)
-    sev_present = os.path.exists(SEV_DEVICE)
+    sev_present = os.path.exists(sev_device_path())
     mem = psutil.virtual_memory()
     report = {
         "kvm": kvm,
@@ -218,11 +284,11 @@ def host_report() -> dict:
         "kvm_amd": params,
         "nested": _flag(params.get("nested")) if params else None,
         "npt": _flag(params.get("npt")) if params else None,
-        "sev_device": {"path": SEV_DEVICE, "present": sev_present, "api_version": None},
+        "sev_device": {"path": sev_device_path(), "present": sev_present, "api_version": None},
         "memory": {"total": mem.total, "available": mem.available},
         "cpus": psutil.cpu_count(),
     }
-    report["verdicts"] = verdicts(kvm, details, cpu, params, sev_present)
+    report["verdicts"] = verdicts(kvm, details, cpu, params, sev_present, report["kernel"])
     return report
 
 
@@ -237,7 +303,7 @@ def format_report(r: dict) -> str:
     """The human-readable form of :func:`host_report`."""
     lines = []
     k = r["kvm"]
-    lines.append(f"/dev/kvm: {'present' if k['present'] else 'absent'}"
+    lines.append(f"{k['path']}: {'present' if k['present'] else 'absent'}"
                  + (f", {k['mode']} group {k['group']}" if k["mode"] else "")
                  + (f", module {k['module']}" if k["module"] else "")
                  + (f", API {k['api_version']}" if k["api_version"] else ""))
@@ -274,7 +340,7 @@ def format_report(r: dict) -> str:
                                           if n in ("sev", "sev_es", "sev_snp", "nested", "npt", "nrips", "avic"))
                                 if p is not None else "not loaded"))
     s = r["sev_device"]
-    lines.append(f"/dev/sev: {'present' if s['present'] else 'absent'}")
+    lines.append(f"{s['path']}: {'present' if s['present'] else 'absent'}")
     m = r["memory"]
     lines.append(f"memory: {m['total'] / 2**30:.1f} GiB total, {m['available'] / 2**30:.1f} GiB available; "
                  f"{r['cpus']} CPUs")
@@ -301,3 +367,65 @@ def cpuid_deviations(backend: str) -> frozenset:
     if backend != "kvm":
         return frozenset()
     return KNOWN_CPUID_DEVIATIONS.get(kvm_device_info().get("module"), frozenset())
+
+
+# -- what a guest needs, probed on a backend ------------------------------------------------
+# The manifest says what a guest needs (images.NEEDS); whether a backend offers it is a
+# fact about the host, so it is asked of the backend's System here, when a guest runs.
+
+_SEV_NEEDS = {"sev": ("SEV", 2, "sev"), "sev-es": ("SEV-ES", 3, "sev_es")}
+
+
+def _legacy_sev(system, need: str) -> tuple[bool, str]:
+    """A kernel without KVM_CAP_VM_TYPES (before the SEV VM types) runs SEV on a default
+    VM through legacy KVM_SEV_INIT / KVM_SEV_ES_INIT: usable when kvm_amd has the mode on,
+    the SEV device exists and KVM_MEMORY_ENCRYPT_OP answers on a default VM."""
+    mode, _vm_type, param = _SEV_NEEDS[need]
+    kvm = kvm_device_info()
+    if kvm.get("module") != "kvm_amd":
+        return False, (f"no {mode} VM type (the kernel reports no KVM_CAP_VM_TYPES) and "
+                       f"{kvm['path']} is not kvm_amd's ({kvm.get('module') or 'unknown module'})")
+    why_not = _param_advice(mode, param, kvm_amd_params(), platform.release())
+    if why_not:
+        return False, why_not
+    if not os.path.exists(sev_device_path()):
+        return False, f"{sev_device_path()} does not exist: load the ccp module"
+    probe = _memory_encrypt_probe(system)
+    if probe != "supported":
+        return False, f"KVM_MEMORY_ENCRYPT_OP on a default VM: {probe} (KVM has no SEV enabled)"
+    return True, f"legacy {mode} commands on a default VM (kvm_amd {param}=Y, {sev_device_path()})"
+
+
+def need_status(system, need: str) -> tuple[bool, str]:
+    """Whether the backend ``system`` offers one manifest need, probed now: (met, why)."""
+    caps = system.capabilities
+    if need == "user-msr-exits":
+        value = caps.extensions.get("KVM_CAP_X86_USER_SPACE_MSR", 0)
+        return (bool(value), f"KVM_CAP_X86_USER_SPACE_MSR={value}" if value else
+                "no userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR is 0)")
+    if need in ("svm", "nested"):
+        if caps.svm:
+            return True, "SVM is offered to guests (CPUID 0x80000001 ECX bit 2)"
+        return False, ("SVM is not offered to guests (CPUID 0x80000001 ECX bit 2 is clear in "
+                       "KVM_GET_SUPPORTED_CPUID: no kvm_amd, or kvm_amd nested=0)")
+    if need in _SEV_NEEDS:
+        mode, vm_type, _param = _SEV_NEEDS[need]
+        if vm_type in caps.vm_types:
+            return True, f"the {system.name} backend offers the {mode} VM type ({vm_type})"
+        mask = caps.extensions.get("KVM_CAP_VM_TYPES", 0)
+        if mask or system.name != "kvm":
+            offered = ", ".join(VM_TYPE_NAMES.get(t, str(t)) for t in sorted(caps.vm_types))
+            return False, (f"no {mode} VM type: the {system.name} backend offers VM types {offered}"
+                           + (f" (KVM_CAP_VM_TYPES={mask:#x})" if mask else ""))
+        return _legacy_sev(system, need)
+    raise ValueError(f"unknown need {need!r}")
+
+
+def needs_status(system, needs) -> dict:
+    """``{need: (met, why)}`` for each need, probed on ``system``."""
+    return {need: need_status(system, need) for need in needs}
+
+
+def unmet_needs(system, needs) -> list[tuple[str, str]]:
+    """The needs ``system`` does not offer here, each with why; [] when it can run the guest."""
+    return [(need, why) for need, (met, why) in needs_status(system, needs).items() if not met]

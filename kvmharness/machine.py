@@ -175,10 +175,6 @@ class Machine:
         launch verify the firmware's measurement and fail loudly on a mismatch.
         """
         image = guest if isinstance(guest, GuestImage) else get_guest(guest)
-        backend_name = backend.name if isinstance(backend, System) else backend
-        ok, why = image.runnable_on(backend_name)
-        if not ok:  # declared in the manifest: the backend (or its host) lacks what it needs
-            raise FeatureUnavailable(f"guest {image.name!r} cannot run on the {backend_name} backend: {why}")
         data = image.load()  # validated before any VM exists
         system = backend if isinstance(backend, System) else open_backend(backend)
         try:
@@ -428,18 +424,13 @@ def sev_c_bit(system) -> int:
 
 
 def needs_met(system, needs) -> tuple[bool, str]:
-    """Whether a backend offers what a guest's manifest ``needs``; if not, why."""
-    caps = system.capabilities
-    for need in needs:
-        if need == "user-msr-exits" and not caps.has("KVM_CAP_X86_USER_SPACE_MSR"):
-            return False, "no userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR)"
-        if need in ("svm", "nested") and not caps.svm:
-            return False, ("SVM is not offered to guests (CPUID 0x80000001 ECX bit 2 is clear in "
-                           "KVM_GET_SUPPORTED_CPUID: no kvm_amd, or kvm_amd nested=0)")
-        if need in ("sev", "sev-es"):
-            vm_type = 2 if need == "sev" else 3
-            if vm_type not in caps.vm_types:
-                return False, f"no {need.upper()} VM type (KVM_CAP_VM_TYPES has no bit {vm_type})"
+    """Whether a backend offers what a guest's manifest ``needs``, probed on its host now
+    (``hostinfo.need_status``); if not, why."""
+    from .hostinfo import unmet_needs
+
+    unmet = unmet_needs(system, needs)
+    if unmet:
+        return False, "; ".join(f"needs {need}: {why}" for need, why in unmet)
     return True, ""
 
 

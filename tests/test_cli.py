@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from kvmharness.cli import main
+from kvmharness.errors import HarnessError
 
 
 def cli(*args, env=None, prefix=()):
@@ -111,9 +112,34 @@ def test_run_picks_the_sev_mode_the_manifest_needs():
     assert "# sev launch: KVM_SEV_INIT2" in r.stderr and "verified with the owner TIK" in r.stderr
 
 
-def test_guest_declared_unsupported_is_a_host_error():
+def test_guest_the_host_cannot_run_is_a_host_error_with_the_probed_reason():
+    from kvmharness.backend import open_backend
+    from kvmharness.hostinfo import need_status
+
+    try:
+        with open_backend("kvm") as system:
+            met, why = need_status(system, "sev-es")
+    except HarnessError as e:
+        met, why = False, str(e)
+    if met:
+        pytest.skip("this host offers SEV-ES: es-io runs here")
     r = cli("run", "es-io", "--backend", "kvm")
-    assert r.returncode == 3 and "needs SEV-ES hardware" in r.stderr
+    assert r.returncode == 3 and why in r.stderr, r.stderr  # what the probe found, nothing written down
+    assert "needs SEV-ES hardware" not in r.stderr
+
+
+def test_run_mode_the_guest_does_not_declare_is_a_usage_error():
+    r = cli("run", "sev-hello", "--mode", "sev-es", "--backend", "sim")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "does not run in sev-es mode: its manifest declares modes sev" in r.stderr
+    assert "launch" not in r.stderr  # refused before any VM
+
+
+def test_guests_says_per_backend_whether_each_need_is_met(capsys):
+    assert main(["guests"]) == 0
+    text = capsys.readouterr().out
+    assert "needs: sev-es, user-msr-exits" in text
+    assert "sim: sev-es met, user-msr-exits met; runs it in: sev-es" in text
 
 
 @pytest.mark.parametrize("argv, rc, message", [

@@ -29,12 +29,12 @@ def test_shipped_manifest_loads_and_every_image_fits():
     ('[guest.g]\nmode = "protected"\n', "mode must be one of"),
     ('[guest.g]\nmode = "real"\nexpect = "maybe"\n', "expect must be one of"),
     ('[guest.g]\nmode = "real"\ncolour = "red"\n', "unknown key(s) ['colour']"),
-    ('[guest.g]\nmode = "real"\nneeds = ["quantum"]\n', "unknown needs ['quantum']"),
-    ('[guest.g]\nmode = "real"\ntimeout = -1\n', "timeout must be positive"),
+    ('[guest.g]\nmode = "real"\nneeds = ["quantum"]\n', "needs may hold only"),
+    ('[guest.g]\nmode = "real"\ntimeout = -1\n', "timeout must be a finite number of seconds greater than 0"),
     ('[guest.g]\nmode = "real"\nmemory = "lots"\n', "cannot read size 'lots'"),
     ('[guest.g]\nmode = "real"\nmemory = "1000"\n', "multiple of 4 KiB"),
     ('[guest.g]\nmode = "real"\ncpuid = [{eax = 1}]\n', "cpuid[0] is malformed"),
-    ('[guest.g]\nmode = "real"\nunsupported = {qemu = "x"}\n', "unsupported must map backend names"),
+    ('[guest.g]\nmode = "real"\nunsupported = {kvm = "x"}\n', "the manifest holds no host facts"),
     ("[guest.g\n", "not valid TOML"),
 ])
 def test_malformed_manifest_entries_are_refused_naming_the_field(tmp_path, body, message):
