@@ -278,15 +278,38 @@ def _lie_table(table, fake_c_bit: int):
     return table
 
 
+def _planned_lies(table, lied) -> tuple[list, list]:
+    """Which lies the edited table really tells (["rdtscp", "c-bit"]) and, for each it cannot
+    tell, why: a lie about an entry the host's table lacks changes nothing."""
+    planned, cannot = [], []
+    ext, ext_lie = table.lookup(CPUID_FEATURES), lied.lookup(CPUID_FEATURES)
+    if ext is None:
+        cannot.append("RDTSCP could not be hidden: the host's CPUID table has no 0x80000001 entry")
+    elif ext.edx == ext_lie.edx:
+        cannot.append(f"RDTSCP could not be hidden: the host's CPUID table already has it clear "
+                      f"(0x80000001 EDX={ext.edx:#x}): nothing to hide")
+    else:
+        planned.append("rdtscp")
+    sev, sev_lie = table.lookup(CPUID_SEV), lied.lookup(CPUID_SEV)
+    if sev is None:
+        cannot.append("the C-bit could not be moved: the host's CPUID table has no 0x8000001F "
+                      "entry (it offers no SEV leaf)")
+    elif sev.ebx != sev_lie.ebx:
+        planned.append("c-bit")
+    return planned, cannot
+
+
 def lying_hv(machine, mode: str) -> LabReport:
     """The hypervisor answers CPUID with values of its choosing: RDTSCP hidden, the C-bit
     moved.  Under SVM/SEV through the CPUID table KVM answers from; under SEV-ES by
-    rewriting KVM's answer in the (shared) GHCB page before the guest reads it."""
+    rewriting KVM's answer in the (shared) GHCB page before the guest reads it.  The
+    report names only what was actually changed, and says what could not be."""
     table = machine.cpuid
     real_sev = table.lookup(CPUID_SEV)
     real_c_bit = real_sev.ebx & 0x3F if real_sev is not None else 0
     fake_c_bit = real_c_bit - 4 if real_c_bit > 36 else 47
     lied = _lie_table(table, fake_c_bit)
+    planned, cannot = _planned_lies(table, lied)
     tampered: list = []
     svm = _sim_svm(machine)
     if mode == "sev-es":
@@ -309,6 +332,8 @@ def lying_hv(machine, mode: str) -> LabReport:
                 honest, entry = table.lookup(f), lied.lookup(f)
                 if honest is None or answer != (honest.eax, honest.ebx, honest.ecx, honest.edx):
                     continue
+                if (entry.eax, entry.ebx, entry.ecx, entry.edx) == answer:
+                    break  # the lie equals the truth here: nothing to rewrite
                 for reg, value in zip(("rax", "rbx", "rcx", "rdx"),
                                       (entry.eax, entry.ebx, entry.ecx, entry.edx)):
                     g.put(reg, value)
@@ -320,17 +345,27 @@ def lying_hv(machine, mode: str) -> LabReport:
 
         svm.on_vmexit.append(at_vmexit)
         how = "KVM answered from the honest table; the host rewrote the answer in the GHCB page"
-    else:
+    elif planned:
         machine.vcpu.set_cpuid(lied)
         how = "KVM answered from a CPUID table the hypervisor edited (KVM_SET_CPUID2)"
+    else:
+        how = "KVM answered from the host's own CPUID table: there was nothing in it to edit"
     result = machine.run()
     if mode == "sev-es":
         svm.on_vmexit.remove(at_vmexit)
+        rewritten = {t["function"] for t in tampered}
+        changed = [lie for lie, f in (("rdtscp", CPUID_FEATURES), ("c-bit", CPUID_SEV))
+                   if lie in planned and hex(f) in rewritten]
+        cannot += [f"{'RDTSCP' if lie == 'rdtscp' else 'the C-bit'}: no GHCB answer to rewrite "
+                   "(the guest never asked for that leaf)" for lie in planned if lie not in changed]
+    else:
+        changed = planned
     v = result.values
     seen_c_bit = v.get(2, 0) & 0x3F
     pt_c_bit = v.get(4, 0)
     verdict_bits = v.get(5, 0)
     rdtscp_path = v.get(7)
+    seen_rdtscp = bool(v.get(3, 0) >> RDTSCP_BIT & 1)
     detected = []
     if verdict_bits & 1:
         detected.append(f"C-bit: CPUID says {seen_c_bit}, the measured boot page tables use {pt_c_bit}")
@@ -338,21 +373,28 @@ def lying_hv(machine, mode: str) -> LabReport:
         detected.append("SEV hidden in CPUID although the guest runs encrypted")
     if verdict_bits & 4:
         detected.append("C-bit: the GHCB SEV information response differs from the page tables")
-    accepted = []
+    accepted, notes = [], list(cannot)
     honest_ext = table.lookup(CPUID_FEATURES)
     offered = bool(honest_ext and honest_ext.edx >> RDTSCP_BIT & 1)
-    if offered and rdtscp_path == 0:
-        accepted.append("RDTSCP hidden: the guest took its fallback path (it cannot check)")
-    notes = [] if offered else ["RDTSCP is not offered here: nothing to hide"]
-    if offered and rdtscp_path:
-        notes.append("RDTSCP: the lie did not reach the guest (the host's KVM forced the bit)")
-    if not verdict_bits & 1 and seen_c_bit == fake_c_bit:
-        accepted.append(f"C-bit {fake_c_bit}: accepted, nothing to compare with")
-    shown = "shown" if v.get(3, 0) >> RDTSCP_BIT & 1 else "hidden"
+    if "rdtscp" in changed:
+        if not seen_rdtscp and rdtscp_path == 0:
+            accepted.append("RDTSCP hidden: the guest took its fallback path (it cannot check)")
+        elif seen_rdtscp:
+            notes.append("RDTSCP: the lie did not reach the guest (the host's KVM forced the bit)")
+    if "c-bit" in changed:
+        if seen_c_bit != fake_c_bit:
+            notes.append(f"the C-bit lie ({fake_c_bit}) did not reach the guest: it saw {seen_c_bit}")
+        elif not verdict_bits & 1:
+            accepted.append(f"C-bit {fake_c_bit}: accepted, nothing to compare with")
+    told = []
+    if "rdtscp" in changed:
+        told.append("RDTSCP hidden (CPUID 0x80000001 EDX bit 27 cleared)")
+    if "c-bit" in changed:
+        told.append(f"C-bit moved from {real_c_bit} to {fake_c_bit} (CPUID 0x8000001F EBX[5:0])")
     lines = [how + ".",
-             (f"the guest saw CPUID 0x8000001F EBX={v.get(2, 0):#x} (C-bit {seen_c_bit}; real "
-              f"{real_c_bit}, lie {fake_c_bit}), CPUID 0x80000001 EDX={v.get(3, 0):#x} "
-              f"(RDTSCP {shown})"),
+             "changed: " + ("; ".join(told) if told else "nothing"),
+             (f"the guest saw CPUID 0x8000001F EBX={v.get(2, 0):#x} (C-bit {seen_c_bit}), "
+              f"CPUID 0x80000001 EDX={v.get(3, 0):#x} (RDTSCP bit {'set' if seen_rdtscp else 'clear'})"),
              f"the C-bit in the measured boot page tables: {pt_c_bit or 'none (not an SEV launch)'}"]
     if 6 in v:
         lines.append(f"the C-bit in the GHCB MSR protocol's SEV information: {v[6]}")
@@ -360,10 +402,16 @@ def lying_hv(machine, mode: str) -> LabReport:
     lines.append("what a guest can check: a source the hypervisor cannot answer for -- the "
                  "measured boot page tables (above), SEV_STATUS (MSR 0xC0010131, read from the "
                  "CPU, not intercepted); under SEV-SNP the firmware-validated CPUID page")
-    verdict = (f"the guest accepted {len(accepted)} lie(s) and detected {len(detected)}")
-    findings = {"accepted": accepted, "detected": detected, "verdict_bits": verdict_bits,
-                "rdtscp_path": rdtscp_path, "rdtscp_offered": offered, "seen_c_bit": seen_c_bit, "page_table_c_bit": pt_c_bit,
-                "fake_c_bit": fake_c_bit, "real_c_bit": real_c_bit, "ghcb_rewrites": tampered}
+    if changed:
+        verdict = (f"the hypervisor told {len(changed)} lie(s); the guest accepted {len(accepted)} "
+                   f"and detected {len(detected)}")
+    else:
+        verdict = "the hypervisor could tell no lie here: " + "; ".join(cannot)
+    findings = {"changed": changed, "could_not": cannot, "accepted": accepted, "detected": detected,
+                "verdict_bits": verdict_bits, "rdtscp_path": rdtscp_path, "rdtscp_offered": offered,
+                "seen_rdtscp": seen_rdtscp, "seen_c_bit": seen_c_bit, "page_table_c_bit": pt_c_bit,
+                "fake_c_bit": fake_c_bit if "c-bit" in changed else None, "real_c_bit": real_c_bit,
+                "ghcb_rewrites": tampered}
     return _finish(machine, "lying-hv", mode, result, verdict, findings, lines)
 
 

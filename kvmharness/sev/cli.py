@@ -356,7 +356,18 @@ def cmd_measure(args) -> int:
         except OSError as e:
             raise E.UsageError(f"cannot read --image {args.image}: {e.strerror}") from None
         source = args.image
-    policy = GuestPolicy.parse(args.policy)
+    if args.mode is None:  # what `run` launches by default: the guest's first SEV mode
+        if guest is None:
+            args.mode = "sev"
+        else:
+            args.mode = next((m for m in guest.modes if m != "svm"), None)
+            if args.mode is None:
+                raise E.UsageError(f"guest {guest.name!r} runs only in svm mode (its manifest "
+                                   "modes): it has no SEV launch to measure; give --mode")
+    # the same default as `run`, so --tik/--nonce predict a default run's MEASURE
+    from ..images import DEFAULT_SEV_POLICY
+
+    policy = GuestPolicy.parse(args.policy if args.policy is not None else DEFAULT_SEV_POLICY[args.mode])
     policy.validate()
     if args.mode == "sev-es" and not policy.es:
         raise E.UsageError(f"an SEV-ES guest's policy has the ES bit; {policy} does not")
@@ -450,8 +461,8 @@ def register(subparsers) -> None:
                               "of a guest, computed offline")
     m.add_argument("guest", nargs="?", help="a manifest guest (see: kvmharness guests)")
     m.add_argument("--image", metavar="FILE", help="a raw guest image instead of a manifest guest")
-    m.add_argument("--policy", default="0", help="guest policy: number or flags, e.g. nodbg,es "
-                   "(default 0)")
+    m.add_argument("--policy", default=None, help="guest policy: number or flags, e.g. nodbg,es "
+                   "(default as for run: nodbg, plus es for sev-es)")
     m.add_argument("--api", default="1.55", help="firmware API MAJOR.MINOR (default 1.55)")
     m.add_argument("--build", type=lambda s: int(s, 0), default=21,
                    help="firmware build id (default 21)")
@@ -460,7 +471,9 @@ def register(subparsers) -> None:
                         "guest (CPUID 0x8000001F EBX[5:0] of the host; default 51)")
     m.add_argument("--nonce", metavar="HEX", help="the firmware's MNONCE (16 bytes)")
     m.add_argument("--tik", metavar="HEX", help="the owner's TIK (16 bytes)")
-    m.add_argument("--mode", choices=("sev", "sev-es"), default="sev")
+    m.add_argument("--mode", choices=("sev", "sev-es"), default=None,
+                   help="default as for run: the guest's first SEV mode in its manifest "
+                        "(sev for --image)")
     m.add_argument("--vmsa", metavar="FILE", help="SEV-ES: the initial VMSA pages (4096 bytes "
                    "each, vCPU 0 first); default for a guest: built from its entry state")
     m.add_argument("--legacy-init", action="store_true",
