@@ -204,28 +204,68 @@ def _print_result(result, trace: bool) -> None:
 
 
 # -- suite ---------------------------------------------------------------------
+def _suite_probe(g, system) -> tuple[bool, str]:
+    """Whether ``system`` can run guest ``g`` on this host now (its needs, probed)."""
+    return g.runnable_on(system)
+
+
 def cmd_suite(args) -> int:
-    """Run every manifest guest the chosen backend can run; one line per guest."""
+    """Run every manifest guest; one line each saying which backend ran it and why.
+
+    ``auto``: on kvm where this host's KVM can run the guest (its needs probed), else on
+    the simulator; without /dev/kvm, all on the simulator.  ``kvm`` / ``sim``: only
+    there, skipping (with the reason) what that backend cannot run.
+    """
     import time
 
-    from .backend import open_backend
+    from . import backend as B
     from .images import load_manifest
-    from .machine import needs_met, run_guest
+    from .machine import run_guest
 
+    open_backend = B.open_backend
     guests = load_manifest()
-    system = open_backend(args.backend)
+    primary = open_backend(args.backend)  # auto: a present but unusable /dev/kvm is an error
+    if args.backend != "auto":
+        because = f"--backend {primary.name}"
+    elif primary.name == "kvm":
+        because = "this host's KVM can run it (probed)"
+    else:
+        because = f"no kvm here: {B.kvm_usable(B.KVM_DEVICE)[1]}"
+    fallback: list = []  # auto on kvm: the simulator, opened when a guest first needs it
+
+    def simulator():
+        if not fallback:
+            try:
+                fallback.append(open_backend("sim"))
+            except ModuleNotFoundError as e:  # e.g. a rig's venv without unicorn
+                fallback.append(_missing_module_message(e))
+        return fallback[0]
+
+    def place(g):
+        """(system or None, why) for one guest."""
+        ok, why = _suite_probe(g, primary)
+        if ok:
+            return primary, because
+        if args.backend != "auto" or primary.name != "kvm":
+            return None, f"{primary.name}: {why}"
+        sim = simulator()
+        if isinstance(sim, str):
+            return None, f"kvm: {why}; sim: {sim}"
+        ok, sim_why = _suite_probe(g, sim)
+        if ok:
+            return sim, f"this host's KVM cannot run it: {why}"
+        return None, f"kvm: {why}; sim: {sim_why}"
+
     rows, worst = [], E.EXIT_OK
     try:
         if not args.json:
-            print(f"# {system.chosen_because}", file=sys.stderr)
+            print(f"# {primary.chosen_because}", file=sys.stderr)
         for g in guests.values():
-            ok, why = g.runnable_on(system.name)
-            if ok and g.needs:
-                ok, why = needs_met(system, g.needs)
-            if not ok:
-                rows.append({"guest": g.name, "status": "skipped", "why": why})
+            system, why = place(g)
+            if system is None:
+                rows.append({"guest": g.name, "backend": None, "status": "skipped", "why": why})
                 if not args.json:
-                    print(f"{g.name:<16} skipped   {why}", flush=True)
+                    print(f"{g.name:<16} {'skipped':<8} {'-':<4} {why}", flush=True)
                 continue
             t0 = time.perf_counter()
             try:
@@ -237,19 +277,22 @@ def cmd_suite(args) -> int:
                 status, detail, exits = "FAILED", str(e), None
             if status != "passed":
                 worst = E.EXIT_GUEST_FAILED
-            row = {"guest": g.name, "status": status, "detail": detail, "exits": exits,
-                   "seconds": round(time.perf_counter() - t0, 4)}
+            row = {"guest": g.name, "backend": system.name, "status": status, "why": why,
+                   "detail": detail, "exits": exits, "seconds": round(time.perf_counter() - t0, 4)}
             rows.append(row)
             if not args.json:
-                print(f"{g.name:<16} {status:<9} {detail} ({exits} exits, {row['seconds'] * 1e3:.1f} ms)",
-                      flush=True)
+                print(f"{g.name:<16} {status:<8} {system.name:<4} {detail} ({exits} exits, "
+                      f"{row['seconds'] * 1e3:.1f} ms)  [{system.name}: {why}]", flush=True)
     finally:
-        system.close()
+        for system in [primary] + [f for f in fallback if not isinstance(f, str)]:
+            system.close()
+    on = {b: sum(1 for r in rows if r["backend"] == b) for b in ("kvm", "sim")}
     if args.json:
-        _print_json({"backend": args.backend, "guests": rows})
+        _print_json({"requested": args.backend, "ran_on": on, "guests": rows})
     else:
         counts = {k: sum(1 for r in rows if r["status"] == k) for k in ("passed", "FAILED", "skipped")}
-        print(f"{counts['passed']} passed, {counts['FAILED']} failed, {counts['skipped']} skipped")
+        print(f"{counts['passed']} passed, {counts['FAILED']} failed, {counts['skipped']} skipped "
+              f"(ran on kvm: {on['kvm']}, on sim: {on['sim']})")
     return worst
 
 
@@ -337,6 +380,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# An optional dependency that is not installed: (distribution, what needs it, the extra
+# that brings it).  The requirement is read from kvmharness's own metadata.
+_OPTIONAL_MODULES = {
+    "paramiko": ("paramiko", "the rig commands", "rig"),
+    "unicorn": ("unicorn", "the simulator backend", None),
+    "iced_x86": ("iced-x86", "the simulator backend", None),
+    "cffi": ("cffi", "the kvm backend", None),
+    "_cffi_backend": ("cffi", "the kvm backend", None),
+    "psutil": ("psutil", "kvmharness info", None),
+    "cryptography": ("cryptography", "the SEV code", None),
+    "tomli": ("tomli", "the guest manifest reader on Python 3.10", None),
+    "pyroute2": ("pyroute2", "the remote-rig tests", "test"),
+    "hypothesis": ("hypothesis", "the property tests", "test"),
+    "sev_snp_measure": ("sev-snp-measure", "the VMSA cross-check", "test"),
+    "pytest": ("pytest", "the tests", "test"),
+}
+
+
+def _requirement(dist: str) -> str:
+    """``dist``'s requirement as kvmharness's metadata states it (e.g. 'paramiko>=3.0')."""
+    import re
+    from importlib import metadata
+
+    try:
+        reqs = metadata.requires("kvmharness") or []
+    except metadata.PackageNotFoundError:
+        reqs = []
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    for req in reqs:
+        spec = req.split(";", 1)[0].strip()
+        m = re.match(r"[A-Za-z0-9._-]+", spec)
+        if m and norm(m.group(0)) == norm(dist):
+            return spec.replace(" ", "")
+    return dist
+
+
+def _missing_module_message(e: ModuleNotFoundError) -> str:
+    """One line: which package is missing, what needs it, and how to install it."""
+    top = (e.name or "").split(".")[0] or "a module"
+    dist, who, extra = _OPTIONAL_MODULES.get(top, (top, "this command", None))
+    how = f"{sys.executable} -m pip install '{_requirement(dist)}'"
+    if extra:
+        how += f" (or the [{extra}] extra: pip install -e '.[{extra}]' in a checkout)"
+    return f"{dist} is not installed (needed by {who}): {how}"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -345,6 +434,12 @@ def main(argv=None) -> int:
     except E.HarnessError as e:
         print(f"kvmharness: error: {e}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "kvmharness":  # our own module: a broken install
+            print(f"kvmharness: internal error: {e} (reinstall kvmharness)", file=sys.stderr)
+            return E.EXIT_INTERNAL
+        print(f"kvmharness: error: {_missing_module_message(e)}", file=sys.stderr)
+        return E.EXIT_HOST
     except KeyboardInterrupt:
         print("kvmharness: interrupted", file=sys.stderr)
         return 130

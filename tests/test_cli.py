@@ -150,3 +150,121 @@ def test_guests_says_per_backend_whether_each_need_is_met(capsys):
 def test_bad_arguments_and_unwritable_paths_are_one_line_errors(argv, rc, message):
     r = cli(*argv)
     assert r.returncode == rc and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- suite: every guest, on kvm where this host can run it, else on the simulator --------
+def _suite_json(monkeypatch, capsys, names, *argv):
+    """`suite --json` in-process over a few manifest guests (the whole manifest is the
+    fresh-Debian check's job)."""
+    import kvmharness.images as images
+
+    full = images.load_manifest()
+    monkeypatch.setattr(images, "load_manifest", lambda *a, **k: {n: full[n] for n in names})
+    rc = main(["suite", "--json", *argv])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+SUITE_SAMPLE = ("hello", "es-io", "sev-hello", "nested-cpuid")
+
+
+def _kvm_verdicts(names):
+    """{guest: (ok, why)} as the probe says for this host's kvm backend."""
+    from kvmharness.backend import open_backend
+    from kvmharness.images import get_guest
+
+    with open_backend("kvm") as system:
+        return {n: get_guest(n).runnable_on(system) for n in names}
+
+
+def test_suite_without_kvm_runs_every_guest_on_the_simulator():
+    code = ("import sys, kvmharness.images as images\n"
+            "full = images.load_manifest()\n"
+            f"images.load_manifest = lambda *a, **k: {{n: full[n] for n in {SUITE_SAMPLE!r}}}\n"
+            "from kvmharness.cli import main\nsys.exit(main(['suite', '--json']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, KVMHARNESS_KVM_DEVICE="/nonexistent/kvm"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["requested"] == "auto" and out["ran_on"] == {"kvm": 0, "sim": len(SUITE_SAMPLE)}
+    for row in out["guests"]:
+        assert (row["backend"], row["status"]) == ("sim", "passed"), row
+        assert "/nonexistent/kvm does not exist" in row["why"]
+
+
+@pytest.mark.requires_kvm
+def test_suite_auto_uses_kvm_where_the_probe_allows_else_the_simulator(monkeypatch, capsys):
+    verdicts = _kvm_verdicts(SUITE_SAMPLE)
+    rc, out = _suite_json(monkeypatch, capsys, SUITE_SAMPLE)
+    assert rc == 0, out
+    for row in out["guests"]:
+        ok, why = verdicts[row["guest"]]
+        assert row["status"] == "passed", row
+        if ok:
+            assert row["backend"] == "kvm" and "can run it" in row["why"], row
+        else:  # the probe's own reason says why it ran on the simulator
+            assert row["backend"] == "sim" and why in row["why"], row
+    assert out["ran_on"]["kvm"] == sum(ok for ok, _ in verdicts.values())
+
+
+@pytest.mark.requires_kvm
+def test_suite_backend_kvm_is_strict_and_skips_with_the_probed_reason(monkeypatch, capsys):
+    verdicts = _kvm_verdicts(SUITE_SAMPLE)
+    rc, out = _suite_json(monkeypatch, capsys, SUITE_SAMPLE, "--backend", "kvm")
+    assert rc == 0 and out["requested"] == "kvm" and out["ran_on"]["sim"] == 0
+    for row in out["guests"]:
+        ok, why = verdicts[row["guest"]]
+        if ok:
+            assert (row["backend"], row["status"]) == ("kvm", "passed"), row
+        else:
+            assert row["backend"] is None and row["status"] == "skipped" and why in row["why"], row
+
+
+def test_suite_lines_name_the_backend_and_why(monkeypatch, capsys):
+    import kvmharness.images as images
+
+    full = images.load_manifest()
+    monkeypatch.setattr(images, "load_manifest", lambda *a, **k: {n: full[n] for n in ("hello", "es-io")})
+    assert main(["suite", "--backend", "sim"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[:3] for l in lines[:2]] == [["hello", "passed", "sim"], ["es-io", "passed", "sim"]]
+    assert all(l.endswith("[sim: --backend sim]") for l in lines[:2]), lines
+    assert lines[-1] == "2 passed, 0 failed, 0 skipped (ran on kvm: 0, on sim: 2)"
+
+
+# -- a missing optional dependency: one line naming what to install, exit 3 ---------------
+def _cli_without(module, *argv):
+    """The CLI in a fresh interpreter in which `import module` fails as if not installed."""
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            f"from kvmharness.cli import main\nsys.exit(main({list(argv)!r}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module, dist, argv", [
+    ("paramiko", "paramiko", ("rig", "check", "--inventory", "{inv}")),
+    ("paramiko", "paramiko", ("rig", "run", "--inventory", "{inv}", "--", "pytest")),
+    ("unicorn", "unicorn", ("run", "hello", "--backend", "sim")),
+    ("cffi", "cffi", ("run", "hello", "--backend", "kvm")),
+    ("psutil", "psutil", ("info",)),
+    ("cryptography", "cryptography", ("sev", "status", "--backend", "sim")),
+])
+def test_missing_optional_dependency_is_one_line_naming_what_to_install(tmp_path, module, dist, argv):
+    inv = tmp_path / "rigs.toml"
+    inv.write_text('[rigs.r]\nhost = "127.0.0.1"\nport = 9\nuser = "root"\n')
+    r = _cli_without(module, *(a.format(inv=inv) for a in argv))
+    assert r.returncode == 3, r.stderr
+    err = [l for l in r.stderr.splitlines() if not l.startswith("# ")]  # "# sim backend requested"
+    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert err[0].startswith(f"kvmharness: error: {dist} is not installed (needed by ")
+    assert f"-m pip install '{dist}" in err[0]
+
+
+def test_missing_paramiko_names_the_rig_extra(tmp_path):
+    inv = tmp_path / "rigs.toml"
+    inv.write_text('[rigs.r]\nhost = "127.0.0.1"\nport = 9\nuser = "root"\n')
+    r = _cli_without("paramiko", "rig", "check", "--inventory", str(inv))
+    assert "needed by the rig commands" in r.stderr and "[rig] extra" in r.stderr, r.stderr
+
+
+def test_a_missing_kvmharness_module_is_an_internal_error_not_an_install_hint():
+    r = _cli_without("kvmharness.hostinfo", "info")
+    assert r.returncode == 5 and "internal error" in r.stderr and "pip install" not in r.stderr, r.stderr

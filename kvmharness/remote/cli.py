@@ -63,6 +63,13 @@ def register(subparsers) -> None:
     r.set_defaults(func=cmd_rig_run)
 
 
+def _require_ssh() -> None:
+    """Import the SSH layer before any rig thread starts: a missing paramiko is then one
+    ModuleNotFoundError that the CLI reports as "paramiko is not installed: pip install ..."
+    (exit 3), not an internal error per rig."""
+    from . import ssh  # noqa: F401  (imports paramiko)
+
+
 def _rigs(args):
     from .inventory import inventory_path, load_inventory, select_rigs
 
@@ -73,6 +80,7 @@ def cmd_rig_check(args) -> int:
     from .progress import Progress
     from .rig import check_rigs, format_matrix
 
+    _require_ssh()
     rigs = _rigs(args)
     progress = Progress([r.name for r in rigs], live=False, stream=sys.stderr, echo_lines=False)
     results = check_rigs(rigs, accept_new_host_keys=args.accept_new_host_keys, timeout=args.timeout,
@@ -94,6 +102,7 @@ def cmd_rig_run(args) -> int:
     from .progress import Progress
     from .rig import RunOptions, new_run_id, run_on_rigs
 
+    _require_ssh()
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -131,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"kvmharness: {e}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:
+        from ..cli import _missing_module_message
+
+        print(f"kvmharness: error: {_missing_module_message(e)}", file=sys.stderr)
+        return EXIT_HOST
     except KeyboardInterrupt:
         return 130
 
