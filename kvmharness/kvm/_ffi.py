@@ -19,11 +19,19 @@ Exports, under the kernel's own names:
   ``SEV_ISSUE_CMD``...), listed in ``IOCTLS`` and named by ``IOCTL_NAMES``;
 * ``ioctl()``, which raises :class:`~kvmharness.errors.KvmError` naming the
   ioctl, and ``ioctl_raw()``, which returns ``(ret, errno)`` and never raises
-  (the selftests' ``__vm_ioctl`` pattern).
+  (the selftests' ``__vm_ioctl`` pattern);
+* :class:`IoctlRecorder`, the seam below ``kvm/``: installed (as a context
+  manager), it sees every call ``ioctl()`` / ``ioctl_raw()`` make -- fd kind,
+  ioctl name and number, the struct bytes in and out, the result -- and may
+  answer in the kernel's place.  Not installed, the cost is one ``None`` check
+  per call.  (KVM_RUN is issued by ``kvm/vcpu.py`` straight through
+  ``libc.ioctl`` for speed and is not seen.)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -200,6 +208,7 @@ IOCTL_NAMES: dict[int, str] = {globals()[name]: name for name in IOCTLS}
 _ioctl = libc.ioctl
 _cast = ffi.cast
 NULL = ffi.NULL
+_recorder = None  # the installed IoctlRecorder (a test's), else None
 
 
 def ioctl(fd: int, request: int, arg=NULL) -> int:
@@ -210,6 +219,11 @@ def ioctl(fd: int, request: int, arg=NULL) -> int:
     KVM_CHECK_EXTENSION, KVM_CREATE_VCPU and the like.  Returns the ioctl's
     non-negative result.
     """
+    if _recorder is not None:
+        ret, err = _recorder(fd, request, arg)
+        if ret == -1:
+            raise KvmError(IOCTL_NAMES.get(request, hex(request)), err)
+        return ret
     try:
         ret = _ioctl(fd, request, arg)
     except TypeError:  # an int argument (zero-cost try: no check on the hot path)
@@ -225,6 +239,8 @@ def ioctl_raw(fd: int, request: int, arg=NULL) -> tuple[int, int]:
     ``errno`` is 0 when the call succeeded.  For callers that expect failure
     (probing a capability, negative tests), like the selftests' ``__vm_ioctl``.
     """
+    if _recorder is not None:
+        return _recorder(fd, request, arg)
     try:
         ret = _ioctl(fd, request, arg)
     except TypeError:  # an int argument
@@ -239,3 +255,212 @@ def check(ret: int, request: int) -> int:
     if ret == -1:
         raise KvmError(IOCTL_NAMES.get(request, hex(request)), ffi.errno)
     return ret
+
+
+def _syscall(fd: int, request: int, arg) -> tuple[int, int]:
+    """The real ioctl, as ``ioctl_raw`` issues it (for a recorder that passes through)."""
+    try:
+        ret = _ioctl(fd, request, arg)
+    except TypeError:
+        ret = _ioctl(fd, request, _cast("void *", arg))
+    return (ret, ffi.errno) if ret == -1 else (ret, 0)
+
+
+# ---------------------------------------------------------------------------
+# The recording seam
+
+#: KVM_MEMORY_ENCRYPT_OP sub-commands: kvm_sev_cmd.id -> (name, data struct or None).
+SEV_KVM_COMMANDS: dict[int, tuple[str, str | None]] = {
+    CONSTANTS[name]: (name, ctype) for name, ctype in (
+        ("KVM_SEV_INIT", None), ("KVM_SEV_ES_INIT", None),
+        ("KVM_SEV_INIT2", "struct kvm_sev_init"),
+        ("KVM_SEV_LAUNCH_START", "struct kvm_sev_launch_start"),
+        ("KVM_SEV_LAUNCH_UPDATE_DATA", "struct kvm_sev_launch_update_data"),
+        ("KVM_SEV_LAUNCH_UPDATE_VMSA", None),
+        ("KVM_SEV_LAUNCH_SECRET", "struct kvm_sev_launch_secret"),
+        ("KVM_SEV_LAUNCH_MEASURE", "struct kvm_sev_launch_measure"),
+        ("KVM_SEV_LAUNCH_FINISH", None),
+        ("KVM_SEV_GUEST_STATUS", "struct kvm_sev_guest_status"),
+        ("KVM_SEV_DBG_DECRYPT", "struct kvm_sev_dbg"),
+        ("KVM_SEV_DBG_ENCRYPT", "struct kvm_sev_dbg"),
+    )
+}
+#: SEV_ISSUE_CMD commands (/dev/sev): sev_issue_cmd.cmd -> (name, data struct or None).
+SEV_DEV_COMMANDS: dict[int, tuple[str, str | None]] = {
+    CONSTANTS[name]: (name, ctype) for name, ctype in (
+        ("SEV_FACTORY_RESET", None), ("SEV_PEK_GEN", None), ("SEV_PDH_GEN", None),
+        ("SEV_PLATFORM_STATUS", "struct sev_user_data_status"),
+        ("SEV_PEK_CSR", "struct sev_user_data_pek_csr"),
+        ("SEV_PDH_CERT_EXPORT", "struct sev_user_data_pdh_cert_export"),
+        ("SEV_PEK_CERT_IMPORT", "struct sev_user_data_pek_cert_import"),
+        ("SEV_GET_ID2", "struct sev_user_data_get_id2"),
+    )
+}
+# ioctls only /dev/kvm answers: their fd is the system fd
+_SYSTEM_IOCTLS = {"KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_VCPU_MMAP_SIZE",
+                  "KVM_GET_SUPPORTED_CPUID", "KVM_GET_EMULATED_CPUID", "KVM_GET_MSR_INDEX_LIST",
+                  "KVM_GET_MSR_FEATURE_INDEX_LIST"}
+
+
+@dataclasses.dataclass
+class IoctlCall:
+    """One recorded ioctl.
+
+    ``arg_in``/``arg_out``: the bytes of the struct ``arg`` points to, before
+    and after the call (``None`` for a NULL argument); for a by-value
+    argument (KVM_CREATE_VM's type, KVM_CHECK_EXTENSION's cap) ``arg_in`` is
+    that int.  For KVM_MEMORY_ENCRYPT_OP and SEV_ISSUE_CMD, ``command`` is
+    the sub-command's kernel name and ``data_in``/``data_out`` the bytes of
+    the command's own struct (``kvm_sev_cmd.data`` / ``sev_issue_cmd.data``).
+    """
+
+    fd: int
+    fd_kind: str  # "kvm" (/dev/kvm), "vm", "vcpu", "sev" (/dev/sev) or "?"
+    request: int
+    name: str
+    arg_in: bytes | int | None
+    arg_out: bytes | None = None
+    ret: int = 0
+    errno: int = 0
+    command: str | None = None
+    data_in: bytes | None = None
+    data_out: bytes | None = None
+    data_type: str | None = None
+
+    @property
+    def step(self) -> str:
+        """The sub-command name for the encryption ioctls, else the ioctl name."""
+        return self.command or self.name
+
+    def __str__(self):
+        res = f"= {self.ret}" + (f" ({self.errno})" if self.errno else "")
+        return f"{self.fd_kind}:{self.step} {res}"
+
+
+class IoctlRecorder:
+    """Records every ioctl the kvm backend issues; optionally answers in the kernel's place.
+
+        with IoctlRecorder() as rec:            # the real kernel answers
+            ...
+        with IoctlRecorder(answer=fake) as rec:  # ``fake(fd, request, arg, call)`` answers
+            ...
+        print([c.step for c in rec.calls])
+
+    ``answer(fd, request, arg, call) -> (ret, errno)`` stands for the syscall:
+    it reads the input through the cdata ``arg`` (``call`` already names the
+    ioctl and sub-command), writes what the kernel would write back, and
+    returns the result.  Calls ``answer`` itself makes through this module
+    are passed on to it but not recorded (they are the fake kernel's own).
+    Only one recorder is installed at a time.
+    """
+
+    def __init__(self, answer=None):
+        self.answer = answer
+        self.calls: list[IoctlCall] = []
+        self._kinds: dict[int, str] = {}
+        self._depth = 0
+
+    # -- installation -------------------------------------------------------------
+    def __enter__(self) -> IoctlRecorder:
+        global _recorder
+        if _recorder is not None:
+            raise RuntimeError("an IoctlRecorder is already installed")
+        _recorder = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _recorder
+        _recorder = None
+
+    def name_fd(self, fd: int, kind: str) -> None:
+        """Say what ``fd`` is (for fds the recorder cannot classify by itself)."""
+        self._kinds[fd] = kind
+
+    # -- the seam -------------------------------------------------------------------
+    def __call__(self, fd: int, request: int, arg) -> tuple[int, int]:
+        if self._depth:  # the fake kernel's own calls
+            return self._issue(fd, request, arg, None)
+        name = IOCTL_NAMES.get(request, hex(request))
+        call = IoctlCall(fd, self._kind(fd, name), request, name, _snapshot(arg))
+        sub = _sub_command(name, arg)
+        if sub is not None:
+            call.command, call.data_type, addr = sub
+            call.data_in = _read_struct(call.data_type, addr)
+        self._depth += 1
+        try:
+            ret, err = self._issue(fd, request, arg, call)
+        finally:
+            self._depth -= 1
+        call.ret, call.errno = ret, err
+        call.arg_out = _snapshot(arg) if not isinstance(call.arg_in, int) else None
+        if sub is not None:
+            call.data_out = _read_struct(call.data_type, sub[2])
+        if ret >= 0 and name == "KVM_CREATE_VM":
+            self._kinds[ret] = "vm"
+        elif ret >= 0 and name == "KVM_CREATE_VCPU":
+            self._kinds[ret] = "vcpu"
+        self.calls.append(call)
+        return ret, err
+
+    def _issue(self, fd, request, arg, call):
+        if self.answer is None:
+            return _syscall(fd, request, arg)
+        return self.answer(fd, request, arg, call)
+
+    def _kind(self, fd: int, name: str) -> str:
+        kind = self._kinds.get(fd)
+        if kind is None:
+            if name == "SEV_ISSUE_CMD":
+                kind = "sev"
+            elif name in _SYSTEM_IOCTLS:
+                kind = "kvm"
+            else:
+                try:
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:
+                    target = ""
+                kind = ("kvm" if target.endswith("/dev/kvm") else
+                        "sev" if target.endswith("/dev/sev") else
+                        "vcpu" if "kvm-vcpu" in target else "vm" if "kvm-vm" in target else "?")
+            if kind != "?":
+                self._kinds[fd] = kind
+        return kind
+
+    # -- reading the record ---------------------------------------------------------------
+    def steps(self, *kinds: str) -> list[str]:
+        """The call names in order (sub-command names for the encryption ioctls)."""
+        return [c.step for c in self.calls if not kinds or c.fd_kind in kinds]
+
+    def find(self, step: str) -> list[IoctlCall]:
+        return [c for c in self.calls if c.step == step]
+
+
+def _snapshot(arg):
+    """The bytes behind a struct pointer, the int of a by-value argument, None for NULL."""
+    if isinstance(arg, int):
+        return arg
+    if arg == NULL:
+        return None
+    ctype = ffi.typeof(arg)
+    if ctype.kind == "pointer" and ctype.item.kind == "struct":
+        return bytes(ffi.buffer(arg))
+    return int(ffi.cast("uintptr_t", arg))  # a by-value argument passed as void *
+
+
+def _sub_command(name: str, arg):
+    """(command name, data struct type, data address) of an encryption ioctl, else None."""
+    if name == "KVM_MEMORY_ENCRYPT_OP" and arg != NULL:
+        cmd = ffi.cast("struct kvm_sev_cmd *", arg)
+        known, ctype = SEV_KVM_COMMANDS.get(cmd.id, (f"KVM_SEV_{cmd.id}", None))
+        return known, ctype, int(cmd.data)
+    if name == "SEV_ISSUE_CMD" and arg != NULL:
+        cmd = ffi.cast("struct sev_issue_cmd *", arg)
+        known, ctype = SEV_DEV_COMMANDS.get(cmd.cmd, (f"SEV_{cmd.cmd}", None))
+        return known, ctype, int(cmd.data)
+    return None
+
+
+def _read_struct(ctype: str | None, addr: int) -> bytes | None:
+    if ctype is None or not addr:
+        return None
+    return bytes(ffi.buffer(ffi.cast(ctype + " *", addr)))

@@ -525,7 +525,7 @@ class SevLaunch:
     def launch(self, image: bytes | None = None, *, gpa: int | None = None, ranges=None,
                secret=None, secret_gpa: int | None = None, vmsa_pages=None,
                register: bool = True, after_init=None) -> LaunchResult:
-        """init, register memory, start, update (image or ranges), VMSA, measure,
+        """init, start, register memory, update (image or ranges), VMSA, measure,
         verify (with an owner), secret (optional), finish -- GUEST_STATUS checked
         after each state change.  A measurement mismatch raises
         ``measurement.MeasurementMismatch`` before any secret is released.
@@ -555,9 +555,12 @@ class SevLaunch:
             except FeatureUnavailable:
                 if self.owner is not None:  # it cannot verify without them
                     raise
+        # LAUNCH_START, then REG_REGION: the order of the kernel's own users (selftests'
+        # sev_vm_launch -> encrypt_region; QEMU's sev_common_kvm_init -> sev_launch_start,
+        # then sev_kvm_init's RAM notifier).  KVM accepts either; tests/test_sev_ioctl_sequence.py
+        self.start()
         if register:
             self.register_memory()
-        self.start()
         for g, n, expected in spans:
             self.update_data(g, n, expected=expected)
         if self.mode == "sev-es":
