@@ -942,7 +942,8 @@ AMD_FIRMWARE_CHECKS: tuple[FirmwareCheck, ...] = tuple(
             ("platform-state", "platform not INIT", _S.INVALID_PLATFORM_STATE, None),
             ("owned", "platform already externally owned", _S.ALREADY_OWNED, None),
             ("length", "PEK or OCA length not one certificate", _S.INVALID_LEN, None),
-            ("format", "a certificate the model cannot read (version, curve, algorithm)",
+            ("format", "a certificate the model cannot read (version, curve, algorithm); AMD "
+             "checks the body after the signature, the model cannot (same status)",
              _S.INVALID_CERTIFICATE, "sev_cert.c sev_cert_validate_body"),
             ("oca-signature", "OCA has a half-empty signature slot, or its OCA signature "
              "does not verify", _S.BAD_SIGNATURE, "sev_cert.c sev_cert_validate_sig"),
