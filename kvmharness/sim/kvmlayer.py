@@ -13,9 +13,11 @@ suite selects when the kvm backend is kvm_pvm (dev-kvm-on-these-machines.md).  k
 raises #UD for VMMCALL/VMGEXIT at CPL0 with the FIX_HYPERCALL_INSN quirk disabled (§3)
 where kvm_amd runs its hypercall (:meth:`KvmExitHandling._hypercall`); kvm_pvm fails to
 emulate ``int n``/``int3`` at CPL0 (§0) where kvm_amd lets the guest's IDT deliver them;
-and kvm_pvm shows RIP already past IN/OUT at an IO exit (sim/vcpu.py).  The leaf 1 /
-leaf 7 CPUID fix-ups of kvm_pvm (§2) are not modelled in either profile (see
-:func:`cpuid_lookup`).
+kvm_pvm shows RIP already past an OUT at its exit (sim/vcpu.py); kvm_pvm checks the
+pass-through MSRs' writes and not PAT.  The CPUID registers kvm_pvm sets itself (§2)
+are declared in its profile, not modelled (see :func:`cpuid_lookup`).  The policy
+itself (hypercalls, in-kernel MSRs, the filter, CPUID) is sim/kvmpolicy.py, shared with
+the SEV-ES GHCB path.
 """
 
 from __future__ import annotations

@@ -6,12 +6,15 @@ SVM #VMEXIT (recorded in the VMCB and ``hw_trace``) and then into what KVM
 would do: resume the guest in the kernel (CPUID, in-kernel MSRs, CR/DR moves,
 exceptions it reflects) or return the userspace exit.
 
-Userspace-visible timing follows KVM: during an MMIO or MSR exit the guest RIP
+Userspace-visible timing follows KVM: during an MMIO read or MSR exit the guest RIP
 is the instruction's (``get_regs`` shows it) and the instruction completes on
-the next ``run()`` (``complete_emulated_*``).  During an IO exit RIP depends on the
-profile (sim/profile.py): kvm_amd shows it AT the IN/OUT and skips it on the next run
-(``complete_fast_pio_*``); kvm_pvm, the hosts' KVM, shows it already past.  If
-userspace moves RIP before the next run, the pending completion is dropped, as KVM does.
+the next ``run()`` (``complete_emulated_*``); an MMIO write exits with its instruction
+complete (a read-modify-write gives the read exit, then the write exit: sim/kvmlayer.py
+``_exit_to_user``).  During an OUT exit RIP depends on the profile (sim/profile.py):
+kvm_amd shows it AT the OUT and skips it on the next run (``complete_fast_pio_out``);
+kvm_pvm, the hosts' KVM, shows it already past.  An IN shows RIP at the IN and the old
+RAX until completed.  If userspace moves RIP before the next run, the pending completion
+is dropped, as KVM does.
 
 A ``kick()`` makes the current or next ``run()`` raise ``InterruptedError``
 (errno EINTR), the way KVM_RUN returns -EINTR when a signal is pending.
