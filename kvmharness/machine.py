@@ -175,6 +175,8 @@ class Machine:
         launch verify the firmware's measurement and fail loudly on a mismatch.
         """
         image = guest if isinstance(guest, GuestImage) else get_guest(guest)
+        if sev is not None:  # an SEV mode the manifest does not declare: refused before any VM
+            image.check_mode(sev)
         data = image.load()  # validated before any VM exists
         system = backend if isinstance(backend, System) else open_backend(backend)
         try:

@@ -393,3 +393,17 @@ def test_info_reads_kvm_through_the_given_path(tmp_path):
     assert out["kvm"]["path"] == str(link) and out["kvm"]["accessible"] is True
     assert out["kvm_details"]["api_version"] == 12
     assert out["kvm"]["module"] == hostinfo.kvm_device_info()["module"]  # the same device
+
+
+def test_machine_refuses_an_sev_mode_the_guest_does_not_declare(monkeypatch):
+    """The library refuses too: hello64 (no #VC handler) as an SEV-ES guest would fault at its
+    first OUT; refused before a backend is even opened."""
+    from kvmharness.errors import GuestImageError
+    from kvmharness.machine import Machine
+
+    monkeypatch.setattr("kvmharness.machine.open_backend",
+                        lambda *a, **k: pytest.fail("a backend was opened"))
+    with pytest.raises(GuestImageError, match="does not run in sev-es mode"):
+        Machine.for_guest("hello64", "sim", sev="sev-es")
+    with pytest.raises(GuestImageError, match="declares modes sev-es"):
+        Machine.for_guest("es-io", "sim", sev="sev")
