@@ -13,8 +13,7 @@ on both backends; ``Vcpu.run()`` returns one of the exit values in
 """
 
 from .backend import Capabilities
-from .errors import (GuestFailure, GuestTimeout, HarnessError, HostError, KvmError, SevError,
-                     UsageError)
+from .errors import GuestFailure, GuestTimeout, HarnessError, HostError, KvmError, SevError, UsageError
 from .factory import open_backend
 from .images import get_guest, load_manifest
 from .machine import Machine, RunResult, run_guest

@@ -136,15 +136,20 @@ SVM_EXIT_NPF = 0x400
 SVM_EXIT_VMGEXIT = 0x403
 SVM_EXIT_ERR = -1 & 0xFFFFFFFFFFFFFFFF
 
-INTERCEPT_WORD3_NAMES = ("INTR", "NMI", "SMI", "INIT", "VINTR", "CR0_SEL_WRITE", "READ_IDTR", "READ_GDTR",
-          "READ_LDTR", "READ_TR", "WRITE_IDTR", "WRITE_GDTR", "WRITE_LDTR", "WRITE_TR", "RDTSC",
-          "RDPMC", "PUSHF", "POPF", "CPUID", "RSM", "IRET", "SWINT", "INVD", "PAUSE", "HLT",
-          "INVLPG", "INVLPGA", "IOIO", "MSR", "TASK_SWITCH", "FERR_FREEZE", "SHUTDOWN")
-INTERCEPT_WORD4_NAMES = ("VMRUN", "VMMCALL", "VMLOAD", "VMSAVE", "STGI", "CLGI", "SKINIT", "RDTSCP", "ICEBP",
-          "WBINVD", "MONITOR", "MWAIT", "MWAIT_COND", "XSETBV", "RDPRU", "EFER_WRITE_TRAP")
-EXCEPTION_NAMES = ("DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF",
-        "15", "MF", "AC", "MC", "XM", "VE", "CP", "22", "23", "24", "25", "26", "27", "HV", "VC",
-        "SX", "31")
+INTERCEPT_WORD3_NAMES = (
+    "INTR", "NMI", "SMI", "INIT", "VINTR", "CR0_SEL_WRITE", "READ_IDTR", "READ_GDTR", "READ_LDTR",
+    "READ_TR", "WRITE_IDTR", "WRITE_GDTR", "WRITE_LDTR", "WRITE_TR", "RDTSC", "RDPMC", "PUSHF", "POPF",
+    "CPUID", "RSM", "IRET", "SWINT", "INVD", "PAUSE", "HLT", "INVLPG", "INVLPGA", "IOIO", "MSR",
+    "TASK_SWITCH", "FERR_FREEZE", "SHUTDOWN",
+)
+INTERCEPT_WORD4_NAMES = (
+    "VMRUN", "VMMCALL", "VMLOAD", "VMSAVE", "STGI", "CLGI", "SKINIT", "RDTSCP", "ICEBP", "WBINVD",
+    "MONITOR", "MWAIT", "MWAIT_COND", "XSETBV", "RDPRU", "EFER_WRITE_TRAP",
+)
+EXCEPTION_NAMES = (
+    "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF", "15",
+    "MF", "AC", "MC", "XM", "VE", "CP", "22", "23", "24", "25", "26", "27", "HV", "VC", "SX", "31",
+)
 
 EXIT_NAMES: dict[int, str] = {}
 for _n in range(16):

@@ -19,8 +19,9 @@ from __future__ import annotations
 import abc
 import importlib
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 # VM types (the KVM_CREATE_VM argument) are ABI; re-exported here for existing callers
 from .abi import (
@@ -32,7 +33,10 @@ from .abi import (
     VM_TYPE_NAMES,
 )
 from .errors import DeviceMissing, PermissionDenied, UsageError
-from .x86 import CPUID_EXT_FEATURES, CPUID_SEV, EXT_ECX_SVM, CpuidTable
+from .x86 import CPUID_EXT_FEATURES, CPUID_SEV, EXT_ECX_SVM, CpuidEntry, CpuidTable, Regs, Sregs
+
+if TYPE_CHECKING:
+    from .exits import Exit
 
 BACKENDS = ("kvm", "sim")
 KVM_DEVICE = os.environ.get("KVMHARNESS_KVM_DEVICE", "/dev/kvm")  # override for tests and odd hosts
@@ -45,11 +49,11 @@ class Capabilities:
 
     backend: str
     api_version: int
-    extensions: dict = field(default_factory=dict)  # KVM_CAP_* name -> check_extension value
-    vm_types: frozenset = frozenset({KVM_X86_DEFAULT_VM})
+    extensions: dict[str, int] = field(default_factory=dict)  # KVM_CAP_* name -> check_extension value
+    vm_types: frozenset[int] = frozenset({KVM_X86_DEFAULT_VM})
     supported_cpuid: CpuidTable = field(default_factory=CpuidTable)
-    msr_index_list: tuple = ()
-    feature_msr_index_list: tuple = ()
+    msr_index_list: tuple[int, ...] = ()
+    feature_msr_index_list: tuple[int, ...] = ()
 
     def has(self, cap: str) -> bool:
         return bool(self.extensions.get(cap, 0))
@@ -61,10 +65,11 @@ class Capabilities:
         return bool(e and e.ecx & EXT_ECX_SVM)
 
     @property
-    def sev_leaf(self):
+    def sev_leaf(self) -> CpuidEntry | None:
+        """CPUID 0x8000001F as the backend offers it to guests (None if absent)."""
         return self.supported_cpuid.lookup(CPUID_SEV)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
             "api_version": self.api_version,
@@ -82,22 +87,26 @@ class MemoryRegion:
 
     __slots__ = ("slot", "gpa", "size", "view", "readonly", "_owner")
 
-    def __init__(self, slot: int, gpa: int, size: int, view: memoryview, readonly: bool, owner=None):
+    def __init__(self, slot: int, gpa: int, size: int, view: memoryview, readonly: bool,
+                 owner: Any = None):
         self.slot, self.gpa, self.size, self.view, self.readonly = slot, gpa, size, view, readonly
         self._owner = owner  # keeps the mmap alive
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         return self.gpa <= gpa and gpa + length <= self.gpa + self.size
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"MemoryRegion(slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x})"
 
 
+_Self = TypeVar("_Self", bound="_Closable")
+
+
 class _Closable(abc.ABC):
-    def __enter__(self):
+    def __enter__(self: _Self) -> _Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @abc.abstractmethod
@@ -110,7 +119,7 @@ class Vcpu(_Closable):
     vcpu_id: int
 
     @abc.abstractmethod
-    def run(self):
+    def run(self) -> Exit:
         """KVM_RUN: run until the next exit userspace must see; returns an ``exits.Exit``."""
 
     @abc.abstractmethod
@@ -122,25 +131,25 @@ class Vcpu(_Closable):
         """Make a running (or the next) ``run()`` return promptly; safe from any thread."""
 
     @abc.abstractmethod
-    def get_regs(self): ...
+    def get_regs(self) -> Regs: ...
 
     @abc.abstractmethod
-    def set_regs(self, regs) -> None: ...
+    def set_regs(self, regs: Regs) -> None: ...
 
     @abc.abstractmethod
-    def get_sregs(self): ...
+    def get_sregs(self) -> Sregs: ...
 
     @abc.abstractmethod
-    def set_sregs(self, sregs) -> None: ...
+    def set_sregs(self, sregs: Sregs) -> None: ...
 
     @abc.abstractmethod
-    def get_msrs(self, indices) -> dict: ...
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]: ...
 
     @abc.abstractmethod
-    def set_msrs(self, values: dict) -> int: ...
+    def set_msrs(self, values: Mapping[int, int]) -> int: ...
 
     @abc.abstractmethod
-    def set_cpuid(self, entries) -> None: ...
+    def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None: ...
 
     @abc.abstractmethod
     def set_single_step(self, enabled: bool) -> None: ...
@@ -151,7 +160,7 @@ class Vm(_Closable):
 
     system: System
     vm_type: int
-    regions: list
+    regions: list[MemoryRegion]
 
     @abc.abstractmethod
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> MemoryRegion:
@@ -171,7 +180,8 @@ class Vm(_Closable):
         """KVM_CAP_X86_USER_SPACE_MSR: which refused MSR accesses go to userspace."""
 
     @abc.abstractmethod
-    def set_msr_filter(self, ranges, *, default_allow: bool = True) -> None:
+    def set_msr_filter(self, ranges: Iterable[tuple[int, int, bool, bool]], *,
+                       default_allow: bool = True) -> None:
         """KVM_X86_SET_MSR_FILTER.  ``ranges``: iterable of (base, nmsrs, read, write);
         listed MSRs with read/write False are refused (and go to userspace with the
         FILTER reason when user MSR exits are on)."""

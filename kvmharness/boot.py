@@ -19,8 +19,25 @@ from __future__ import annotations
 import struct
 
 from . import protocol as P
-from .x86 import (CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT,
-                  CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE, DTable, Regs, Segment, Sregs)
+from .x86 import (
+    CR0_ET,
+    CR0_MP,
+    CR0_NE,
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_OSFXSR,
+    CR4_OSXMMEXCPT,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    EFER_SCE,
+    DTable,
+    Regs,
+    Segment,
+    Sregs,
+)
 
 LONG_CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
 LONG_CR4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT

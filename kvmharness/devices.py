@@ -29,7 +29,7 @@ class DeviceBus:
     # -- registration -----------------------------------------------------
     def add_ports(self, first: int, count: int, device) -> None:
         """Claim ports [first, first+count) for ``device``."""
-        if not (0 <= first and count > 0 and first + count <= 0x10000):
+        if not (first >= 0 and count > 0 and first + count <= 0x10000):
             raise UsageError(f"port range {first:#x}+{count} is outside 0..0xffff")
         clash = [p for p in range(first, first + count) if p in self._port_owner]
         if clash:

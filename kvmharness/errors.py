@@ -120,7 +120,7 @@ class GuestTimeout(HarnessError):
 
     exit_code = EXIT_TIMEOUT
 
-    def __init__(self, guest: str, seconds: float, exits: int, last_exit=None):
+    def __init__(self, guest: str, seconds: float, exits: int, last_exit: object = None):
         self.guest = guest
         self.seconds = seconds
         self.exits = exits
@@ -138,7 +138,7 @@ class GuestFailure(HarnessError):
     exit_code = EXIT_GUEST_FAILED
 
     def __init__(self, guest: str, message: str, *, code: int | None = None,
-                 line: int | None = None, result=None):
+                 line: int | None = None, result: object = None):
         self.guest = guest
         self.code = code
         self.line = line

@@ -16,6 +16,7 @@ Exits that ask userspace for data (:class:`IoIn`, :class:`MmioRead`,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # The KVM_EXIT_* numbers and the values of their fields are ABI: kvmharness.abi holds them
 # (the cdefs test pins them to the kernel headers); they stay importable from here.
@@ -45,8 +46,6 @@ from .abi import (
     KVM_SYSTEM_EVENT_WAKEUP,
 )
 
-_exit = dataclass(frozen=True, slots=True)
-
 
 class Exit:
     """Base class of every exit value (for isinstance checks and typing)."""
@@ -56,6 +55,7 @@ class Exit:
 
     def __str__(self) -> str:
         parts = []
+        name: str
         for name in self.__slots__:
             v = getattr(self, name)
             if isinstance(v, (bytes, bytearray)):
@@ -66,16 +66,17 @@ class Exit:
                 parts.append(f"{name}={v}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict: ``{"exit": "IoOut", "port": 233, ...}``."""
-        d = {"exit": type(self).__name__}
+        d: dict[str, Any] = {"exit": type(self).__name__}
+        name: str
         for name in self.__slots__:
             v = getattr(self, name)
             d[name] = v.hex() if isinstance(v, (bytes, bytearray)) else v
         return d
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class IoOut(Exit):
     """``KVM_EXIT_IO`` direction out: the guest wrote ``data`` (size*count bytes)."""
 
@@ -91,7 +92,7 @@ class IoOut(Exit):
         return int.from_bytes(self.data[: self.size], "little")
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class IoIn(Exit):
     """``KVM_EXIT_IO`` direction in: complete with ``Vcpu.complete(value)``."""
 
@@ -101,7 +102,7 @@ class IoIn(Exit):
     reason = KVM_EXIT_IO
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class MmioWrite(Exit):
     """``KVM_EXIT_MMIO`` write of ``size`` bytes to an unbacked guest-physical address."""
 
@@ -115,7 +116,7 @@ class MmioWrite(Exit):
         return int.from_bytes(self.data, "little")
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class MmioRead(Exit):
     """``KVM_EXIT_MMIO`` read: complete with ``Vcpu.complete(value)``."""
 
@@ -124,21 +125,21 @@ class MmioRead(Exit):
     reason = KVM_EXIT_MMIO
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class Hlt(Exit):
     """``KVM_EXIT_HLT``: the guest executed HLT with no interrupt to wake it."""
 
     reason = KVM_EXIT_HLT
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class Shutdown(Exit):
     """``KVM_EXIT_SHUTDOWN``: triple fault (or a state KVM cannot enter)."""
 
     reason = KVM_EXIT_SHUTDOWN
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class MsrRead(Exit):
     """``KVM_EXIT_X86_RDMSR``: complete with ``Vcpu.complete(value)`` or ``(error=True)``."""
 
@@ -147,7 +148,7 @@ class MsrRead(Exit):
     reason = KVM_EXIT_X86_RDMSR
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class MsrWrite(Exit):
     """``KVM_EXIT_X86_WRMSR``: accept with ``Vcpu.complete()``, refuse with ``(error=True)``."""
 
@@ -157,25 +158,25 @@ class MsrWrite(Exit):
     reason = KVM_EXIT_X86_WRMSR
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class Hypercall(Exit):
     """``KVM_EXIT_HYPERCALL`` (KVM_CAP_EXIT_HYPERCALL): ``nr`` and up to 6 args."""
 
     nr: int
-    args: tuple
+    args: tuple[int, ...]
     reason = KVM_EXIT_HYPERCALL
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class SystemEvent(Exit):
     """``KVM_EXIT_SYSTEM_EVENT`` other than SEV termination."""
 
     type: int
-    data: tuple
+    data: tuple[int, ...]
     reason = KVM_EXIT_SYSTEM_EVENT
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class SevTermination(Exit):
     """``KVM_EXIT_SYSTEM_EVENT`` type ``KVM_SYSTEM_EVENT_SEV_TERM``.
 
@@ -196,12 +197,12 @@ class SevTermination(Exit):
         return (self.ghcb_msr >> 16) & 0xFF
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class InternalError(Exit):
     """``KVM_EXIT_INTERNAL_ERROR``: suberror 1 is an emulation failure."""
 
     suberror: int
-    data: tuple
+    data: tuple[int, ...]
     reason = KVM_EXIT_INTERNAL_ERROR
 
     SUBERROR_NAMES = {1: "emulation failure", 2: "simultaneous exception",
@@ -212,7 +213,7 @@ class InternalError(Exit):
         return self.SUBERROR_NAMES.get(self.suberror, f"suberror {self.suberror}")
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class FailEntry(Exit):
     """``KVM_EXIT_FAIL_ENTRY``: the hardware refused VMRUN (``hardware_entry_failure_reason``)."""
 
@@ -221,7 +222,7 @@ class FailEntry(Exit):
     reason = KVM_EXIT_FAIL_ENTRY
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class Debug(Exit):
     """``KVM_EXIT_DEBUG``: single step or hardware breakpoint; ``pc`` is the guest RIP."""
 
@@ -232,7 +233,7 @@ class Debug(Exit):
     reason = KVM_EXIT_DEBUG
 
 
-@_exit
+@dataclass(frozen=True, slots=True)
 class Unsupported(Exit):
     """An exit reason this version of kvmharness does not decode."""
 

@@ -7,8 +7,8 @@ These are the Python faces of ``struct kvm_regs``, ``kvm_sregs``, ``kvm_segment`
 from __future__ import annotations
 
 import dataclasses
-
-from dataclasses import dataclass, field, fields, asdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
 
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -104,7 +104,7 @@ class Segment:
                 | (self.avl & 1) << 8 | (self.l & 1) << 9 | (self.db & 1) << 10 | (self.g & 1) << 11)
 
     @classmethod
-    def from_attrib(cls, selector: int, attrib: int, limit: int, base: int) -> "Segment":
+    def from_attrib(cls, selector: int, attrib: int, limit: int, base: int) -> Segment:
         return cls(base=base, limit=limit, selector=selector, type=attrib & 0xF,
                    s=(attrib >> 4) & 1, dpl=(attrib >> 5) & 3, present=(attrib >> 7) & 1,
                    avl=(attrib >> 8) & 1, l=(attrib >> 9) & 1, db=(attrib >> 10) & 1,
@@ -179,9 +179,9 @@ class CpuidTable:
 
     __slots__ = ("entries", "_map")
 
-    def __init__(self, entries=()):
+    def __init__(self, entries: Iterable[CpuidEntry] = ()) -> None:
         self.entries: tuple[CpuidEntry, ...] = tuple(entries)
-        self._map: dict = {}
+        self._map: dict[tuple[int, int | None], CpuidEntry] = {}
         for e in self.entries:
             key = (e.function, e.index if e.significant_index else None)
             self._map.setdefault(key, e)
@@ -190,7 +190,7 @@ class CpuidTable:
         m = self._map
         return m.get((function, index)) or m.get((function, None))
 
-    def with_entry(self, entry: CpuidEntry) -> "CpuidTable":
+    def with_entry(self, entry: CpuidEntry) -> CpuidTable:
         """A copy with ``entry`` replacing any entry for the same leaf/subleaf."""
         kept = [e for e in self.entries
                 if not (e.function == entry.function

@@ -3,7 +3,9 @@
 The rule (the one issue 14 counted 14 + 2 modules in cycles by): every ``import`` and
 ``from ... import`` statement in a module is an edge, wherever it stands -- at module
 level, in a class, or deferred inside a function.  A deferred import hides a cycle from
-the interpreter, not from a reader, so it counts.  ``from pkg import name`` is an edge to
+the interpreter, not from a reader, so it counts.  Imports under ``if TYPE_CHECKING:``
+do not: they never run, and only name a type for an annotation (import-linter is told
+the same, ``exclude_type_checking_imports``).  ``from pkg import name`` is an edge to
 ``pkg.name`` when that is a module, else to ``pkg``; importing ``a.b.c`` does not count
 as importing the package ``a.b``'s ``__init__``.  Only ``importlib.import_module`` calls
 are not seen (``kvmharness.backend.open_backend``'s alias of the factory is the one).
@@ -78,6 +80,11 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool,
     return found
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def import_graph(*, module_level_only: bool = False) -> dict[str, set[str]]:
     """Module -> the kvmharness modules it imports (by the rule in the docstring)."""
     mods = _modules()
@@ -95,6 +102,8 @@ def import_graph(*, module_level_only: bool = False) -> dict[str, set[str]]:
                         visit(node.body)
                 elif isinstance(node, ast.ClassDef):
                     visit(node.body)
+                elif isinstance(node, ast.If) and _is_type_checking(node.test):
+                    visit(node.orelse)
                 else:
                     for field in ("body", "orelse", "finalbody"):
                         visit(getattr(node, field, None) or [])
@@ -161,6 +170,8 @@ def test_the_graph_sees_deferred_and_relative_imports():
     assert {"kvmharness.kvm.vm", "kvmharness.kvm._ffi", "kvmharness.backend"} <= graph["kvmharness.kvm.system"]
     assert {"kvmharness.kvm.system", "kvmharness.sim.system"} <= graph["kvmharness.factory"]
     assert "kvmharness.kvm.system" not in import_graph(module_level_only=True)["kvmharness.factory"]
+    # type-only imports are not edges: kvm/vm.py names KvmSystem for an annotation only
+    assert "kvmharness.kvm.system" not in graph["kvmharness.kvm.vm"]
     # and the cycle finder finds a planted cycle
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 

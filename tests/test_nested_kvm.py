@@ -181,8 +181,12 @@ def test_nested_cpuid_final_vmcb_as_l1_left_it():
         vmcb = m.vm.read(VMCB_PA, 4096)
     finally:
         m.close()
-    u32 = lambda off: struct.unpack_from("<I", vmcb, off)[0]
-    u64 = lambda off: struct.unpack_from("<Q", vmcb, off)[0]
+    def u32(off):
+        return struct.unpack_from("<I", vmcb, off)[0]
+
+    def u64(off):
+        return struct.unpack_from("<Q", vmcb, off)[0]
+
     assert u64(0x70) == 0x78 and u64(0x78) == 0 and u64(0x80) == 0       # exit code HLT
     assert u32(0x0C) == (1 << 18) | (1 << 24) | (1 << 27) | (1 << 31)     # L1's intercepts, unchanged
     assert u32(0x10) == 0b11 and u32(0x58) == 1 and u64(0x40) == IOPM_PA

@@ -131,7 +131,7 @@ def test_sim_reports_the_rigs_exit_sequence(guest):
         assert comparable(seq) == comparable(rig_seq)
     else:
         entry = values[KEY_L2_ENTRY]
-        rig = [dict(zip(FIELDS, (c, i1, i2 + entry if c == 0x7B else i2, n, rip + entry, ii, ev)))
+        rig = [dict(zip(FIELDS, (c, i1, i2 + entry if c == 0x7B else i2, n, rip + entry, ii, ev), strict=True))
                for c, i1, i2, n, rip, ii, ev in recorded]
         assert comparable(seq) == comparable(rig), (_relative(seq, entry), recorded)
 
@@ -463,7 +463,9 @@ def _inline_vmcb12(l2_rip):
     from kvmharness.sim import testing as T
 
     raw = bytearray(4096)
-    q = lambda off, v: struct.pack_into("<Q", raw, off, v)
+    def q(off, v):
+        struct.pack_into("<Q", raw, off, v)
+
     struct.pack_into("<I", raw, 0x08, 1 << 14)                                   # #PF
     struct.pack_into("<I", raw, 0x0C, (1 << 14) | (1 << 24) | (1 << 27) | (1 << 28))  # RDTSC HLT IOIO MSR
     struct.pack_into("<I", raw, 0x10, 1)                                         # VMRUN
@@ -503,7 +505,9 @@ def test_inline_l1_intercepts_beyond_kvms_own():
     n = struct.unpack("<Q", vm.read(0x98000, 8))[0]
     log = [struct.unpack_from("<5Q", vm.read(0x98008 + 40 * i, 40)) for i in range(n)]
     code = image[0x200:]
-    at = lambda op, start=0: l2 + code.index(op, start)
+    def at(op, start=0):
+        return l2 + code.index(op, start)
+
     rdtsc, inp, rdmsr, load = at(b"\x0f\x31"), at(b"\xe4\x7a"), at(b"\x0f\x32"), at(b"\x48\x8b\x04\x25")
     hlt = T.STUBS + 6  # the HLT of the vector-0 stub L2 ran after the #DE
     assert [(c, i1, i2, rip) for c, i1, i2, rip, _rax in log] == [

@@ -35,6 +35,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cffi
 
@@ -91,6 +92,8 @@ libc = ffi.dlopen(None)
 #: Every #define / enum constant of the cdefs, by kernel name.
 CONSTANTS: dict[str, int] = {name: getattr(libc, name) for name in _names}
 globals().update(CONSTANTS)
+if TYPE_CHECKING:  # the constants above come from cdefs/ at import; to a type checker they are ints
+    def __getattr__(name: str) -> int: ...
 del _file, _packed, _src, _names
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
+from typing import TYPE_CHECKING
 
 from ..abi import (
     KVM_STATE_NESTED_FORMAT_SVM,
@@ -43,6 +44,9 @@ from ..abi import (
 from ..errors import FeatureUnavailable, KvmError
 from . import _ffi as K
 from ._ffi import ffi, ioctl_raw
+
+if TYPE_CHECKING:
+    from .vcpu import KvmVcpu
 
 # The value type and the numbers live in kvmharness.abi (the simulator builds the
 # same NestedState); the names below stay for callers of this module.
@@ -60,12 +64,12 @@ __all__ = ["FLAG_GIF_SET", "FLAG_GUEST_MODE", "FLAG_RUN_PENDING", "FORMAT_SVM", 
            "max_nested_state_size", "set_nested_state"]
 
 
-def max_nested_state_size(vcpu) -> int:
+def max_nested_state_size(vcpu: KvmVcpu) -> int:
     """KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) on the vCPU's VM: the largest state, 0 if none."""
     return vcpu.vm.check_extension(K.KVM_CAP_NESTED_STATE)
 
 
-def _require(vcpu) -> int:
+def _require(vcpu: KvmVcpu) -> int:
     size = max_nested_state_size(vcpu)
     if size <= 0:
         raise FeatureUnavailable(
@@ -74,7 +78,7 @@ def _require(vcpu) -> int:
     return size
 
 
-def get_nested_state(vcpu) -> NestedState:
+def get_nested_state(vcpu: KvmVcpu) -> NestedState:
     """KVM_GET_NESTED_STATE: the vCPU's nested state (raises FeatureUnavailable without the cap)."""
     size = _require(vcpu)
     while True:
@@ -92,7 +96,7 @@ def get_nested_state(vcpu) -> NestedState:
         return NestedState.from_bytes(bytes(ffi.buffer(buf)))
 
 
-def set_nested_state(vcpu, state: NestedState) -> None:
+def set_nested_state(vcpu: KvmVcpu, state: NestedState) -> None:
     """KVM_SET_NESTED_STATE from a :class:`NestedState` (see the module docstring for the order)."""
     _require(vcpu)
     raw = state.to_bytes()
@@ -107,7 +111,7 @@ def set_nested_state(vcpu, state: NestedState) -> None:
         raise KvmError("KVM_SET_NESTED_STATE", err, hint)
 
 
-def complete_pending_exit(vcpu) -> None:
+def complete_pending_exit(vcpu: KvmVcpu) -> None:
     """KVM_RUN with ``immediate_exit`` set: KVM finishes the last exit's instruction
     (an IO/MMIO completion) and returns EINTR without entering the guest, so the
     registers and nested state read afterwards are at an instruction boundary."""

@@ -44,10 +44,10 @@ class KvmSystem(System):
                 "virtualization in the firmware, or use --backend sim)") from None
         except PermissionError as e:
             raise PermissionDenied(
-                f"cannot open {path}: {os.strerror(e.errno)}. Join the 'kvm' group "
+                f"cannot open {path}: {e.strerror}. Join the 'kvm' group "
                 "(sudo usermod -aG kvm $USER, then log in again) or run as root") from None
         except OSError as e:
-            raise HostError(f"cannot open {path}: {os.strerror(e.errno)}") from None
+            raise HostError(f"cannot open {path}: {e.strerror}") from None
         try:
             self.api_version = ioctl(self.fd, K.KVM_GET_API_VERSION)
             if self.api_version != KVM_API_VERSION:
@@ -124,7 +124,7 @@ class KvmSystem(System):
         return self._caps
 
     # -- VMs --------------------------------------------------------------------
-    def create_vm(self, vm_type: int = KVM_X86_DEFAULT_VM):
+    def create_vm(self, vm_type: int = KVM_X86_DEFAULT_VM) -> KvmVm:
         """KVM_CREATE_VM(type)."""
         ret, err = ioctl_raw(self.fd, K.KVM_CREATE_VM, ffi.cast("void *", vm_type))
         if ret < 0:
@@ -143,5 +143,5 @@ class KvmSystem(System):
             os.close(self.fd)
             self.fd = -1
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"KvmSystem({self.path!r}, api={self.api_version})"

@@ -19,8 +19,10 @@ import os
 import re
 import subprocess
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 EVENTS = ("kvm_exit", "kvm_cpuid", "kvm_msr", "kvm_pio", "kvm_mmio", "kvm_userspace_exit",
@@ -46,7 +48,8 @@ SVM_EXIT_NAMES = {
     "avic_unaccelerated_access": 0x402, "vmgexit": 0x403, "invalid_guest_state": -1,
 }
 
-_LINE = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+\[\d+\]\s+\S+\s+(?P<ts>[\d.]+):\s+(?P<event>\w+):\s?(?P<body>.*)$")
+_LINE = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+\[\d+\]\s+\S+\s+(?P<ts>[\d.]+):"
+                   r"\s+(?P<event>\w+):\s?(?P<body>.*)$")
 _KVM_EXIT = re.compile(r"vcpu (?P<vcpu>\d+) reason (?P<reason>.+?) rip 0x(?P<rip>[0-9a-f]+) "
                        r"info1 0x(?P<info1>[0-9a-f]+) info2 0x(?P<info2>[0-9a-f]+)")
 _HEX_FIELD = re.compile(r"(\w+) (?:0x)?([0-9a-fA-F]+)\b")
@@ -59,19 +62,20 @@ class TraceEvent:
     event: str
     timestamp: float
     text: str
-    fields: dict = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int | None:
         """For kvm_exit on an SVM host: the SVM exit code (facts §6)."""
-        return self.fields.get("exit_code")
+        code: int | None = self.fields.get("exit_code")
+        return code
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.timestamp:.6f} {self.event}: {self.text}"
 
 
 def parse_trace(text: str) -> list[TraceEvent]:
-    events = []
+    events: list[TraceEvent] = []
     for line in text.splitlines():
         if line.startswith("#"):
             continue
@@ -112,7 +116,7 @@ def parse_trace(text: str) -> list[TraceEvent]:
 class KvmTracepoints:
     """Context manager: record KVM tracepoints of the calling thread while active."""
 
-    def __init__(self, events=EVENTS, tid: int | None = None):
+    def __init__(self, events: Iterable[str] = EVENTS, tid: int | None = None) -> None:
         self.wanted = tuple(events)
         self.tid = tid or threading.get_native_id()
         self.root: Path | None = None
@@ -134,7 +138,7 @@ class KvmTracepoints:
                 return p
         return None
 
-    def __enter__(self):
+    def __enter__(self) -> KvmTracepoints:
         try:
             self.root = self._find_tracefs()
             if self.root is None:
@@ -154,7 +158,7 @@ class KvmTracepoints:
             self.error = f"cannot set up KVM tracing: {e.strerror or e}"
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         try:
             if self.instance is not None and self.instance.exists():
                 self.events = parse_trace((self.instance / "trace").read_text())
@@ -166,4 +170,3 @@ class KvmTracepoints:
         finally:
             if self._mounted and self.root is not None:
                 subprocess.run(["umount", str(self.root)], capture_output=True)
-        return False

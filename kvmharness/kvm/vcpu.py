@@ -8,12 +8,15 @@ cheaper than several cffi attribute reads on the per-exit hot path.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import mmap
 import os
 import signal
 import struct
 import threading
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .. import exits as X
 from ..backend import Vcpu
@@ -22,13 +25,21 @@ from ..x86 import CpuidEntry, DTable, Regs, Segment, Sregs
 from . import _ffi as K
 from ._ffi import ffi, ioctl, ioctl_raw, libc
 
+if TYPE_CHECKING:
+    from .tracepoints import KvmTracepoints
+    from .vm import KvmVm
+
+#: a decoded kvm_run.io header: is-out, port, size, count, data offset, bytes, and for an OUT
+#: the IoOut values interned by their data, for an IN the one IoIn value
+_IoHead = tuple[bool, int, int, int, int, int, dict[bytes, X.IoOut] | X.IoIn]
+
 # The signal that interrupts KVM_RUN for Vcpu.kick().  A real-time signal, so it
 # cannot collide with the SIGALRM/SIGINT/SIGUSR* handlers of pytest plugins.
 KICK_SIGNAL = signal.SIGRTMIN + 7
 _kick_handler_installed = False
 
 
-def _noop(signum, frame):
+def _noop(signum: int, frame: object) -> None:
     pass
 
 
@@ -82,23 +93,24 @@ _get_ident = threading.get_ident
 
 
 class KvmVcpu(Vcpu):
-    def __init__(self, vm, fd: int, vcpu_id: int, mmap_size: int):
+    def __init__(self, vm: KvmVm, fd: int, vcpu_id: int, mmap_size: int):
         self.vm = vm
         self.fd = fd
         self.vcpu_id = vcpu_id
         self._mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_ptr = ffi.from_buffer(self._mm)
-        self.kvm_run = ffi.cast("struct kvm_run *", self._run_ptr)
+        self.kvm_run: Any = ffi.cast("struct kvm_run *", self._run_ptr)
         self._mv = memoryview(self._mm)
-        self._pending = None  # the exit awaiting complete(), with where its data goes
+        self._pending: X.Exit | None = None  # the exit awaiting complete(), with where its data goes
         self._pending_off = 0
         self._thread = 0
         self._ioctl = libc.ioctl
         self._single_step = False
-        self._io_heads: dict = {}  # raw kvm_run.io header -> decoded head (see decode_exit)
+        self._io_heads: dict[bytes, _IoHead] = {}  # raw kvm_run.io header -> decoded head (see decode_exit)
+        self.cpuid: tuple[CpuidEntry, ...] = ()
 
     # -- running -------------------------------------------------------------
-    def run(self):
+    def run(self) -> X.Exit:
         """KVM_RUN until the next exit to userspace; returns an ``exits.*`` value.
 
         Raises ``InterruptedError`` when a signal or ``kick()`` interrupted it
@@ -120,7 +132,7 @@ class KvmVcpu(Vcpu):
             return "the vCPU state cannot be entered"
         return ""
 
-    def decode_exit(self):
+    def decode_exit(self) -> X.Exit:
         """Turn ``kvm_run`` into one exit value (the only reader of the exit union)."""
         mm = self._mm
         reason = _U32.unpack_from(mm, _OFF_EXIT_REASON)[0]
@@ -132,56 +144,57 @@ class KvmVcpu(Vcpu):
             if head is None:
                 head = self._io_head(mm[_OFF_UNION:_OFF_UNION + 16])
             out, port, size, count, off, n, known = head
-            if out:  # known: data -> interned IoOut
+            if isinstance(known, dict):  # an OUT: data -> interned IoOut
                 data = mm[off:off + n]
-                exit_ = known.get(data)
-                if exit_ is None:
-                    exit_ = X.IoOut(port, size, count, data)
+                io_out = known.get(data)
+                if io_out is None:
+                    io_out = X.IoOut(port, size, count, data)
                     if len(known) < 256:
-                        known[data] = exit_
-                return exit_
-            self._pending, self._pending_off = known, off  # known: the IoIn value
+                        known[data] = io_out
+                return io_out
+            self._pending, self._pending_off = known, off  # an IN: known is the IoIn value
             return known
         if reason == 6:  # KVM_EXIT_MMIO
             addr, data, length, is_write = _MMIO.unpack_from(mm, _OFF_UNION)
             if is_write:
                 return X.MmioWrite(addr, length, data[:length])
-            exit_ = X.MmioRead(addr, length)
-            self._pending, self._pending_off = exit_, _OFF_UNION + 8
-            return exit_
+            mmio_read = X.MmioRead(addr, length)
+            self._pending, self._pending_off = mmio_read, _OFF_UNION + 8
+            return mmio_read
         if reason == 5:
             return X.Hlt()
         if reason == 8:
             return X.Shutdown()
         if reason == 29 or reason == 30:  # X86_RDMSR / X86_WRMSR
             _, msr_reason, index, data = _MSR.unpack_from(mm, _OFF_UNION)
-            exit_ = X.MsrRead(index, msr_reason) if reason == 29 else X.MsrWrite(index, data, msr_reason)
-            self._pending, self._pending_off = exit_, _OFF_UNION
-            return exit_
+            msr: X.Exit = X.MsrRead(index, msr_reason) if reason == 29 else X.MsrWrite(index, data, msr_reason)
+            self._pending, self._pending_off = msr, _OFF_UNION
+            return msr
         if reason == 4:
             exc, _, pc, dr6, dr7 = _DEBUG.unpack_from(mm, _OFF_UNION)
             return X.Debug(exc, pc, dr6, dr7)
         if reason == 24:
-            etype, ndata, *data = _SYSTEM_EVENT.unpack_from(mm, _OFF_UNION)
+            etype, ndata, *event_data = _SYSTEM_EVENT.unpack_from(mm, _OFF_UNION)
             if etype == X.KVM_SYSTEM_EVENT_SEV_TERM:
-                return X.SevTermination(data[0] if ndata else 0)
-            return X.SystemEvent(etype, tuple(data[:ndata]))
+                return X.SevTermination(event_data[0] if ndata else 0)
+            return X.SystemEvent(etype, tuple(event_data[:ndata]))
         if reason == 17:
-            sub, ndata, *data = _INTERNAL.unpack_from(mm, _OFF_UNION)
-            return X.InternalError(sub, tuple(data[:min(ndata, 16)]))
+            sub, ndata, *internal_data = _INTERNAL.unpack_from(mm, _OFF_UNION)
+            return X.InternalError(sub, tuple(internal_data[:min(ndata, 16)]))
         if reason == 9:
             hw, cpu = _FAIL_ENTRY.unpack_from(mm, _OFF_UNION)
             return X.FailEntry(hw, cpu)
         if reason == 3:
             nr, *rest = _HYPERCALL.unpack_from(mm, _OFF_UNION)
-            exit_ = X.Hypercall(nr, tuple(rest[:6]))
-            self._pending, self._pending_off = exit_, _OFF_UNION + 56
-            return exit_
+            hypercall = X.Hypercall(nr, tuple(rest[:6]))
+            self._pending, self._pending_off = hypercall, _OFF_UNION + 56
+            return hypercall
         return X.Unsupported(reason)
 
-    def _io_head(self, raw: bytes):
+    def _io_head(self, raw: bytes) -> _IoHead:
         """Decode (and cache) one kvm_run.io header: direction, size, port, count, data_offset."""
         direction, size, port, count, off = _IO.unpack(raw)
+        head: _IoHead
         if direction == _IO_DIRECTION_OUT:
             head = (True, port, size, count, off, size * count, {})
         else:
@@ -221,10 +234,8 @@ class KvmVcpu(Vcpu):
         """Make KVM_RUN return EINTR now (or immediately on its next entry)."""
         self._mv[_OFF_IMMEDIATE_EXIT] = 1
         if self._thread:
-            try:
+            with contextlib.suppress(ProcessLookupError, OSError):  # the thread has exited
                 signal.pthread_kill(self._thread, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
 
     # -- state ----------------------------------------------------------------------
     def get_regs(self) -> Regs:
@@ -247,11 +258,11 @@ class KvmVcpu(Vcpu):
         buf = ffi.new("struct kvm_sregs *")
         ioctl(self.fd, K.KVM_GET_SREGS, buf)
         v = _SREGS.unpack(ffi.buffer(buf))
-        segs = [Segment(*v[i * 13:i * 13 + 12]) for i in range(8)]
+        cs, ds, es, fs, gs, ss, tr, ldt = (Segment(*v[i * 13:i * 13 + 12]) for i in range(8))
         gdt = DTable(v[104], v[105])
         idt = DTable(v[106], v[107])
         cr0, cr2, cr3, cr4, cr8, efer, apic_base = v[108:115]
-        return Sregs(*segs, gdt, idt, cr0, cr2, cr3, cr4, cr8, efer, apic_base)
+        return Sregs(cs, ds, es, fs, gs, ss, tr, ldt, gdt, idt, cr0, cr2, cr3, cr4, cr8, efer, apic_base)
 
     def set_sregs(self, s: Sregs) -> None:
         """KVM_SET_SREGS (interrupt_bitmap cleared: no pending interrupt)."""
@@ -269,7 +280,7 @@ class KvmVcpu(Vcpu):
                            "KVM refused the segment/control register state (e.g. EFER bits the "
                            "guest CPUID does not offer, or LMA without PG)" if err == _errno.EINVAL else "")
 
-    def get_msrs(self, indices) -> dict:
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS; MSRs KVM cannot read are absent from the result."""
         indices = list(indices)
         buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + 16 * len(indices))
@@ -280,7 +291,7 @@ class KvmVcpu(Vcpu):
         n = ioctl(self.fd, K.KVM_GET_MSRS, m)
         return {m.entries[i].index: m.entries[i].data for i in range(n)}
 
-    def set_msrs(self, values: dict) -> int:
+    def set_msrs(self, values: Mapping[int, int]) -> int:
         """KVM_SET_MSRS; returns how many were written (KVM stops at the first it refuses)."""
         items = list(values.items())
         buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + 16 * len(items))
@@ -291,7 +302,7 @@ class KvmVcpu(Vcpu):
             m.entries[i].data = val
         return ioctl(self.fd, K.KVM_SET_MSRS, m)
 
-    def set_cpuid(self, entries) -> None:
+    def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         """KVM_SET_CPUID2."""
         entries = list(entries)
         buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
@@ -304,7 +315,7 @@ class KvmVcpu(Vcpu):
         ioctl(self.fd, K.KVM_SET_CPUID2, c)
         self.cpuid = tuple(entries)
 
-    def get_cpuid(self) -> list:
+    def get_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_CPUID2."""
         nent = 256
         buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + nent * ffi.sizeof("struct kvm_cpuid_entry2"))
@@ -327,9 +338,10 @@ class KvmVcpu(Vcpu):
         self.kvm_run.kvm_valid_regs = K.KVM_SYNC_X86_REGS if enabled else 0
 
     def synced_rip(self) -> int:
-        return self.kvm_run.s.regs.regs.rip
+        """RIP as KVM synced it into kvm_run at the last exit (see enable_sync_regs)."""
+        return int(self.kvm_run.s.regs.regs.rip)
 
-    def kernel_tracer(self):
+    def kernel_tracer(self) -> KvmTracepoints:
         """A context manager recording KVM's tracepoints for this vCPU's thread."""
         from .tracepoints import KvmTracepoints
 
@@ -341,12 +353,10 @@ class KvmVcpu(Vcpu):
         self._mv.release()
         ffi.release(self._run_ptr)
         self.kvm_run = None
-        try:
+        with contextlib.suppress(BufferError):  # a caller still holds a view of kvm_run
             self._mm.close()
-        except BufferError:
-            pass
         os.close(self.fd)
         self.fd = -1
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"KvmVcpu(id={self.vcpu_id}, fd={self.fd})"

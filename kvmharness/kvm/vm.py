@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..backend import MemoryRegion, Vm
 from ..errors import KvmError, UsageError
@@ -12,20 +15,24 @@ from . import _ffi as K
 from ._ffi import ffi, ioctl, ioctl_raw
 from .vcpu import KvmVcpu
 
+if TYPE_CHECKING:
+    from .system import KvmSystem
+
 PAGE = 4096
 
 
 class KvmVm(Vm):
     """Owns the VM fd and the host memory of its slots."""
 
-    def __init__(self, system, fd: int, vm_type: int, *, disable_hypercall_patching: bool = True):
-        self.system = system
+    def __init__(self, system: KvmSystem, fd: int, vm_type: int, *,
+                 disable_hypercall_patching: bool = True) -> None:
+        self.system: KvmSystem = system
         self.fd = fd
         self.vm_type = vm_type
         self.regions: list[MemoryRegion] = []
-        self.vcpus: list = []
+        self.vcpus: list[KvmVcpu] = []
         self._next_slot = 0
-        self._pins: list = []  # cffi buffers that must stay alive while KVM uses them
+        self._pins: list[Any] = []  # cffi buffers that must stay alive while KVM uses them
         if disable_hypercall_patching:
             self.disable_fix_hypercall_quirk()
 
@@ -63,7 +70,8 @@ class KvmVm(Vm):
         """KVM_CAP_X86_USER_SPACE_MSR: send refused MSR accesses (these reasons) to userspace."""
         self.enable_cap(K.KVM_CAP_X86_USER_SPACE_MSR, reasons)
 
-    def set_msr_filter(self, ranges, *, default_allow: bool = True) -> None:
+    def set_msr_filter(self, ranges: Iterable[tuple[int, int, bool, bool]], *,
+                       default_allow: bool = True) -> None:
         """KVM_X86_SET_MSR_FILTER.
 
         ``ranges``: (base, nmsrs, read_allowed, write_allowed) tuples.  Each
@@ -118,7 +126,7 @@ class KvmVm(Vm):
         return int(ffi.cast("uintptr_t", region._owner[1]))
 
     # -- vCPUs --------------------------------------------------------------------------
-    def create_vcpu(self, vcpu_id: int = 0):
+    def create_vcpu(self, vcpu_id: int = 0) -> KvmVcpu:
         """KVM_CREATE_VCPU(id) and mmap of its kvm_run."""
         ret, err = ioctl_raw(self.fd, K.KVM_CREATE_VCPU, ffi.cast("void *", vcpu_id))
         if ret < 0:
@@ -138,14 +146,12 @@ class KvmVm(Vm):
             mm, ptr = r._owner
             r.view.release()
             ffi.release(ptr)
-            try:
+            with contextlib.suppress(BufferError):  # the caller still holds a slice of the memory; GC frees it
                 mm.close()
-            except BufferError:  # the caller still holds a slice of the memory; GC frees it
-                pass
         self.regions.clear()
         self._pins.clear()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"KvmVm(fd={self.fd}, type={self.vm_type}, slots={len(self.regions)})"
 
 

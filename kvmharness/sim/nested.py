@@ -218,7 +218,7 @@ class NestedSvm:
             raw[lo:hi] = other[lo:hi]
         v.svm.vmcb.save.rip = rip + 3
         vals = core.gprs()
-        for name, value in zip(_GPR_NAMES, vals):
+        for name, value in zip(_GPR_NAMES, vals, strict=False):  # vals ends with RIP, RFLAGS
             if name in v._shadow:
                 v._shadow[name] = value
         v._resume = None
@@ -271,7 +271,9 @@ class NestedSvm:
 
     @staticmethod
     def _check_save(raw) -> bool:
-        q = lambda name: _Q.unpack_from(raw, _SAVE_Q[name])[0]
+        def q(name):
+            return _Q.unpack_from(raw, _SAVE_Q[name])[0]
+
         efer, cr0, cr4, cr3 = q("efer"), q("cr0"), q("cr4"), q("cr3")
         if not efer & EFER_SVME:
             return False
@@ -316,7 +318,7 @@ class NestedSvm:
         self.gif = True
         self.vmruns += 1
         v.svm.vmcb = vmcb02
-        for name, value in zip(_GPR_NAMES, gprs):
+        for name, value in zip(_GPR_NAMES, gprs, strict=False):
             if name in v._shadow:
                 v._shadow[name] = value  # VMRUN leaves all GPRs but RAX/RSP to L2 as they are
         v._need_entry = False
@@ -529,7 +531,7 @@ class NestedSvm:
         v.svm.vmcb = self.vmcb01
         self.guest_mode = False
         self.gif = False
-        for name, value in zip(_GPR_NAMES, l2_gprs):
+        for name, value in zip(_GPR_NAMES, l2_gprs, strict=False):
             if name in v._shadow:
                 v._shadow[name] = value
         v._need_entry = False

@@ -164,7 +164,7 @@ def _make_area(name: str, fields, base: int):
 
     def to_dict(self):
         out = {}
-        for fname, _off, size in fields:
+        for fname, _off, _size in fields:
             v = getattr(self, fname)
             if isinstance(v, VmcbSegment):
                 v = {"selector": v.selector, "attrib": v.attrib, "limit": v.limit, "base": v.base}
