@@ -249,6 +249,13 @@ def verdicts(kvm: dict, details: dict, cpu: dict, params: dict | None, sev_prese
         if not base[0]:
             return {"usable": False, "why": f"{mode} needs SVM first: {base[1]}"}
         why_not = _param_advice(mode, param, params, kernel)
+        flags = cpu.get("sev_flags")
+        if why_not and param in (params or {}) and flags is not None and param not in flags:
+            # the kernel has the parameter but the CPU does not report the feature: reloading
+            # kvm_amd cannot turn it on
+            why_not = (f"kvm_amd parameter {param}={params[param]} and the CPU reports no {param} "
+                       f"flag in /proc/cpuinfo: this CPU lacks {mode}, or the firmware setup has "
+                       "it (or SME) disabled")
         if why_not:
             return {"usable": False, "why": why_not}
         if not sev_present:

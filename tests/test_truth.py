@@ -407,3 +407,14 @@ def test_machine_refuses_an_sev_mode_the_guest_does_not_declare(monkeypatch):
         Machine.for_guest("hello64", "sim", sev="sev-es")
     with pytest.raises(GuestImageError, match="declares modes sev-es"):
         Machine.for_guest("es-io", "sim", sev="sev")
+
+
+def test_no_reload_advice_when_the_cpu_lacks_the_feature():
+    """A kvm_amd that has sev_es but a CPU that does not report it (e.g. the QEMU rig's
+    EPYC model): reloading the module cannot help, so it is not advised."""
+    params = {"sev": "N", "sev_es": "N"}
+    cpu = {"svm_flag": True, "sev_flags": ["sme", "sev"]}
+    v = hostinfo.verdicts(KVM_AMD_HOST, {}, cpu, params, True, kernel="6.1")
+    assert "modprobe" in v["sev"]["why"]  # the CPU has SEV: turning the parameter on is the fix
+    assert "modprobe" not in v["sev-es"]["why"]
+    assert "the CPU reports no sev_es flag in /proc/cpuinfo" in v["sev-es"]["why"]
