@@ -7,6 +7,8 @@ Modules (no device needed anywhere here):
 * ``certs``   -- loading X.509 certificates, AMD's VCEK extensions, RSA-PSS chain links
 * ``attest``  -- the firmware side, simulated: a deterministic ARK/ASK/VCEK per generation,
   chip and TCB, :func:`sign_report`, :class:`SimulatedSnpChip` for MSG_REPORT_REQ
+* ``messages`` -- MSG_REPORT_REQ/RSP and MSG_KEY_REQ/RSP answered by a simulated chip, and
+  the certificate table of extended guest requests
 * ``verify``  -- :func:`verify_report`: chain from AMD's built-in roots, signature, TCB
   against the VCEK, expectations; each check named
 * ``cli``     -- ``kvmharness snp verify`` and ``kvmharness snp simulate``

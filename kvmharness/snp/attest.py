@@ -355,6 +355,7 @@ class GuestAttestationContext:
     report_id_ma: bytes = b"\xff" * 32  # all ones: no migration agent
     launch_tcb: TcbVersion | None = None
     launch_mit_vector: int = 0
+    vmrk: bytes | None = None  # the VM root key: only a guest with a migration agent has one
 
 
 class SimulatedSnpChip:
@@ -395,6 +396,17 @@ class SimulatedSnpChip:
     @property
     def vcek(self) -> SimulatedVcek:
         return self.kds.vcek(self.chip_id, self.reported_tcb)
+
+    @property
+    def vcek_root_secret(self) -> bytes:
+        """The chip-unique secret MSG_KEY_REQ derives VCEK-rooted keys from (simulated)."""
+        return _Drbg(b"vcek-root", self.generation.value.encode(), self.chip_id).read(48)
+
+    def certificate_der(self) -> dict[str, bytes]:
+        """DER of the ARK, ASK and VCEK: what the host's certificate table carries."""
+        der = serialization.Encoding.DER
+        return {"ark": self.kds.ark_cert.public_bytes(der), "ask": self.kds.ask_cert.public_bytes(der),
+                "vcek": self.vcek.cert.public_bytes(der)}
 
     def certificates(self) -> dict[str, bytes]:
         """PEMs of the ARK, ASK and this chip's VCEK (what a KDS-style directory holds)."""
