@@ -33,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,10 +213,10 @@ IOCTL_NAMES: dict[int, str] = {globals()[name]: name for name in IOCTLS}
 _ioctl = libc.ioctl
 _cast = ffi.cast
 NULL = ffi.NULL
-_recorder = None  # the installed IoctlRecorder (a test's), else None
+_recorder: IoctlRecorder | None = None  # the installed recorder (a test's), else None
 
 
-def ioctl(fd: int, request: int, arg=NULL) -> int:
+def ioctl(fd: int, request: int, arg: typing.Any = NULL) -> int:
     """Issue ``ioctl(fd, request, arg)``; raise :class:`KvmError` on failure.
 
     ``arg`` is a cdata pointer (``ffi.new(...)``, ``ffi.NULL``) or a Python
@@ -223,12 +225,12 @@ def ioctl(fd: int, request: int, arg=NULL) -> int:
     non-negative result.
     """
     if _recorder is not None:
-        ret, err = _recorder(fd, request, arg)
-        if ret == -1:
+        answered, err = _recorder(fd, request, arg)
+        if answered == -1:
             raise KvmError(IOCTL_NAMES.get(request, hex(request)), err)
-        return ret
+        return answered
     try:
-        ret = _ioctl(fd, request, arg)
+        ret: int = _ioctl(fd, request, arg)
     except TypeError:  # an int argument (zero-cost try: no check on the hot path)
         ret = _ioctl(fd, request, _cast("void *", arg))
     if ret == -1:
@@ -236,7 +238,7 @@ def ioctl(fd: int, request: int, arg=NULL) -> int:
     return ret
 
 
-def ioctl_raw(fd: int, request: int, arg=NULL) -> tuple[int, int]:
+def ioctl_raw(fd: int, request: int, arg: typing.Any = NULL) -> tuple[int, int]:
     """Issue ``ioctl(fd, request, arg)`` and return ``(ret, errno)``; a failed ioctl never raises.
 
     ``errno`` is 0 when the call succeeded.  For callers that expect failure
@@ -260,13 +262,13 @@ def check(ret: int, request: int) -> int:
     return ret
 
 
-def _syscall(fd: int, request: int, arg) -> tuple[int, int]:
+def _syscall(fd: int, request: int, arg: typing.Any) -> tuple[int, int]:
     """The real ioctl, as ``ioctl_raw`` issues it (for a recorder that passes through)."""
     try:
-        ret = _ioctl(fd, request, arg)
+        ret = int(_ioctl(fd, request, arg))
     except TypeError:
-        ret = _ioctl(fd, request, _cast("void *", arg))
-    return (ret, ffi.errno) if ret == -1 else (ret, 0)
+        ret = int(_ioctl(fd, request, _cast("void *", arg)))
+    return (ret, int(ffi.errno)) if ret == -1 else (ret, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -335,9 +337,13 @@ class IoctlCall:
         """The sub-command name for the encryption ioctls, else the ioctl name."""
         return self.command or self.name
 
-    def __str__(self):
+    def __str__(self) -> str:
         res = f"= {self.ret}" + (f" ({self.errno})" if self.errno else "")
         return f"{self.fd_kind}:{self.step} {res}"
+
+
+#: ``answer(fd, request, arg, call) -> (ret, errno)``: a stand-in for the syscall.
+Answer = Callable[[int, int, typing.Any, "IoctlCall | None"], tuple[int, int]]
 
 
 class IoctlRecorder:
@@ -357,7 +363,7 @@ class IoctlRecorder:
     Only one recorder is installed at a time.
     """
 
-    def __init__(self, answer=None):
+    def __init__(self, answer: Answer | None = None) -> None:
         self.answer = answer
         self.calls: list[IoctlCall] = []
         self._kinds: dict[int, str] = {}
@@ -371,7 +377,7 @@ class IoctlRecorder:
         _recorder = self
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         global _recorder
         _recorder = None
 
@@ -380,7 +386,7 @@ class IoctlRecorder:
         self._kinds[fd] = kind
 
     # -- the seam -------------------------------------------------------------------
-    def __call__(self, fd: int, request: int, arg) -> tuple[int, int]:
+    def __call__(self, fd: int, request: int, arg: typing.Any) -> tuple[int, int]:
         if self._depth:  # the fake kernel's own calls
             return self._issue(fd, request, arg, None)
         name = IOCTL_NAMES.get(request, hex(request))
@@ -395,7 +401,8 @@ class IoctlRecorder:
         finally:
             self._depth -= 1
         call.ret, call.errno = ret, err
-        call.arg_out = _snapshot(arg) if not isinstance(call.arg_in, int) else None
+        out = _snapshot(arg)
+        call.arg_out = out if isinstance(out, bytes) else None
         if sub is not None:
             call.data_out = _read_struct(call.data_type, sub[2])
         if ret >= 0 and name == "KVM_CREATE_VM":
@@ -405,7 +412,8 @@ class IoctlRecorder:
         self.calls.append(call)
         return ret, err
 
-    def _issue(self, fd, request, arg, call):
+    def _issue(self, fd: int, request: int, arg: typing.Any,
+               call: IoctlCall | None) -> tuple[int, int]:
         if self.answer is None:
             return _syscall(fd, request, arg)
         return self.answer(fd, request, arg, call)
@@ -438,7 +446,7 @@ class IoctlRecorder:
         return [c for c in self.calls if c.step == step]
 
 
-def _snapshot(arg):
+def _snapshot(arg: typing.Any) -> bytes | int | None:
     """The bytes behind a struct pointer, the int of a by-value argument, None for NULL."""
     if isinstance(arg, int):
         return arg
@@ -450,7 +458,7 @@ def _snapshot(arg):
     return int(ffi.cast("uintptr_t", arg))  # a by-value argument passed as void *
 
 
-def _sub_command(name: str, arg):
+def _sub_command(name: str, arg: typing.Any) -> tuple[str, str | None, int] | None:
     """(command name, data struct type, data address) of an encryption ioctl, else None."""
     if name == "KVM_MEMORY_ENCRYPT_OP" and arg != NULL:
         cmd = ffi.cast("struct kvm_sev_cmd *", arg)
