@@ -180,3 +180,12 @@ def test_shipped_simulated_root_key_is_what_the_generator_makes():
     shipped = simulated_kds("milan").ark_key.private_numbers()
     made = deterministic_rsa_key(b"ark", b"milan").private_numbers()
     assert (made.p, made.q) == (shipped.p, shipped.q)
+
+
+def test_a_report_whose_cpuid_names_another_generation_fails_format():
+    """A Genoa-signed report claiming a Milan CPUID: the signature holds, the format does not."""
+    chip = SimulatedSnpChip("genoa")
+    vcek, ask, ark = _files(chip)
+    fields = dataclasses.replace(chip.report_fields(GuestAttestationContext()), cpuid_mod_id=0x01)
+    v = verify_report(sign_report(fields, chip.vcek.key), vcek, ark=ark, ask=ask, at=AT)
+    assert v.failed.name == "format" and "Milan" in v.failed.detail

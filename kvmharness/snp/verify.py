@@ -12,7 +12,8 @@ reported as not run), so the failing check is always named:
     signature    SIGNATURE_ALGO is ECDSA P-384/SHA-384 and R,S over bytes 0x000-0x29F
                  verify with the VCEK's key (R and S must be < n: a flipped padding
                  bit fails too)
-    format       the (now authenticated) report parses: a known version
+    format       the (now authenticated) report parses: a known version, and (v3+)
+                 its CPUID family/model is the generation's
     signing-key  the report says the VCEK signed it (not a VLEK or no key)
     tcb          REPORTED_TCB, decoded for the generation, equals the VCEK's blSPL,
                  teeSPL, snpSPL, ucodeSPL (and fmcSPL on Turin)
@@ -311,7 +312,14 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
             v.report = AttestationReport.parse(report_bytes)
         except ReportFormatError as e:
             return str(e)
-        _PASS_TEXT["format"] = f"version {v.report.version}"
+        rep = v.report
+        claimed = rep.generation_from_cpuid()
+        if rep.version >= 3 and claimed is not None and claimed is not gen:
+            return (f"the report's CPUID (family {rep.cpuid_fam_id:#x} model {rep.cpuid_mod_id:#x}) "
+                    f"is {claimed.title}, not {gen.title}")
+        _PASS_TEXT["format"] = f"version {rep.version}" + (
+            f", CPUID family {rep.cpuid_fam_id:#x} model {rep.cpuid_mod_id:#x} stepping "
+            f"{rep.cpuid_step}" if rep.version >= 3 else "")
         return None
 
     def check_signing_key():
