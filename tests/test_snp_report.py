@@ -1,7 +1,7 @@
 """The SEV-SNP ATTESTATION_REPORT layout and TCB_VERSION decoding, on real reports.
 
-Pure logic: no device.  The real reports (tests/data/snp/, see its PROVENANCE)
-come from Milan (v2 twice, v3), Genoa (v3) and Turin (v5) hardware.
+Pure logic: no device.  The nine real reports (tests/data/snp/, see its PROVENANCE)
+come from Milan (v2 twice, v3 twice), Genoa (v3 twice, v5) and Turin (v5 twice) hardware.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kvmharness.snp.report import (
 
 DATA = Path(__file__).parent / "data" / "snp"
 TAV = DATA / "tee-attestation-verification"
+RTX = DATA / "routex-client-lua"  # chains: VCEK, ASK, ARK; the first is the VCEK
 
 # (name, report file, VCEK file, generation, report version)
 REAL = [
@@ -36,6 +37,14 @@ REAL = [
     ("tav-genoa-v3", TAV / "genoa_attestation_report.bin", TAV / "genoa_vcek.pem",
      Generation.GENOA, 3),
     ("tav-turin-v5", TAV / "turin_attestation_report.bin", TAV / "turin_vcek.pem",
+     Generation.TURIN, 5),
+    ("routex-milan-v3", RTX / "milan_v3_report.bin", RTX / "vcek-chain-milan.pem",
+     Generation.MILAN, 3),
+    ("routex-genoa-v3", RTX / "genoa_v3_report.bin", RTX / "vcek-chain-genoa.pem",
+     Generation.GENOA, 3),
+    ("routex-genoa-v5", RTX / "genoa_v5_report.bin", RTX / "vcek-chain-genoa-v5.pem",
+     Generation.GENOA, 5),
+    ("routex-turin-v5", RTX / "turin_v5_report.bin", RTX / "vcek-chain-turin.pem",
      Generation.TURIN, 5),
 ]
 

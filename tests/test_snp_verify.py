@@ -1,6 +1,6 @@
 """Verifying real SEV-SNP reports against AMD's built-in roots, and rejecting tampered ones.
 
-Pure logic: no device, no network.  Five real reports from three generations
+Pure logic: no device, no network.  Nine real reports from three generations
 (tests/data/snp/PROVENANCE) each verify with their VCEK and AMD's ARK/ASK
 shipped in kvmharness/sev/roots; a flipped bit anywhere in the signed bytes or
 in R/S fails, and fails as "signature".
@@ -153,3 +153,16 @@ def test_builtin_roots_are_the_ones_amd_ships_in_kds_chains():
         assert certs.check_signed_by(ark, ark) is None
         assert certs.check_signed_by(ask, ark) is None
         assert ark.public_key().key_size == 4096 and ask.public_key().key_size == 4096
+
+
+def test_chain_files_shipped_with_real_vceks_are_amds():
+    """The routex-client-lua chains carry their ASK and ARK: the same certificates as
+    AMD's built-in ones, so verifying with them given explicitly says the root is AMD's."""
+    for name, rp, vp, gen, _v in REAL:
+        if not name.startswith("routex-"):
+            continue
+        vcek, ask, ark = certs.load_certificates(vp.read_bytes())
+        assert [certs.fingerprint(c) for c in (ark, ask)] == [
+            certs.fingerprint(certs.load_certificate(p)) for p in amd_root_pems(gen)]
+        v = verify_report(read_report(rp), vcek, ark=ark, ask=ask, at=AT)
+        assert v.ok and v.root == "amd", (name, v.failed)
