@@ -26,6 +26,7 @@ from .devices import Console, DeviceBus, MsrStore, NoDevice, NullDevice, RamLike
 from .errors import FeatureUnavailable, GuestFailure, GuestTimeout, UsageError
 from .images import GuestImage, get_guest
 from .watchdog import WATCHDOG, check_timeout
+from .x86 import with_vcpu_apic_id
 
 DEFAULT_MEMORY = 2 << 20
 TRACE_LIMIT = 250_000  # exits kept in RunResult.exits; later ones are only counted
@@ -233,7 +234,7 @@ class Machine:
         self.image = image
         self.name = image.name
         self.expected = image.expect
-        table = self.system.capabilities.supported_cpuid
+        table = with_vcpu_apic_id(self.system.capabilities.supported_cpuid, 0)
         for entry in image.cpuid:
             table = table.with_entry(entry)
         self.cpuid = table
