@@ -135,3 +135,17 @@ def test_bad_processor_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["snp", "verify", "--report", MILAN_HEX, "--processor", "rome"])
     assert e.value.code == 2
+
+
+def test_verify_never_touches_the_network(capsys, monkeypatch):
+    """Every socket is refused: verification still completes from files and built-ins."""
+    import socket
+
+    def refuse(*_a, **_k):
+        raise AssertionError("snp verify tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    rc, out, err = run(capsys, "snp", "verify", "--report", TURIN, "--vcek", TURIN_VCEK, *AT)
+    assert rc == 0, err
