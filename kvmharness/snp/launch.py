@@ -1,0 +1,360 @@
+"""An SEV-SNP launch, as KVM drives the firmware, and the plan of pages for a harness guest.
+
+Two parts:
+
+* :func:`guest_launch_plan`: what an SNP launch of a manifest guest (or a raw
+  image) puts into guest memory and the order KVM measures it in -- the boot
+  tables and image as NORMAL pages, the SECRETS and CPUID pages at fixed GPAs
+  (:data:`SNP_SECRETS_GPA`, :data:`SNP_CPUID_GPA`), then one VMSA per vCPU at
+  LAUNCH_FINISH (``snp_launch_update_vmsa``: vCPU 0 first, every VMSA at RMP
+  GPA ``INITIAL_VMSA_GPA``).  :func:`expected_digest` computes the digest
+  offline; ``kvmharness measure GUEST --mode sev-snp`` prints it with its log.
+* :class:`KvmSnpVm`: KVM's ``sev.c`` for a ``KVM_X86_SNP_VM`` over the
+  simulated firmware: ``KVM_SEV_INIT2`` (``__sev_guest_init``),
+  ``KVM_SET_MEMORY_ATTRIBUTES``, ``KVM_SEV_SNP_LAUNCH_START`` (policy checks,
+  SNP_GCTX_CREATE, SNP_LAUNCH_START, SNP_ACTIVATE), ``KVM_SEV_SNP_LAUNCH_UPDATE``
+  (``snp_launch_update`` + ``sev_gmem_post_populate``: RMP Pre-Guest,
+  SNP_LAUNCH_UPDATE, reclaim and CPUID copy-back on failure),
+  ``KVM_SEV_SNP_LAUNCH_FINISH`` (every vCPU's VMSA, then SNP_LAUNCH_FINISH).
+  Each refusal is a :class:`~kvmharness.errors.SevError` carrying KVM's errno
+  and, when the firmware answered, its status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+
+from ..errors import SevError, UsageError
+from .firmware import CpuidEntry, SimulatedSnpFirmware, cpuid_page
+from .measure import INITIAL_VMSA_GPA, PAGE_SIZE, LaunchDigest, PageType
+from .policy import KVM_POLICY_MASK_VALID, SnpPolicy
+from .rmp import PAGES_PER_2M
+
+# Where the harness puts the two firmware-filled pages of an SNP guest: between
+# the largest image that fits below them (0x8000 + 24 KiB) and the 0x10000 data
+# pages the guests use.
+SNP_SECRETS_GPA = 0xE000
+SNP_CPUID_GPA = 0xF000
+
+# KVM (sev.c)
+KVM_SEV_SNP_PAGE_TYPES = (PageType.NORMAL, PageType.ZERO, PageType.UNMEASURED,
+                          PageType.SECRETS, PageType.CPUID)  # VMSA only via LAUNCH_FINISH
+GHCB_VERSION_MAX = 2
+SVM_SEV_FEAT_SNP_ACTIVE = 1 << 0
+KVM_SEV_SNP_PAGE_TYPE_NAMES = {t.label: t for t in PageType}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPage:
+    gpa: int  # for VMSA pages: INITIAL_VMSA_GPA, as KVM records them in the RMP
+    page_type: PageType
+    data: bytes | None  # None for ZERO pages
+    vcpu: int | None = None  # VMSA pages: which vCPU
+
+
+@dataclasses.dataclass
+class SnpLaunchPlan:
+    pages: list  # LaunchPage, in launch order
+    vcpus: int
+    source: str = ""
+
+    def memory_pages(self):
+        return [p for p in self.pages if p.page_type != PageType.VMSA]
+
+    def vmsa_pages(self):
+        return [p for p in self.pages if p.page_type == PageType.VMSA]
+
+
+def default_cpuid_entries(sig: int) -> list[CpuidEntry]:
+    """The CPUID table a harness SNP guest gets: the leaves the guests read, EPYC-like values
+    within what the simulated part has (leaf 1 EAX = the vCPU signature)."""
+    return [
+        CpuidEntry(0x0, 0, 0x10, 0x68747541, 0x444D4163, 0x69746E65),
+        CpuidEntry(0x1, 0, sig, 0x00000800, 0x76D8320B, 0x178BFBFF),
+        CpuidEntry(0x7, 0, 0x0, 0x219C97A9, 0x0040068C, 0x00000010),
+        CpuidEntry(0x80000000, 0, 0x80000021, 0x68747541, 0x444D4163, 0x69746E65),
+        CpuidEntry(0x80000001, 0, sig, 0x0, 0x75C237FF, 0x2FD3FBFF),
+        CpuidEntry(0x8000001F, 0, 0x0001001F, 0x00004173, 0x000001FD, 0x00000001),
+    ]
+
+
+def _pages_of(start: int, blob: bytes):
+    first = start & ~0xFFF
+    data = bytes(start - first) + bytes(blob)
+    data += bytes(-len(data) % PAGE_SIZE)
+    for off in range(0, len(data), PAGE_SIZE):
+        yield first + off, data[off:off + PAGE_SIZE]
+
+
+def guest_launch_plan(image: bytes, entry_mode: str, memory: int, *, vcpus: int = 1,
+                      c_bit: int | None = 51, vcpu_sig: int = 0x00A00F11,
+                      source: str = "") -> SnpLaunchPlan:
+    """The pages an SNP launch of this image measures, in KVM's order."""
+    from ..boot import long_mode_state, real_mode_state, sev_launch_blob
+    from ..sev.vmsa import build_vmsa, reset_state
+
+    if not 1 <= vcpus <= 255:
+        raise UsageError(f"--vcpus {vcpus}: an SNP guest has 1 to 255 vCPUs here")
+    start, blob = sev_launch_blob(image, entry_mode, c_bit)
+    pages = [LaunchPage(gpa, PageType.NORMAL, data) for gpa, data in _pages_of(start, blob)]
+    end = pages[-1].gpa + PAGE_SIZE
+    if end > SNP_SECRETS_GPA:
+        raise UsageError(f"{source or 'the image'}: the image ends at {end:#x}, past the SNP "
+                         f"secrets page at {SNP_SECRETS_GPA:#x}")
+    if memory < 0x10000:
+        raise UsageError(f"{source or 'the guest'}: {memory} bytes of memory do not hold the "
+                         "SNP secrets and CPUID pages")
+    pages.append(LaunchPage(SNP_SECRETS_GPA, PageType.SECRETS, bytes(PAGE_SIZE)))
+    pages.append(LaunchPage(SNP_CPUID_GPA, PageType.CPUID,
+                            cpuid_page(default_cpuid_entries(vcpu_sig))))
+    for cpu in range(vcpus):
+        if cpu == 0:
+            regs, sregs = (long_mode_state(memory) if entry_mode == "long64"
+                           else real_mode_state())
+        else:  # an AP waits in the x86 RESET state until the guest starts it (AP creation)
+            regs, sregs = reset_state(vcpu_sig)
+        vmsa = build_vmsa(regs, sregs, sev_features=SVM_SEV_FEAT_SNP_ACTIVE, init2=True)
+        pages.append(LaunchPage(INITIAL_VMSA_GPA, PageType.VMSA, vmsa, vcpu=cpu))
+    return SnpLaunchPlan(pages, vcpus, source)
+
+
+def expected_digest(plan: SnpLaunchPlan) -> LaunchDigest:
+    """The launch digest of a plan, computed offline (no firmware)."""
+    d = LaunchDigest()
+    for p in plan.pages:
+        d.update(p.gpa, p.page_type, p.data)
+    return d
+
+
+# -- KVM's side ---------------------------------------------------------------------
+
+def _kvm_fail(command: str, err: int, detail: str, fw_error: int | None = None) -> SevError:
+    return SevError(command, err, fw_error, detail)
+
+
+class KvmSnpVm:
+    """A ``KVM_X86_SNP_VM`` over :class:`SimulatedSnpFirmware` (KVM's sev.c, modelled).
+
+    Host memory layout: the guest's private memory (guest_memfd) at
+    ``gmem_base_pfn + gfn``, its shared memory (the userspace mapping) at
+    ``shared_base_pfn + gfn``, KVM's own pages (context, VMSAs) above both.
+    """
+
+    def __init__(self, firmware: SimulatedSnpFirmware, memory_size: int, *, asid: int = 1,
+                 supported_policy_bits: int = KVM_POLICY_MASK_VALID):
+        if memory_size % PAGE_SIZE:
+            raise UsageError("guest memory is a whole number of pages")
+        self.fw = firmware
+        self.npages = memory_size // PAGE_SIZE
+        self.gmem_base_pfn = PAGES_PER_2M  # 2 MiB aligned, above page 0
+        self.shared_base_pfn = self.gmem_base_pfn + _round_2m(self.npages)
+        self._next_kvm_pfn = self.shared_base_pfn + _round_2m(self.npages)
+        if self._next_kvm_pfn + 64 > firmware.memory.pages:
+            raise UsageError("the simulated host is too small for this guest")
+        self.asid = asid
+        self.supported_policy_bits = supported_policy_bits
+        self.initialized = False
+        self.ghcb_version = 0
+        self.vmsa_features = 0
+        self.gctx_spa: int | None = None
+        self.private: set[int] = set()  # gfns with KVM_MEMORY_ATTRIBUTE_PRIVATE
+        self.vcpu_vmsas: list[int] = []  # PFN of each vCPU's VMSA page
+        self.finished = False
+        self.pre_fault_allowed = False
+
+    def _kvm_page(self) -> int:
+        pfn = self._next_kvm_pfn
+        self._next_kvm_pfn += 1
+        return pfn
+
+    # -- addresses -------------------------------------------------------------------
+    def gmem_pfn(self, gfn: int) -> int:
+        return self.gmem_base_pfn + gfn
+
+    def shared_pfn(self, gfn: int) -> int:
+        return self.shared_base_pfn + gfn
+
+    def spa_of(self, gpa: int) -> int:
+        """Where the NPT maps a GPA now: guest_memfd when private, else the shared page."""
+        gfn = gpa >> 12
+        pfn = self.gmem_pfn(gfn) if gfn in self.private else self.shared_pfn(gfn)
+        return pfn << 12 | (gpa & 0xFFF)
+
+    # -- ioctls ------------------------------------------------------------------------
+    def sev_init2(self, *, vmsa_features: int = 0, flags: int = 0, ghcb_version: int = 0,
+                  supported_vmsa_features: int = 0) -> None:
+        """KVM_SEV_INIT2 on an SNP VM (``__sev_guest_init``)."""
+        cmd = "KVM_SEV_INIT2"
+        if self.vcpu_vmsas or flags or vmsa_features & ~supported_vmsa_features:
+            raise _kvm_fail(cmd, errno.EINVAL, "vCPUs exist, flags set or unsupported "
+                            "vmsa_features")
+        if ghcb_version > GHCB_VERSION_MAX:
+            raise _kvm_fail(cmd, errno.EINVAL, f"GHCB version {ghcb_version} > {GHCB_VERSION_MAX}")
+        ghcb_version = ghcb_version or 2
+        if ghcb_version < 2:
+            raise _kvm_fail(cmd, errno.EINVAL, "an SNP guest needs GHCB protocol version 2")
+        if self.initialized:
+            raise _kvm_fail(cmd, errno.EINVAL, "SEV is already initialized on this VM")
+        if self.fw.state.name != "INIT":
+            self.fw.snp_init()  # sev_platform_init
+        self.initialized = True
+        self.ghcb_version = ghcb_version
+        self.vmsa_features = vmsa_features | SVM_SEV_FEAT_SNP_ACTIVE
+
+    def set_memory_attributes(self, gpa: int, size: int, private: bool) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES with or without KVM_MEMORY_ATTRIBUTE_PRIVATE."""
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or not size or (gpa + size) // PAGE_SIZE > self.npages:
+            raise _kvm_fail("KVM_SET_MEMORY_ATTRIBUTES", errno.EINVAL,
+                            f"range {gpa:#x}+{size:#x} is not whole pages of guest memory")
+        gfns = range(gpa // PAGE_SIZE, (gpa + size) // PAGE_SIZE)
+        if private:
+            self.private.update(gfns)
+        else:
+            self.private.difference_update(gfns)
+
+    def create_vcpu(self) -> int:
+        if self.finished:
+            raise _kvm_fail("KVM_CREATE_VCPU", errno.EINVAL, "the SNP launch is finished")
+        self.vcpu_vmsas.append(self._kvm_page())
+        return len(self.vcpu_vmsas) - 1
+
+    def launch_start(self, policy: int, *, gosvw: bytes = bytes(16), flags: int = 0) -> None:
+        """KVM_SEV_SNP_LAUNCH_START (``snp_launch_start``)."""
+        cmd = "KVM_SEV_SNP_LAUNCH_START"
+        if not self.initialized:
+            raise _kvm_fail(cmd, errno.ENOTTY, "not an SNP guest (KVM_SEV_INIT2 first)")
+        if self.gctx_spa is not None:
+            raise _kvm_fail(cmd, errno.EINVAL, "the VM already has an SNP context")
+        if flags:
+            raise _kvm_fail(cmd, errno.EINVAL, f"flags {flags:#x} must be 0")
+        why = SnpPolicy(policy).kvm_check(self.supported_policy_bits)
+        if why:
+            raise _kvm_fail(cmd, errno.EINVAL, why)
+        ctx = self._kvm_page()
+        self.fw.alloc_firmware_page(ctx)
+        try:
+            self.fw.gctx_create(ctx << 12)
+        except SevError as e:  # snp_context_create fails -> ENOTTY
+            raise _kvm_fail(cmd, errno.ENOTTY, e.detail, e.fw_error) from None
+        try:
+            self.fw.launch_start(ctx << 12, policy, gosvw=gosvw)
+            self.fw.activate(ctx << 12, self.asid)
+        except SevError as e:
+            self.fw.decommission(ctx << 12)
+            raise _kvm_fail(cmd, errno.EIO, e.detail, e.fw_error) from None
+        self.gctx_spa = ctx << 12
+
+    def launch_update(self, gfn_start: int, data: bytes | None, length: int,
+                      page_type: int, *, flags: int = 0) -> bytes | None:
+        """KVM_SEV_SNP_LAUNCH_UPDATE (``snp_launch_update``, ``sev_gmem_post_populate``).
+
+        Returns the source buffer as KVM leaves it: for a CPUID page the firmware
+        rejected, the corrected table (then raises EIO with INVALID_PARAM).
+        """
+        cmd = "KVM_SEV_SNP_LAUNCH_UPDATE"
+        if not self.initialized or self.gctx_spa is None:
+            raise _kvm_fail(cmd, errno.EINVAL, "no SNP launch in progress (LAUNCH_START first)")
+        if (not length or length % PAGE_SIZE or flags
+                or page_type not in [int(t) for t in KVM_SEV_SNP_PAGE_TYPES]):
+            raise _kvm_fail(cmd, errno.EINVAL, f"len {length:#x}, flags {flags:#x}, type "
+                            f"{page_type}: len a non-zero multiple of 4096, flags 0, type one "
+                            "of NORMAL/ZERO/UNMEASURED/SECRETS/CPUID")
+        if page_type != PageType.ZERO and (data is None or len(data) < length):
+            raise _kvm_fail(cmd, errno.EFAULT, "the source buffer is shorter than len")
+        npages = length // PAGE_SIZE
+        for i in range(npages):
+            gfn = gfn_start + i
+            if gfn >= self.npages or gfn not in self.private:
+                raise _kvm_fail(cmd, errno.EINVAL, f"GFN {gfn:#x} is not private guest_memfd "
+                                "memory (KVM_SET_MEMORY_ATTRIBUTES first)")
+        out = bytearray(data) if data is not None else None
+        for i in range(npages):
+            gfn = gfn_start + i
+            pfn = self.gmem_pfn(gfn)
+            assigned, _ = self.fw.rmp.lookup(pfn)
+            if assigned:
+                raise _kvm_fail(cmd, errno.EEXIST, f"GFN {gfn:#x} is already private in the RMP")
+            src = bytes(out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) if out is not None else None
+            if src is not None:
+                self.fw.memory.write_page(pfn, src)
+            self.fw.rmp.make_private(pfn, gfn << 12, False, self.asid, True)
+            try:
+                self.fw.launch_update(self.gctx_spa, pfn << 12, page_type)
+            except SevError as e:
+                self.fw.page_reclaim(pfn << 12)
+                self.fw.rmp.make_shared(pfn)
+                if page_type == PageType.CPUID and e.fw_error == 0x16 and out is not None:
+                    out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = self.fw.memory.read_page(pfn)
+                    self.cpuid_copyback = bytes(out)
+                raise _kvm_fail(cmd, errno.EIO, e.detail, e.fw_error) from None
+        return bytes(out) if out is not None else None
+
+    def launch_finish(self, vmsas: list[bytes], *, id_block: bytes | None = None,
+                      id_auth: bytes | None = None, auth_key_en: bool = False,
+                      host_data: bytes = bytes(32), flags: int = 0) -> None:
+        """KVM_SEV_SNP_LAUNCH_FINISH: every vCPU's VMSA (``snp_launch_update_vmsa``), then
+        SNP_LAUNCH_FINISH.  ``vmsas`` are the pages KVM syncs from each vCPU's state."""
+        cmd = "KVM_SEV_SNP_LAUNCH_FINISH"
+        if not self.initialized:
+            raise _kvm_fail(cmd, errno.ENOTTY, "not an SNP guest")
+        if self.gctx_spa is None:
+            raise _kvm_fail(cmd, errno.EINVAL, "no SNP context (LAUNCH_START first)")
+        if flags:
+            raise _kvm_fail(cmd, errno.EINVAL, f"flags {flags:#x} must be 0")
+        if len(vmsas) != len(self.vcpu_vmsas):
+            raise UsageError(f"{len(self.vcpu_vmsas)} vCPUs, {len(vmsas)} VMSA pages")
+        for pfn, page in zip(self.vcpu_vmsas, vmsas):
+            self.fw.memory.write_page(pfn, page)
+            self.fw.rmp.make_private(pfn, INITIAL_VMSA_GPA, False, self.asid, True)
+            try:
+                self.fw.launch_update(self.gctx_spa, pfn << 12, PageType.VMSA)
+            except SevError as e:
+                self.fw.page_reclaim(pfn << 12)
+                raise _kvm_fail(cmd, errno.EIO, e.detail, e.fw_error) from None
+        try:
+            self.fw.launch_finish(self.gctx_spa, id_block=id_block, id_auth=id_auth,
+                                  auth_key_en=auth_key_en, host_data=host_data)
+        except SevError as e:
+            raise _kvm_fail(cmd, errno.EIO, e.detail, e.fw_error) from None
+        self.finished = True
+        self.pre_fault_allowed = True
+
+    @property
+    def launch_digest(self) -> bytes:
+        return self.fw.launch_digest(self.gctx_spa)
+
+
+def _round_2m(npages: int) -> int:
+    return -(-npages // PAGES_PER_2M) * PAGES_PER_2M
+
+
+@dataclasses.dataclass
+class SnpLaunchResult:
+    digest: bytes
+    vm: KvmSnpVm
+    plan: SnpLaunchPlan
+
+
+def launch_plan(plan: SnpLaunchPlan, memory: int, policy: int, *,
+                firmware: SimulatedSnpFirmware | None = None, **finish) -> SnpLaunchResult:
+    """Launch a plan on the simulated firmware the way a VMM does through KVM."""
+    fw = firmware or SimulatedSnpFirmware(host_pages=max(1 << 12, 4 * _round_2m(memory // PAGE_SIZE)
+                                                          + 2 * PAGES_PER_2M))
+    vm = KvmSnpVm(fw, memory)
+    vm.sev_init2()
+    for _ in range(plan.vcpus):
+        vm.create_vcpu()
+    vm.launch_start(policy)
+    mem = plan.memory_pages()
+    for p in mem:
+        vm.set_memory_attributes(p.gpa, PAGE_SIZE, True)
+    for p in mem:
+        vm.launch_update(p.gpa >> 12, p.data, PAGE_SIZE, p.page_type)
+    vm.launch_finish([p.data for p in plan.vmsa_pages()], **finish)
+    return SnpLaunchResult(vm.launch_digest, vm, plan)
+
+
+__all__ = ["KvmSnpVm", "LaunchPage", "SNP_CPUID_GPA", "SNP_SECRETS_GPA", "SnpLaunchPlan",
+           "SnpLaunchResult", "default_cpuid_entries", "expected_digest", "guest_launch_plan",
+           "launch_plan"]
