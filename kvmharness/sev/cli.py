@@ -337,6 +337,10 @@ def _c_bit_arg(text: str) -> int:
 
 def cmd_measure(args) -> int:
     """The expected launch digest and MEASURE, computed offline."""
+    if args.mode == "sev-snp":  # SHA-384 PAGE_INFO chain and its log (kvmharness.snp.launch)
+        from ..snp.launch import measure_command
+
+        return measure_command(args)
     from .launch import pad_image
     from .measurement import compute_measure, launch_digest
     from .policy import GuestPolicy
@@ -471,9 +475,14 @@ def register(subparsers) -> None:
                         "guest (CPUID 0x8000001F EBX[5:0] of the host; default 51)")
     m.add_argument("--nonce", metavar="HEX", help="the firmware's MNONCE (16 bytes)")
     m.add_argument("--tik", metavar="HEX", help="the owner's TIK (16 bytes)")
-    m.add_argument("--mode", choices=("sev", "sev-es"), default=None,
+    m.add_argument("--mode", choices=("sev", "sev-es", "sev-snp"), default=None,
                    help="default as for run: the guest's first SEV mode in its manifest "
-                        "(sev for --image)")
+                        "(sev for --image); sev-snp: the SNP launch digest and its log")
+    m.add_argument("--vcpus", type=lambda s: int(s, 0), default=1,
+                   help="sev-snp: vCPUs, each measured as a VMSA page (default 1)")
+    m.add_argument("--vcpu-sig", type=lambda s: int(s, 0), default=0x00A00F11,
+                   help="sev-snp: the APs' CPUID 1 EAX in their reset VMSA (default "
+                        "0x00A00F11, EPYC Milan)")
     m.add_argument("--vmsa", metavar="FILE", help="SEV-ES: the initial VMSA pages (4096 bytes "
                    "each, vCPU 0 first); default for a guest: built from its entry state")
     m.add_argument("--legacy-init", action="store_true",
