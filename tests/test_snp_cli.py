@@ -149,3 +149,14 @@ def test_verify_never_touches_the_network(capsys, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     rc, out, err = run(capsys, "snp", "verify", "--report", TURIN, "--vcek", TURIN_VCEK, *AT)
     assert rc == 0, err
+
+
+def test_verify_a_vlek_signed_report(capsys):
+    report = str(DATA / "trustee" / "test-vlek-report.bin")
+    vlek = str(DATA / "trustee" / "test-vlek.der")
+    rc, out, err = run(capsys, "snp", "verify", "--report", report, "--vlek", vlek, "--at",
+                       "2025-06-01", "--json")
+    d = json.loads(out)
+    assert rc == 0, err
+    assert d["endorsement"] == "vlek" and d["root"] == "amd"
+    assert [c["name"] for c in d["checks"]][:3] == ["ark", "asvk", "vlek"]

@@ -19,12 +19,13 @@ from kvmharness.snp.report import SIG_COMPONENT_SIZE, SIGNATURE_OFFSET, SIGNED_S
 from kvmharness.snp.verify import (
     CHECKS,
     Expectations,
+    amd_asvk_pem,
     amd_root_pems,
     load_certs_dir,
     verify_report,
 )
 
-from test_snp_report import REAL, load_vcek, read_report
+from test_snp_report import DATA, REAL, load_vcek, read_report
 
 # The real VCEKs are valid until 2029 at the earliest; pin the clock inside that.
 AT = dt.datetime(2027, 6, 1, tzinfo=dt.timezone.utc)
@@ -166,3 +167,40 @@ def test_chain_files_shipped_with_real_vceks_are_amds():
             certs.fingerprint(certs.load_certificate(p)) for p in amd_root_pems(gen)]
         v = verify_report(read_report(rp), vcek, ark=ark, ask=ask, at=AT)
         assert v.ok and v.root == "amd", (name, v.failed)
+
+
+# A real VLEK-signed Milan report (a cloud provider's key, signed by AMD's ASVK); its
+# VLEK was valid 2024-12-10 to 2025-12-10.
+VLEK_REPORT = DATA / "trustee" / "test-vlek-report.bin"
+VLEK_CERT = DATA / "trustee" / "test-vlek.der"
+VLEK_AT = dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)
+
+
+def test_real_vlek_report_verifies_with_amds_asvk():
+    report, vlek = VLEK_REPORT.read_bytes(), certs.read_certificate(VLEK_CERT)
+    v = verify_report(report, vlek, at=VLEK_AT)
+    assert v.ok, v.failed
+    assert v.endorsement == "vlek" and v.root == "amd" and v.generation is Generation.MILAN
+    names = [c.name for c in v.checks]
+    assert names[:3] == ["ark", "asvk", "vlek"] and "SEV-VLEK-Milan" in v.check("vlek").detail
+    assert v.report.signing_key == 1 and "not bound to a chip" in v.check("chip-id").detail
+    # AMD's ASK did not sign a VLEK
+    milan_ask = certs.load_certificate(amd_root_pems(Generation.MILAN)[1])
+    assert verify_report(report, vlek, ask=milan_ask, at=VLEK_AT).failed.name == "vlek"
+    assert verify_report(report, vlek, at=AT).failed.name == "validity"
+
+
+@pytest.mark.parametrize("bit", _bit_sample(99))
+def test_vlek_report_with_a_flipped_bit_fails_the_signature(bit):
+    tampered = bytearray(VLEK_REPORT.read_bytes())
+    tampered[bit // 8] ^= 1 << (bit % 8)
+    v = verify_report(bytes(tampered), certs.read_certificate(VLEK_CERT), at=VLEK_AT)
+    assert v.failed.name == "signature", v.failed
+
+
+def test_builtin_asvks_are_signed_by_amds_arks():
+    for gen in Generation:
+        ark = certs.load_certificate(amd_root_pems(gen)[0])
+        asvk = certs.load_certificate(amd_asvk_pem(gen))
+        assert asvk.subject.rfc4514_string().startswith(f"CN=SEV-VLEK-{gen.title},")
+        assert certs.check_signed_by(asvk, ark) is None

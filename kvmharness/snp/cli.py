@@ -1,6 +1,6 @@
 """``kvmharness snp ...``: verify, show and simulate SEV-SNP attestation reports.
 
-    kvmharness snp verify --report FILE [--vcek FILE] [--processor milan|genoa|turin]
+    kvmharness snp verify --report FILE [--vcek|--vlek FILE] [--processor milan|genoa|turin]
                           [--ark FILE --ask FILE] [--certs-dir DIR] [--measurement HEX]
                           [--report-data HEX] [--policy P] [--at TIME] [--json]
     kvmharness snp show --report FILE [--processor P] [--json]
@@ -85,8 +85,8 @@ def cmd_verify(args) -> int:
         if path:
             found[role] = certs.read_certificate(path)
     if "vcek" not in found:
-        raise E.UsageError("no VCEK: pass --vcek FILE or --certs-dir DIR holding vcek.pem or "
-                           "vcek.der (kvmharness never fetches from AMD's KDS; "
+        raise E.UsageError("no VCEK: pass --vcek FILE (or --vlek) or --certs-dir DIR holding "
+                           "vcek.pem or vcek.der (kvmharness never fetches from AMD's KDS; "
                            "https://kdsintf.amd.com/vcek/v1/<product>/<hwid>?... serves it)")
     expect = Expectations(
         measurement=(parse_hex(args.measurement, "--measurement", 48, exact=True)
@@ -193,11 +193,14 @@ def register(subparsers) -> None:
     v = sub.add_parser("verify", help="check a report: AMD's chain, the signature, the TCB "
                                       "against the VCEK, and the given expectations")
     v.add_argument("--report", required=True, help="the 0x4A0-byte report (binary or hex text)")
-    v.add_argument("--vcek", help="the VCEK (PEM or DER)")
+    v.add_argument("--vcek", "--vlek", dest="vcek",
+                   help="the VCEK, or the VLEK of a VLEK-signed report (PEM or DER; a PEM bundle's "
+                        "first certificate)")
     v.add_argument("--processor", choices=processors,
                    help="the generation (default: the VCEK's productName, else the report's CPUID)")
     v.add_argument("--ark", help="the ARK to trust instead of AMD's built-in one")
-    v.add_argument("--ask", help="the ASK (default: AMD's built-in one for the generation)")
+    v.add_argument("--ask", help="the ASK, or the ASVK for a VLEK (default: AMD's built-in one "
+                                 "for the generation)")
     v.add_argument("--certs-dir", help="a KDS-style directory: ark.pem, ask.pem, vcek.pem or "
                                        "vcek.der, cert_chain.pem")
     v.add_argument("--measurement", help="expected MEASUREMENT (48 bytes, hex)")

@@ -7,17 +7,20 @@ reported as not run), so the failing check is always named:
                  without --ark it is AMD's built-in ARK for the generation
     ask          the ASK is signed by that ARK (without --ask: AMD's built-in ASK)
     vcek         the VCEK is signed by the ASK, is a P-384 key, and its productName
-                 is the generation's
+                 is the generation's (for a VLEK, a cloud provider's key whose
+                 certificate says CN=SEV-VLEK: "asvk" and "vlek", the VLEK signed by
+                 AMD's ASVK, SEV-VLEK-<Generation>, shipped in kvmharness/snp/roots)
     validity     every certificate is within its validity period (at --at, default now)
     signature    SIGNATURE_ALGO is ECDSA P-384/SHA-384 and R,S over bytes 0x000-0x29F
                  verify with the VCEK's key (R and S must be < n: a flipped padding
                  bit fails too)
     format       the (now authenticated) report parses: a known version, and (v3+)
                  its CPUID family/model is the generation's
-    signing-key  the report says the VCEK signed it (not a VLEK or no key)
+    signing-key  the report's SIGNING_KEY names the key the certificate is for
     tcb          REPORTED_TCB, decoded for the generation, equals the VCEK's blSPL,
                  teeSPL, snpSPL, ucodeSPL (and fmcSPL on Turin)
-    chip-id      the VCEK's hwID is the report's CHIP_ID (unless MASK_CHIP_KEY)
+    chip-id      the VCEK's hwID is the report's CHIP_ID (unless MASK_CHIP_KEY; a VLEK
+                 is not bound to a chip)
     measurement, report-data, policy
                  the caller's expectations, when given
 
@@ -56,6 +59,7 @@ from .report import (
 )
 from .attest import P384_ORDER
 
+# The checks of a VCEK-signed report; a VLEK-signed one has "asvk" and "vlek" for "ask" and "vcek".
 CHECKS = ("ark", "ask", "vcek", "validity", "signature", "format", "signing-key", "tcb",
           "chip-id", "measurement", "report-data", "policy")
 
@@ -99,6 +103,7 @@ class Verification:
     root: str  # "amd" (AMD's built-in ARK) or "supplied"
     root_detail: str = ""
     vcek_extensions: certs.VcekExtensions | None = None
+    endorsement: str = "vcek"  # or "vlek": which key the certificate says signed the report
 
     @property
     def ok(self) -> bool:
@@ -114,6 +119,7 @@ class Verification:
     def to_dict(self) -> dict:
         return {"ok": self.ok, "failed": self.failed.name if self.failed else None,
                 "generation": self.generation.value if self.generation else None,
+                "endorsement": self.endorsement,
                 "root": self.root, "root_detail": self.root_detail,
                 "checks": [c.as_dict() for c in self.checks],
                 "vcek": self.vcek_extensions.as_dict() if self.vcek_extensions else None,
@@ -132,17 +138,30 @@ def amd_root_pems(generation: Generation) -> tuple[bytes, bytes]:
     return sev_root_pems(generation.value)
 
 
+def amd_asvk_pem(generation: Generation) -> bytes:
+    """AMD's ASVK (SEV-VLEK-<Generation>, the VLEK's issuer) as kvmharness ships it."""
+    return (importlib.resources.files("kvmharness.snp") / "roots" / generation.value
+            / "asvk.pem").read_bytes()
+
+
+def endorsement_kind(cert: x509.Certificate) -> str:
+    """"vlek" for a VLEK certificate (CN SEV-VLEK), else "vcek"."""
+    return "vlek" if _common_name(cert) == "SEV-VLEK" else "vcek"
+
+
 # -- inputs ------------------------------------------------------------------------------------
 _NAMES = {"ark": ("ark.pem", "ark.der", "ark.crt", "ark.cert.pem"),
           "ask": ("ask.pem", "ask.der", "ask.crt", "ask.cert.pem"),
-          "vcek": ("vcek.pem", "vcek.der", "vcek.crt", "vcek.cert.pem")}
+          "vcek": ("vcek.pem", "vcek.der", "vcek.crt", "vcek.cert.pem",
+                   "vlek.pem", "vlek.der", "vlek.crt", "vlek.cert.pem")}
 
 
 def load_certs_dir(directory: str | Path) -> dict[str, x509.Certificate]:
     """The certificates in a KDS-style directory, as users pre-provision them.
 
-    Looks (case-insensitively) for ark.pem, ask.pem, vcek.pem (or .der/.crt), and
-    for cert_chain.pem, KDS's bundle of the ASK followed by the ARK.  Missing
+    Looks (case-insensitively) for ark.pem, ask.pem, vcek.pem or vlek.pem (or
+    .der/.crt), and for cert_chain.pem, KDS's bundle of the ASK (or the ASVK,
+    for a VLEK) followed by the ARK; the endorsement key is returned as "vcek".  Missing
     entries are simply absent; a directory that cannot be listed raises OSError.
     """
     d = Path(directory)
@@ -224,9 +243,12 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
                                 f"bytes, this is {len(report_bytes)}")
     expect = expect or Expectations()
     gen = _generation_for(report_bytes, vcek, generation)
+    kind = endorsement_kind(vcek)
     amd_ark_pem, amd_ask_pem = amd_root_pems(gen)
+    if kind == "vlek":  # a VLEK is signed by the ASVK, not the ASK
+        amd_ask_pem = amd_asvk_pem(gen)
     amd_ark = certs.load_certificate(amd_ark_pem, f"AMD's {gen.title} ARK")
-    amd_ask = certs.load_certificate(amd_ask_pem, f"AMD's {gen.title} ASK")
+    amd_ask = certs.load_certificate(amd_ask_pem, f"AMD's {gen.title} {'ASVK' if kind == 'vlek' else 'ASK'}")
     root_is_amd = ark is None or certs.fingerprint(ark) == certs.fingerprint(amd_ark)
     ark = ark or amd_ark
     ask = ask or amd_ask
@@ -234,7 +256,9 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
                    if root_is_amd else
                    f"a supplied ARK, NOT AMD's {gen.title} ARK (sha256 {certs.fingerprint(ark)})")
     v = Verification(checks=[], generation=gen, report=None,
-                     root="amd" if root_is_amd else "supplied", root_detail=root_detail)
+                     root="amd" if root_is_amd else "supplied", root_detail=root_detail,
+                     endorsement=kind)
+    key_name = kind.upper()  # VCEK or VLEK, in messages
 
     _PASS_TEXT: dict[str, str] = {}  # what a passing check says, filled in by the check
 
@@ -260,21 +284,23 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
     def check_ask():
         why = certs.check_signed_by(ask, ark)
         if why:
-            return f"the ASK {_common_name(ask)!r} is not signed by the ARK: {why}"
+            role = "ASVK" if kind == "vlek" else "ASK"
+            return f"the {role} {_common_name(ask)!r} is not signed by the ARK: {why}"
         _PASS_TEXT["ask"] = f"{_common_name(ask)} signed by {_common_name(ark)}"
         return None
 
     def check_vcek():
+        issuer_role = "ASVK" if kind == "vlek" else "ASK"
         why = certs.check_signed_by(vcek, ask)
         if why:
-            return f"the VCEK is not signed by the ASK {_common_name(ask)!r}: {why}"
+            return f"the {key_name} is not signed by the {issuer_role} {_common_name(ask)!r}: {why}"
         if not certs.is_p384_key(vcek):
-            return "the VCEK's key is not ECDSA P-384"
+            return f"the {key_name}'s key is not ECDSA P-384"
         ext = certs.VcekExtensions.of(vcek)
         v.vcek_extensions = ext
         if ext.product_name is not None and Generation.from_product_name(ext.product_name) != gen:
-            return f"the VCEK is for {ext.product_name!r}, not {gen.title}"
-        _PASS_TEXT["vcek"] = f"{_common_name(vcek)} ({ext.product_name}) signed by {_common_name(ask)}"
+            return f"the {key_name} is for {ext.product_name!r}, not {gen.title}"
+        _PASS_TEXT[kind] = f"{_common_name(vcek)} ({ext.product_name}) signed by {_common_name(ask)}"
         return None
 
     def check_validity():
@@ -324,10 +350,11 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
 
     def check_signing_key():
         rep = v.report
-        if rep.signing_key != SigningKey.VCEK:
+        want = SigningKey.VLEK if kind == "vlek" else SigningKey.VCEK
+        if rep.signing_key != want:
             name = SigningKey(rep.signing_key).name if rep.signing_key in set(SigningKey) else rep.signing_key
-            return f"SIGNING_KEY is {name}; only VCEK-signed reports are checked here"
-        _PASS_TEXT["signing-key"] = "VCEK"
+            return f"SIGNING_KEY is {name}, but the certificate given is a {key_name}"
+        _PASS_TEXT["signing-key"] = key_name
         return None
 
     def check_tcb():
@@ -338,16 +365,19 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
                  ("snp", tcb.snp, ext.snp_spl), ("microcode", tcb.microcode, ext.ucode_spl)]
         if gen is Generation.TURIN:
             pairs.insert(0, ("fmc", tcb.fmc, ext.fmc_spl))
-        bad = [f"{n} {have} vs VCEK {want}" for n, have, want in pairs if have != want]
+        bad = [f"{n} {have} vs {key_name} {want}" for n, have, want in pairs if have != want]
         if bad:
-            return f"REPORTED_TCB ({tcb}) is not the VCEK's: " + ", ".join(bad)
-        _PASS_TEXT["tcb"] = f"REPORTED_TCB {tcb} = the VCEK's SPLs"
+            return f"REPORTED_TCB ({tcb}) is not the {key_name}'s: " + ", ".join(bad)
+        _PASS_TEXT["tcb"] = f"REPORTED_TCB {tcb} = the {key_name}'s SPLs"
         return None
 
     def check_chip_id():
         rep = v.report
         if rep.mask_chip_key:
             _PASS_TEXT["chip-id"] = "MASK_CHIP_KEY set: CHIP_ID not reported"
+            return None
+        if kind == "vlek":  # a VLEK belongs to a cloud provider, not to one chip
+            _PASS_TEXT["chip-id"] = "VLEK-signed: the key is not bound to a chip (no hwID)"
             return None
         hw = v.vcek_extensions.hw_id
         if hw is None:
@@ -365,7 +395,7 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
             return Check(name, False, f"the report has {show(have)}, expected {show(want)}")
         return Check(name, True, f"{show(have)} as expected")
 
-    steps = [("ark", check_ark), ("ask", check_ask), ("vcek", check_vcek),
+    steps = [("ark", check_ark), ("asvk" if kind == "vlek" else "ask", check_ask), (kind, check_vcek),
              ("validity", check_validity), ("signature", check_signature),
              ("format", check_format), ("signing-key", check_signing_key), ("tcb", check_tcb),
              ("chip-id", check_chip_id)]
