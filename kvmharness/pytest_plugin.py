@@ -9,11 +9,26 @@
 - markers ``requires_kvm``, ``requires_svm``, ``requires_sev``,
   ``requires_sev_es`` skip with a reason naming what is missing, taken from
   ``kvmharness.hostinfo`` (the same verdicts ``kvmharness info`` prints).
+  They describe the *host*, so on a test parametrized over ``backend`` they
+  apply per parameter: the ``[kvm]`` item skips where the host lacks the
+  feature, the ``[sim]`` item runs (the simulator models it).  A test whose
+  ``[sim]`` item needs the host too says ``requires_kvm(all_backends=True)``.
+- marker ``requires_sim``: the test drives the simulator directly (not through
+  the ``backend`` fixture); it skips where the sim backend is not selected
+  (``--backend kvm``).
+- the simulator is a required dependency: when the sim backend is selected and
+  unicorn is missing or of an unsupported version, the session stops with that
+  one-line error instead of turning a broken install into skips.  Under
+  ``--backend kvm`` without unicorn (the SVM rig, which installs only Debian's
+  packages), test modules that import the simulator at module level are not
+  collected, and the header lists them.
 """
 
 from __future__ import annotations
 
+import ast
 import os
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +39,7 @@ MARKERS = {
     "requires_sev_es": "needs an SEV-ES-capable host (kvm_amd sev_es=1, /dev/sev)",
 }
 _MARKER_MODE = {"requires_svm": "svm", "requires_sev": "sev", "requires_sev_es": "sev-es"}
+REQUIRES_SIM = "requires_sim"
 
 
 def pytest_addoption(parser):
@@ -53,6 +69,54 @@ def backends_for(config) -> list[str]:
     return [sel]
 
 
+_sim_state_cache: list[tuple[bool, str]] = []
+
+
+def sim_state() -> tuple[bool, str]:
+    """(usable, why not): whether the simulator's CPU core loads here (unicorn, supported version)."""
+    if not _sim_state_cache:
+        try:
+            from .sim import ucbinding  # noqa: F401 - imports unicorn and checks its version
+        except ImportError as e:
+            _sim_state_cache.append((False, f"the simulator's CPU core is missing ({e}): "
+                                            "pip install -e . installs unicorn"))
+        except Exception as e:  # noqa: BLE001 - SimulatorError: an unsupported unicorn
+            _sim_state_cache.append((False, str(e)))
+        else:
+            _sim_state_cache.append((True, ""))
+    return _sim_state_cache[0]
+
+
+def _imports_the_simulator(path: Path) -> bool:
+    """Whether a test module imports unicorn or kvmharness.sim at module level."""
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return False
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return any(n == "unicorn" or n.startswith(("unicorn.", "kvmharness.sim")) for n in names)
+
+
+_not_collected: list[str] = []
+
+
+def pytest_ignore_collect(collection_path, config):
+    path = Path(str(collection_path))
+    if path.suffix != ".py" or not path.name.startswith("test_"):
+        return None
+    if "sim" in backends_for(config) or sim_state()[0]:
+        return None
+    if _imports_the_simulator(path):
+        _not_collected.append(path.name)
+        return True
+    return None
+
+
 _verdicts_cache: dict = {}
 
 
@@ -67,15 +131,34 @@ def host_verdicts() -> dict:
 
 def pytest_configure(config):
     for name, doc in MARKERS.items():
-        config.addinivalue_line("markers", f"{name}: {doc}")
+        config.addinivalue_line("markers", f"{name}(all_backends=False): {doc} (on the kvm backend's "
+                                           "items only, unless all_backends=True)")
+    config.addinivalue_line("markers", f"{REQUIRES_SIM}: drives the simulator directly; skips where "
+                                       "the sim backend is not selected")
     config.addinivalue_line("markers", "backend_only(name): run this test only on the named backend")
+    if "sim" in backends_for(config):
+        ok, why = sim_state()
+        if not ok:
+            raise pytest.UsageError(f"kvmharness: the sim backend is selected (--backend {_selected(config)}) "
+                                    f"but {why}; or run the kvm backend only: --backend kvm")
 
 
 def pytest_report_header(config):
     kvm_ok, why = _kvm_state()
     lines = [f"kvmharness: backends {', '.join(backends_for(config))} (--backend {_selected(config)}); "
              f"/dev/kvm: {why}"]
+    if "sim" not in backends_for(config) and not sim_state()[0]:
+        lines.append(f"kvmharness: the simulator is not installed here ({sim_state()[1]}); "
+                     f"modules that import it are not collected")
     return lines
+
+
+def pytest_collection_finish(session):
+    if _not_collected:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"kvmharness: not collected without the simulator: "
+                                f"{', '.join(sorted(set(_not_collected)))}")
 
 
 def pytest_generate_tests(metafunc):
@@ -83,10 +166,19 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", backends_for(metafunc.config), scope="function")
 
 
+def _item_backend(item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("backend") if callspec is not None else None
+
+
 def pytest_runtest_setup(item):
+    backend = _item_backend(item)
     for name in MARKERS:
-        if item.get_closest_marker(name) is None:
+        marker = item.get_closest_marker(name)
+        if marker is None:
             continue
+        if backend == "sim" and not marker.kwargs.get("all_backends", False):
+            continue  # a host requirement: the simulator models the hardware itself
         if name == "requires_kvm":
             ok, why = _kvm_state()
             if not ok:
@@ -95,11 +187,12 @@ def pytest_runtest_setup(item):
         verdict = host_verdicts()[_MARKER_MODE[name]]
         if not verdict["usable"]:
             pytest.skip(f"{name}: {verdict['why']}")
+    if item.get_closest_marker(REQUIRES_SIM) is not None and "sim" not in backends_for(item.config):
+        pytest.skip(f"{REQUIRES_SIM}: the sim backend is not selected here (--backend {_selected(item.config)})")
     only = item.get_closest_marker("backend_only")
-    callspec = getattr(item, "callspec", None)
-    if only and callspec and callspec.params.get("backend") not in only.args:
+    if only and backend is not None and backend not in only.args:
         pytest.skip(f"only meaningful on the {', '.join(only.args)} backend")
-    if callspec and callspec.params.get("backend") == "kvm":
+    if backend == "kvm":
         ok, why = _kvm_state()
         if not ok:
             pytest.skip(f"kvm backend: {why}")

@@ -7,8 +7,8 @@ from kvmharness.backend import open_backend
 from kvmharness.images import get_guest
 
 
+@pytest.mark.requires_sim
 def test_sev_benchmark_runs_on_the_simulator():
-    pytest.importorskip("unicorn", reason="the simulator's CPU core (pip install unicorn==2.1.4)")
     from kvmharness.sim.sevbench import bench_sev
 
     out = bench_sev(repeat=1, n_cpuid=50, n_vmgexit=50)

@@ -116,9 +116,9 @@ def test_vmmcall_with_the_hypercall_quirk_disabled(backend, machine_factory):
         assert r.exception_rip == P.GUEST_LOAD_ADDR + 5
 
 
+@pytest.mark.requires_sim
 def test_vmmcall_is_ud_on_the_sims_kvm_pvm_profile():
     """The simulator's kvm_pvm profile (what the contract suite uses on these machines)."""
-    pytest.importorskip("unicorn")
     from kvmharness.sim.system import SimSystem
 
     with SimSystem(profile="kvm_pvm") as system:

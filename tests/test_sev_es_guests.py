@@ -81,7 +81,7 @@ class MiniSevEsCpu:
 
     def __init__(self, name: str, table: CpuidTable, *, ghcb_version: int = 2, c_bit: int = 51,
                  paging: bool = False):
-        unicorn = pytest.importorskip("unicorn", reason="unicorn is not installed")
+        import unicorn
         from unicorn import x86_const as R
         self.R = R
         self.image = get_guest(name)
@@ -307,7 +307,7 @@ def test_guests_run_on_their_own_page_tables(name):
 
 def test_a_c_bit_inside_the_engines_physical_address_width_faults_under_paging():
     """Why the simulator must report a C-bit the engine ignores (see the module docstring)."""
-    unicorn = pytest.importorskip("unicorn", reason="unicorn is not installed")
+    import unicorn
     cpu = MiniSevEsCpu("es-cpuid-ghcb", base_table(), c_bit=51, paging=True)
     with pytest.raises(unicorn.UcError):
         cpu.run()

@@ -9,7 +9,6 @@ from kvmharness import exits
 from kvmharness.x86 import CpuidEntry, Regs
 from kvmharness.sim import svm as S
 
-pytest.importorskip("unicorn")
 
 from kvmharness.sim import testing as T  # noqa: E402
 from kvmharness.sim.system import SimSystem  # noqa: E402

@@ -21,7 +21,6 @@ from kvmharness.sev.launch import expected_vmsa_pages
 from kvmharness.sev.policy import GuestPolicy
 from kvmharness.sev.session import GuestOwner
 from kvmharness.sev.status import SevStatus
-pytest.importorskip("unicorn", reason="the simulator's CPU core (pip install unicorn==2.1.4)")
 
 from kvmharness.sim.kvmlayer import cpuid_lookup  # noqa: E402
 from kvmharness.sim.sev import SevVcpu  # noqa: E402

@@ -13,9 +13,6 @@ import pytest
 
 from kvmharness.images import get_guest
 from kvmharness.machine import Machine
-
-pytest.importorskip("unicorn", reason="the simulator's CPU core (pip install unicorn==2.1.4)")
-
 from kvmharness.sim import core as corem
 from kvmharness.sim.seves import SevEsVcpu
 from kvmharness.sim.svm import SVM_EXIT_IOIO, SVM_EXIT_NPF, SVM_EXIT_VMGEXIT

@@ -7,7 +7,6 @@ import pytest
 from kvmharness.sim import svm as S
 from kvmharness.sim.vmcb import Vmcb, field_offset, SAVE_AREA_SIZE
 
-pytest.importorskip("unicorn")
 
 from kvmharness.sim.system import SimSystem  # noqa: E402
 
