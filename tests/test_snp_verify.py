@@ -46,6 +46,7 @@ def test_real_report_verifies_with_amds_builtin_chain(real, name):
     assert [c.name for c in v.checks] == list(CHECKS)
     passed = {c.name for c in v.checks if c.ok}
     assert passed == set(CHECKS) - {"measurement", "report-data", "policy"}
+    assert all(c.detail for c in v.checks if c.ok)  # every passing check says what it saw
     # with the generation given explicitly, and with the expectations the report meets
     rep = v.report
     v2 = verify_report(report, vcek, generation=gen, at=AT,
@@ -187,7 +188,9 @@ def test_real_vlek_report_verifies_with_amds_asvk():
     # AMD's ASK did not sign a VLEK
     milan_ask = certs.load_certificate(amd_root_pems(Generation.MILAN)[1])
     assert verify_report(report, vlek, ask=milan_ask, at=VLEK_AT).failed.name == "vlek"
-    assert verify_report(report, vlek, at=AT).failed.name == "validity"
+    expired = verify_report(report, vlek, at=AT).failed
+    assert expired.name == "validity" and "the VLEK is valid 2024-12-10 to 2025-12-10" in expired.detail
+    assert all(c.detail for c in v.checks if c.ok)  # every passing check says what it saw
 
 
 @pytest.mark.parametrize("bit", _bit_sample(99))

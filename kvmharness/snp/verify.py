@@ -259,6 +259,7 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
                      root="amd" if root_is_amd else "supplied", root_detail=root_detail,
                      endorsement=kind)
     key_name = kind.upper()  # VCEK or VLEK, in messages
+    issuer_role = "ASVK" if kind == "vlek" else "ASK"  # what signs it
 
     _PASS_TEXT: dict[str, str] = {}  # what a passing check says, filled in by the check
 
@@ -284,13 +285,11 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
     def check_ask():
         why = certs.check_signed_by(ask, ark)
         if why:
-            role = "ASVK" if kind == "vlek" else "ASK"
-            return f"the {role} {_common_name(ask)!r} is not signed by the ARK: {why}"
-        _PASS_TEXT["ask"] = f"{_common_name(ask)} signed by {_common_name(ark)}"
+            return f"the {issuer_role} {_common_name(ask)!r} is not signed by the ARK: {why}"
+        _PASS_TEXT[issuer_role.lower()] = f"{_common_name(ask)} signed by {_common_name(ark)}"
         return None
 
     def check_vcek():
-        issuer_role = "ASVK" if kind == "vlek" else "ASK"
         why = certs.check_signed_by(vcek, ask)
         if why:
             return f"the {key_name} is not signed by the {issuer_role} {_common_name(ask)!r}: {why}"
@@ -305,11 +304,11 @@ def verify_report(report_bytes: bytes, vcek: x509.Certificate, *,
 
     def check_validity():
         when = at or _dt.datetime.now(_dt.timezone.utc)
-        for role, cert in (("ARK", ark), ("ASK", ask), ("VCEK", vcek)):
+        for role, cert in (("ARK", ark), (issuer_role, ask), (key_name, vcek)):
             start, end = _validity(cert)
             if not start <= when <= end:
                 return (f"the {role} is valid {start:%Y-%m-%d} to {end:%Y-%m-%d}, not at "
-                        f"{when:%Y-%m-%d %H:%M} UTC")
+                        f"{when:%Y-%m-%d %H:%M} UTC (--at TIME checks at another time)")
         _PASS_TEXT["validity"] = f"all three valid at {when:%Y-%m-%d %H:%M} UTC"
         return None
 
