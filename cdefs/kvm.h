@@ -38,6 +38,32 @@ struct kvm_userspace_memory_region2 {
 #define KVM_MEM_READONLY 0x2
 #define KVM_MEM_GUEST_MEMFD 0x4
 
+/* for KVM_SET_MEMORY_ATTRIBUTES (VM fd; 6.8+, KVM_CAP_MEMORY_ATTRIBUTES) */
+struct kvm_memory_attributes {
+	__u64 address;
+	__u64 size;
+	__u64 attributes;
+	__u64 flags;
+};
+
+#define KVM_MEMORY_ATTRIBUTE_PRIVATE 0x8
+
+/* for KVM_CREATE_GUEST_MEMFD (VM fd, returns the new fd; 6.8+, KVM_CAP_GUEST_MEMFD) */
+struct kvm_create_guest_memfd {
+	__u64 size;
+	__u64 flags;
+	__u64 reserved[6];
+};
+
+/* include/uapi/linux/kvm_para.h: the hypercall KVM turns an SNP page-state change
+ * into (KVM_EXIT_HYPERCALL with nr = KVM_HC_MAP_GPA_RANGE; args GPA, pages, attrs) */
+#define KVM_HC_MAP_GPA_RANGE 12
+#define KVM_MAP_GPA_RANGE_PAGE_SZ_4K 0
+#define KVM_MAP_GPA_RANGE_PAGE_SZ_2M 0x1
+#define KVM_MAP_GPA_RANGE_PAGE_SZ_1G 0x2
+#define KVM_MAP_GPA_RANGE_ENCRYPTED 0x10
+#define KVM_MAP_GPA_RANGE_DECRYPTED 0x0
+
 #define KVM_EXIT_UNKNOWN 0
 #define KVM_EXIT_EXCEPTION 1
 #define KVM_EXIT_IO 2

@@ -135,6 +135,11 @@ TABLE_LAYOUTS: dict[str, dict[str, object]] = {
         "": 160, "slot": (0, 4), "flags": (4, 4), "guest_phys_addr": (8, 8),
         "memory_size": (16, 8), "userspace_addr": (24, 8), "guest_memfd_offset": (32, 8),
         "guest_memfd": (40, 4), "pad1": (44, 4), "pad2": (48, 112)},
+    # guest_memfd and memory attributes (6.8+ include/uapi/linux/kvm.h)
+    "struct kvm_memory_attributes": {"": 32, "address": (0, 8), "size": (8, 8),
+                                     "attributes": (16, 8), "flags": (24, 8)},
+    "struct kvm_create_guest_memfd": {"": 64, "size": (0, 8), "flags": (8, 8),
+                                      "reserved": (16, 48)},
     "struct kvm_run": {
         "": 2352,
         "hypercall.flags": (_KVM_RUN_UNION + 64, 8),
@@ -157,6 +162,9 @@ TABLE_IOCTLS: dict[str, int] = {
     "SEV_ISSUE_CMD": 0xC0105300,
     # not in the facts reference; current kernel UAPI (6.8+)
     "KVM_SET_USER_MEMORY_REGION2": 0x40A0AE49,
+    # _IOW(KVMIO, 0xd2, struct kvm_memory_attributes), _IOWR(KVMIO, 0xd4, struct
+    # kvm_create_guest_memfd): current include/uapi/linux/kvm.h
+    "KVM_SET_MEMORY_ATTRIBUTES": 0x4020AED2, "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
 }
 
 # SEV firmware status codes, facts §9f.  Checked against this table always:
@@ -230,6 +238,11 @@ TABLE_CONSTANTS: dict[str, int] = {
     "KVM_CAP_X86_GUEST_MODE": 238,
     "KVM_X86_QUIRK_FIX_HYPERCALL_INSN": 1 << 5, "KVM_X86_QUIRK_SLOT_ZAP_ALL": 1 << 7,
     "KVM_X86_QUIRK_STUFF_FEATURE_MSRS": 1 << 8, "KVM_X86_QUIRK_IGNORE_GUEST_PAT": 1 << 9,
+    "KVM_MEMORY_ATTRIBUTE_PRIVATE": 1 << 3,
+    # include/uapi/linux/kvm_para.h (not among the headers compiled above)
+    "KVM_HC_MAP_GPA_RANGE": 12, "KVM_MAP_GPA_RANGE_PAGE_SZ_4K": 0,
+    "KVM_MAP_GPA_RANGE_PAGE_SZ_2M": 1 << 0, "KVM_MAP_GPA_RANGE_PAGE_SZ_1G": 1 << 1,
+    "KVM_MAP_GPA_RANGE_ENCRYPTED": 1 << 4, "KVM_MAP_GPA_RANGE_DECRYPTED": 0,
 }
 
 _PAD_NAME = re.compile(r"^(pad|rsvd|reserved)\w*$")

@@ -602,3 +602,17 @@ def test_launch_digest_class_matches_gctx_update_for_random_pages():
          PageType.CPUID: lambda: theirs.update_cpuid_page(gpa),
          PageType.VMSA: lambda: theirs.update_vmsa_page(page)}[kind]()
         assert ours.digest == theirs.ld()
+
+
+def test_page_types_and_vm_type_are_the_bindings_numbers():
+    from kvmharness.kvm import _ffi
+
+    for t in (PageType.NORMAL, PageType.ZERO, PageType.UNMEASURED, PageType.SECRETS,
+              PageType.CPUID):
+        assert _ffi.CONSTANTS[f"KVM_SEV_SNP_PAGE_TYPE_{t.name}"] == t
+    assert _ffi.CONSTANTS["KVM_X86_SNP_VM"] == 4
+    assert _ffi.CONSTANTS["KVM_SEV_SNP_ID_BLOCK_SIZE"] == 96
+    assert _ffi.CONSTANTS["KVM_SEV_SNP_ID_AUTH_SIZE"] == 4096
+    # the KVM argument structs carry what the model's ioctls take
+    assert _ffi.ffi.sizeof("struct kvm_sev_snp_launch_update") == 64
+    assert _ffi.ffi.offsetof("struct kvm_sev_snp_launch_finish", "host_data") == 19

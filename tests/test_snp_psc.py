@@ -230,3 +230,16 @@ def test_a_range_beyond_memory_fails_in_userspace_and_reports_generic():
     req = _request([PscEntry(vm.npages + 5, SHARED)])
     assert P.handle_psc(req, lambda r: P.apply_map_gpa_range(vm, r)) == \
         P.GhcbResult(0, P.VMGEXIT_PSC_ERROR_GENERIC)
+
+
+def test_the_models_numbers_are_the_bindings_numbers():
+    """psc.py's kernel numbers equal the cdefs/ ones the layout test pins to the headers."""
+    from kvmharness.kvm import _ffi
+
+    for name in ("KVM_HC_MAP_GPA_RANGE", "KVM_MAP_GPA_RANGE_PAGE_SZ_4K",
+                 "KVM_MAP_GPA_RANGE_PAGE_SZ_2M", "KVM_MAP_GPA_RANGE_PAGE_SZ_1G",
+                 "KVM_MAP_GPA_RANGE_ENCRYPTED", "KVM_MAP_GPA_RANGE_DECRYPTED"):
+        assert getattr(P, name) == _ffi.CONSTANTS[name], name
+    assert _ffi.ffi.sizeof("struct kvm_memory_attributes") == 32
+    assert _ffi.KVM_SET_MEMORY_ATTRIBUTES == 0x4020AED2
+    assert _ffi.KVM_CREATE_GUEST_MEMFD == 0xC040AED4

@@ -192,6 +192,8 @@ KVM_SET_XCRS = _IOW(_KVMIO, 0xA7, "struct kvm_xcrs")
 KVM_GET_NESTED_STATE = _IOWR(_KVMIO, 0xBE, "struct kvm_nested_state")
 KVM_SET_NESTED_STATE = _IOW(_KVMIO, 0xBF, "struct kvm_nested_state")
 KVM_GET_STATS_FD = _IO(_KVMIO, 0xCE)  # VM and vCPU fds
+KVM_SET_MEMORY_ATTRIBUTES = _IOW(_KVMIO, 0xD2, "struct kvm_memory_attributes")  # VM fd, 6.8+
+KVM_CREATE_GUEST_MEMFD = _IOWR(_KVMIO, 0xD4, "struct kvm_create_guest_memfd")  # VM fd, 6.8+
 
 # /dev/sev
 SEV_ISSUE_CMD = _IOWR(CONSTANTS["SEV_IOC_TYPE"], 0x0, "struct sev_issue_cmd")
