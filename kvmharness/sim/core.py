@@ -59,6 +59,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import threading
 
 import unicorn
 from unicorn import x86_const as X
@@ -84,6 +85,7 @@ PRECISE_COUNT = 1 << 62
 
 # vmload rax; vmrun rax; hlt
 HOST_STUB_CODE = bytes.fromhex("0f01da" "0f01d8" "f4")
+_STUB_ATTEMPTS = 16  # a kick stops the engine at most 3 times (sim/vcpu.py kick); more is a bug
 
 MSR_EFER = 0xC0000080
 MSR_VM_HSAVE_PA = 0xC0010117
@@ -158,6 +160,10 @@ class Core:
         self.svm = svm
         self.handler = handler
         self.uc = None
+        self.uch = None
+        # stop() may come from another thread (Vcpu.kick from the watchdog and its re-try
+        # timers): it must never reach an engine _release_engine is freeing
+        self._engine_lock = threading.Lock()
         self._keep = []
         self._host = (ctypes.c_char * HOST_SIZE)()
         ctypes.memmove(ctypes.addressof(self._host), HOST_STUB_CODE, len(HOST_STUB_CODE))
@@ -290,10 +296,10 @@ class Core:
         self.handler = self._out_cb = self._in_cb = None
 
     def _release_engine(self) -> None:
-        uc, self.uc, self.uch = self.uc, None, None
-        if uc is None:
-            return
-        release_engine(uc)
+        with self._engine_lock:
+            uc, self.uc, self.uch = self.uc, None, None
+            if uc is not None:
+                release_engine(uc)
 
     def _release_contexts(self) -> None:
         for name in ("_ctx", "_host_ctx"):
@@ -337,17 +343,27 @@ class Core:
                 self._host_ctx = ctx
         self.in_guest = True
         self.reset_exception_state()
-        if reuse:
-            # stop at the guest's first instruction by its address: a count would make unicorn
-            # drop every translated block at the next run without one (uc_emu_start)
-            s = self.svm.vmcb.save
-            err = _lib.uc_emu_start(self.uch, HOST_STUB, (s.cs.base + s.rip) & (2**64 - 1), 0, 0)
-            if not err and self.rip() != s.rip:
-                raise SimulatorError(f"VMRUN did not stop at the guest's first instruction {s.rip:#x}")
+        for _attempt in range(_STUB_ATTEMPTS):
+            if reuse:
+                # stop at the guest's first instruction by its address: a count would make unicorn
+                # drop every translated block at the next run without one (uc_emu_start)
+                s = self.svm.vmcb.save
+                err = _lib.uc_emu_start(self.uch, HOST_STUB, (s.cs.base + s.rip) & (2**64 - 1), 0, 0)
+            else:
+                err = self.start(HOST_STUB, 2)  # VMLOAD, VMRUN: stops at the guest's first instruction
+            # A stop() from another thread (a kick at the deadline) can land before the stub's
+            # VMRUN ran: the engine is still in host mode in the stub.  Run the stub again
+            # (VMLOAD is idempotent); the kick itself stays pending in the vCPU, which raises
+            # EINTR after the guest's next stop.  (Unhandled, the guest then "ran" the host
+            # stub and ended in a SHUTDOWN exit: ~1 in 200 runs with a 1 ms timeout.)
+            if err or not HOST_STUB <= self.rip() < HOST_STUB + len(HOST_STUB_CODE):
+                break
         else:
-            err = self.start(HOST_STUB, 2)  # VMLOAD, VMRUN: stops at the guest's first instruction
+            raise SimulatorError(f"VMRUN from the host stub was stopped {_STUB_ATTEMPTS} times in a row")
         if err:
             return err
+        if reuse and self.rip() != s.rip:
+            raise SimulatorError(f"VMRUN did not stop at the guest's first instruction {s.rip:#x}")
         # unicorn's VMRUN leaves CR0 at the host value (measured: 0x11 after loading
         # 0x80000033); load it from the save area as the APM says VMRUN does.
         cr0 = self.svm.vmcb.save.cr0
@@ -409,8 +425,9 @@ class Core:
         return _lib.uc_emu_start(self.uch, begin, UNTIL, 0, count)
 
     def stop(self) -> None:
-        if self.uch is not None:  # a late kick after close() finds no engine
-            _lib.uc_emu_stop(self.uch)
+        with self._engine_lock:
+            if self.uch is not None:  # a late kick after close() finds no engine
+                _lib.uc_emu_stop(self.uch)
 
     # -- registers -----------------------------------------------------------
     def rip(self) -> int:
