@@ -275,6 +275,19 @@ def cmd_suite(args) -> int:
                 exits = r.exit_count
             except E.HarnessError as e:
                 status, detail, exits = "FAILED", str(e), None
+            except ModuleNotFoundError as e:
+                if system is primary:  # the backend asked for cannot work here: exit 3
+                    raise
+                # auto's fall-back simulator lacks a package (a rig's venv without unicorn):
+                # this and every later guest that needs it are skipped, saying what to install
+                system.close()
+                fallback[0] = _missing_module_message(e)
+                _, kvm_why = _suite_probe(g, primary)
+                why = f"kvm: {kvm_why}; sim: {fallback[0]}"
+                rows.append({"guest": g.name, "backend": None, "status": "skipped", "why": why})
+                if not args.json:
+                    print(f"{g.name:<16} {'skipped':<8} {'-':<4} {why}", flush=True)
+                continue
             if status != "passed":
                 worst = E.EXIT_GUEST_FAILED
             row = {"guest": g.name, "backend": system.name, "status": status, "why": why,

@@ -1,109 +1,56 @@
 """Nested SVM on real kvm_amd: the SVM rig in a box, driven from here.
 
-The module fixture boots the rig (ci/rig/boot-rig.sh: QEMU TCG with an EPYC
-CPU, Debian's kernel with kvm_amd nested=1; built first if the cache is
-empty), ships this project to it with ``kvmharness rig run`` and runs
-tests/test_nested_kvm.py there on the kvm backend, then stops it.  The tests
-below check the JUnit result and the sequences that the rig-side tests saved
-(``traces/nested-*.json``, fetched home by ``rig run``), so what real kvm_amd
-did is asserted here too, with the rig's own values (no NRIPS; QEMU's IOIO
-EXITINFO1 without address-size bits).
+The session's shared rig (tests/rig_fixtures.py: booted once, QEMU TCG with an EPYC
+CPU, Debian's kernel with kvm_amd nested=1) runs every requires_svm test through
+``kvmharness rig run`` once (the rig tier), tests/test_nested_kvm.py among them, on the
+kvm backend.  The tests below check that run's JUnit result for test_nested_kvm.py and
+the sequences the rig-side tests saved (``traces/nested-*.json``, fetched home by
+``rig run``), so what real kvm_amd did is asserted here too, with the rig's own values
+(no NRIPS; QEMU's IOIO EXITINFO1 without address-size bits).
 
-Cost: about 15 s to boot, 40 s for the rig run.  Skips with the reason when
-this host cannot boot the rig (not root, no QEMU and no way to install it,
-not x86_64), when it is itself an SVM host (test_nested_kvm.py runs directly
-there), or when KVMHARNESS_RIG_TESTS=0.
+Skips with the reason when this host cannot boot the rig (not root, no QEMU and no way
+to install it, not x86_64), when it is itself an SVM host (test_nested_kvm.py runs
+directly there), or when KVMHARNESS_RIG_TESTS=0.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-RIG = ROOT / "ci" / "rig"
-RIG_TIMEOUT = 300  # seconds for the rig run (the rig-side tests take ~15 s of it)
-
-
-def _cannot_boot() -> str | None:
-    if os.environ.get("KVMHARNESS_RIG_TESTS", "1") == "0":
-        return "KVMHARNESS_RIG_TESTS=0"
-    if Path("/sys/module/kvm_amd").is_dir():
-        return "this host has kvm_amd itself: tests/test_nested_kvm.py runs here directly"
-    if platform.machine() != "x86_64":
-        return "the SVM rig in a box needs an x86_64 host"
-    if os.geteuid() != 0:
-        return "booting the SVM rig needs root (mmdebstrap, apt for QEMU)"
-    for mod in ("paramiko",):
-        try:
-            __import__(mod)
-        except ImportError:
-            return f"{mod} is not installed (ci/rig/install-test-deps.sh installs it)"
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("mmdebstrap") is None:
-        p = subprocess.run(["bash", str(RIG / "install-test-deps.sh")], capture_output=True, text=True,
-                           timeout=600, check=False)
-        if p.returncode != 0 or shutil.which("qemu-system-x86_64") is None:
-            return f"cannot install QEMU for the SVM rig: {(p.stderr or p.stdout).strip()[-300:]}"
-    return None
-
 
 @dataclass
 class RigRun:
-    proc: subprocess.CompletedProcess
-    rig_dir: Path | None
+    output: str
+    rig_dir: Path
     console: str
 
     def artifact(self, name: str) -> dict:
         path = self.rig_dir / "traces" / f"nested-{name}.json"
-        assert path.is_file(), f"the rig-side test did not save {path.name}: {self.proc.stdout[-2000:]}"
+        assert path.is_file(), f"the rig-side test did not save {path.name}: {self.output[-2000:]}"
         return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
-def rig_run(tmp_path_factory) -> RigRun:
-    why = _cannot_boot()
-    if why:
-        pytest.skip(f"SVM rig in a box not booted: {why}")
-    state = tmp_path_factory.mktemp("svm-rig-state")
-    env = {**os.environ, "KVMHARNESS_RIG_STATE": str(state)}
-    try:
-        boot = subprocess.run(["bash", str(RIG / "boot-rig.sh")], capture_output=True, text=True,
-                              timeout=420, env=env, check=False)
-        if boot.returncode != 0:
-            console = (state / "console.log").read_text(errors="replace")[-2000:] \
-                if (state / "console.log").exists() else ""
-            pytest.fail(f"ci/rig/boot-rig.sh failed: {boot.stderr[-1500:]}\nconsole:\n{console}")
-        inventory = boot.stdout.strip().splitlines()[-1]
-        results = tmp_path_factory.mktemp("svm-rig-results")
-        proc = subprocess.run(
-            [sys.executable, "-m", "kvmharness", "rig", "run", "--inventory", inventory,
-             "--backend", "kvm", "--timeout", str(RIG_TIMEOUT), "--results", str(results), "--plain",
-             "--", "pytest", "-q", "-rs", "tests/test_nested_kvm.py"],
-            capture_output=True, text=True, timeout=RIG_TIMEOUT + 60, cwd=ROOT, env=env, check=False)
-        rig_dirs = sorted(results.glob("*/svm-rig"))
-        console = (state / "console.log").read_text(errors="replace")
-        yield RigRun(proc, rig_dirs[-1] if rig_dirs else None, console)
-    finally:
-        subprocess.run(["bash", str(RIG / "stop-rig.sh")], capture_output=True, timeout=60, env=env, check=False)
+def rig_run(rig_tier) -> RigRun:
+    if rig_tier.skipped:
+        pytest.skip(rig_tier.skipped)
+    assert rig_tier.rig_dir is not None, f"the rig tier brought no results home:\n{rig_tier.proc.output[-3000:]}"
+    return RigRun(rig_tier.proc.output, rig_tier.rig_dir, rig_tier.rig.console())
 
 
 def test_nested_tests_pass_on_the_rigs_kvm_amd(rig_run):
-    p = rig_run.proc
-    assert p.returncode == 0, f"rig run exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-1500:]}"
-    suite = ET.parse(rig_run.rig_dir / "junit.xml").getroot()
-    suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
-    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    root = ET.parse(rig_run.rig_dir / "junit.xml").getroot()
+    cases = [c for c in root.iter("testcase") if c.get("classname", "").endswith("test_nested_kvm")]
+    counts = {"tests": len(cases)}
+    for kind in ("failure", "error", "skipped"):
+        counts[kind] = sum(1 for c in cases if c.find(kind) is not None)
     # nothing skipped: the rig really offered SVM to guests and KVM_CAP_NESTED_STATE
-    assert counts == {"tests": 7, "failures": 0, "errors": 0, "skipped": 0}, counts
+    assert counts == {"tests": 7, "failure": 0, "error": 0, "skipped": 0}, (counts, rig_run.output[-3000:])
     for bad in ("Oops", "BUG:", "soft lockup", "Call Trace"):
         assert bad not in rig_run.console, f"kernel trouble in the rig:\n{rig_run.console[-3000:]}"
 
