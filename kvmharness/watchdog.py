@@ -20,8 +20,9 @@ Because one thread serves every Machine, its death would silently disable every
 later timeout in the process, so the loop survives anything: waits are clamped
 to :data:`_MAX_WAIT` (``Condition.wait`` raises ``OverflowError`` past the
 platform's ``time_t``), each pass is guarded (a failure is recorded in
-:attr:`Watchdog.errors`, logged, and the earliest deadline fired at once rather
-than retried for ever), and ``arm`` restarts the thread if it has died all the same.
+:attr:`Watchdog.errors` and logged; a deadline that is due or unreadable is fired
+rather than retried for ever), and ``arm`` restarts the thread if it has died all
+the same.
 """
 
 from __future__ import annotations
@@ -107,20 +108,30 @@ class Watchdog:
                     self._step()
                 except BaseException as e:  # noqa: BLE001 - nothing may end the one watchdog
                     self._record(f"{type(e).__name__}: {e}")
-                    self._fire_head()
+                    self._recover()
 
-    def _fire_head(self):
-        """After a failed pass, fire the earliest deadline now rather than retry it for ever:
-        a timeout that fires early is seen (the run ends with GuestTimeout), one that never
-        fires hangs its thread in KVM_RUN."""
+    def _recover(self):
+        """After a failed pass: fire the earliest deadline if it is due or unreadable (rather
+        than fail on it for ever: a timeout that fires early is seen, one that never fires
+        hangs its thread in KVM_RUN); otherwise pause briefly and let the loop try again."""
         try:
-            if self._heap:
+            try:
+                due = bool(self._heap) and not self._heap[0][0] - time.monotonic() > 0
+            except Exception:  # noqa: BLE001 - an unreadable deadline counts as due
+                due = True
+            if due:
                 _, token, callback = heapq.heappop(self._heap)
                 if token in self._live:
                     self._live.discard(token)
                     callback()
+            else:
+                self._cv.release()
+                try:
+                    time.sleep(0.01)
+                finally:
+                    self._cv.acquire()
         except BaseException as e:  # noqa: BLE001
-            self._record(f"firing a deadline after a failure failed too: {type(e).__name__}: {e}")
+            self._record(f"recovering from a failure failed too: {type(e).__name__}: {e}")
 
     def _step(self):
         """One pass: drop disarmed deadlines, wait for the next one, or fire it (lock held)."""

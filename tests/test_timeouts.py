@@ -187,3 +187,16 @@ def test_sim_entry_stopped_before_vmrun_is_retried(monkeypatch):
 def test_many_short_timeouts_all_end_as_timeouts(backend):
     outcomes = {run_guest("spin", backend, timeout=0.001).outcome for _ in range(100)}
     assert outcomes == {"timeout"}
+
+
+def test_watchdog_fires_an_unreadable_deadline_instead_of_failing_on_it_for_ever():
+    wd = Watchdog()
+    assert _fires(wd)  # thread running
+    bad = threading.Event()
+    with wd._cv:  # what a bug elsewhere could leave in the heap: a deadline that is no number
+        wd._heap.append(("soon", -1, bad.set))
+        wd._live.add(-1)
+        wd._cv.notify()
+    assert bad.wait(HANG_GUARD)
+    assert any("TypeError" in e for e in wd.errors)
+    assert _fires(wd) and wd.alive
