@@ -243,3 +243,41 @@ def test_the_models_numbers_are_the_bindings_numbers():
     assert _ffi.ffi.sizeof("struct kvm_memory_attributes") == 32
     assert _ffi.KVM_SET_MEMORY_ATTRIBUTES == 0x4020AED2
     assert _ffi.KVM_CREATE_GUEST_MEMFD == 0xC040AED4
+
+
+# -- GHCB GPA registration and the preferred GPA (MSR 0x010-0x013) ------------------------
+
+def test_preferred_gpa_is_none_and_registration_echoes_the_gfn():
+    st = P.SnpGhcbState()
+    assert P.snp_msr_protocol(0x010, st) == 0xFFFFFFFFFFFFF011
+    assert P.snp_msr_protocol(0x1234 << 12 | 0x012, st) == 0x1234 << 12 | 0x013
+    assert st.registered_gpa == 0x1234000
+    st.check_registered(0x1234000)
+
+
+def test_an_unregistered_ghcb_fails_kvm_run_with_einval():
+    import errno
+
+    from kvmharness.errors import SevError
+
+    st = P.SnpGhcbState()
+    with pytest.raises(SevError) as ei:
+        st.check_registered(0x5000)
+    assert ei.value.errno == errno.EINVAL and "not registered" in str(ei.value)
+    P.snp_msr_protocol(0x6 << 12 | 0x012, st)
+    with pytest.raises(SevError):
+        st.check_registered(0x5000)
+
+
+def test_snp_requests_from_a_non_snp_guest_terminate_it():
+    st = P.SnpGhcbState()
+    for msr in (0x010, 0x7 << 12 | 0x012, P.psc_msr_request(7, 2)):
+        assert P.snp_msr_protocol(msr, st, snp_guest=False) == P.SevTerminate(msr)
+    assert st.registered_gpa is None
+
+
+def test_other_msr_codes_pass_through_and_psc_is_dispatched():
+    st = P.SnpGhcbState()
+    assert P.snp_msr_protocol(0x8000001F_40000004, st) == 0x8000001F_40000004
+    assert P.snp_msr_protocol(P.psc_msr_request(9, 1), st) == \
+        MapGpaRange(0x9000, 1, P.KVM_MAP_GPA_RANGE_ENCRYPTED)

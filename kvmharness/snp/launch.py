@@ -129,6 +129,22 @@ def expected_digest(plan: SnpLaunchPlan) -> LaunchDigest:
 
 # -- KVM's side ---------------------------------------------------------------------
 
+SVM_VMGEXIT_AP_CREATION = 0x80000013
+SVM_VMGEXIT_AP_CREATE_ON_INIT = 0
+SVM_VMGEXIT_AP_CREATE = 1
+SVM_VMGEXIT_AP_DESTROY = 2
+
+
+@dataclasses.dataclass
+class SnpVcpu:
+    """KVM's per-vCPU SNP state (``svm->sev_es``: VMSA, the AP-creation request)."""
+
+    vmsa_pfn: int | None
+    snp_vmsa_gpa: int | None = None
+    waiting_for_reset: bool = False
+    runnable: bool = True
+
+
 def _kvm_fail(command: str, err: int, detail: str, fw_error: int | None = None) -> SevError:
     return SevError(command, err, fw_error, detail)
 
@@ -142,7 +158,7 @@ class KvmSnpVm:
     """
 
     def __init__(self, firmware: SimulatedSnpFirmware, memory_size: int, *, asid: int = 1,
-                 supported_policy_bits: int = KVM_POLICY_MASK_VALID):
+                 supported_policy_bits: int = KVM_POLICY_MASK_VALID, maxphyaddr: int = 48):
         if memory_size % PAGE_SIZE:
             raise UsageError("guest memory is a whole number of pages")
         self.fw = firmware
@@ -159,7 +175,9 @@ class KvmSnpVm:
         self.vmsa_features = 0
         self.gctx_spa: int | None = None
         self.private: set[int] = set()  # gfns with KVM_MEMORY_ATTRIBUTE_PRIVATE
-        self.vcpu_vmsas: list[int] = []  # PFN of each vCPU's VMSA page
+        self.vcpu_vmsas: list[int] = []  # PFN of each vCPU's launch VMSA page
+        self.vcpus: list[SnpVcpu] = []
+        self.maxphyaddr = maxphyaddr
         self.finished = False
         self.pre_fault_allowed = False
 
@@ -216,7 +234,9 @@ class KvmSnpVm:
     def create_vcpu(self) -> int:
         if self.finished:
             raise _kvm_fail("KVM_CREATE_VCPU", errno.EINVAL, "the SNP launch is finished")
-        self.vcpu_vmsas.append(self._kvm_page())
+        pfn = self._kvm_page()
+        self.vcpu_vmsas.append(pfn)
+        self.vcpus.append(SnpVcpu(vmsa_pfn=pfn))
         return len(self.vcpu_vmsas) - 1
 
     def launch_start(self, policy: int, *, gosvw: bytes = bytes(16), flags: int = 0) -> None:
@@ -324,6 +344,76 @@ class KvmSnpVm:
     def launch_digest(self) -> bytes:
         return self.fw.launch_digest(self.gctx_spa)
 
+    # -- AP creation (NAE 0x80000013, sev_snp_ap_creation) ------------------------------
+    def ap_creation(self, exit_info_1: int, exit_info_2: int, rax: int | None) -> tuple[int, int]:
+        """The guest's AP-creation request; returns (SW_EXITINFO1, SW_EXITINFO2).
+
+        EXITINFO1[31:0]: 0 create on INIT, 1 create, 2 destroy; [63:32] the
+        target's APIC ID; EXITINFO2 the new VMSA's GPA; RAX its SEV_FEATURES,
+        which must equal the VM's.  A VMSA GPA that is not a valid page address
+        or is 2 MiB aligned (the SNP erratum KVM guards against) is refused.
+        Refusals are "bad input" (1 << 0 | 1, GHCB_ERR_INVALID_INPUT = 5) as
+        KVM answers them; a missing RAX is GHCB_ERR_MISSING_INPUT (4).
+        """
+        request, apic_id = exit_info_1 & 0xFFFFFFFF, exit_info_1 >> 32
+        if request != SVM_VMGEXIT_AP_DESTROY and rax is None:
+            return 2, 4
+        bad = (2, 5)
+        if apic_id >= len(self.vcpus):
+            return bad
+        target = self.vcpus[apic_id]
+        if request in (SVM_VMGEXIT_AP_CREATE_ON_INIT, SVM_VMGEXIT_AP_CREATE):
+            if rax != self.vmsa_features:
+                return bad
+            if exit_info_2 & 0xFFF or exit_info_2 >> self.maxphyaddr:
+                return bad
+            if exit_info_2 % (PAGES_PER_2M * PAGE_SIZE) == 0:
+                return bad
+            target.snp_vmsa_gpa = exit_info_2
+        elif request == SVM_VMGEXIT_AP_DESTROY:
+            target.snp_vmsa_gpa = None
+        else:
+            return bad
+        target.waiting_for_reset = True
+        if request != SVM_VMGEXIT_AP_CREATE_ON_INIT:
+            self.update_protected_state(apic_id)
+        return 0, 0
+
+    def update_protected_state(self, apic_id: int) -> None:
+        """``sev_snp_init_protected_guest_state`` (on the request, or at INIT)."""
+        v = self.vcpus[apic_id]
+        if not v.waiting_for_reset:
+            return
+        v.waiting_for_reset = False
+        v.runnable = False
+        v.vmsa_pfn = None
+        if v.snp_vmsa_gpa is None:
+            return
+        gfn, v.snp_vmsa_gpa = v.snp_vmsa_gpa >> 12, None
+        if gfn >= self.npages:
+            return
+        v.vmsa_pfn = self.gmem_pfn(gfn)  # the guest's private page, from guest_memfd
+        v.runnable = True
+
+    def vmrun_check(self, apic_id: int) -> str | None:
+        """KVM_RUN's ``pre_sev_run`` (EINVAL without a VMSA), then VMRUN's VMSA checks
+        (APM Table 15-41: RMP-Covered, Guest-Owned, Mutable, VMSA bit); returns None when
+        VMRUN would enter the guest, else why it exits with VMEXIT_INVALID."""
+        v = self.vcpus[apic_id]
+        if v.vmsa_pfn is None:
+            raise _kvm_fail("KVM_RUN", errno.EINVAL, f"vCPU {apic_id} has no VMSA")
+        rmp = self.fw.rmp
+        if not rmp.covered(v.vmsa_pfn):
+            return "the VMSA page is not covered by the RMP"
+        e, _ = rmp.effective(v.vmsa_pfn)
+        if not e.assigned or e.asid != self.asid:
+            return f"the VMSA page is {e.owner}-owned, not the guest's"
+        if e.immutable:
+            return "the VMSA page is immutable"
+        if not e.vmsa:
+            return "the page's RMP entry lacks the VMSA bit (RMPADJUST from VMPL0 sets it)"
+        return None
+
 
 def _round_2m(npages: int) -> int:
     return -(-npages // PAGES_PER_2M) * PAGES_PER_2M
@@ -355,7 +445,7 @@ def launch_plan(plan: SnpLaunchPlan, memory: int, policy: int, *,
     return SnpLaunchResult(vm.launch_digest, vm, plan)
 
 
-__all__ = ["KvmSnpVm", "LaunchPage", "SNP_CPUID_GPA", "SNP_SECRETS_GPA", "SnpLaunchPlan",
+__all__ = ["KvmSnpVm", "LaunchPage", "SnpVcpu", "SNP_CPUID_GPA", "SNP_SECRETS_GPA", "SnpLaunchPlan",
            "SnpLaunchResult", "default_cpuid_entries", "expected_digest", "guest_launch_plan",
            "launch_plan", "measure_command"]
 

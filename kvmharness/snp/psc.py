@@ -45,7 +45,7 @@ VMGEXIT_PSC_OP_SHARED = 2
 PSC_HDR = struct.Struct("<HHI")
 PSC_ENTRY_SIZE = 8
 
-# GHCB layout and bad-input codes (facts 4c)
+# GHCB layout and bad-input codes (docs/facts.md#facts-4c)
 GHCB_SHARED_BUFFER = 0x800
 GHCB_SHARED_BUFFER_END = 0xFF0  # offsetof(struct ghcb, reserved_0xff0)
 GHCB_ERR_INVALID_SCRATCH_AREA = 3
@@ -119,6 +119,55 @@ def begin_psc_msr(ghcb_msr: int, *, snp_guest: bool = True,
 def complete_psc_msr(hypercall_ret: int) -> int:
     """``snp_complete_psc_msr``: the GHCB MSR the guest reads back."""
     return GHCB_MSR_PSC_RESP_ERROR if hypercall_ret else GHCB_MSR_PSC_RESP
+
+
+# -- the other SNP requests of the MSR protocol (sev_handle_vmgexit_msr_protocol) -----------
+
+GHCB_MSR_PREF_GPA_REQ = 0x010
+GHCB_MSR_PREF_GPA_RESP = 0x011
+GHCB_MSR_PREF_GPA_NONE = 0xFFFFFFFFFFFFF  # GHCBData[63:12]: no preference
+GHCB_MSR_REG_GPA_REQ = 0x012
+GHCB_MSR_REG_GPA_RESP = 0x013
+_GPA_VALUE_MASK = (1 << 52) - 1  # GENMASK_ULL(51, 0) at bit 12
+
+
+@dataclasses.dataclass
+class SnpGhcbState:
+    """Per-vCPU: the GHCB GPA the guest registered (``ghcb_registered_gpa``)."""
+
+    registered_gpa: int | None = None
+
+    def check_registered(self, ghcb_gpa: int) -> None:
+        """``sev_handle_vmgexit``: an SNP guest's GHCB must be the registered one, else
+        KVM_RUN fails with EINVAL (raised here as a SevError naming KVM_RUN)."""
+        if self.registered_gpa != ghcb_gpa:
+            import errno
+
+            from ..errors import SevError
+
+            raise SevError("KVM_RUN", errno.EINVAL, None,
+                           f"vmgexit: GHCB GPA {ghcb_gpa:#x} is not registered"
+                           + (f" (registered: {self.registered_gpa:#x})"
+                              if self.registered_gpa is not None else ""))
+
+
+def snp_msr_protocol(ghcb_msr: int, state: SnpGhcbState, *, snp_guest: bool = True,
+                     exit_on_map_gpa_range: bool = True) -> int | MapGpaRange | SevTerminate:
+    """KVM's answer to the SNP requests of the GHCB MSR protocol (0x010, 0x012, 0x014):
+    the new MSR value, a KVM_HC_MAP_GPA_RANGE exit, or a termination for a non-SNP
+    guest.  Other codes are not SNP requests: the MSR is returned unchanged."""
+    info = ghcb_msr & GHCB_MSR_INFO_MASK
+    if info not in (GHCB_MSR_PREF_GPA_REQ, GHCB_MSR_REG_GPA_REQ, GHCB_MSR_PSC_REQ):
+        return ghcb_msr
+    if not snp_guest:
+        return SevTerminate(ghcb_msr)
+    if info == GHCB_MSR_PREF_GPA_REQ:
+        return (GHCB_MSR_PREF_GPA_NONE << 12) | GHCB_MSR_PREF_GPA_RESP
+    if info == GHCB_MSR_REG_GPA_REQ:
+        gfn = (ghcb_msr >> 12) & _GPA_VALUE_MASK
+        state.registered_gpa = gfn << 12
+        return (gfn << 12) | GHCB_MSR_REG_GPA_RESP
+    return begin_psc_msr(ghcb_msr, exit_on_map_gpa_range=exit_on_map_gpa_range)
 
 
 # -- the descriptor ------------------------------------------------------------------------
@@ -311,5 +360,6 @@ __all__ = [
     "KVM_HC_MAP_GPA_RANGE", "KVM_MAP_GPA_RANGE_ENCRYPTED", "MapGpaRange", "PscEntry",
     "PscRequest", "SevTerminate", "VMGEXIT_PSC_ERROR_GENERIC", "VMGEXIT_PSC_ERROR_INVALID_ENTRY",
     "VMGEXIT_PSC_ERROR_INVALID_HDR", "apply_map_gpa_range", "begin_psc_msr", "complete_psc_msr",
-    "handle_psc", "psc_descriptor", "psc_msr_request", "scratch_area",
+    "SnpGhcbState", "handle_psc", "psc_descriptor", "psc_msr_request", "scratch_area",
+    "snp_msr_protocol",
 ]
