@@ -184,7 +184,7 @@ class PscEntry:
                 | (self.op & 0xF) << 52 | int(self.huge) << 56)
 
     @classmethod
-    def unpack(cls, raw: int) -> "PscEntry":
+    def unpack(cls, raw: int) -> PscEntry:
         return cls(gfn=(raw >> 12) & ((1 << 40) - 1), op=(raw >> 52) & 0xF,
                    huge=bool(raw >> 56 & 1), cur_page=raw & 0xFFF)
 
