@@ -2,7 +2,7 @@
 
 Commands and buffers as the kernel issues them (``include/linux/psp-sev.h``:
 ``SEV_CMD_SNP_*``, ``struct sev_data_snp_launch_start/update/finish``, the
-``SNP_PAGE_TYPE_*`` values), statuses from the SNP ABI (SEV_RET_*, facts 9f),
+``SNP_PAGE_TYPE_*`` values), statuses from the SNP ABI (SEV_RET_*, docs/facts.md#facts-9f),
 page states after APM vol. 2 §15.36.5 (Table 15-35) and the SNP ABI's "Page
 States" chapter as KVM drives them (sev.c: ``snp_alloc_firmware_page`` makes a
 page Firmware-owned, ``rmp_make_private(..., immutable=true)`` makes it
@@ -69,7 +69,7 @@ class SnpCommand(enum.IntEnum):
 
 
 class SnpPlatformState(enum.IntEnum):
-    """SNP_PLATFORM_STATUS.state (facts 9d: 0 UNINIT, 1 INIT)."""
+    """SNP_PLATFORM_STATUS.state (docs/facts.md#facts-9d: 0 UNINIT, 1 INIT)."""
 
     UNINIT = 0
     INIT = 1
@@ -152,7 +152,7 @@ SECRETS = struct.Struct("<III4x16s32s32s32s32s")  # version, imi_en, fms, gosvw,
 
 @dataclasses.dataclass(frozen=True)
 class SnpPlatformStatus:
-    """``struct sev_user_data_snp_status`` (32 bytes, facts 9c)."""
+    """``struct sev_user_data_snp_status`` (32 bytes, docs/facts.md#facts-9c)."""
 
     api_major: int
     api_minor: int

@@ -1,6 +1,6 @@
 """The SEV-SNP guest policy: a u64 bound to the guest at SNP_LAUNCH_START.
 
-Layout (SNP ABI 56860 "GUEST_POLICY"; facts 11g; the kernel's ``SNP_POLICY_MASK_*``
+Layout (SNP ABI 56860 "GUEST_POLICY"; docs/facts.md#facts-11g; the kernel's ``SNP_POLICY_MASK_*``
 and KVM's ``KVM_SNP_POLICY_MASK_VALID`` in ``arch/x86/kvm/svm/sev.c``)::
 
     7:0   ABI_MINOR   minimum firmware ABI minor version the guest accepts
@@ -61,7 +61,7 @@ RESERVED_MASK = ~DEFINED_MASK & 0xFFFF_FFFF_FFFF_FFFF  # bits 63:26
 KVM_POLICY_MASK_VALID = DEFINED_MASK & ~int(SnpPolicyBit.MIGRATE_MA)
 
 _NAMES = {b.name.lower().replace("_", "-"): b for b in SnpPolicyBit}
-# The KVM selftests' default (facts 11g): bit 17, plus SMT when the host has SMT on.
+# The KVM selftests' default (docs/facts.md#facts-11g): bit 17, plus SMT when the host has SMT on.
 DEFAULT_POLICY = int(SnpPolicyBit.RSVD_MBO | SnpPolicyBit.SMT)
 
 
