@@ -135,6 +135,23 @@ SVM_VMGEXIT_AP_CREATE = 1
 SVM_VMGEXIT_AP_DESTROY = 2
 
 
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryFaultExit:
+    """``KVM_EXIT_MEMORY_FAULT`` (KVM_RUN fails with EFAULT): the VMM converts the range
+    with KVM_SET_MEMORY_ATTRIBUTES (to private when ``private``) and runs again."""
+
+    gpa: int
+    size: int
+    private: bool
+
+    @property
+    def flags(self) -> int:
+        return KVM_MEMORY_EXIT_FLAG_PRIVATE if self.private else 0
+
+
 @dataclasses.dataclass
 class SnpVcpu:
     """KVM's per-vCPU SNP state (``svm->sev_es``: VMSA, the AP-creation request)."""
@@ -180,6 +197,7 @@ class KvmSnpVm:
         self.maxphyaddr = maxphyaddr
         self.finished = False
         self.pre_fault_allowed = False
+        self.npt_override: dict[int, int] = {}  # gfn -> pfn, a hypervisor's rewiring
 
     def _kvm_page(self) -> int:
         pfn = self._next_kvm_pfn
@@ -194,10 +212,47 @@ class KvmSnpVm:
         return self.shared_base_pfn + gfn
 
     def spa_of(self, gpa: int) -> int:
-        """Where the NPT maps a GPA now: guest_memfd when private, else the shared page."""
+        """Where the NPT maps a GPA now: guest_memfd when private, else the shared page
+        (unless a hypervisor rewired it, :meth:`remap`)."""
         gfn = gpa >> 12
-        pfn = self.gmem_pfn(gfn) if gfn in self.private else self.shared_pfn(gfn)
+        pfn = self.npt_override.get(gfn)
+        if pfn is None:
+            pfn = self.gmem_pfn(gfn) if gfn in self.private else self.shared_pfn(gfn)
         return pfn << 12 | (gpa & 0xFFF)
+
+    def remap(self, gpa: int, to_gpa: int) -> None:
+        """A malicious hypervisor points GPA ``gpa``'s NPT entry at the private page backing
+        ``to_gpa`` (the page-remapping attack)."""
+        self.npt_override[gpa >> 12] = self.gmem_pfn(to_gpa >> 12)
+
+    def handle_npf(self, gpa: int, error_code: int) -> MemoryFaultExit | None:
+        """KVM's #NPF path for an SNP guest (``svm_npf_intercept``, the MMU, then
+        ``sev_handle_rmp_fault``): returns the ``KVM_EXIT_MEMORY_FAULT`` userspace must
+        resolve (a private access to a shared GPA or the reverse), or None when KVM fixed
+        what it could and re-enters the guest.
+
+        A private fault on private memory gets its guest_memfd page assigned
+        (``sev_gmem_prepare``); an RMP fault on a 2 MiB RMP entry is PSMASHed.
+        A fault KVM cannot fix (a remapped page) just re-enters the guest,
+        which faults again: it never sees the other page's data.
+        """
+        from .rmp import PFERR_GUEST_ENC, PFERR_RMP
+
+        gfn = gpa >> 12
+        is_private = bool(error_code & PFERR_GUEST_ENC)
+        if gfn >= self.npages:
+            return None  # MMIO / beyond memory: not modelled here
+        if is_private != (gfn in self.private):
+            return MemoryFaultExit(gpa & ~0xFFF, PAGE_SIZE, is_private)
+        rmp = self.fw.rmp
+        if is_private:
+            pfn = self.gmem_pfn(gfn)
+            assigned, level = rmp.lookup(pfn)
+            if not assigned:
+                rmp.make_private(pfn, gfn << 12, False, self.asid, False)
+            elif error_code & PFERR_RMP and level:
+                rmp.psmash(pfn << 12 & ~(PAGES_PER_2M * PAGE_SIZE - 1))
+        return None
 
     # -- ioctls ------------------------------------------------------------------------
     def sev_init2(self, *, vmsa_features: int = 0, flags: int = 0, ghcb_version: int = 0,
@@ -445,7 +500,7 @@ def launch_plan(plan: SnpLaunchPlan, memory: int, policy: int, *,
     return SnpLaunchResult(vm.launch_digest, vm, plan)
 
 
-__all__ = ["KvmSnpVm", "LaunchPage", "SnpVcpu", "SNP_CPUID_GPA", "SNP_SECRETS_GPA", "SnpLaunchPlan",
+__all__ = ["KvmSnpVm", "LaunchPage", "MemoryFaultExit", "SnpVcpu", "SNP_CPUID_GPA", "SNP_SECRETS_GPA", "SnpLaunchPlan",
            "SnpLaunchResult", "default_cpuid_entries", "expected_digest", "guest_launch_plan",
            "launch_plan", "measure_command"]
 
