@@ -616,3 +616,33 @@ def test_page_types_and_vm_type_are_the_bindings_numbers():
     # the KVM argument structs carry what the model's ioctls take
     assert _ffi.ffi.sizeof("struct kvm_sev_snp_launch_update") == 64
     assert _ffi.ffi.offsetof("struct kvm_sev_snp_launch_finish", "host_data") == 19
+
+
+def test_platform_status_bytes_read_back_through_the_bindings_struct():
+    from kvmharness.kvm import _ffi
+
+    fw = SimulatedSnpFirmware(host_pages=1 << 12, api_major=1, api_minor=57, build=9)
+    fw.snp_init()
+    fw.alloc_firmware_page(0x100)
+    fw.gctx_create(0x100 << 12)
+    raw = fw.platform_status().to_bytes()
+    st = _ffi.ffi.new("struct sev_user_data_snp_status *")
+    _ffi.ffi.buffer(st)[:] = raw
+    assert (st.api_major, st.api_minor, st.state, st.is_rmp_initialized, st.build_id,
+            st.guest_count) == (1, 57, 1, 1, 9, 1)
+
+
+def test_secrets_page_layout_matches_edk2s_snp_secrets_page():
+    """edk2 MdePkg/Include/Register/Amd/SnpSecretsPage.h (SNP ABI 1.51 §8.17.2.5):
+    Version u32 @0, ImiEn bit @4, Fms u32 @8, Gosvw[16] @0x10, Vmpck0..3[32] @0x20..0x9F."""
+    fw, ctx = _fw_ready()
+    gosvw = bytes(range(16))
+    fw.launch_start(ctx, DEFAULT_POLICY, gosvw=gosvw)
+    fw.activate(ctx, 3)
+    fw.rmp.make_private(0x430, SNP_SECRETS_GPA, False, 3, True)
+    fw.launch_update(ctx, 0x430 << 12, PageType.SECRETS)
+    page = fw.memory.read_page(0x430)
+    assert page[0x10:0x20] == gosvw
+    vmpcks = [page[0x20 + 32 * i:0x40 + 32 * i] for i in range(4)]
+    assert len(set(vmpcks)) == 4 and bytes(32) not in vmpcks
+    assert page[0xA0:] == bytes(4096 - 0xA0)  # the OS area starts empty
