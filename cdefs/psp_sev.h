@@ -5,8 +5,7 @@
  * sev_issue_cmd.data is at offset 4, sev_user_data_status.flags is an
  * unaligned u32 at offset 3.
  *
- * SEV_RET_* values are the firmware's status codes as listed by the facts
- * reference: some kernel releases shipped wrong values after
+ * SEV_RET_* values are the firmware's status codes as listed in docs/facts.md#facts-9f: some kernel releases shipped wrong values after
  * SEV_RET_SECURE_DATA_INVALID, so these are not taken from whatever header is
  * installed.
  */

@@ -100,7 +100,7 @@ KVM_EPERM = 1
 KVM_EOPNOTSUPP = 95
 
 # -- SVM exit codes: VMCB EXITCODE (arch/x86/include/uapi/asm/svm.h; AMD APM vol. 2,
-#    appendix C; docs/facts.md#svm-exit-codes) ---------------------------------------
+#    appendix C; docs/facts.md#facts-6) ---------------------------------------
 SVM_EXIT_READ_CR0 = 0x000
 SVM_EXIT_WRITE_CR0 = 0x010
 SVM_EXIT_READ_DR0 = 0x020

@@ -92,7 +92,7 @@ def host_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int] | None:
 
 
 def decode_sev_leaf(eax: int, ebx: int, ecx: int, edx: int) -> dict:
-    """CPUID 0x8000001F, field by field (facts 10a)."""
+    """CPUID 0x8000001F, field by field (docs/facts.md#facts-10a)."""
     return {"raw": [hex(eax), hex(ebx), hex(ecx), hex(edx)],
             "sme": bool(eax & 1), "sev": bool(eax >> 1 & 1), "sev_es": bool(eax >> 3 & 1),
             "sev_snp": bool(eax >> 4 & 1), "c_bit": ebx & 0x3F, "phys_addr_reduction": ebx >> 6 & 0x3F,
@@ -360,7 +360,7 @@ def format_report(r: dict) -> str:
 
 #: CPUID registers a host's KVM does not take from KVM_SET_CPUID2, by KVM module.
 #: kvm_pvm (these project machines): leaf 1 ECX/EDX come out as (set & mask) | forced
-#: and leaf 7.0 EBX/ECX/EDX are fixed whatever is set (measured: dev-kvm reference §2).
+#: and leaf 7.0 EBX/ECX/EDX are fixed whatever is set (measured on kvm_pvm: docs/facts.md#kvm-pvm-cpuid).
 #: Keyed (function, index, register); the guest tests and the contract suite exempt
 #: exactly these, and only on that module.
 KNOWN_CPUID_DEVIATIONS = {

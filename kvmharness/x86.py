@@ -99,7 +99,7 @@ class Segment:
 
     @property
     def attrib(self) -> int:
-        """The VMCB's compressed attribute word (APM vol. 2, 15.5.1; facts 2a)."""
+        """The VMCB's compressed attribute word (APM vol. 2, 15.5.1; docs/facts.md#facts-2a)."""
         return ((self.type & 0xF) | (self.s & 1) << 4 | (self.dpl & 3) << 5 | (self.present & 1) << 7
                 | (self.avl & 1) << 8 | (self.l & 1) << 9 | (self.db & 1) << 10 | (self.g & 1) << 11)
 
@@ -221,7 +221,7 @@ def with_vcpu_apic_id(table: CpuidTable, apic_id: int) -> CpuidTable:
 
 def sev_cpuid_leaf(c_bit: int = 51, phys_reduction: int = 1, num_guests: int = 509,
                    min_sev_asid: int = 100, sev: bool = True, sev_es: bool = True) -> CpuidEntry:
-    """CPUID 0x8000001F as an SEV-capable EPYC describes it (facts 10a)."""
+    """CPUID 0x8000001F as an SEV-capable EPYC describes it (docs/facts.md#facts-10a)."""
     eax = (1 << 1 if sev else 0) | (1 << 3 if sev_es else 0)
     ebx = (c_bit & 0x3F) | (phys_reduction & 0x3F) << 6
     return CpuidEntry(CPUID_SEV, 0, 0, eax, ebx, num_guests, min_sev_asid)

@@ -11,8 +11,7 @@ against the installed ``<linux/kvm.h>``, ``<asm/kvm.h>`` and
 Items newer than the installed headers (Debian 12 ships 6.1 UAPI headers:
 no KVM_SEV_INIT2, no SNP structs, no VM types 2-5...) are found by compiling:
 a line gcc rejects names an item the headers lack.  Those items are compared
-with the tables below instead (numbers from the project's facts reference,
-/work/shared/reference/svm-sev-facts.md, and for the few items it does not
+with the tables below instead (numbers from docs/facts.md, and for the few items it does not
 list, from the current kernel UAPI headers).  Padding fields the kernel made
 explicit later (``pad0``...) are checked to sit in a hole of the old header's
 layout.  An item in neither the headers nor a table fails the test, so
@@ -48,10 +47,10 @@ HEADERS = ("linux/kvm.h", "asm/kvm.h", "linux/psp-sev.h")
 _KVM_RUN_UNION = 32  # offsetof(struct kvm_run, <exit union>)
 
 TABLE_LAYOUTS: dict[str, dict[str, object]] = {
-    # facts §8b: kvm_sev_cmd pad (implicit in 6.1, explicit pad0 later)
+    # docs/facts.md#facts-8b: kvm_sev_cmd pad (implicit in 6.1, explicit pad0 later)
     "struct kvm_sev_cmd": {"": 24, "id": (0, 4), "pad0": (4, 4), "data": (8, 8),
                            "error": (16, 4), "sev_fd": (20, 4)},
-    # facts §8d
+    # docs/facts.md#facts-8d
     "struct kvm_sev_init": {"": 48, "vmsa_features": (0, 8), "flags": (8, 4),
                             "ghcb_version": (12, 2), "pad1": (14, 2), "pad2": (16, 32)},
     "struct kvm_sev_launch_start": {"": 40, "handle": (0, 4), "policy": (4, 4),
@@ -96,7 +95,7 @@ TABLE_LAYOUTS: dict[str, dict[str, object]] = {
     "struct kvm_enc_region": {"": 16, "addr": (0, 8), "size": (8, 8)},
     "struct kvm_device_attr": {"": 24, "flags": (0, 4), "group": (4, 4), "attr": (8, 8),
                                "addr": (16, 8)},
-    # facts §9a, §9c (/dev/sev structs, packed)
+    # docs/facts.md#facts-9a, #facts-9c (/dev/sev structs, packed)
     "struct sev_issue_cmd": {"": 16, "cmd": (0, 4), "data": (4, 8), "error": (12, 4)},
     "struct sev_user_data_status": {"": 12, "api_major": (0, 1), "api_minor": (1, 1),
                                     "state": (2, 1), "flags": (3, 4), "build": (7, 1),
@@ -149,7 +148,7 @@ TABLE_LAYOUTS: dict[str, dict[str, object]] = {
         "memory_fault.size": (_KVM_RUN_UNION + 16, 8)},
 }
 
-# facts §8a, §9a (computed by gcc against the 6.1 headers)
+# docs/facts.md#facts-8a, #facts-9a (computed by gcc against the 6.1 headers)
 TABLE_IOCTLS: dict[str, int] = {
     "KVM_CREATE_VM": 0xAE01, "KVM_CHECK_EXTENSION": 0xAE03, "KVM_CREATE_VCPU": 0xAE41,
     "KVM_RUN": 0xAE80, "KVM_GET_REGS": 0x8090AE81, "KVM_SET_REGS": 0x4090AE82,
@@ -167,7 +166,7 @@ TABLE_IOCTLS: dict[str, int] = {
     "KVM_SET_MEMORY_ATTRIBUTES": 0x4020AED2, "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
 }
 
-# SEV firmware status codes, facts §9f.  Checked against this table always:
+# SEV firmware status codes, docs/facts.md#facts-9f.  Checked against this table always:
 # some kernel releases shipped wrong values after SECURE_DATA_INVALID (0x18),
 # so for those codes a disagreeing header is reported, not trusted.
 SEV_RET_FACTS: dict[str, int] = {
@@ -195,7 +194,7 @@ _SEV_RET_HEADER_TRUSTED_MAX = 0x18
 
 TABLE_CONSTANTS: dict[str, int] = {
     **SEV_RET_FACTS,
-    # facts §8c
+    # docs/facts.md#facts-8c
     "KVM_SEV_INIT": 0, "KVM_SEV_ES_INIT": 1, "KVM_SEV_LAUNCH_START": 2,
     "KVM_SEV_LAUNCH_UPDATE_DATA": 3, "KVM_SEV_LAUNCH_UPDATE_VMSA": 4,
     "KVM_SEV_LAUNCH_SECRET": 5, "KVM_SEV_LAUNCH_MEASURE": 6, "KVM_SEV_LAUNCH_FINISH": 7,
@@ -203,24 +202,24 @@ TABLE_CONSTANTS: dict[str, int] = {
     "KVM_SEV_GET_ATTESTATION_REPORT": 20, "KVM_SEV_SEND_CANCEL": 21,
     "KVM_SEV_INIT2": 22, "KVM_SEV_SNP_LAUNCH_START": 100, "KVM_SEV_SNP_LAUNCH_UPDATE": 101,
     "KVM_SEV_SNP_LAUNCH_FINISH": 102, "KVM_SEV_SNP_ENABLE_REQ_CERTS": 103,
-    # facts §8d (kvm_sev_snp_launch_update.type)
+    # docs/facts.md#facts-8d (kvm_sev_snp_launch_update.type)
     "KVM_SEV_SNP_PAGE_TYPE_NORMAL": 1, "KVM_SEV_SNP_PAGE_TYPE_ZERO": 3,
     "KVM_SEV_SNP_PAGE_TYPE_UNMEASURED": 4, "KVM_SEV_SNP_PAGE_TYPE_SECRETS": 5,
     "KVM_SEV_SNP_PAGE_TYPE_CPUID": 6,
-    # facts §8e
+    # docs/facts.md#facts-8e
     "KVM_X86_DEFAULT_VM": 0, "KVM_X86_SW_PROTECTED_VM": 1, "KVM_X86_SEV_VM": 2,
     "KVM_X86_SEV_ES_VM": 3, "KVM_X86_SNP_VM": 4, "KVM_X86_TDX_VM": 5,
     "KVM_CAP_VM_TYPES": 235, "KVM_CAP_SYS_ATTRIBUTES": 209, "KVM_CAP_EXIT_HYPERCALL": 201,
     "KVM_CAP_VM_COPY_ENC_CONTEXT_FROM": 197, "KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM": 206,
     "KVM_CAP_USER_MEMORY2": 231, "KVM_CAP_MEMORY_FAULT_INFO": 232,
     "KVM_CAP_MEMORY_ATTRIBUTES": 233, "KVM_CAP_GUEST_MEMFD": 234,
-    # facts §8f
+    # docs/facts.md#facts-8f
     "KVM_X86_GRP_SYSTEM": 0, "KVM_X86_XCOMP_GUEST_SUPP": 0, "KVM_X86_GRP_SEV": 1,
     "KVM_X86_SEV_VMSA_FEATURES": 0, "KVM_X86_SNP_POLICY_BITS": 1,
     "KVM_X86_SEV_SNP_REQ_CERTS": 2,
-    # facts §5 (KVM_EXIT_SYSTEM_EVENT for SEV termination)
+    # docs/facts.md#facts-5 (KVM_EXIT_SYSTEM_EVENT for SEV termination)
     "KVM_EXIT_SYSTEM_EVENT": 24, "KVM_SYSTEM_EVENT_SEV_TERM": 6,
-    # facts §9b, §9d
+    # docs/facts.md#facts-9b, #facts-9d
     "SEV_FACTORY_RESET": 0, "SEV_PLATFORM_STATUS": 1, "SEV_PEK_GEN": 2, "SEV_PEK_CSR": 3,
     "SEV_PDH_GEN": 4, "SEV_PDH_CERT_EXPORT": 5, "SEV_PEK_CERT_IMPORT": 6, "SEV_GET_ID": 7,
     "SEV_GET_ID2": 8, "SNP_PLATFORM_STATUS": 9, "SNP_COMMIT": 10, "SNP_SET_CONFIG": 11,
@@ -452,7 +451,7 @@ def test_every_declaration_matches_kernel_headers(layout_run):
             h = header[it.id]
             if it.kind == "const" and it.key in SEV_RET_FACTS and it.value > _SEV_RET_HEADER_TRUSTED_MAX:
                 if h != it.value:
-                    notes.append(f"{it.key}: installed header says {h:#x}, facts say "
+                    notes.append(f"{it.key}: installed header says {h:#x}, docs/facts.md says "
                                  f"{it.value:#x} (a kernel release with wrong SEV_RET values)")
                 counts[it.kind]["table"] += 1
                 continue

@@ -44,6 +44,8 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
         "issue 14 (Build 3) splits them",
     frozenset({"kvmharness.sev.certs", "kvmharness.sev.chain", "kvmharness.sev.amd_ca"}):
         "in flight: the SEV certificate work of this round (sev/certs.py, chain.py, amd_ca.py)",
+    frozenset({"kvmharness.fuzz.gen", "kvmharness.fuzz.gen_real"}):
+        "in flight: the fuzzer work of this round (fuzz/gen.py, gen_real.py)",
 }
 
 

@@ -63,7 +63,7 @@ OUT_7A = b"\xe6\x7a"
 # scales by the gate size and sets no EXT bit).  KVM passes it through.
 NP_ERROR_CODES = (0x10B, 0x212)
 # CPUID 0x8000000A as the rig's kvm_amd offers it: revision 1, 8 ASIDs, NP | VmcbClean |
-# SVME_ADDR_CHK, no NRIPS (nested-svm-in-the-rig.md).  The [sim] items of the state and
+# SVME_ADDR_CHK, no NRIPS (docs/facts.md#rig-nested-svm).  The [sim] items of the state and
 # VMRUN tests run the simulator with it, as the rig's kvm_amd runs L1.
 RIG_SVM_LEAF = CpuidEntry(0x8000000A, 0, 0, 0x1, 0x8, 0, 0x10000021)
 

@@ -1,4 +1,4 @@
-"""The GHCB page layout, the valid bitmap, the GHCB MSR protocol and IOIO EXITINFO1 (facts §1h, §4, §5)."""
+"""The GHCB page layout, the valid bitmap, the GHCB MSR protocol and IOIO EXITINFO1 (docs/facts.md#facts-1h, #facts-4, #facts-5)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_bitmap_helpers_round_trip_and_name_unknown_bits():
     assert G.bitmap_fields(1 << 0) == ("bit0",)
 
 
-# -- the MSR protocol (facts §5 worked examples) ---------------------------------------
+# -- the MSR protocol (docs/facts.md#facts-5 worked examples) ---------------------------------------
 
 def test_sev_info_response_examples():
     assert GhcbMsr.sev_info_response(2, 1, 51) == 0x0002_0001_3300_0001

@@ -1,4 +1,4 @@
-"""Launch digest and LAUNCH_MEASURE (pure logic; facts 11a/11b)."""
+"""Launch digest and LAUNCH_MEASURE (pure logic; docs/facts.md#facts-11a, #facts-11b)."""
 
 import hashlib
 import os
@@ -21,7 +21,7 @@ EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
 def test_facts_worked_vector():
-    # facts 11b: TIK 0, API 1.55 build 21, policy 0x5, LD = SHA-256(""), MNONCE 00..0f
+    # docs/facts.md#facts-11b: TIK 0, API 1.55 build 21, policy 0x5, LD = SHA-256(""), MNONCE 00..0f
     measure = compute_measure(bytes(16), api_major=1, api_minor=55, build=0x15, policy=0x5,
                               digest=EMPTY_SHA256, mnonce=bytes(range(16)))
     assert measure.hex() == "231b25da723c201404d36db822474c01e3c3f7b7f93b4481df368e24d61bf53a"

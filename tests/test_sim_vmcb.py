@@ -1,4 +1,4 @@
-"""The sim backend's pure logic: VMCB layout vs the facts table, IOIO encoding, KVM's intercepts."""
+"""The sim backend's pure logic: the VMCB layout (docs/facts.md#facts-1, #facts-2), IOIO, KVM's intercepts."""
 
 import struct
 

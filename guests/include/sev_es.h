@@ -17,7 +17,7 @@
  * Why: under SEV-ES the hypervisor cannot see or change the guest's
  * registers.  An intercepted instruction (CPUID, IN/OUT, RDMSR/WRMSR) raises
  * #VC in the guest instead of exiting, and the guest asks the hypervisor
- * through the GHCB (facts §4, §5, §6b).  So guest.h's REPORT/DONE/FAIL (plain
+ * through the GHCB (docs/facts.md#facts-4, #facts-5, #facts-6b).  So guest.h's REPORT/DONE/FAIL (plain
  * OUT to UCALL_PORT) would raise #VC: use ES_REPORT/ES_DONE/ES_FAIL, which do
  * the same ucall as a GHCB IOIO OUT exchange with RAX (op), RBX and RCX
  * marked valid.  KVM copies valid GHCB registers into its register cache, so
@@ -46,7 +46,7 @@
  *                  information response
  *   set 1 code 4   a CPUID MSR-protocol response with the wrong code/register
  *   set 2 (kvmharness-defined) a GHCB exchange failed: code 0x80|err when
- *                  SW_EXIT_INFO_1 = 2 (err = GHCB error code, facts §4c),
+ *                  SW_EXIT_INFO_1 = 2 (err = GHCB error code, docs/facts.md#facts-4c),
  *                  0x40|vector when KVM asked for an exception (1), 0xFF
  *                  otherwise, 0x7F when KVM did not return RAX-RDX valid
  *
@@ -75,7 +75,7 @@
 
 #define MSR_SEV_ES_GHCB  0xC0010130
 
-/* VMGEXIT = rep vmmcall (facts §7) */
+/* VMGEXIT = rep vmmcall (docs/facts.md#facts-7) */
 #define VMGEXIT          .byte 0xF3, 0x0F, 0x01, 0xD9
 
 /* Write the 64-bit interrupt gate for the handler whose address is in %rax to \lo and \hi
@@ -97,7 +97,7 @@
         mov     %rax, \hi
 .endm
 
-/* GHCB MSR protocol codes (facts §5) */
+/* GHCB MSR protocol codes (docs/facts.md#facts-5) */
 #define GHCB_MSR_SEV_INFO_REQ   0x002
 #define GHCB_MSR_SEV_INFO_RESP  0x001
 #define GHCB_MSR_CPUID_REQ      0x004
@@ -107,7 +107,7 @@
 #define ES_PROTOCOL_MAX         2
 #define ES_TERM_SET_HARNESS     2
 
-/* GHCB page offsets (facts §4, §4a) */
+/* GHCB page offsets (docs/facts.md#facts-4, #facts-4a) */
 #define GHCB_OFF_RAX            0x1F8
 #define GHCB_OFF_RCX            0x308
 #define GHCB_OFF_RDX            0x310
@@ -140,7 +140,7 @@
 #define VB_XCR0_BYTE            15
 #define VB_XCR0_MASK            0x20
 
-/* SW_EXIT_CODEs and IOIO EXITINFO1 bits (facts §1h, §6) */
+/* SW_EXIT_CODEs and IOIO EXITINFO1 bits (docs/facts.md#facts-1h, #facts-6) */
 #define SVM_EXIT_CPUID          0x72
 #define SVM_EXIT_IOIO           0x7B
 #define SVM_EXIT_MSR            0x7C

@@ -1,10 +1,10 @@
 /*
  * AMD SVM for guests that are hypervisors themselves (the nested-* guests).
  *
- * Numbers from ../shared/reference/svm-sev-facts.md sections 1 (VMCB control
- * area), 2 (save area), 6 (exit codes) and 10b (MSRs); the VMCB settings
+ * Numbers from docs/facts.md: #facts-1 (VMCB control area), #facts-2 (save
+ * area), #facts-6 (exit codes) and #facts-10a (MSRs); the VMCB settings
  * that KVM's nested VMRUN accepts are those measured in the SVM rig
- * (nested-svm-in-the-rig.md).  Only `#define NAME VALUE` lines and the
+ * (docs/facts.md#rig-nested-svm).  Only `#define NAME VALUE` lines and the
  * assembler macros at the end: include it after guest.h, from .S files.
  *
  * Register use of the L1 library (SVM_L1_LIBRARY): every routine may clobber
@@ -108,7 +108,7 @@
 #define VEC_GP              13
 #define VEC_PF              14
 
-/* Exit codes (facts section 6) */
+/* Exit codes (docs/facts.md#facts-6) */
 #define SVM_EXIT_EXCP_BASE  0x40
 #define SVM_EXIT_UD         0x46
 #define SVM_EXIT_NP         0x4B
@@ -123,12 +123,12 @@
 #define SVM_EXIT_VMMCALL    0x81
 #define SVM_EXIT_ERR        -1            /* VMEXIT_INVALID */
 
-/* EVENTINJ / EXITINTINFO (facts 1f) */
+/* EVENTINJ / EXITINTINFO (docs/facts.md#facts-1f) */
 #define EVTINJ_VALID        0x80000000
 #define EVTINJ_TYPE_INTR    (0 << 8)
 #define EVTINJ_TYPE_EXEPT   (3 << 8)
 
-/* IOIO EXITINFO1 (facts 1h) */
+/* IOIO EXITINFO1 (docs/facts.md#facts-1h) */
 #define IOIO_TYPE_IN        0x1
 #define IOIO_SIZE8          0x10
 #define IOIO_PORT_SHIFT     16

@@ -1,4 +1,4 @@
-"""``/dev/sev``: the PSP driver's platform commands (SEV_ISSUE_CMD), facts section 9.
+"""``/dev/sev``: the PSP driver's platform commands (SEV_ISSUE_CMD), docs/facts.md#facts-9.
 
 One ioctl, ``SEV_ISSUE_CMD``, with a packed ``struct sev_issue_cmd`` (cmd u32,
 data pointer u64 at offset 4, firmware ``error`` u32 out).  The driver

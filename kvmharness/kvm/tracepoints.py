@@ -30,7 +30,7 @@ EVENTS = ("kvm_exit", "kvm_cpuid", "kvm_msr", "kvm_pio", "kvm_mmio", "kvm_usersp
           "kvm_nested_vmexit_inject", "kvm_vmgexit_enter", "kvm_vmgexit_exit",
           "kvm_vmgexit_msr_protocol_enter", "kvm_vmgexit_msr_protocol_exit", "kvm_inj_exception")
 
-# kvm_exit prints SVM exit reasons symbolically; map them back to codes (facts §6)
+# kvm_exit prints SVM exit reasons symbolically; map them back to codes (docs/facts.md#facts-6)
 SVM_EXIT_NAMES = {
     "read_cr0": 0x0, "read_cr3": 0x3, "read_cr4": 0x4, "read_cr8": 0x8, "write_cr0": 0x10,
     "write_cr3": 0x13, "write_cr4": 0x14, "write_cr8": 0x18, "read_dr7": 0x27, "write_dr7": 0x37,
@@ -66,7 +66,7 @@ class TraceEvent:
 
     @property
     def exit_code(self) -> int | None:
-        """For kvm_exit on an SVM host: the SVM exit code (facts §6)."""
+        """For kvm_exit on an SVM host: the SVM exit code (docs/facts.md#facts-6)."""
         code: int | None = self.fields.get("exit_code")
         return code
 

@@ -57,7 +57,7 @@ class KvmVm(Vm):
         host vendor's instruction; on these machines that makes VMMCALL spin
         inside KVM_RUN forever and corrupts VMGEXIT (F3 0F 01 D9 -> 0F 01 C1 D9).
         Off, both raise a clean #UD in the guest, as on SVM hardware without
-        an intercept (measured; dev-kvm reference section 3).
+        an intercept (measured on kvm_pvm; docs/facts.md#kvm-pvm-cpl0).
         """
         quirk = K.KVM_X86_QUIRK_FIX_HYPERCALL_INSN
         supported = self.check_extension(K.KVM_CAP_DISABLE_QUIRKS2)

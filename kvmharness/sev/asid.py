@@ -2,7 +2,7 @@
 
 CPUID Fn8000_001F ECX is the number of encrypted guests the chip supports (the
 highest SEV ASID) and EDX the lowest ASID a plain-SEV guest may use; SEV-ES
-(and SNP) guests take ASIDs 1 .. EDX-1, plain SEV guests EDX .. ECX (facts 10a).
+(and SNP) guests take ASIDs 1 .. EDX-1, plain SEV guests EDX .. ECX (docs/facts.md#facts-10a).
 
 A freed ASID is not reused at once: its cache lines may still hold the old
 guest's data, so KVM parks it in a reclaim set.  Only when the allocator runs

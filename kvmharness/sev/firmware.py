@@ -32,7 +32,7 @@ first use and leave the platform INIT (the newest kernels shut it down again
 afterwards; not modelled), PEK_GEN in WORKING reaches the firmware
 (INVALID_PLATFORM_STATE), FACTORY_RESET in WORKING does not (EBUSY).
 
-How the simulator drives a launch (what KVM does, facts 8g)::
+How the simulator drives a launch (what KVM does, docs/facts.md#facts-8g)::
 
     fw = SimulatedSevFirmware()
     fw.ensure_init()                          # KVM_SEV_INIT: sev_platform_init (INIT, DF_FLUSH)
@@ -126,7 +126,7 @@ def _refuse(command: str, err: int, detail: str) -> SevError:
 
 @dataclasses.dataclass(frozen=True)
 class PlatformStatus:
-    """PLATFORM_STATUS output (``struct sev_user_data_status``, facts 9c)."""
+    """PLATFORM_STATUS output (``struct sev_user_data_status``, docs/facts.md#facts-9c)."""
 
     api_major: int
     api_minor: int

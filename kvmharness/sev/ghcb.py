@@ -1,14 +1,14 @@
 """The GHCB: its page layout, the valid bitmap, the MSR protocol and the exit codes.
 
-The Guest-Hypervisor Communication Block (GHCB spec 56421; facts §4, §5, §6a)
+The Guest-Hypervisor Communication Block (GHCB spec 56421; docs/facts.md#facts-4, #facts-5, #facts-6a)
 is how an SEV-ES guest tells the hypervisor what it chooses to, since the
 hypervisor can no longer read its registers.  Two channels:
 
-* the **MSR protocol** (§5): the guest writes a request into the GHCB MSR
+* the **MSR protocol** (docs/facts.md#facts-5): the guest writes a request into the GHCB MSR
   (0xC0010130) with non-zero low 12 bits (GHCBInfo) and executes VMGEXIT; the
   hypervisor answers in the same MSR.  :class:`GhcbMsr` encodes and decodes
   every request and response by name.
-* the **GHCB page** (§4): a shared (unencrypted) 4 KiB page whose GPA the
+* the **GHCB page** (docs/facts.md#facts-4): a shared (unencrypted) 4 KiB page whose GPA the
   guest writes into the GHCB MSR.  Inputs are marked in a 128-bit valid
   bitmap (bit index = field offset // 8); :class:`Ghcb` is a view with named
   fields over a 4096-byte buffer.
@@ -26,11 +26,11 @@ GHCB_SIZE = 4096
 MSR_SEV_ES_GHCB = 0xC0010130
 
 # ---------------------------------------------------------------------------
-# Page layout (struct ghcb / struct ghcb_save_area; facts §4, §4a)
+# Page layout (struct ghcb / struct ghcb_save_area; docs/facts.md#facts-4, #facts-4a)
 # ---------------------------------------------------------------------------
 
 #: field name -> (offset, size) of every named GHCB field.  The save-area
-#: fields sit at the same offsets as in the VMSA (§3).
+#: fields sit at the same offsets as in the VMSA (docs/facts.md#facts-3).
 FIELDS: dict[str, tuple[int, int]] = {
     "cpl": (0x0CB, 1),
     "xss": (0x140, 8),
@@ -203,7 +203,7 @@ class Ghcb:
 
 
 # ---------------------------------------------------------------------------
-# SW_EXIT_CODE values (facts §6, §6a; asm/svm.h SVM_EXIT_* / SVM_VMGEXIT_*)
+# SW_EXIT_CODE values (docs/facts.md#facts-6, #facts-6a; asm/svm.h SVM_EXIT_* / SVM_VMGEXIT_*)
 # ---------------------------------------------------------------------------
 
 SVM_EXIT_READ_DR7 = 0x027
@@ -267,7 +267,7 @@ _WORD3 = ("INTR", "NMI", "SMI", "INIT", "VINTR", "CR0_SEL_WRITE", "IDTR_READ", "
 _WORD4 = ("VMRUN", "VMMCALL", "VMLOAD", "VMSAVE", "STGI", "CLGI", "SKINIT", "RDTSCP", "ICEBP",
           "WBINVD", "MONITOR", "MWAIT", "MWAIT_COND", "XSETBV", "RDPRU", "EFER_WRITE_TRAP")
 
-#: every SVM exit code of facts §6 by name (asm/svm.h SVM_EXIT_*)
+#: every SVM exit code of docs/facts.md#facts-6 by name (asm/svm.h SVM_EXIT_*)
 SVM_EXIT_NAMES: dict[int, str] = {
     **{n: f"READ_CR{n}" for n in range(16)}, **{0x10 + n: f"WRITE_CR{n}" for n in range(16)},
     **{0x20 + n: f"READ_DR{n}" for n in range(16)}, **{0x30 + n: f"WRITE_DR{n}" for n in range(16)},
@@ -286,14 +286,14 @@ SVM_EXIT_NAMES.update({0x40 + v: f"EXCP_{n}" for v, n in _EXCP.items()})
 
 
 def sw_exit_code_name(code: int) -> str:
-    """``"CPUID"`` for 0x72, ``"MMIO_READ"`` for 0x80000001 etc. (facts §6, §6a); unknown
+    """``"CPUID"`` for 0x72, ``"MMIO_READ"`` for 0x80000001 etc. (docs/facts.md#facts-6, #facts-6a); unknown
     codes as ``"UNKNOWN(0x..)"``."""
     return (SW_EXIT_CODE_NAMES.get(code) or SVM_EXIT_NAMES.get(code)
             or f"UNKNOWN({code:#x})")
 
 
 # ---------------------------------------------------------------------------
-# Hypervisor responses in SW_EXIT_INFO_1 / _2 (facts §4c; GHCB_HV_RESP_* / GHCB_ERR_*)
+# Hypervisor responses in SW_EXIT_INFO_1 / _2 (docs/facts.md#facts-4c; GHCB_HV_RESP_* / GHCB_ERR_*)
 # ---------------------------------------------------------------------------
 
 GHCB_HV_RESP_NO_ACTION = 0
@@ -312,7 +312,7 @@ GHCB_ERR_NAMES = {GHCB_ERR_NOT_REGISTERED: "NOT_REGISTERED", GHCB_ERR_INVALID_US
                   GHCB_ERR_MISSING_INPUT: "MISSING_INPUT", GHCB_ERR_INVALID_INPUT: "INVALID_INPUT",
                   GHCB_ERR_INVALID_EVENT: "INVALID_EVENT"}
 
-# EVENTINJ encoding KVM puts in SW_EXIT_INFO_2 with ISSUE_EXCEPTION (facts §1f)
+# EVENTINJ encoding KVM puts in SW_EXIT_INFO_2 with ISSUE_EXCEPTION (docs/facts.md#facts-1f)
 SVM_EVTINJ_VALID = 1 << 31
 SVM_EVTINJ_TYPE_EXEPT = 3 << 8
 
@@ -322,7 +322,7 @@ GHCB_HV_FT_SNP_AP_CREATION = 1 << 1
 GHCB_HV_FT_SUPPORTED = GHCB_HV_FT_SNP | GHCB_HV_FT_SNP_AP_CREATION
 
 # ---------------------------------------------------------------------------
-# IOIO EXITINFO1 (facts §1h)
+# IOIO EXITINFO1 (docs/facts.md#facts-1h)
 # ---------------------------------------------------------------------------
 
 SVM_IOIO_TYPE_MASK = 1 << 0   # 1 = IN
@@ -376,7 +376,7 @@ def decode_ioio(info: int) -> IoioInfo:
 
 
 # ---------------------------------------------------------------------------
-# The GHCB MSR protocol (facts §5; sev-common.h GHCB_MSR_*)
+# The GHCB MSR protocol (docs/facts.md#facts-5; sev-common.h GHCB_MSR_*)
 # ---------------------------------------------------------------------------
 
 GHCB_MSR_INFO_MASK = 0xFFF
@@ -408,7 +408,7 @@ GHCB_MSR_PREF_GPA_NONE = (1 << 52) - 1          # GFN all ones: "no preference"
 GHCB_MSR_PSC_RESP_ERROR = (1 << 63) | 0x015    # KVM's generic PSC failure
 PSC_OP_PRIVATE, PSC_OP_SHARED = 1, 2
 
-# Termination reason sets/codes (facts §5)
+# Termination reason sets/codes (docs/facts.md#facts-5)
 TERM_SET_GENERAL = 0
 TERM_SET_LINUX = 1
 TERM_REASON_NAMES = {
@@ -444,7 +444,7 @@ def _reg_index(reg) -> int:
 
 
 class GhcbMsr:
-    """Encoders and the decoder of GHCB MSR protocol values (GHCB spec §2.3.1; facts §5).
+    """Encoders and the decoder of GHCB MSR protocol values (GHCB spec §2.3.1; docs/facts.md#facts-5).
 
     Every encoder returns the 64-bit value the sender writes into MSR
     0xC0010130; :meth:`decode` turns any 64-bit value back into a

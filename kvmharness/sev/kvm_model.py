@@ -63,7 +63,7 @@ MODE_VM_TYPE = {"sev": KVM_X86_SEV_VM, "sev-es": KVM_X86_SEV_ES_VM}
 
 
 def firmware_from_cpuid(leaf, **kw):
-    """A simulated chip whose ASIDs are what CPUID 0x8000001F says (facts 10a).
+    """A simulated chip whose ASIDs are what CPUID 0x8000001F says (docs/facts.md#facts-10a).
 
     ECX = number of encrypted guests (the highest ASID), EDX = the lowest
     plain-SEV ASID (SEV-ES guests get 1..EDX-1), EAX bit 3 = SEV-ES.  KVM's

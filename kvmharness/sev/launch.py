@@ -84,7 +84,7 @@ def _destructive_guard(command: str, allow: bool) -> None:
 
 
 class SevPlatformInterface(abc.ABC):
-    """``/dev/sev``: the platform commands of the SEV firmware (facts 9)."""
+    """``/dev/sev``: the platform commands of the SEV firmware (docs/facts.md#facts-9)."""
 
     backend: str = "?"
 

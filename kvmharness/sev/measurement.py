@@ -1,4 +1,4 @@
-"""SEV launch digest and LAUNCH_MEASURE (AMD SEV API, LAUNCH_MEASURE; facts 11a/11b).
+"""SEV launch digest and LAUNCH_MEASURE (AMD SEV API, LAUNCH_MEASURE; docs/facts.md#facts-11a, #facts-11b).
 
 The firmware keeps a running SHA-256 (GCTX.LD) over the plaintext of every
 LAUNCH_UPDATE_DATA region in issue order, followed, for SEV-ES, by every
@@ -71,7 +71,7 @@ def launch_digest(regions=(), vmsas=()) -> bytes:
 
 def compute_measure(tik: bytes, *, api_major: int, api_minor: int, build: int,
                     policy: int, digest: bytes, mnonce: bytes) -> bytes:
-    """The 32-byte MEASURE the firmware returns (facts 11b).
+    """The 32-byte MEASURE the firmware returns (docs/facts.md#facts-11b).
 
     ``policy`` is the u32 policy value (an ``int`` or a ``GuestPolicy``).
     """
@@ -135,7 +135,7 @@ _REPORT_SIGNED_LEN = 52  # mnonce, launch digest, policy: everything before sig_
 
 @dataclasses.dataclass(frozen=True)
 class AttestationReport:
-    """ATTESTATION_REPORT (0x036, KVM_SEV_GET_ATTESTATION_REPORT): 208 bytes (facts 11e).
+    """ATTESTATION_REPORT (0x036, KVM_SEV_GET_ATTESTATION_REPORT): 208 bytes (docs/facts.md#facts-11e).
 
     mnonce 16 @0, launch digest 32 @16, policy u32 @48, sig_usage u32 @52
     (PEK, 0x1002), sig_algo u32 @56 (ECDSA SHA-256, 0x2), reserved @60,

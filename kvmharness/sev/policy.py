@@ -1,6 +1,6 @@
 """The SEV guest policy (a u32 bound to the guest at LAUNCH_START).
 
-Layout (facts 11f, ``include/linux/psp-sev.h``): bits 0-5 are flags, bits 15:6
+Layout (docs/facts.md#facts-11f, ``include/linux/psp-sev.h``): bits 0-5 are flags, bits 15:6
 are reserved and must be 0, bits 23:16 and 31:24 are the minimum firmware API
 major and minor version the guest accepts.
 """

@@ -12,12 +12,12 @@ LAUNCH_START (AMD SEV API spec 55766, LAUNCH_START and LAUNCH_SECRET):
    KIK = KDF(master, "sev-kik").  KDF is NIST SP 800-108 counter mode with
    HMAC-SHA-256: K(i) = HMAC(key, i_le32 || label || 0x00 || context || L_le32),
    L the output length in bits.
-4. Session blob (128 bytes, facts 11c): nonce, AES-128-CTR(KEK, IV)(TEK || TIK),
+4. Session blob (128 bytes, docs/facts.md#facts-11c): nonce, AES-128-CTR(KEK, IV)(TEK || TIK),
    IV, wrap MAC = HMAC-SHA-256(KIK, wrapped keys), policy MAC =
    HMAC-SHA-256(TIK, policy as LE u32).
 
 The owner keeps TEK/TIK to check LAUNCH_MEASURE (measurement.py) and to build
-the LAUNCH_SECRET packet (facts 11d).
+the LAUNCH_SECRET packet (docs/facts.md#facts-11d).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def session_keys(shared_secret: bytes, nonce: bytes) -> tuple[bytes, bytes]:
 
 @dataclasses.dataclass(frozen=True)
 class SessionBlob:
-    """LAUNCH_START's 128-byte session buffer (facts 11c)."""
+    """LAUNCH_START's 128-byte session buffer (docs/facts.md#facts-11c)."""
 
     nonce: bytes
     wrap_tk: bytes  # AES-128-CTR(KEK, wrap_iv)(TEK || TIK), 32 bytes
@@ -135,7 +135,7 @@ class LaunchStart:
 
 @dataclasses.dataclass(frozen=True)
 class SecretHeader:
-    """LAUNCH_SECRET's 52-byte packet header: flags u32, IV 16, MAC 32 (facts 11d)."""
+    """LAUNCH_SECRET's 52-byte packet header: flags u32, IV 16, MAC 32 (docs/facts.md#facts-11d)."""
 
     flags: int
     iv: bytes

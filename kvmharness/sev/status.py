@@ -1,6 +1,6 @@
 """SEV firmware status codes, platform states and guest states.
 
-The numbers are hard-coded from the reference (facts section 9f), not taken
+The numbers are hard-coded from the reference (docs/facts.md#facts-9f), not taken
 from an installed ``linux/psp-sev.h``: some SNP-era kernel releases shipped a
 header whose values after 0x18 were wrong (INVALID_KEY = 0x27 followed by
 INVALID_PAGE_SIZE = 0x28, ...), and the 6.1 header stops at 0x18 anyway.
@@ -124,7 +124,7 @@ def status_name(code: int) -> str:
 
 
 class PlatformState(enum.IntEnum):
-    """PLATFORM_STATUS.state (facts 9d)."""
+    """PLATFORM_STATUS.state (docs/facts.md#facts-9d)."""
 
     UNINIT = 0
     INIT = 1
@@ -132,7 +132,7 @@ class PlatformState(enum.IntEnum):
 
 
 class GuestState(enum.IntEnum):
-    """GUEST_STATUS.state: the firmware's values (facts 9e).
+    """GUEST_STATUS.state: the firmware's values (docs/facts.md#facts-9e).
 
     The KVM documentation's names (INVALID, LAUNCHING, SECRET, RUNNING,
     RECEIVING, SENDING) do not match values 4-6; these are the firmware's.
@@ -149,7 +149,7 @@ class GuestState(enum.IntEnum):
 
 
 class SevCommand(enum.IntEnum):
-    """PSP mailbox command IDs (kernel-internal ``SEV_CMD_*``, facts 9g)."""
+    """PSP mailbox command IDs (kernel-internal ``SEV_CMD_*``, docs/facts.md#facts-9g)."""
 
     INIT = 0x001
     SHUTDOWN = 0x002
@@ -188,7 +188,7 @@ class SevCommand(enum.IntEnum):
     DBG_ENCRYPT = 0x061
 
 
-# PLATFORM_STATUS.flags bits (facts 9d): the flags u32 overlays the owner byte
+# PLATFORM_STATUS.flags bits (docs/facts.md#facts-9d): the flags u32 overlays the owner byte
 # and the config u16 of the firmware's structure.
 SEV_STATUS_FLAGS_OWNER = 1 << 0  # 1 = externally owned (PEK_CERT_IMPORT done)
 SEV_STATUS_FLAGS_CONFIG_ES = 1 << 8  # SEV-ES initialized on the platform

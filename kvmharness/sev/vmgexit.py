@@ -130,7 +130,7 @@ GP_VECTOR = 13
 UD_VECTOR = 6
 
 #: SVM exit codes that, under SEV-ES, the CPU turns into a #VC inside the guest
-#: (non-automatic exits, "NAE events"; facts §6b).  The #VC error code is the
+#: (non-automatic exits, "NAE events"; docs/facts.md#facts-6b).  The #VC error code is the
 #: exit code.  Everything else the harness intercepts (HLT, SHUTDOWN, INTR, the
 #: CR/EFER write traps, NPF on private memory, VMGEXIT itself) exits to KVM
 #: without a #VC.

@@ -2,14 +2,14 @@
 
 Under SEV-ES the guest's register state lives in its own page, the VMSA
 (``struct sev_es_save_area``, 1648 bytes at the start of a zeroed 4 KiB page;
-facts §3), encrypted by LAUNCH_UPDATE_VMSA and covered by the launch digest.
+docs/facts.md#facts-3), encrypted by LAUNCH_UPDATE_VMSA and covered by the launch digest.
 To predict that digest offline (``kvmharness measure --mode sev-es``) the
 harness must build, byte for byte, the page KVM hands the firmware.
 
 :func:`build_vmsa` models ``sev_es_sync_vmsa()`` (arch/x86/kvm/svm/sev.c) on
 top of the state KVM_SET_REGS / KVM_SET_SREGS leave in the VMCB save area
 (``svm_set_segment``, ``svm_set_efer``, ``svm_set_cr0``, ``svm_set_cr4``,
-``svm_post_set_cr3``, ``init_vmcb``; facts §3b):
+``svm_post_set_cr3``, ``init_vmcb``; docs/facts.md#facts-3b):
 
 1. the legacy save area's first 744 bytes land at identical offsets:
    segments (``attrib`` from the kvm_segment bits, P cleared when unusable),
@@ -41,7 +41,7 @@ LEGACY_SAVE_AREA_SIZE = 0x2E8  # 744: sizeof(struct vmcb_save_area), copied firs
 
 SEGMENT_ORDER = ("es", "cs", "ss", "ds", "fs", "gs", "gdtr", "ldtr", "idtr", "tr")
 
-#: (name, offset, size) of every VMSA field (facts §3).  Segments are 16-byte
+#: (name, offset, size) of every VMSA field (docs/facts.md#facts-3).  Segments are 16-byte
 #: ``vmcb_seg`` records: selector u16, attrib u16, limit u32, base u64.
 VMSA_FIELDS: tuple[tuple[str, int, int], ...] = (
     *((name, 16 * i, 16) for i, name in enumerate(SEGMENT_ORDER)),
@@ -90,7 +90,7 @@ XFEATURE_MASK_FP = 0x1
 MXCSR_DEFAULT = 0x1F80
 FCW_DEFAULT = 0x37F
 
-# SEV_FEATURES bits (facts §3a)
+# SEV_FEATURES bits (docs/facts.md#facts-3a)
 SVM_SEV_FEAT_SNP_ACTIVE = 1 << 0
 SVM_SEV_FEAT_DEBUG_SWAP = 1 << 5
 
@@ -282,7 +282,7 @@ def reset_state(vcpu_signature: int = 0, eip: int = 0xFFFFFFF0) -> tuple[Regs, S
 
     CS = F000:(eip & 0xFFFF0000) with IP = eip & 0xFFFF, flat 64 KiB data
     segments, CR0 = CD|NW|ET, RDX = the CPUID signature.  This is the state
-    sev-snp-measure models for QEMU (facts §3c), for the fidelity check.
+    sev-snp-measure models for QEMU (docs/facts.md#facts-3c), for the fidelity check.
     """
     def data():
         return Segment(base=0, limit=0xFFFF, selector=0, type=3, present=1, s=1)

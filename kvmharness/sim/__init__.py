@@ -3,7 +3,7 @@
 Layers, bottom up (each one module):
 
 * ``core``     -- the unicorn 2.1.4 engine: memory, registers, hooks, precise stops;
-* ``vmcb``     -- the VMCB page, byte for byte (facts §1, §2), with named fields;
+* ``vmcb``     -- the VMCB page, byte for byte (docs/facts.md#facts-1, #facts-2), with named fields;
 * ``svm``      -- the SVM model: intercept vectors as KVM's ``init_vmcb`` sets them,
                   IOPM/MSRPM, #VMEXIT records (exit code, EXITINFO1/2, nRIP);
 * ``events``   -- exception delivery through the guest IDT / IVT, #DF, triple fault;

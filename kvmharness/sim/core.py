@@ -1,6 +1,6 @@
 """The CPU core: unicorn 2.1.4 (QEMU's TCG x86), driven for precise, SVM-shaped exits.
 
-Why this shape (measured on the project's 2-core EPYC VM, see the final report):
+Why this shape (measured with unicorn 2.1.4 on a 2-core EPYC VM; the numbers are in the bullets below):
 
 * **Entry through the emulated SVM.**  The engine is a UC_MODE_64 engine on the EPYC
   CPU model.  A three-instruction host stub (``vmload rax; vmrun rax; hlt``) at a
@@ -187,7 +187,7 @@ class Core:
         self._release_contexts()
         self._release_engine()  # a rebuild (a new VMRUN from guest mode) frees the old engine now
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
-        uc.ctl_set_cpu_model(X.UC_CPU_X86_EPYC)  # must precede mem_map (reference §5)
+        uc.ctl_set_cpu_model(X.UC_CPU_X86_EPYC)  # must precede mem_map (docs/facts.md#unicorn-memory)
         self.uc = uc
         self.uch = raw_handle(uc)
         self._keep = []
@@ -475,7 +475,7 @@ class Core:
 
     def msr_read_native(self, msr: int) -> int:
         """RDMSR by the emulated CPU itself; the MSRPM bit is lifted meanwhile, because
-        unicorn's own intercept check would longjmp out of the API call (reference §7.1)."""
+        unicorn's own intercept check would longjmp out of the API call (docs/facts.md#unicorn-msr-crash)."""
         return self._with_msr_passthrough(msr, lambda: self.uc.msr_read(msr))
 
     def msr_write_native(self, msr: int, value: int) -> None:
@@ -517,7 +517,7 @@ def translate(core: Core, linear: int, *, write: bool = False) -> tuple[int | No
 
     Returns (gpa or None, #PF error code if not mapped).  Models 4-level long-mode
     paging (2 MiB / 1 GiB pages) and no paging; 32-bit paging is not supported
-    by the hosts' KVM either (dev-kvm §1).
+    by the hosts' KVM either (docs/facts.md#kvm-pvm-modes).
     """
     if core.mmu is not None:  # an SEV guest: C-bit stripped, private pages at their alias
         return core.mmu.translate(linear, write=write)

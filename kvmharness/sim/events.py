@@ -1,6 +1,6 @@
 """Exception delivery through the guest's IDT (long mode) or IVT (real mode).
 
-unicorn reports an exception but never delivers it (reference §4), so the model
+unicorn reports an exception but never delivers it (docs/facts.md#unicorn-exceptions), so the model
 does what the CPU does: read the gate, switch stacks (IST), push the frame
 (SS, RSP, RFLAGS, CS, RIP and the error code for vectors that have one), clear
 TF/NT/RF (and IF through an interrupt gate) and continue at the handler.  A

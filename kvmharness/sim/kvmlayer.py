@@ -9,12 +9,12 @@ stops on an intercept or an exception.
 
 Where the project's hosts' KVM (kvm_pvm) differs from upstream kvm_amd, the vCPU's
 profile (sim/profile.py) decides: kvm_amd (the default) or kvm_pvm, which the contract
-suite selects when the kvm backend is kvm_pvm (dev-kvm-on-these-machines.md).  kvm_pvm
-raises #UD for VMMCALL/VMGEXIT at CPL0 with the FIX_HYPERCALL_INSN quirk disabled (§3)
+suite selects when the kvm backend is kvm_pvm (docs/facts.md#kvm-pvm-cpl0).  kvm_pvm
+raises #UD for VMMCALL/VMGEXIT at CPL0 with the FIX_HYPERCALL_INSN quirk disabled (docs/facts.md#kvm-pvm-cpl0)
 where kvm_amd runs its hypercall (:meth:`KvmExitHandling._hypercall`); kvm_pvm fails to
-emulate ``int n``/``int3`` at CPL0 (§0) where kvm_amd lets the guest's IDT deliver them;
+emulate ``int n``/``int3`` at CPL0 (docs/facts.md#kvm-pvm-cpl0) where kvm_amd lets the guest's IDT deliver them;
 kvm_pvm shows RIP already past an OUT at its exit (sim/vcpu.py); kvm_pvm checks the
-pass-through MSRs' writes and not PAT.  The CPUID registers kvm_pvm sets itself (§2)
+pass-through MSRs' writes and not PAT.  The CPUID registers kvm_pvm sets itself (docs/facts.md#kvm-pvm-cpuid)
 are declared in its profile, not modelled (see :func:`cpuid_lookup`).  The policy
 itself (hypercalls, in-kernel MSRs, the filter, CPUID) is sim/kvmpolicy.py, shared with
 the SEV-ES GHCB path.
@@ -314,7 +314,7 @@ class KvmExitHandling:
                 # interrupt natively, the return address past the instruction
                 self._soft_int(vector, rip)
                 return
-            # int n / int3 / int1 at CPL0: the hosts' KVM fails to emulate them (dev-kvm §0)
+            # int n / int3 / int1 at CPL0: the hosts' KVM fails to emulate them (docs/facts.md#kvm-pvm-cpl0)
             start = rip - (1 if vector in (1, 3) and self._code_bytes(rip - 1, 1) in (b"\xcc", b"\xf1") else 2)
             core.set_reg(X.UC_X86_REG_RIP, start)
             self._exit = self._emulation_failure(start)

@@ -3,7 +3,7 @@
 A guest (L1) that sets EFER.SVME and executes VMRUN runs its own guest (L2) on
 KVM's nested SVM (arch/x86/kvm/svm/nested.c).  This module is that layer of the
 model, for one vCPU, written after what kvm_amd does on the SVM rig
-(nested-svm-in-the-rig.md) and nested.c:
+(docs/facts.md#rig-nested-svm) and nested.c:
 
 * L1's VMRUN is intercepted by KVM's VMCB (vmcb01) like any VMRUN (exit 0x80,
   traced as handled by the kernel).  ``nested_svm_check_permissions``: #UD

@@ -46,7 +46,7 @@ class KvmProfile:
     soft_int_fails: bool   # int n / int3 / int1 are emulation failures instead of IDT deliveries
 
     in_rip_past: bool = False  # ... and during an IN exit past the IN (no KVM measured does)
-    # Guest CPL0 code is emulated instruction by instruction (dev-kvm §0), so every WRMSR goes
+    # Guest CPL0 code is emulated instruction by instruction (docs/facts.md#kvm-pvm-cpl0), so every WRMSR goes
     # through kvm_set_msr, the pass-through MSRs (FS/GS/KERNEL_GS base, LSTAR, CSTAR) too:
     # a non-canonical value is refused with the INVAL reason (measured by kvmharness fuzz:
     # WRMSR LSTAR/GS_BASE 0x7f9a88002a94a441-like values gave KVM_EXIT_X86_WRMSR reason 1),
@@ -71,9 +71,9 @@ KVM_AMD = KvmProfile("kvm_amd", io_rip_past=False, vmmcall_ud=False, soft_int_fa
 KVM_PVM = KvmProfile(
     "kvm_pvm", io_rip_past=True, vmmcall_ud=True, soft_int_fails=True,
     emulates_passthrough_msrs=True, pat_checked=False,
-    # measured on kvm_pvm hosts: leaf 1 ECX/EDX and 7.0 EBX/ECX/EDX (dev-kvm §2); by kvmharness
+    # measured on kvm_pvm hosts: leaf 1 ECX/EDX and 7.0 EBX/ECX/EDX (docs/facts.md#kvm-pvm-cpuid); by kvmharness
     # fuzz (2026-12-01, the host's supported table set, the guest read back something else):
-    # 7.1 EAX, 0xD.0 EBX (it follows XCR0, dev-kvm §2), 0xD.1 EAX and EBX; the report
+    # 7.1 EAX, 0xD.0 EBX (it follows XCR0, docs/facts.md#kvm-pvm-cpuid), 0xD.1 EAX and EBX; the report
     # from another kvm_pvm host adds 7.0 EAX and 0xD.0 EAX/ECX.
     cpuid_unhonoured=frozenset({(0x1, 0, "ecx"), (0x1, 0, "edx"), (0x7, 0, "eax"), (0x7, 0, "ebx"),
                                 (0x7, 0, "ecx"), (0x7, 0, "edx"), (0x7, 1, "eax"), (0xD, 0, "eax"),

@@ -96,7 +96,7 @@ PASSTHROUGH_MSRS = (0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 
                     0xC0000101, 0xC0000102, 0x174, 0x175, 0x176)
 WRITE_INTERCEPTED_PASSTHROUGH = (0xC0000080,)
 
-# -- IOIO EXITINFO1 (facts §1h) -------------------------------------------
+# -- IOIO EXITINFO1 (docs/facts.md#facts-1h) -------------------------------------------
 IOIO_TYPE_IN = 1 << 0
 IOIO_STR = 1 << 2
 IOIO_REP = 1 << 3

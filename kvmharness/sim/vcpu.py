@@ -300,7 +300,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             rcx = core.reg(X.UC_X86_REG_RCX)
             rdi = core.reg(X.UC_X86_REG_RDI)
             if rep:
-                # KVM's emulator: one exit for as many elements as fit in the page (dev-kvm §0)
+                # KVM's emulator: one exit for as many elements as fit in the page (docs/facts.md#kvm-pvm-cpl0)
                 count = max(1, min(rcx, (0x1000 - (rdi & 0xFFF)) // size, 0x1000 // size))
             extra = (rcx, rdi, count, rep)
         self.svm.vmexit(SVM_EXIT_IOIO, info1, next_rip, rip, next_rip, "IoIn")

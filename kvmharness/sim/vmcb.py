@@ -1,7 +1,7 @@
 """The VMCB: one 4 KiB page, control area at 0x000 and save area at 0x400.
 
 Every offset comes from ONE table per area (``CONTROL_FIELDS``, ``SAVE_FIELDS``;
-svm-sev-facts §1 and §2, the kernel's ``struct vmcb_control_area`` /
+docs/facts.md#facts-1 and #facts-2, the kernel's ``struct vmcb_control_area`` /
 ``vmcb_save_area``).  Named accessors are generated from those tables, so
 ``vmcb.control.exit_code`` and ``vmcb.raw[0x70:0x78]`` are the same bytes.
 
@@ -19,7 +19,7 @@ from ..x86 import Segment
 VMCB_SIZE = 4096
 SAVE_AREA_OFFSET = 0x400
 
-# (name, offset, size) -- facts §1 (control area)
+# (name, offset, size) -- docs/facts.md#facts-1 (control area)
 CONTROL_FIELDS = (
     ("intercept_cr", 0x000, 4),
     ("intercept_dr", 0x004, 4),
@@ -65,7 +65,7 @@ CONTROL_FIELDS = (
 
 SEGMENT_FIELDS = ("es", "cs", "ss", "ds", "fs", "gs", "gdtr", "ldtr", "idtr", "tr")
 
-# (name, offset within the save area, size) -- facts §2; segments are 16-byte records
+# (name, offset within the save area, size) -- docs/facts.md#facts-2; segments are 16-byte records
 SAVE_FIELDS = tuple((n, 0x10 * i, 16) for i, n in enumerate(SEGMENT_FIELDS)) + (
     ("vmpl", 0x0CA, 1),
     ("cpl", 0x0CB, 1),
@@ -99,7 +99,7 @@ SAVE_FIELDS = tuple((n, 0x10 * i, 16) for i, n in enumerate(SEGMENT_FIELDS)) + (
     ("last_excp_to", 0x290, 8),
     ("spec_ctrl", 0x2E0, 8),
 )
-SAVE_AREA_SIZE = 0x2E8  # 744 bytes (facts §2)
+SAVE_AREA_SIZE = 0x2E8  # 744 bytes (docs/facts.md#facts-2)
 
 _INT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 _SEG = struct.Struct("<HHIQ")  # selector, attrib, limit, base (struct vmcb_seg)
