@@ -1,4 +1,7 @@
-"""The GHCB page layout, the valid bitmap, the GHCB MSR protocol and IOIO EXITINFO1 (docs/facts.md#facts-1h, #facts-4, #facts-5)."""
+"""The GHCB page layout, the valid bitmap, the GHCB MSR protocol and IOIO EXITINFO1.
+
+Sources: docs/facts.md#facts-1h, #facts-4, #facts-5.
+"""
 
 from __future__ import annotations
 
