@@ -332,9 +332,9 @@ def test_launch_update_after_finish():
     with pytest.raises(SevError) as ei:  # a fresh private page: the firmware says why
         vm.launch_update(0x11, bytes(PAGE), PAGE, PageType.NORMAL)
     assert ei.value.errno == errno.EIO and _status(ei) == SevStatus.INVALID_GUEST_STATE
-    with pytest.raises(SevError) as ei:  # an already-launched page: KVM's RMP check
-        vm.launch_update(0x10, bytes(PAGE), PAGE, PageType.NORMAL)
-    assert ei.value.errno == errno.EEXIST
+    with pytest.raises(SevError) as ei:  # an already-launched page: KVM's RMP check (EEXIST
+        vm.launch_update(0x10, bytes(PAGE), PAGE, PageType.NORMAL)  # inside, EIO outside)
+    assert ei.value.errno == errno.EIO and ei.value.fw_error is None and "EEXIST" in str(ei.value)
     with pytest.raises(SevError) as ei:
         vm.fw.launch_finish(vm.gctx_spa)
     assert _status(ei) == SevStatus.INVALID_GUEST_STATE
@@ -345,8 +345,8 @@ def test_launch_update_after_finish():
     ((0x10, bytes(PAGE), 100, PageType.NORMAL), errno.EINVAL),      # not page aligned
     ((0x10, bytes(PAGE), PAGE, PageType.VMSA), errno.EINVAL),       # VMSA only via FINISH
     ((0x10, bytes(PAGE), PAGE, 7), errno.EINVAL),                   # no such type
-    ((0x20, bytes(PAGE), PAGE, PageType.NORMAL), errno.EINVAL),     # not set private
     ((0x10, bytes(10), PAGE, PageType.NORMAL), errno.EFAULT),       # short source
+    ((0x1000, bytes(PAGE), PAGE, PageType.NORMAL), errno.EINVAL),   # no memslot there
 ])
 def test_kvm_launch_update_argument_errors(args, err):
     vm = _vm_started()
@@ -354,6 +354,26 @@ def test_kvm_launch_update_argument_errors(args, err):
     with pytest.raises(SevError) as ei:
         vm.launch_update(*args)
     assert ei.value.errno == err and ei.value.fw_error is None
+
+
+def test_a_page_that_is_not_private_fails_the_first_page_with_eio():
+    vm = _vm_started()
+    with pytest.raises(SevError) as ei:
+        vm.launch_update(0x20, bytes(PAGE), PAGE, PageType.NORMAL)
+    assert ei.value.errno == errno.EIO and ei.value.fw_error is None
+    assert "KVM_SET_MEMORY_ATTRIBUTES" in str(ei.value)
+
+
+def test_a_failure_after_the_first_page_ends_the_ioctl_early_without_error():
+    """kvm_gmem_populate returns the pages done; snp_launch_update writes the rest back."""
+    vm = _vm_started()
+    vm.set_memory_attributes(0x10000, 2 * PAGE, True)  # 0x12 stays shared
+    data = bytes([1]) * PAGE + bytes([2]) * PAGE + bytes([3]) * PAGE
+    res = vm.launch_update(0x10, data, 3 * PAGE, PageType.NORMAL)
+    assert (res.gfn_start, res.len, res.uaddr_advance) == (0x12, PAGE, 2 * PAGE)
+    g = gctx.GCTX()
+    g.update_normal_pages(0x10000, data[:2 * PAGE])
+    assert vm.launch_digest == g.ld()
 
 
 def test_firmware_page_state_errors():
@@ -424,7 +444,8 @@ def test_cpuid_page_passes_and_is_measured_as_zeros():
     vm = _vm_started()
     vm.set_memory_attributes(SNP_CPUID_GPA, PAGE, True)
     page = cpuid_page(default_cpuid_entries(MILAN_SIG))
-    assert vm.launch_update(SNP_CPUID_GPA >> 12, page, PAGE, PageType.CPUID) == page
+    res = vm.launch_update(SNP_CPUID_GPA >> 12, page, PAGE, PageType.CPUID)
+    assert (res.data, res.len) == (page, 0)
     g = gctx.GCTX()
     g.update_cpuid_page(SNP_CPUID_GPA)
     assert vm.launch_digest == g.ld()

@@ -129,6 +129,16 @@ def expected_digest(plan: SnpLaunchPlan) -> LaunchDigest:
 
 # -- KVM's side ---------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class LaunchUpdateResult:
+    """What KVM_SEV_SNP_LAUNCH_UPDATE writes back into its argument, and the source buffer."""
+
+    gfn_start: int  # advanced past the pages done
+    len: int  # what is left (0: all done)
+    uaddr_advance: int  # how far uaddr moved (0 for ZERO pages in KVM; the pages done here)
+    data: bytes | None  # the source buffer as KVM left it
+
+
 SVM_VMGEXIT_AP_CREATION = 0x80000013
 SVM_VMGEXIT_AP_CREATE_ON_INIT = 0
 SVM_VMGEXIT_AP_CREATE = 1
@@ -321,11 +331,19 @@ class KvmSnpVm:
         self.gctx_spa = ctx << 12
 
     def launch_update(self, gfn_start: int, data: bytes | None, length: int,
-                      page_type: int, *, flags: int = 0) -> bytes | None:
-        """KVM_SEV_SNP_LAUNCH_UPDATE (``snp_launch_update``, ``sev_gmem_post_populate``).
+                      page_type: int, *, flags: int = 0) -> LaunchUpdateResult:
+        """KVM_SEV_SNP_LAUNCH_UPDATE (``snp_launch_update``, ``kvm_gmem_populate``,
+        ``sev_gmem_post_populate``).
 
-        Returns the source buffer as KVM leaves it: for a CPUID page the firmware
-        rejected, the corrected table (then raises EIO with INVALID_PARAM).
+        Argument errors are EINVAL before any page.  Then page by page: the GFN
+        must be private (KVM_SET_MEMORY_ATTRIBUTES), its guest_memfd page not
+        yet assigned in the RMP, and the firmware must accept it.  A failure on
+        the first page fails the ioctl with EIO (the firmware's status in
+        ``error`` when the firmware refused, else 0); a failure on a later page
+        ends the ioctl successfully with ``gfn_start``/``len``/``uaddr``
+        advanced past the pages done, as ``kvm_gmem_populate`` returns the
+        count.  A CPUID page the firmware rejected is copied back into the
+        source buffer (the corrected table; ``cpuid_copyback``).
         """
         cmd = "KVM_SEV_SNP_LAUNCH_UPDATE"
         if not self.initialized or self.gctx_spa is None:
@@ -335,35 +353,47 @@ class KvmSnpVm:
             raise _kvm_fail(cmd, errno.EINVAL, f"len {length:#x}, flags {flags:#x}, type "
                             f"{page_type}: len a non-zero multiple of 4096, flags 0, type one "
                             "of NORMAL/ZERO/UNMEASURED/SECRETS/CPUID")
+        if gfn_start >= self.npages:
+            raise _kvm_fail(cmd, errno.EINVAL, f"GFN {gfn_start:#x} is in no guest_memfd memslot")
         if page_type != PageType.ZERO and (data is None or len(data) < length):
             raise _kvm_fail(cmd, errno.EFAULT, "the source buffer is shorter than len")
         npages = length // PAGE_SIZE
+        out = bytearray(data) if data is not None and page_type != PageType.ZERO else None
         for i in range(npages):
             gfn = gfn_start + i
-            if gfn >= self.npages or gfn not in self.private:
-                raise _kvm_fail(cmd, errno.EINVAL, f"GFN {gfn:#x} is not private guest_memfd "
-                                "memory (KVM_SET_MEMORY_ATTRIBUTES first)")
-        out = bytearray(data) if data is not None else None
-        for i in range(npages):
-            gfn = gfn_start + i
-            pfn = self.gmem_pfn(gfn)
-            assigned, _ = self.fw.rmp.lookup(pfn)
-            if assigned:
-                raise _kvm_fail(cmd, errno.EEXIST, f"GFN {gfn:#x} is already private in the RMP")
-            src = bytes(out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) if out is not None else None
-            if src is not None:
-                self.fw.memory.write_page(pfn, src)
-            self.fw.rmp.make_private(pfn, gfn << 12, False, self.asid, True)
-            try:
-                self.fw.launch_update(self.gctx_spa, pfn << 12, page_type)
-            except SevError as e:
-                self.fw.page_reclaim(pfn << 12)
-                self.fw.rmp.make_shared(pfn)
-                if page_type == PageType.CPUID and e.fw_error == 0x16 and out is not None:
-                    out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = self.fw.memory.read_page(pfn)
-                    self.cpuid_copyback = bytes(out)
-                raise _kvm_fail(cmd, errno.EIO, e.detail, e.fw_error) from None
-        return bytes(out) if out is not None else None
+            fail = self._populate_one(gfn, out, i, page_type)
+            if fail is None:
+                continue
+            if i == 0:
+                err, fw_error, detail = fail
+                raise _kvm_fail(cmd, errno.EIO, f"{errno.errorcode.get(err, err)} on GFN "
+                                f"{gfn:#x}: {detail}", fw_error)
+            return LaunchUpdateResult(gfn, (npages - i) * PAGE_SIZE, i * PAGE_SIZE,
+                                      bytes(out) if out is not None else None)
+        return LaunchUpdateResult(gfn_start + npages, 0, length,
+                                  bytes(out) if out is not None else None)
+
+    def _populate_one(self, gfn: int, out, i: int, page_type: int):
+        """One page of ``kvm_gmem_populate``; None on success, else (errno, fw error, why)."""
+        if gfn >= self.npages or gfn not in self.private:
+            return errno.EINVAL, None, "not private (KVM_SET_MEMORY_ATTRIBUTES first)"
+        pfn = self.gmem_pfn(gfn)
+        assigned, _ = self.fw.rmp.lookup(pfn)
+        if assigned:
+            return errno.EEXIST, None, "the guest_memfd page is already private in the RMP"
+        if out is not None:
+            self.fw.memory.write_page(pfn, bytes(out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]))
+        self.fw.rmp.make_private(pfn, gfn << 12, False, self.asid, True)
+        try:
+            self.fw.launch_update(self.gctx_spa, pfn << 12, page_type)
+        except SevError as e:
+            self.fw.page_reclaim(pfn << 12)
+            self.fw.rmp.make_shared(pfn)
+            if page_type == PageType.CPUID and e.fw_error == 0x16 and out is not None:
+                out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = self.fw.memory.read_page(pfn)
+                self.cpuid_copyback = bytes(out)
+            return errno.EIO, e.fw_error, e.detail
+        return None
 
     def launch_finish(self, vmsas: list[bytes], *, id_block: bytes | None = None,
                       id_auth: bytes | None = None, auth_key_en: bool = False,
@@ -500,9 +530,12 @@ def launch_plan(plan: SnpLaunchPlan, memory: int, policy: int, *,
     return SnpLaunchResult(vm.launch_digest, vm, plan)
 
 
-__all__ = ["KvmSnpVm", "LaunchPage", "MemoryFaultExit", "SnpVcpu", "SNP_CPUID_GPA", "SNP_SECRETS_GPA", "SnpLaunchPlan",
-           "SnpLaunchResult", "default_cpuid_entries", "expected_digest", "guest_launch_plan",
-           "launch_plan", "measure_command"]
+__all__ = [
+    "KvmSnpVm", "LaunchPage", "LaunchUpdateResult", "MemoryFaultExit", "SnpVcpu",
+    "SNP_CPUID_GPA", "SNP_SECRETS_GPA", "SnpLaunchPlan", "SnpLaunchResult",
+    "default_cpuid_entries", "expected_digest", "guest_launch_plan", "launch_plan",
+    "measure_command",
+]
 
 
 # -- `kvmharness measure ... --mode sev-snp` ---------------------------------------------
