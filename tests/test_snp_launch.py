@@ -667,3 +667,22 @@ def test_secrets_page_layout_matches_edk2s_snp_secrets_page():
     vmpcks = [page[0x20 + 32 * i:0x40 + 32 * i] for i in range(4)]
     assert len(set(vmpcks)) == 4 and bytes(32) not in vmpcks
     assert page[0xA0:] == bytes(4096 - 0xA0)  # the OS area starts empty
+
+
+def test_vmpl_permissions_enter_page_info_and_the_log_carries_them():
+    """PAGE_INFO bytes 0x64-0x66 are VMPL3/2/1 permissions (sev-snp-measure always 0)."""
+    import hashlib
+
+    from kvmharness.snp.measure import LogEntry, page_info
+
+    d = LaunchDigest()
+    page = bytes(range(256)) * 16
+    entry = d.update(0x5000, PageType.NORMAL, page, vmpl1=0xF, vmpl3=0x1)
+    info = page_info(bytes(48), hashlib.sha384(page).digest(), 1, 0x5000, vmpl1=0xF, vmpl3=0x1)
+    assert info[0x64:0x67] == bytes([0x1, 0x0, 0xF]) and d.digest == hashlib.sha384(info).digest()
+    js = entry.to_json()
+    assert js["vmpl_perms"] == [0xF, 0, 0x1]
+    assert replay([js]) == d.digest == replay([LogEntry.from_json(js)])
+    plain = LaunchDigest()
+    assert "vmpl_perms" not in plain.update(0x5000, PageType.NORMAL, page).to_json()
+    assert plain.digest != d.digest
