@@ -72,18 +72,27 @@ class LogEntry:
     gpa: int
     page_type: PageType
     contents_sha384: bytes | None  # None: measured as 48 zero bytes
+    imi: int = 0
+    vmpl_perms: tuple[int, int, int] = (0, 0, 0)  # VMPL1, VMPL2, VMPL3 (KVM leaves them 0)
 
     def to_json(self) -> dict:
-        return {"gpa": f"0x{self.gpa:x}", "page_type": self.page_type.label,
-                "contents_sha384": self.contents_sha384.hex() if self.contents_sha384 else None}
+        d = {"gpa": f"0x{self.gpa:x}", "page_type": self.page_type.label,
+             "contents_sha384": self.contents_sha384.hex() if self.contents_sha384 else None}
+        if self.imi:  # only when set, so the common log stays the three fields
+            d["imi"] = self.imi
+        if any(self.vmpl_perms):
+            d["vmpl_perms"] = list(self.vmpl_perms)
+        return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "LogEntry":
+    def from_json(cls, d: dict) -> LogEntry:
         gpa = d["gpa"]
         digest = d.get("contents_sha384")
+        perms = tuple(int(x) for x in d.get("vmpl_perms", (0, 0, 0)))
         return cls(int(gpa, 0) if isinstance(gpa, str) else int(gpa),
                    PageType[str(d["page_type"]).upper()],
-                   bytes.fromhex(digest) if digest else None)
+                   bytes.fromhex(digest) if digest else None,
+                   int(d.get("imi", 0)), perms)  # type: ignore[arg-type]
 
 
 class LaunchDigest:
@@ -109,7 +118,7 @@ class LaunchDigest:
         self.digest = hashlib.sha384(page_info(self.digest, contents or ZERO_DIGEST, page_type,
                                                gpa, imi=imi, vmpl3=vmpl3, vmpl2=vmpl2,
                                                vmpl1=vmpl1)).digest()
-        entry = LogEntry(gpa, page_type, contents)
+        entry = LogEntry(gpa, page_type, contents, imi, (vmpl1, vmpl2, vmpl3))
         self.log.append(entry)
         return entry
 
@@ -123,8 +132,10 @@ def replay(log, seed: bytes = ZERO_DIGEST) -> bytes:
     for entry in log:
         if isinstance(entry, dict):
             entry = LogEntry.from_json(entry)
+        v1, v2, v3 = entry.vmpl_perms
         digest = hashlib.sha384(page_info(digest, entry.contents_sha384 or ZERO_DIGEST,
-                                          entry.page_type, entry.gpa)).digest()
+                                          entry.page_type, entry.gpa, imi=entry.imi,
+                                          vmpl3=v3, vmpl2=v2, vmpl1=v1)).digest()
     return digest
 
 
