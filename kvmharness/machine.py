@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 
 from . import exits as X
 from . import protocol as P
-from .backend import open_backend, System
+from .abi import KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM
+from .backend import System
 from .boot import load_image
 from .devices import Console, DeviceBus, MsrStore, NoDevice, NullDevice, RamLikeMmio
 from .errors import FeatureUnavailable, GuestFailure, GuestTimeout, UsageError
+from .factory import open_backend
 from .images import GuestImage, get_guest
 from .watchdog import WATCHDOG, check_timeout
 from .x86 import with_vcpu_apic_id
@@ -416,8 +418,8 @@ class Machine:
 
 def _sev_vm_type(system, mode: str) -> int:
     """KVM_X86_SEV_VM / SEV_ES_VM where offered (INIT2), else the default VM (legacy INIT)."""
-    wanted = 2 if mode == "sev" else 3
-    return wanted if wanted in system.capabilities.vm_types else 0
+    wanted = KVM_X86_SEV_VM if mode == "sev" else KVM_X86_SEV_ES_VM
+    return wanted if wanted in system.capabilities.vm_types else KVM_X86_DEFAULT_VM
 
 
 def sev_c_bit(system) -> int:
