@@ -1,10 +1,13 @@
 """The SVM rig in a box scripts (ci/rig/), the parts that need no QEMU: which
 Debian mirror the build uses, and that stopping a rig only ever signals the
-QEMU it started.  Booting the rig itself is ci/rig/run-rig-tier.sh's job."""
+QEMU it started.  Booting the rig itself is ci/rig/run-rig-tier.sh's job.  And the
+README's set-up on a fresh Debian 12 (ci/check-fresh-debian.sh)."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +62,34 @@ def test_stop_rig_signals_only_its_own_qemu(tmp_path):
 @pytest.mark.parametrize("script", sorted(p.name for p in RIG.glob("*.sh")))
 def test_rig_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(RIG / script)]).returncode == 0
+
+
+def test_readme_main_job_on_a_fresh_debian_12(request):
+    """ci/check-fresh-debian.sh: the README's main-job command on a fresh bookworm root
+    with Debian's own python3 (EXTERNALLY-MANAGED, no python3-venv), as a sudo user and
+    as root; it checks nothing was pip-installed outside the venvs.  It clones HEAD, so
+    it checks what is committed.  Its lines stream to the terminal (about 1.5 min)."""
+    from rig_fixtures import run_streaming
+
+    root = RIG.parent.parent
+    if os.environ.get("KVMHARNESS_FRESH_DEBIAN", "1") == "0":
+        pytest.skip("KVMHARNESS_FRESH_DEBIAN=0")
+    if os.geteuid() != 0:
+        pytest.skip("building a Debian root needs root (mmdebstrap, chroot)")
+    if not shutil.which("mmdebstrap"):
+        pytest.skip("mmdebstrap is not installed (bash ci/install-deps.sh --test installs it)")
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: the check clones HEAD")
+    r = run_streaming(["bash", str(root / "ci" / "check-fresh-debian.sh")], config=request.config,
+                      label="fresh debian", timeout=900, cwd=root,
+                      echo=lambda line: "fresh-debian:" in line)
+    if r.returncode == 77:
+        pytest.skip(r.output.strip().splitlines()[-1])
+    assert r.returncode == 0 and "fresh-debian: PASSED" in r.output, r.output[-4000:]
+    # both runs ran the whole suite: no guest failed or was skipped on a fresh machine
+    summaries = re.findall(r"^\s*(\d+) passed, (\d+) failed, (\d+) skipped \(ran on kvm: (\d+), on sim: (\d+)\)",
+                           r.output, re.M)
+    assert len(summaries) == 2, r.output[-4000:]
+    for passed, failed, skipped, on_kvm, on_sim in summaries:
+        assert int(passed) > 0 and failed == skipped == "0" and int(on_kvm) + int(on_sim) == int(passed)
+    assert summaries[0][3] == "0"  # the sudo user's run had no /dev/kvm: all on the simulator
