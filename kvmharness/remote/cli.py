@@ -24,6 +24,17 @@ pytest's 5 "no tests", then larger codes; 3 = a rig was unusable, 4 = timeout,
 """
 
 
+def _seconds(text: str) -> float:
+    """A time budget: finite, > 0 and at most a day (there is no "no timeout")."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 < v <= 86400):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds > 0 and at most 86400")
+    return v
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inventory", metavar="FILE",
                    help="rig inventory TOML (default: $KVMHARNESS_RIGS)")
@@ -59,6 +70,16 @@ def register(subparsers) -> None:
     r.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
                    help="local results folder (default ./results)")
     r.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
+    r.add_argument("--lock-timeout", type=_seconds, default=1800.0, metavar="S",
+                   help="wait up to S s for a rig another run holds (flock on the rig; default 1800), "
+                        "then fail naming the holder")
+    r.add_argument("--hang-timeout", type=_seconds, default=60.0, metavar="S",
+                   help="a rig that answers no SSH ping for S s is hung (default 60)")
+    r.add_argument("--power-cycle-on-hang", action="store_true",
+                   help="run a hung rig's power_cycle command (inventory), wait for it to answer "
+                        "again, mark its result 'power-cycled after hang' and go on with the others")
+    r.add_argument("--power-timeout", type=_seconds, default=600.0, metavar="S",
+                   help="after a power cycle, wait up to S s for SSH (default 600)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS (e.g. -- pytest -m requires_svm)")
     r.set_defaults(func=cmd_rig_run)
 
@@ -87,14 +108,25 @@ def cmd_rig_check(args) -> int:
                          ship=args.ship, wheel=args.wheel, progress=progress)
     progress.close()
     if args.json:
-        from .rig import capability_row
+        from .rig import capability_row, health
 
-        json.dump({r.rig: {"ok": r.info is not None, "error": r.reason or None,
-                           "capabilities": capability_row(r) if r.info else None, "info": r.info}
-                   for r in results}, sys.stdout, indent=2)
+        by_name = {r.name: r for r in rigs}
+        doc = {}
+        for r in results:
+            state, why = health(r, by_name.get(r.rig))
+            doc[r.rig] = {"ok": r.info is not None, "state": state, "reason": why,
+                          "error": r.reason or None, "lock": r.lock_status,
+                          "capabilities": capability_row(r) if r.info else None, "info": r.info}
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
+        from .rig import health
+
         print(format_matrix(results))
+        by_name = {r.name: r for r in rigs}
+        for r in results:
+            state, why = health(r, by_name.get(r.rig))
+            print(f"  {r.rig}: {state}: {why}")
     return EXIT_OK if all(r.info is not None for r in results) else EXIT_HOST
 
 
@@ -110,7 +142,9 @@ def cmd_rig_run(args) -> int:
     progress = Progress([r.name for r in rigs], live=False if args.plain else None)
     opts = RunOptions(command=command, backend=args.backend, timeout=args.timeout,
                       accept_new_host_keys=args.accept_new_host_keys, results_dir=args.results,
-                      run_id=new_run_id())
+                      run_id=new_run_id(), lock_timeout=args.lock_timeout,
+                      hang_timeout=args.hang_timeout, power_cycle_on_hang=args.power_cycle_on_hang,
+                      power_timeout=args.power_timeout)
     try:
         status, results = run_on_rigs(rigs, opts, wheel=args.wheel, progress=progress)
     finally:

@@ -11,6 +11,12 @@ variable, with one table per rig::
     python = "/usr/bin/python3"  # remote interpreter; default "python3"
     labels = ["milan", "sev-es"] # default []
     known_hosts = "rigs.known_hosts"  # default ~/.ssh/known_hosts
+    lock_file = "/tmp/kvmharness-rig.lock"  # the rig's flock file; default
+                                 # /tmp/kvmharness-rig-<name>.lock (give rigs that are
+                                 # one machine under several names the same file)
+    power_cycle = "ipmitool -I lanplus -H bmc-1 -U ci -f pw chassis power cycle"
+                                 # run here, by `rig run --power-cycle-on-hang`
+    kernel = "6.1.*"             # `rig check` says "wrong-kernel" unless uname -r matches
 
 Every problem is a :class:`~kvmharness.errors.UsageError` whose message names
 the file, the rig and the field.
@@ -28,7 +34,8 @@ from ..errors import UsageError
 
 ENV_VAR = "KVMHARNESS_RIGS"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_FIELDS = {"host", "port", "user", "key_file", "python", "labels", "known_hosts"}
+_FIELDS = {"host", "port", "user", "key_file", "python", "labels", "known_hosts", "lock_file",
+           "power_cycle", "kernel"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class Rig:
     python: str
     labels: tuple[str, ...]
     known_hosts: Path | None  # None: the user's ~/.ssh/known_hosts
+    lock_file: str | None = None    # on the rig; None: /tmp/kvmharness-rig-<name>.lock
+    power_cycle: str | None = None  # a local shell command that power-cycles the rig
+    kernel: str | None = None       # the expected `uname -r` (a glob)
 
     @property
     def address(self) -> str:
@@ -109,6 +119,9 @@ def _parse_rig(name: str, table, path: Path, base: Path) -> Rig:
     port = table.get("port", 22)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise UsageError(f"{where}: field 'port' must be an integer 1-65535, not {port!r}")
+    if "lock_file" in table and not text("lock_file").startswith("/"):
+        raise UsageError(f"{where}: field 'lock_file' must be an absolute path on the rig, "
+                         f"not {table['lock_file']!r}")
     labels = table.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
         raise UsageError(f"{where}: field 'labels' must be a list of strings, not {labels!r}")
@@ -121,6 +134,9 @@ def _parse_rig(name: str, table, path: Path, base: Path) -> Rig:
         python=text("python", "python3"),
         labels=tuple(labels),
         known_hosts=file("known_hosts") if "known_hosts" in table else None,
+        lock_file=text("lock_file") if "lock_file" in table else None,
+        power_cycle=text("power_cycle") if "power_cycle" in table else None,
+        kernel=text("kernel") if "kernel" in table else None,
     )
 
 

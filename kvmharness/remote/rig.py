@@ -165,11 +165,20 @@ class RigResult:
     files: list[str] = field(default_factory=list)    # fetched into the results folder
     elapsed: float = 0.0
     cleaned: bool = False
+    lock: dict | None = None      # rig run: our record in the rig's lock (who, since)
+    lock_waited: float = 0.0      # seconds spent waiting for the rig's lock
+    lock_status: dict | None = None  # rig check: who holds the rig's lock now
+    hang: dict | None = None      # the rig stopped answering: when, and the power cycle
+
+    @property
+    def power_cycled(self) -> bool:
+        return bool(self.hang and self.hang.get("power_cycled"))
 
     def to_dict(self) -> dict:
         return {"rig": self.rig, "status": self.status, "reason": self.reason, "info": self.info,
                 "missing": self.missing, "files": self.files, "elapsed": round(self.elapsed, 2),
-                "remote_dir_removed": self.cleaned}
+                "remote_dir_removed": self.cleaned, "lock": self.lock,
+                "lock_waited": round(self.lock_waited, 2), "hang": self.hang}
 
 
 @dataclass
@@ -180,6 +189,11 @@ class RunOptions:
     accept_new_host_keys: bool = False
     results_dir: Path = Path("results")
     run_id: str = ""
+    lock_timeout: float = 1800.0      # wait this long for a rig's lock, then fail naming the holder
+    hang_timeout: float = 60.0        # a rig that answers no SSH ping for this long is hung
+    power_cycle_on_hang: bool = False  # then run its power_cycle command and wait for it
+    power_timeout: float = 600.0      # for the rig to answer SSH again after the power cycle
+    who: dict | None = None           # recorded in the rig's lock (default: this process)
 
 
 class _RigSession:
@@ -194,9 +208,100 @@ class _RigSession:
         self.deadline = deadline
         from .ssh import RigConnection  # paramiko only when a rig is really contacted
 
+        self.accept_new = accept_new
         self.conn = RigConnection(rig, accept_new_host_keys=accept_new,
                                   note=lambda m: progress.note(rig.name, m))
         self.made_dir = False
+        self.phase = "starting"
+        self.hung: dict | None = None  # set by the watchdog: the rig stopped answering
+        self._watch_stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.lock = None
+
+    # -- a hung rig ----------------------------------------------------------------
+    def watch(self, hang_timeout: float) -> None:
+        """Ping the rig (a fresh SSH channel running `true`) until stopped; when one gets no
+        answer within ``hang_timeout``, record the hang and drop the connection, so
+        whatever waits on the rig fails at once instead of at the run's timeout."""
+        interval = max(0.5, min(10.0, hang_timeout / 3))
+        conn = self.conn
+
+        def loop() -> None:
+            t_ok = time.monotonic()
+            while not self._watch_stop.wait(interval):
+                if not conn.alive:
+                    return
+                t0 = time.monotonic()
+                if conn.ping(hang_timeout):
+                    t_ok = time.monotonic()
+                    continue
+                if self._watch_stop.is_set() or not conn.alive and time.monotonic() - t0 < hang_timeout:
+                    return  # we closed it ourselves, or it died on its own (reported as dropped)
+                self.hung = {"phase": self.phase, "silent_for": round(time.monotonic() - t_ok, 2),
+                             "detected_at": time.monotonic()}
+                self.progress.note(self.rig.name, f"the rig stopped answering (no SSH reply within "
+                                                  f"{hang_timeout:g} s while {self.phase})")
+                conn.abort()
+                return
+
+        self._watchdog = threading.Thread(target=loop, name=f"rig-watch-{self.rig.name}", daemon=True)
+        self._watchdog.start()
+
+    def stop_watch(self) -> None:
+        self._watch_stop.set()
+
+    def take_lock(self, who: dict, timeout: float) -> float:
+        """The rig's own lock (see lock.py); returns the seconds waited."""
+        from .lock import acquire
+
+        self.step("locking")
+        t0 = time.monotonic()
+        self.lock = acquire(self.conn, self.rig, who, timeout=timeout, cancel=self.cancel,
+                            waiting=lambda m: self.progress.note(self.rig.name, m))
+        return time.monotonic() - t0
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def power_cycle(self, opts: RunOptions) -> float:
+        """Run the rig's power command here and wait until it answers SSH again, with a
+        fresh connection in ``self.conn``; returns the seconds that took."""
+        from .ssh import RigConnection
+
+        rig = self.rig
+        t0 = time.monotonic()
+        self.progress.phase(rig.name, "power-cycling")
+        self.progress.note(rig.name, f"power-cycling: {rig.power_cycle}")
+        try:
+            p = subprocess.run(rig.power_cycle, shell=True, capture_output=True, text=True, timeout=300,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RigError(rig.name, "hung, and its power command did not finish within 300 s") from None
+        if p.returncode != 0:
+            tail = " | ".join((p.stderr or p.stdout).strip().splitlines()[-2:])
+            raise RigError(rig.name, f"hung, and its power command failed (exit {p.returncode}): {tail}")
+        self.progress.phase(rig.name, "waiting for ssh")
+        deadline = t0 + opts.power_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.cancel.is_set():
+                raise RigCancelled(rig.name, "interrupted while waiting for the power-cycled rig")
+            conn = RigConnection(rig, accept_new_host_keys=self.accept_new, connect_timeout=10.0,
+                                 note=lambda m: self.progress.note(rig.name, m))
+            try:
+                conn.open()
+                if conn.ping(min(30.0, max(5.0, opts.hang_timeout))):
+                    self.conn.close()
+                    self.conn = conn
+                    return time.monotonic() - t0
+                conn.close()
+            except RigError as e:
+                last = e.reason
+            time.sleep(1.0)
+        raise RigError(rig.name, f"power-cycled after a hang, but it did not answer SSH within "
+                                 f"{opts.power_timeout:g} s ({last or 'no reply'})")
 
     def remaining(self, cap: float | None = None) -> float:
         left = self.deadline - time.monotonic()
@@ -207,6 +312,7 @@ class _RigSession:
     def step(self, phase: str) -> None:
         if self.cancel.is_set():
             raise RigCancelled(self.rig.name, "interrupted")
+        self.phase = phase
         self.progress.phase(self.rig.name, phase)
 
     def sh(self, command: str, cap: float = 300.0) -> tuple[int, str, str]:
@@ -354,10 +460,14 @@ def check_rigs(rigs: list[Rig], *, accept_new_host_keys: bool = False, timeout: 
         def work(rig: Rig, cancel: threading.Event) -> RigResult:
             s = _RigSession(rig, run_id, progress, cancel, accept_new_host_keys,
                             time.monotonic() + timeout)
+            res = RigResult(rig.name)
             try:
                 s.connect()
+                from .lock import lock_status
+
+                s.step("lock")
+                res.lock_status = lock_status(s.conn, rig).to_dict()
                 args = " ".join(shlex.quote(a) for a in info_args)
-                res = RigResult(rig.name)
                 installed = False
                 if not ship:  # the rig's own kvmharness, if it has one
                     s.step("info")
@@ -375,6 +485,9 @@ def check_rigs(rigs: list[Rig], *, accept_new_host_keys: bool = False, timeout: 
                 except json.JSONDecodeError as e:
                     raise RigError(rig.name, f"remote `kvmharness info --json` printed no JSON ({e})") from None
                 return res
+            except RigError as e:
+                res.status, res.reason = e.exit_code, e.reason
+                return res
             finally:
                 try:
                     s.cleanup()
@@ -382,6 +495,38 @@ def check_rigs(rigs: list[Rig], *, accept_new_host_keys: bool = False, timeout: 
                     s.conn.close()
 
         return _run_parallel(rigs, work, progress)
+
+
+SEV_MODES = ("sev", "sev-es", "sev-snp")
+
+
+def health(res: RigResult, rig: Rig | None = None) -> tuple[str, str]:
+    """A rig's state after `rig check`, with the reason: ``ready``, ``busy`` (its lock is
+    held), ``unreachable`` (no SSH session), ``error`` (reached, but `kvmharness info`
+    failed), ``wrong-kernel`` (uname -r does not match the inventory's ``kernel`` glob) or
+    ``no-sev`` (a label names an SEV mode, e.g. ``sev-es`` or ``sev_es``, that the rig
+    cannot run).  A rig without SEV labels is not expected to have SEV."""
+    import fnmatch
+
+    if res.info is None:
+        if res.lock_status is None:
+            return "unreachable", res.reason or f"exit {res.status}"
+        return "error", res.reason or f"exit {res.status}"
+    kernel = str(res.info.get("kernel") or "")
+    if rig is not None and rig.kernel and not fnmatch.fnmatchcase(kernel, rig.kernel):
+        return "wrong-kernel", f"runs kernel {kernel or '?'}, the inventory expects {rig.kernel}"
+    verdicts = res.info.get("verdicts") or {}
+    labels = {lab.replace("_", "-").lower() for lab in (rig.labels if rig else ())}
+    for mode in SEV_MODES:
+        v = verdicts.get(mode) or {}
+        if mode in labels and not v.get("usable"):
+            return "no-sev", f"labelled {mode}, but {mode} is not usable: {v.get('why') or 'no reason given'}"
+    lock = res.lock_status or {}
+    if lock.get("held"):
+        from .lock import describe
+
+        return "busy", f"locked by {describe(lock.get('holder'))}"
+    return "ready", "reachable, kvmharness info ran" + (f", kernel {kernel}" if kernel else "")
 
 
 def _yes(v) -> str:
@@ -426,6 +571,13 @@ def format_matrix(results: list[RigResult]) -> str:
             lines.append(f"{r['rig'].ljust(widths['rig'])}  UNAVAILABLE: {r['error']}")
         else:
             lines.append("  ".join(r[c].ljust(widths[c]) for c in MATRIX_COLUMNS).rstrip())
+    for res in results:
+        if res.lock_status is not None:
+            from .lock import describe
+
+            lk = res.lock_status
+            lines.append(f"  {res.rig}: lock {lk['file']}: "
+                         + (f"held by {describe(lk.get('holder'))}" if lk.get("held") else "free"))
     # Say why a capability is missing, once per rig (the verdicts' own words).
     for res in results:
         for feat, verdict in ((res.info or {}).get("verdicts") or {}).items():
@@ -462,12 +614,25 @@ def remote_command(argv: list[str], rdir: str, backend: str, timeout: float) -> 
     return f"cd {q(rdir + '/src')} && env {envs} timeout -k 10 {int(timeout) + 1} {cmd}"
 
 
+def _hang_reason(s: _RigSession, opts: RunOptions) -> str:
+    why = (f"the rig stopped answering (no SSH reply for {s.hung['silent_for']:.0f} s while "
+           f"{s.hung['phase']})")
+    if s.rig.power_cycle and not opts.power_cycle_on_hang:
+        why += "; --power-cycle-on-hang would power-cycle it with its power_cycle command"
+    elif opts.power_cycle_on_hang and not s.rig.power_cycle:
+        why += "; it has no power_cycle command in the inventory"
+    return why
+
+
 def run_on_rigs(rigs: list[Rig], opts: RunOptions, *, wheel: Path | None = None,
                 project: Path | None = None, progress: Progress | None = None) -> tuple[int, list[RigResult]]:
     """`rig run`: returns (worst status, per-rig results); results land in
     ``opts.results_dir / run_id / rig``."""
+    from .lock import whoami
+
     progress = progress or Progress([r.name for r in rigs], live=False)
     run_id = opts.run_id or new_run_id()
+    who = {**whoami(), "run_id": run_id, **(opts.who or {})}
     out_root = opts.results_dir / run_id
     out_root.mkdir(parents=True, exist_ok=True)
     progress.message(f"run {run_id}: results in {out_root}")
@@ -493,6 +658,11 @@ def run_on_rigs(rigs: list[Rig], opts: RunOptions, *, wheel: Path | None = None,
 
             try:
                 s.connect()
+                s.watch(opts.hang_timeout)
+                res.lock_waited = s.take_lock(who, opts.lock_timeout)
+                res.lock = s.lock.record
+                # The rig's time budget starts once the rig is ours.
+                s.deadline = time.monotonic() + opts.timeout
                 res.missing = s.install(payload)
                 s.step("running")
                 budget = s.remaining()
@@ -503,20 +673,40 @@ def run_on_rigs(rigs: list[Rig], opts: RunOptions, *, wheel: Path | None = None,
                     if res.status == 124:
                         res.status, res.reason = EXIT_TIMEOUT, f"timed out after {budget:.0f} s on the rig"
                 finally:
-                    if s.conn.alive:
+                    if s.conn.alive and not s.hung:
                         s.progress.phase(rig.name, "fetching")
                         try:
                             got = s.conn.get_tree(f"{s.dir}/results", rig_dir)
                             res.files = [str(p.relative_to(out_root)) for p in got]
                         except RigError as e:
                             res.reason = res.reason or e.reason
-            except RigError as e:
-                res.status, res.reason = worst_status([res.status, e.exit_code]), e.reason
+            except Exception as e:
+                if not s.hung and not isinstance(e, RigError):
+                    raise
+                if s.hung:
+                    res.status, res.reason = EXIT_HOST, _hang_reason(s, opts)
+                else:
+                    res.status, res.reason = worst_status([res.status, e.exit_code]), e.reason
             finally:
+                s.stop_watch()
                 try:
+                    if s.hung:
+                        res.hang = {"phase": s.hung["phase"], "silent_for": s.hung["silent_for"],
+                                    "power_cycled": False}
+                        if opts.power_cycle_on_hang and rig.power_cycle:
+                            try:
+                                back = s.power_cycle(opts)
+                                res.hang.update(power_cycled=True, recovered_in=round(back, 2))
+                                res.reason = (f"power-cycled after hang (no SSH reply for "
+                                              f"{s.hung['silent_for']:.0f} s while {s.hung['phase']}; "
+                                              f"answering again {back:.1f} s after the power command; "
+                                              f"this run's results on it are lost)")
+                            except RigError as e:
+                                res.reason = e.reason
                     s.progress.phase(rig.name, "cleaning up")
                     res.cleaned = s.cleanup()
                 finally:
+                    s.release_lock()
                     s.conn.close()
                     log.close()
                     (rig_dir / "result.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")

@@ -32,7 +32,7 @@ import paramiko
 from .errors import RigCancelled, RigError, RigTimeout
 from .inventory import Rig
 
-__all__ = ["RigConnection", "RigError", "RigTimeout", "RigCancelled", "fingerprint"]
+__all__ = ["RigConnection", "RemoteProcess", "RigError", "RigTimeout", "RigCancelled", "fingerprint"]
 
 LineSink = Callable[[str, str], None]  # (stream "stdout"|"stderr", line without newline)
 
@@ -250,6 +250,54 @@ class RigConnection:
         finally:
             chan.close()
 
+    def start(self, command: str) -> "RemoteProcess":
+        """Start ``command`` and return at once: a process that lives as long as the
+        channel (its stdin reaches EOF when we close it or the connection drops)."""
+        try:
+            chan = self._transport().open_session(timeout=self.connect_timeout)
+            chan.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise self._fail(f"connection dropped: cannot start a command ({e or type(e).__name__})") from None
+        return RemoteProcess(chan)
+
+    def ping(self, timeout: float) -> bool:
+        """True when the rig's sshd answers a fresh channel (``true``) within ``timeout``.
+
+        TCP keepalives prove only that the rig's kernel still ACKs; a frozen sshd
+        (or a hung userspace) passes them.  A channel open and an exit status need
+        the rig's sshd and a process to run, so they show that it still works.
+        """
+        try:
+            t = self._transport()
+            chan = t.open_session(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError, RigError):
+            return False
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command("true")
+            deadline = time.monotonic() + timeout
+            while not chan.exit_status_ready():
+                if time.monotonic() > deadline or chan.closed:
+                    return False
+                time.sleep(0.05)
+            return True
+        except (paramiko.SSHException, OSError, EOFError):
+            return False
+        finally:
+            try:
+                chan.close()
+            except Exception:  # noqa: BLE001 - closing on a dead connection
+                pass
+
+    def abort(self) -> None:
+        """Drop the connection now, from any thread (a hung rig): blocked calls on it fail."""
+        t = self._client.get_transport() if self._client else None
+        if t is not None:
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+
     def output(self, command: str, *, timeout: float = 60.0) -> tuple[int, str, str]:
         """Run a short command; return (status, stdout, stderr)."""
         out: list[str] = []
@@ -320,3 +368,64 @@ class RigConnection:
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise self._fail(f"download of {remote} failed: {e}") from None
         return fetched
+
+
+class RemoteProcess:
+    """A remote command started with :meth:`RigConnection.start`, read line by line.
+
+    Closing it closes the channel: the remote side sees EOF on its stdin, and so
+    does it when the connection drops, so a process that waits for that EOF
+    lives exactly as long as our session.
+    """
+
+    def __init__(self, chan: paramiko.Channel):
+        self._chan = chan
+        self._buf = b""
+
+    def readline(self, timeout: float) -> str | None:
+        """The next stdout line, "" at EOF, None when none came within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                return line.decode("utf-8", "replace")
+            try:
+                if self._chan.recv_ready():
+                    data = self._chan.recv(65536)
+                    if data:
+                        self._buf += data
+                        continue
+                if self._chan.eof_received or self._chan.closed:
+                    if self._chan.recv_ready():
+                        continue
+                    rest, self._buf = self._buf, b""
+                    return rest.decode("utf-8", "replace")
+            except (paramiko.SSHException, OSError, EOFError):
+                return ""
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            select.select([self._chan], [], [], min(left, 0.2))
+
+    def stderr(self) -> str:
+        out = b""
+        try:
+            while self._chan.recv_stderr_ready():
+                out += self._chan.recv_stderr(65536)
+        except (paramiko.SSHException, OSError, EOFError):
+            pass
+        return out.decode("utf-8", "replace")
+
+    @property
+    def running(self) -> bool:
+        return not (self._chan.closed or self._chan.exit_status_ready())
+
+    def close(self) -> None:
+        try:
+            self._chan.shutdown_write()
+        except Exception:  # noqa: BLE001 - the connection may be gone
+            pass
+        try:
+            self._chan.close()
+        except Exception:  # noqa: BLE001
+            pass
