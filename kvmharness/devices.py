@@ -5,6 +5,22 @@ A device is any object with some of ``io_in(port, size) -> int``,
 ``mmio_write(addr, size, data: bytes)``.  Ranges may not overlap (checked
 when a device is added).  Port dispatch is one dict lookup per exit: the bus
 keeps a port -> bound-method table, since this is the per-exit hot path.
+
+A device may let the compiled exit path (``kvm/fastpath.c``) handle its writes
+without Python by declaring ``fast_kind``:
+
+* ``"sink"``: its OUTs/MMIO writes have no effect but being counted; the C loop
+  counts them and the Machine calls ``fast_sunk(n)`` with the count before the
+  next exit Python handles (a sink without ``fast_sunk`` is treated as posted);
+* ``"posted"``: its writes change only state the guest cannot observe before an
+  exit Python answers (a console, a RAM-like window read back through MMIO reads):
+  the C loop queues them and the Machine replays them, in order, through
+  ``io_out``/``mmio_write`` before it handles the next exit;
+* ``None`` (the default): every exit comes to Python, as without the fast path.
+
+A subclass whose writes do more (end the run, read registers, touch guest memory,
+answer through another device) must set ``fast_kind = None``.  Reads (IN, MMIO
+reads) always come to Python.
 """
 
 from __future__ import annotations
@@ -58,6 +74,46 @@ class DeviceBus:
         self._mmio.insert(i, (start, end, device))
         self._mmio_starts.insert(i, start)
 
+    def fast_plan(self, record: bool = False) -> FastPlan:
+        """What the compiled exit path may do per port and MMIO range (see the module
+        docstring).  ``record``: every exit is to be recorded, so sinks are posted too
+        (replayed through ``io_out``, which counts them as the fast path would)."""
+        plan = FastPlan()
+        slots: dict[tuple, int] = {}  # (id(device), kind, method) -> slot
+
+        def slot_of(kind: str, device, method: str) -> int | None:
+            fn = getattr(device, "fast_sunk" if kind == "sink" else method, None)
+            if fn is None:
+                return None
+            key = (id(device), kind, method)
+            if key not in slots:
+                if len(plan.handlers) >= 256:
+                    return None
+                slots[key] = len(plan.handlers)
+                plan.handlers.append(fn)
+                if kind == "sink":
+                    plan.sinks.append((slots[key], fn))
+            return slots[key]
+
+        def kind_of(device, method: str) -> tuple[str, int] | None:
+            kind = getattr(device, "fast_kind", None)
+            if kind == "sink" and (record or getattr(device, "fast_sunk", None) is None):
+                kind = "posted"
+            if kind not in ("sink", "posted"):
+                return None
+            slot = slot_of(kind, device, method)
+            return None if slot is None else (kind, slot)
+
+        for port in self._port_out:
+            ks = kind_of(self._port_owner[port], "io_out")
+            if ks is not None:
+                plan.ports[port] = ks
+        for start, end, device in self._mmio:
+            ks = kind_of(device, "mmio_write")
+            if ks is not None:
+                plan.mmio.append((start, end, ks[0], ks[1]))
+        return plan
+
     @property
     def port_out_handlers(self) -> dict:
         """port -> io_out bound method (the Machine loop reads this directly)."""
@@ -93,8 +149,25 @@ class DeviceBus:
         return self._mmio_device(addr, size).mmio_read(addr, size)
 
 
+class FastPlan:
+    """The device bus as the compiled exit path sees it (:meth:`DeviceBus.fast_plan`):
+    ``ports`` port -> (kind, slot), ``mmio`` (start, end, kind, slot), ``handlers`` slot ->
+    the bound ``io_out``/``mmio_write`` (posted) or ``fast_sunk`` (sink), ``sinks`` the
+    (slot, ``fast_sunk``) pairs."""
+
+    __slots__ = ("handlers", "mmio", "ports", "sinks")
+
+    def __init__(self):
+        self.ports: dict[int, tuple[str, int]] = {}
+        self.mmio: list[tuple[int, int, str, int]] = []
+        self.handlers: list = []
+        self.sinks: list = []
+
+
 class Console:
     """Collects text the guest writes to CONSOLE_PORT."""
+
+    fast_kind = "posted"  # the text is read by the host only
 
     def __init__(self):
         self.buffer = bytearray()
@@ -111,6 +184,7 @@ class NullDevice:
     """Accepts every write, reads as zero (the benchmark port)."""
 
     __slots__ = ("writes",)
+    fast_kind = "sink"
 
     def __init__(self):
         self.writes = 0
@@ -118,12 +192,18 @@ class NullDevice:
     def io_out(self, port, size, data):
         self.writes += 1
 
+    def fast_sunk(self, n):
+        """``n`` writes the compiled exit path counted for this device."""
+        self.writes += n
+
     def io_in(self, port, size):
         return 0
 
 
 class RamLikeMmio:
     """An MMIO window that behaves like RAM: reads return the bytes last written."""
+
+    fast_kind = "posted"  # a write is observable only through a read, which Python answers
 
     def __init__(self, base: int, size: int):
         self.base = base

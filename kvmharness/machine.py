@@ -310,9 +310,19 @@ class Machine:
             elapsed=elapsed, hw_trace=list(getattr(vcpu, "hw_trace", ()) or ()),
             kernel_trace=getattr(tracer, "events", []), kernel_trace_error=getattr(tracer, "error", None))
 
+    #: Use the compiled exit path (kvm/fastpath.c) where the backend offers it and no
+    #: on_exit hook needs to see every exit as it happens; False forces the Python loop.
+    fast_path = True
+
     def _loop(self, records, trace: bool, kicked) -> int:
         vcpu, bus, hooks = self.vcpu, self.bus, self._hooks
-        run = vcpu.run
+        if self.fast_path and not hooks:
+            fast_loop = getattr(vcpu, "fast_loop", None)
+            fast = fast_loop() if fast_loop is not None else None
+            if fast is not None:
+                return self._loop_fast(fast, records, trace, kicked)
+        runner = getattr(vcpu, "runner", None)  # kvm: run() with the thread bound once
+        run = runner() if runner is not None else vcpu.run
         port_handlers = bus.port_out_handlers
         IoOut = X.IoOut
         append = records.append if records is not None else None
@@ -348,6 +358,74 @@ class Machine:
                 self._message = f"no device handles {nd} (exit {e})"
                 self._final_exit = e
         return count
+
+    def _loop_fast(self, fast, records, trace: bool, kicked) -> int:
+        """The loop over the compiled exit path: C runs KVM_RUN and handles the sink and
+        posted devices' writes; each time it returns, the sinks are credited and the posted
+        writes replayed (and recorded) in order, then the exit it returned for, if any, is
+        handled here exactly as :meth:`_loop` handles it."""
+        vcpu = self.vcpu
+        plan = self.bus.fast_plan(record=records is not None)
+        fast.configure(plan.ports, plan.mmio, rip=trace)
+        run_c, decode = fast.run, vcpu.decode_exit
+        hint = getattr(vcpu, "_run_failure_hint", None)
+        append = records.append if records is not None else None
+        synced_rip = getattr(vcpu, "synced_rip", None) if trace else None
+        count = 0
+        limit = TRACE_LIMIT
+        while self._outcome is None:
+            rc = run_c()
+            if fast.exits:
+                count = self._replay(fast, plan, count, append, trace)
+            if rc:
+                if rc > 0:  # nothing pending: a full ring or the exit budget
+                    continue
+                try:
+                    fast.raise_error(hint)
+                except InterruptedError:
+                    if kicked:
+                        raise _Timeout(count)
+                    continue
+            e = decode()
+            count += 1
+            if append is not None and count <= limit:
+                if trace:
+                    append(TraceRecord(e, synced_rip() if synced_rip else vcpu.get_regs().rip))
+                else:
+                    append(TraceRecord(e))
+            try:
+                if type(e) is X.IoOut:
+                    handler = self.bus.port_out_handlers.get(e.port)
+                    if handler is None:
+                        raise NoDevice(f"OUT to port {e.port:#x}")
+                    handler(e.port, e.size, e.data)
+                else:
+                    self._handle(e)
+            except NoDevice as nd:
+                self._outcome = "unhandled"
+                self._message = f"no device handles {nd} (exit {e})"
+                self._final_exit = e
+        return count
+
+    @staticmethod
+    def _replay(fast, plan, count: int, append, trace: bool) -> int:
+        """Credit the sinks and replay the posted writes of one C call, in order."""
+        if fast.sunk_total:
+            for slot, sunk in plan.sinks:
+                n = fast.take_sunk(slot)
+                if n:
+                    sunk(n)
+        handlers = plan.handlers
+        n = count
+        for e, slot, rip in fast.records():
+            n += 1
+            if append is not None and n <= TRACE_LIMIT:
+                append(TraceRecord(e, rip if trace else None))
+            if type(e) is X.IoOut:
+                handlers[slot](e.port, e.size, e.data)
+            else:
+                handlers[slot](e.addr, e.size, e.data)
+        return count + fast.exits
 
     def _run_hooks(self, e) -> bool:
         handled = False

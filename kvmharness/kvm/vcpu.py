@@ -15,7 +15,7 @@ import os
 import signal
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import exits as X
@@ -23,7 +23,9 @@ from ..backend import Vcpu
 from ..errors import KvmError, UsageError
 from ..x86 import CpuidEntry, DTable, Regs, Segment, Sregs
 from . import _ffi as K
+from . import fastpath
 from ._ffi import ffi, ioctl, ioctl_raw, libc
+from .fastpath import FastLoop
 
 if TYPE_CHECKING:
     from .tracepoints import KvmTracepoints
@@ -108,6 +110,10 @@ class KvmVcpu(Vcpu):
         self._single_step = False
         self._io_heads: dict[bytes, _IoHead] = {}  # raw kvm_run.io header -> decoded head (see decode_exit)
         self.cpuid: tuple[CpuidEntry, ...] = ()
+        self._fast: FastLoop | None = None  # the compiled exit loop, made on first fast_loop()
+        self._u32 = self._mv.cast("I")  # kvm_run as u32/u64 words: the lean runner reads no slices
+        self._u64 = self._mv.cast("Q")
+        self._u16 = self._mv.cast("H")
 
     # -- running -------------------------------------------------------------
     def run(self) -> X.Exit:
@@ -124,6 +130,74 @@ class KvmVcpu(Vcpu):
                 raise InterruptedError(_EINTR, "KVM_RUN interrupted")
             raise KvmError("KVM_RUN", err, self._run_failure_hint(err))
         return self.decode_exit()
+
+    def runner(self) -> Callable[[], X.Exit]:
+        """``run()`` for a loop on the calling thread: binds the thread ``kick()`` signals once,
+        here, and returns a closure that reads the common exits from kvm_run without per-exit
+        allocation (an OUT of one to four bytes comes back as the same interned ``IoOut``
+        value each time its port, size and data repeat); every other exit goes through
+        :meth:`decode_exit`.  Same results and errors as ``run()``."""
+        self._thread = _get_ident()
+        ioctl, fd, request, null = self._ioctl, self.fd, _KVM_RUN, _NULL
+        u32, u64, mm = self._u32, self._u64, self._mm
+        i_reason, i_io = _OFF_EXIT_REASON // 4, _OFF_UNION // 8
+        decode, fail = self.decode_exit, self._run_failed
+        # io header word (direction, size, port, count) -> (data_offset, view, index, {value: IoOut}):
+        # only single OUTs of 1, 2 or 4 bytes, their data read as one int through a same-width view
+        outs: dict[int, tuple[int, Any, int, dict[int, X.IoOut]]] = {}
+        views: dict[int, Any] = {1: mm, 2: self._u16, 4: u32}
+        pending_none = self._clear_pending
+
+        def run() -> X.Exit:
+            if ioctl(fd, request, null) < 0:
+                fail()
+            if u32[i_reason] == 2:  # KVM_EXIT_IO
+                head = outs.get(u64[i_io])
+                if head is not None and u64[i_io + 1] == head[0]:
+                    known = head[3].get(head[1][head[2]])
+                    if known is not None:
+                        pending_none()
+                        return known
+                e = decode()
+                if type(e) is X.IoOut and e.count == 1 and e.size in views:
+                    self._intern_out(outs, u64[i_io], u64[i_io + 1], views[e.size], e)
+                return e
+            return decode()
+
+        return run
+
+    def _clear_pending(self) -> None:
+        self._pending = None
+
+    @staticmethod
+    def _intern_out(outs: dict[int, tuple[int, Any, int, dict[int, X.IoOut]]], word: int, off: int,
+                    view: Any, e: X.IoOut) -> None:
+        """Remember an OUT for the lean runner (bounded: 4096 headers x 256 values)."""
+        if off % e.size or len(outs) >= 4096:
+            return
+        entry = outs.get(word)
+        if entry is None or entry[0] != off:
+            entry = outs[word] = (off, view, off // e.size, {})
+        if len(entry[3]) < 256:
+            entry[3][int.from_bytes(e.data, "little")] = e
+
+    def _run_failed(self) -> None:
+        err = ffi.errno
+        if err == _EINTR:
+            self._mv[_OFF_IMMEDIATE_EXIT] = 0
+            raise InterruptedError(_EINTR, "KVM_RUN interrupted")
+        raise KvmError("KVM_RUN", err, self._run_failure_hint(err))
+
+    def fast_loop(self) -> FastLoop | None:
+        """This vCPU's compiled exit loop (``kvm/fastpath.py``), or None where the library is
+        unavailable or ``KVMHARNESS_FASTPATH=0``; binds the thread ``kick()`` signals."""
+        lib = fastpath.load()
+        if lib is None:
+            return None
+        if self._fast is None:
+            self._fast = FastLoop(lib, self.fd, self._mm, len(self._mm))
+        self._thread = _get_ident()
+        return self._fast
 
     def _run_failure_hint(self, err: int) -> str:
         if err == _errno.ENOSPC:
@@ -350,6 +424,10 @@ class KvmVcpu(Vcpu):
     def close(self) -> None:
         if self.fd < 0:
             return
+        if self._fast is not None:  # a thread still in the C loop keeps kvm_run mapped until GC
+            self._fast.release()
+        for view in (self._u16, self._u32, self._u64):
+            view.release()
         self._mv.release()
         ffi.release(self._run_ptr)
         self.kvm_run = None
