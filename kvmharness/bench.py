@@ -132,7 +132,7 @@ def _med(values):
 
 
 def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
-    from .backend import open_backend
+    from .factory import open_backend
     from .images import get_guest
 
     exe = build_reference()

@@ -44,7 +44,8 @@ def cmd_info(args) -> int:
 def cmd_guests(args) -> int:
     """The manifest's guests, what each needs and, probed on this host, whether each
     backend meets every need."""
-    from .backend import BACKENDS, open_backend
+    from .backend import BACKENDS
+    from .factory import open_backend
     from .hostinfo import need_status
     from .images import load_manifest
 
@@ -111,7 +112,7 @@ def cmd_guests(args) -> int:
 
 # -- run -------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from .backend import open_backend
+    from .factory import open_backend
     from .images import get_guest
     from .machine import Machine
 

@@ -161,7 +161,7 @@ def kvm_device_info() -> dict:
 
 def _kvm_details() -> tuple[dict, object]:
     """Open /dev/kvm (if usable) and read the capability report."""
-    from .backend import open_backend
+    from .factory import open_backend
     from .errors import HarnessError
 
     try:

@@ -133,7 +133,8 @@ class GuestImage:
     def runnable_on(self, backend) -> tuple[bool, str]:
         """Whether this guest can run on ``backend`` (a ``System``, or a backend name that is
         opened for the probe) on this host now: each of its needs, probed; (ok, why not)."""
-        from .backend import System, open_backend
+        from .backend import System
+        from .factory import open_backend
         from .errors import HarnessError
         from .hostinfo import unmet_needs
 

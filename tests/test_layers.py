@@ -11,8 +11,8 @@ as importing the package ``a.b``'s ``__init__``.  Only ``importlib.import_module
 are not seen (``kvmharness.backend.open_backend``'s alias of the factory is the one).
 
 * module-level imports: no cycle at all;
-* all imports: no cycle except the ones in ``KNOWN_CYCLES``, each with the work that
-  removes it; a cycle that is not a subset of one of them fails.
+* all imports: no cycle once the imports in ``KNOWN_EDGES`` (each with the work that
+  removes it) are taken out, apart from the cycles of work in flight (``IN_FLIGHT``).
 
 Run ``python tests/test_layers.py`` to print the strongly connected components.
 The same layers are declared for import-linter in pyproject.toml ([tool.importlinter]),
@@ -33,19 +33,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "kvmharness"
 
-#: Cycles that remain, each the set of modules it may span, and what removes it.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"kvmharness.sev.launch", "kvmharness.sev.kvm_model", "kvmharness.kvm.sev",
-               "kvmharness.kvm.sevdev"}):
-        "sev/launch.py dispatches to both backends' SEV interfaces and they import its ABCs; "
-        "goes with the total backend contract (SEV interface as a backend method), issue 14 part 2",
-    frozenset({"kvmharness.sim.sev", "kvmharness.sim.seves"}):
+#: Imports that still close a cycle, each with the work that removes it.  The graph without
+#: them must be acyclic (apart from IN_FLIGHT below); no edge is to be added here.
+KNOWN_EDGES: dict[tuple[str, str], str] = {
+    ("kvmharness.kvm.sev", "kvmharness.hostinfo"):
+        "the bindings word an ENOTTY error with hostinfo's verdict (which opens backends): the "
+        "wording belongs in the CLI's error report (kvm/sev.py, with its owner)",
+    ("kvmharness.kvm.sevdev", "kvmharness.kvm.sev"): "the same verdict, for a missing /dev/sev",
+    ("kvmharness.sev.launch", "kvmharness.kvm.sev"):
+        "sev/launch.py dispatches to both backends' SEV interfaces: the total backend contract "
+        "(issue 14 part 2) makes the SEV interface a backend method",
+    ("kvmharness.sev.launch", "kvmharness.kvm.sevdev"): "the same dispatch, for /dev/sev",
+    ("kvmharness.sev.launch", "kvmharness.kvm.vm"): "the same dispatch (isinstance KvmVm)",
+    ("kvmharness.sev.launch", "kvmharness.sev.kvm_model"): "the same dispatch, for the simulator",
+    ("kvmharness.sim.sev", "kvmharness.sim.seves"):
         "SevVcpu picks its SEV-ES subclass, which derives from it; the vCPU state object of "
         "issue 14 (Build 3) splits them",
+}
+
+#: Cycles of work in flight this round, each the set of modules it may span.
+IN_FLIGHT: dict[frozenset[str], str] = {
     frozenset({"kvmharness.sev.certs", "kvmharness.sev.chain", "kvmharness.sev.amd_ca"}):
-        "in flight: the SEV certificate work of this round (sev/certs.py, chain.py, amd_ca.py)",
+        "the SEV certificate work of this round (sev/certs.py, chain.py, amd_ca.py)",
     frozenset({"kvmharness.fuzz.gen", "kvmharness.fuzz.gen_real"}):
-        "in flight: the fuzzer work of this round (fuzz/gen.py, gen_real.py)",
+        "the fuzzer work of this round (fuzz/gen.py, gen_real.py)",
 }
 
 
@@ -183,9 +194,15 @@ def test_no_cycle_among_module_level_imports():
 
 
 def test_no_cycle_beyond_the_known_ones():
-    unexplained = [sorted(c) for c in cycles(import_graph())
-                   if not any(c <= known for known in KNOWN_CYCLES)]
+    graph = {m: {t for t in targets if (m, t) not in KNOWN_EDGES} for m, targets in import_graph().items()}
+    unexplained = [sorted(c) for c in cycles(graph) if not any(c <= known for known in IN_FLIGHT)]
     assert unexplained == [], "import cycles (deferred imports count):\n" + "\n".join(map(str, unexplained))
+
+
+def test_the_known_edges_are_real():
+    """A listed edge that no longer exists is to be deleted from KNOWN_EDGES."""
+    graph = import_graph()
+    assert [edge for edge in KNOWN_EDGES if edge[1] not in graph.get(edge[0], ())] == []
 
 
 def test_the_interface_and_the_abi_import_no_backend():
@@ -252,7 +269,10 @@ def test_import_linter_contracts():
 
 
 if __name__ == "__main__":
-    for rule, graph in (("module level", import_graph(module_level_only=True)), ("all imports", import_graph())):
+    full = import_graph()
+    pruned = {m: {t for t in targets if (m, t) not in KNOWN_EDGES} for m, targets in full.items()}
+    for rule, graph in (("module level", import_graph(module_level_only=True)), ("all imports", full),
+                        ("all imports but KNOWN_EDGES", pruned)):
         found = cycles(graph)
         print(f"{rule}: {len(found)} cycle(s)")
         for component in found:

@@ -116,7 +116,8 @@ class Target:
 def open_targets(pair=("kvm", "sim"), profile: str | None = None) -> list:
     """Open the two backends.  The simulator is offered the kvm host's supported CPUID table
     (the same input on both sides) and models that host's KVM module (sim/profile.py)."""
-    from ..backend import kvm_usable, open_backend
+    from ..backend import kvm_usable
+    from ..factory import open_backend
     from ..hostinfo import kvm_device_info
     from ..sim.profile import for_kvm_module
     from ..sim.system import SimSystem

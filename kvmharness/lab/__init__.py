@@ -71,7 +71,8 @@ def launch(guest: str, mode: str, system):
 
 def run_scenario(name: str, mode: str = "svm", backend="auto", *, out_dir: str | None = None) -> LabReport:
     """Run one scenario in one mode; returns its :class:`LabReport`."""
-    from ..backend import System, open_backend
+    from ..backend import System
+    from ..factory import open_backend
     from . import scenarios as S
 
     if name not in SCENARIOS:

@@ -67,7 +67,7 @@ def summary_lines(rows, modes, backend: str, status: int) -> list[str]:
 
 
 def cmd_lab(args) -> int:
-    from ..backend import open_backend
+    from ..factory import open_backend
     from . import MODES, SCENARIOS, run_scenario
 
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
