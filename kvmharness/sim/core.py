@@ -188,10 +188,16 @@ class Core:
         self._release_engine()  # a rebuild (a new VMRUN from guest mode) frees the old engine now
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         uc.ctl_set_cpu_model(X.UC_CPU_X86_EPYC)  # must precede mem_map (docs/facts.md#unicorn-memory)
-        self.uc = uc
-        self.uch = raw_handle(uc)
+        # unicorn initializes an engine lazily, in the first call that needs it (here the
+        # mem_map_ptr), and uc_emu_stop is such a call (UC_INIT): a stop() from the watchdog
+        # thread reaching the handle before that would initialize it concurrently with this
+        # thread -- tcg.c "assertion failed: !err" or a SIGSEGV, the process gone.  Publish
+        # the handle to stop() only under the engine lock, initialized.
+        with self._engine_lock:
+            uc.mem_map_ptr(HOST_BASE, HOST_SIZE, unicorn.UC_PROT_ALL, ctypes.addressof(self._host))
+            self.uc = uc
+            self.uch = raw_handle(uc)
         self._keep = []
-        uc.mem_map_ptr(HOST_BASE, HOST_SIZE, unicorn.UC_PROT_ALL, ctypes.addressof(self._host))
         # The SVM pages live in the model's bytearrays; the page-aligned host window holds
         # copies refreshed before each VMRUN / consulted by the core (see enter()).
         for gpa, size, addr, readonly in self.regions:
