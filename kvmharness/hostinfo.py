@@ -161,8 +161,8 @@ def kvm_device_info() -> dict:
 
 def _kvm_details() -> tuple[dict, object]:
     """Open /dev/kvm (if usable) and read the capability report."""
-    from .factory import open_backend
     from .errors import HarnessError
+    from .factory import open_backend
 
     try:
         system = open_backend("kvm", kvm_path=kvm_device_path())

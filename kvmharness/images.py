@@ -134,8 +134,8 @@ class GuestImage:
         """Whether this guest can run on ``backend`` (a ``System``, or a backend name that is
         opened for the probe) on this host now: each of its needs, probed; (ok, why not)."""
         from .backend import System
-        from .factory import open_backend
         from .errors import HarnessError
+        from .factory import open_backend
         from .hostinfo import unmet_needs
 
         if isinstance(backend, System):
