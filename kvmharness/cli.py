@@ -33,11 +33,23 @@ def cmd_info(args) -> int:
     from .hostinfo import format_report, host_report
 
     report = host_report()
+    report["exit_path"] = _exit_path()
     if args.json:
         _print_json(report)
     else:
         print(format_report(report))
+        print(f"exit path: {report['exit_path']['description']}")
     return E.EXIT_OK
+
+
+def _exit_path() -> dict:
+    """Which exit path Machine runs on kvm use: the compiled loop (kvm/fastpath.c) or pure Python, and why."""
+    try:
+        from .kvm.fastpath import status
+    except ImportError as e:  # cffi missing: the kvm backend is unavailable anyway
+        return {"compiled": False, "description": f"pure Python ({e})"}
+    compiled, why = status()
+    return {"compiled": compiled, "description": why}
 
 
 # -- guests -------------------------------------------------------------------

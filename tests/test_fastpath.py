@@ -251,3 +251,30 @@ def test_fast_plan_declares_only_opted_in_devices():
     recorded = bus.fast_plan(record=True)  # recording: sinks are replayed through io_out
     assert recorded.ports[0x20] == ("posted", 1) and recorded.sinks == []
     assert get_guest("ioloop").expect == "hlt"
+
+
+def test_info_says_which_exit_path_is_active(monkeypatch, capsys):
+    import json
+
+    from kvmharness.cli import main
+
+    monkeypatch.setenv(fastpath.ENV, "0")
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["exit_path"] == {
+        "compiled": False, "description": "pure Python (KVMHARNESS_FASTPATH=0)"}
+    monkeypatch.delenv(fastpath.ENV)
+    assert main(["info"]) == 0
+    active, why = fastpath.status()
+    assert capsys.readouterr().out.rstrip().endswith(f"exit path: {why}")
+
+
+def test_bench_runs_the_harness_on_both_paths(kvm):
+    from kvmharness.bench import GOALS, _goal, harness_ioloop
+
+    active, _ = fastpath.status()
+    fast, python = harness_ioloop(kvm, fast=True), harness_ioloop(kvm, fast=False)
+    assert fast["path"] == ("compiled" if active else "python") and python["path"] == "python"
+    assert fast["exits"] == python["exits"] == 200_001 and fast["port_exits"] == python["port_exits"] == 200_000
+    assert set(GOALS) >= {"compiled_exit_ratio", "python_exit_ratio", "lifecycle_ratio_harness_over_c"}
+    assert _goal("lifecycle_ratio_harness_over_c", 1.2)["met"] is False
+    assert _goal("python_exit_ratio", 0.7) == {"value": 0.7, "goal": ">= 0.65", "met": True}
