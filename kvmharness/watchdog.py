@@ -32,6 +32,7 @@ import itertools
 import logging
 import math
 import numbers
+import signal
 import threading
 import time
 
@@ -155,3 +156,35 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()
+
+
+# -- the kick signal -------------------------------------------------------------
+# A kvm vCPU is kicked out of KVM_RUN by a signal to its thread (kvm/vcpu.py).  A
+# real-time signal, so it cannot collide with the SIGALRM/SIGINT/SIGUSR* handlers of
+# pytest plugins.  It must have a handler: with the default action the signal would
+# kill the process, and an ignored signal would not interrupt KVM_RUN.  Python
+# installs handlers only from the main thread, so it is installed when this module
+# is first imported there (importing kvmharness does it); a kvm backend that finds
+# no handler refuses to open rather than be killed by its first timeout.
+KICK_SIGNAL = signal.SIGRTMIN + 7
+_kick_handler_installed = False
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    pass
+
+
+def ensure_kick_signal() -> bool:
+    """Install the no-op handler for KICK_SIGNAL where possible; whether one is there."""
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+    _kick_handler_installed = True
+    return True
+
+
+if threading.current_thread() is threading.main_thread():
+    ensure_kick_signal()

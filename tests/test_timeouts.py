@@ -27,19 +27,6 @@ BAD = [math.inf, -math.inf, math.nan, 0, 0.0, -1, -1e-9, 1e308, MAX_TIMEOUT * 1.
 HANG_GUARD = 60.0  # seconds a join waits before calling the run hung (not a timing assertion)
 
 
-@pytest.fixture(autouse=True)
-def _kick_handler_from_the_main_thread(request):
-    """Open the kvm backend once in the main thread before a run in a worker thread.
-
-    The kvm backend installs its kick signal's handler when a KvmSystem is opened,
-    which Python allows only in the main thread; a first kvm run in a worker thread
-    would be killed by its own kick (a kvm backend limitation, not the watchdog's)."""
-    if getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend") == "kvm":
-        from kvmharness.backend import open_backend
-
-        open_backend("kvm").close()
-
-
 def _spin_times_out(backend: str) -> None:
     """run_guest("spin", timeout=0.5) must end with outcome 'timeout' (in another thread,
     so a dead watchdog fails the test instead of hanging it)."""
@@ -200,3 +187,41 @@ def test_watchdog_fires_an_unreadable_deadline_instead_of_failing_on_it_for_ever
     assert bad.wait(HANG_GUARD)
     assert any("TypeError" in e for e in wd.errors)
     assert _fires(wd) and wd.alive
+
+
+_WORKER_FIRST = r"""
+import sys, threading
+box = {}
+def go():
+    try:
+        if sys.argv[1] == "import-in-worker":
+            import kvmharness.kvm.vcpu  # first import off the main thread: no handler possible
+        from kvmharness.machine import run_guest
+        box["outcome"] = run_guest("spin", "kvm", timeout=0.5).outcome
+    except Exception as e:
+        box["outcome"] = type(e).__name__ + ": " + str(e)
+if sys.argv[1] == "import-in-main":
+    import kvmharness.kvm.vcpu
+t = threading.Thread(target=go)
+t.start(); t.join(60)
+print(box.get("outcome", "hung"))
+"""
+
+
+@pytest.mark.requires_kvm
+@pytest.mark.parametrize("where", ["import-in-main", "import-in-worker"])
+def test_kvm_first_opened_from_a_worker_thread_times_out_or_refuses_cleanly(where):
+    """A kvm backend first opened from a worker thread: the kick must not kill the
+    process.  Imported on the main thread (the usual case) the run times out; imported
+    only in the worker, opening is refused with a HostError that says why."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _WORKER_FIRST, where], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, f"the process died (rc {p.returncode}): {p.stderr[-2000:]}"
+    out = p.stdout.strip().splitlines()[-1]
+    if where == "import-in-main":
+        assert out == "timeout"
+    else:
+        assert out.startswith("HostError: cannot bound guest runs"), out

@@ -11,8 +11,8 @@ from ..errors import DeviceMissing, FeatureUnavailable, HostError, KvmError, Per
 from ..x86 import CpuidEntry, CpuidTable
 from . import _ffi as K
 from ._ffi import ffi, ioctl, ioctl_raw
-from .vcpu import KICK_SIGNAL as KICK_SIGNAL  # re-exported: it lived here first
-from .vcpu import ensure_kick_signal
+from ..watchdog import KICK_SIGNAL as KICK_SIGNAL  # re-exported: it lived here first
+from ..watchdog import ensure_kick_signal
 from .vm import KvmVm
 
 KVM_API_VERSION = 12
@@ -59,7 +59,12 @@ class KvmSystem(System):
             raise
         self._caps: Capabilities | None = None
         self._supported_cpuid: CpuidTable | None = None
-        ensure_kick_signal()
+        if not ensure_kick_signal():
+            os.close(self.fd)
+            raise HostError(
+                "cannot bound guest runs: the signal that interrupts KVM_RUN has no handler, and "
+                "Python installs one only from the main thread; import kvmharness from the main "
+                "thread first")
 
     # -- capabilities --------------------------------------------------------
     def check_extension(self, cap: int) -> int:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .. import exits as X
 from ..backend import Vcpu
 from ..errors import KvmError, UsageError
+from ..watchdog import KICK_SIGNAL
 from ..x86 import CpuidEntry, DTable, Regs, Segment, Sregs
 from . import _ffi as K
 from . import fastpath
@@ -35,30 +36,8 @@ if TYPE_CHECKING:
 #: the IoOut values interned by their data, for an IN the one IoIn value
 _IoHead = tuple[bool, int, int, int, int, int, dict[bytes, X.IoOut] | X.IoIn]
 
-# The signal that interrupts KVM_RUN for Vcpu.kick().  A real-time signal, so it
-# cannot collide with the SIGALRM/SIGINT/SIGUSR* handlers of pytest plugins.
-KICK_SIGNAL = signal.SIGRTMIN + 7
-_kick_handler_installed = False
-
-
-def _noop(signum: int, frame: object) -> None:
-    pass
-
-
-def ensure_kick_signal() -> bool:
-    """Install the no-op handler for KICK_SIGNAL (only possible from the main thread).
-
-    The handler must exist: with the default action the signal would kill the
-    process, and an ignored signal would not interrupt KVM_RUN.
-    """
-    global _kick_handler_installed
-    if _kick_handler_installed:
-        return True
-    if threading.current_thread() is not threading.main_thread():
-        return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-    signal.signal(KICK_SIGNAL, _noop)
-    _kick_handler_installed = True
-    return True
+# KICK_SIGNAL interrupts KVM_RUN for Vcpu.kick(); its handler is installed by
+# kvmharness.watchdog when that is imported on the main thread.
 
 
 
