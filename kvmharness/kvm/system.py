@@ -8,11 +8,11 @@ import os
 from ..abi import KVM_X86_DEFAULT_VM, VM_TYPE_NAMES
 from ..backend import KVM_DEVICE, Capabilities, System
 from ..errors import DeviceMissing, FeatureUnavailable, HostError, KvmError, PermissionDenied
+from ..watchdog import KICK_SIGNAL as KICK_SIGNAL  # re-exported: it lived here first
+from ..watchdog import ensure_kick_signal
 from ..x86 import CpuidEntry, CpuidTable
 from . import _ffi as K
 from ._ffi import ffi, ioctl, ioctl_raw
-from ..watchdog import KICK_SIGNAL as KICK_SIGNAL  # re-exported: it lived here first
-from ..watchdog import ensure_kick_signal
 from .vm import KvmVm
 
 KVM_API_VERSION = 12
