@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import mmap
+import operator
 import os
 import signal
 import struct
@@ -64,6 +65,16 @@ _SEG = "QIHBBBBBBBBBB"
 _SREGS = struct.Struct("<" + _SEG * 8 + "QH6x" * 2 + "7Q" + "4Q")
 assert _REGS.size == ffi.sizeof("struct kvm_regs")
 assert _SREGS.size == ffi.sizeof("struct kvm_sregs")
+# for writing: the padding byte of each segment and the interrupt bitmap are zero-filled pads
+_SREGS_SET = struct.Struct("<" + "QIH9Bx" * 8 + "QH6x" * 2 + "7Q" + "32x")
+assert _SREGS_SET.size == _SREGS.size
+_SEG_FIELDS = operator.attrgetter("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g",
+                                  "avl", "unusable")
+_REG_FIELDS = operator.attrgetter("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+                                  "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+_U64_MASK = 0xFFFFFFFFFFFFFFFF
+_KVM_SET_REGS = K.KVM_SET_REGS
+_KVM_SET_SREGS = K.KVM_SET_SREGS
 assert _IO.size <= 16 and ffi.offsetof(_RUN, "mmio") == _OFF_UNION
 
 _IO_DIRECTION_OUT = 1  # KVM_EXIT_IO_OUT
@@ -90,9 +101,8 @@ class KvmVcpu(Vcpu):
         self._io_heads: dict[bytes, _IoHead] = {}  # raw kvm_run.io header -> decoded head (see decode_exit)
         self.cpuid: tuple[CpuidEntry, ...] = ()
         self._fast: FastLoop | None = None  # the compiled exit loop, made on first fast_loop()
-        self._u32 = self._mv.cast("I")  # kvm_run as u32/u64 words: the lean runner reads no slices
-        self._u64 = self._mv.cast("Q")
-        self._u16 = self._mv.cast("H")
+        self._bufs: tuple[tuple[Any, Any], tuple[Any, Any]] | None = None  # see _set_bufs
+        self._words: tuple[memoryview, memoryview, memoryview] | None = None  # see _word_views
 
     # -- running -------------------------------------------------------------
     def run(self) -> X.Exit:
@@ -118,13 +128,14 @@ class KvmVcpu(Vcpu):
         :meth:`decode_exit`.  Same results and errors as ``run()``."""
         self._thread = _get_ident()
         ioctl, fd, request, null = self._ioctl, self.fd, _KVM_RUN, _NULL
-        u32, u64, mm = self._u32, self._u64, self._mm
+        u16, u32, u64 = self._word_views()
+        mm = self._mm
         i_reason, i_io = _OFF_EXIT_REASON // 4, _OFF_UNION // 8
         decode, fail = self.decode_exit, self._run_failed
         # io header word (direction, size, port, count) -> (data_offset, view, index, {value: IoOut}):
         # only single OUTs of 1, 2 or 4 bytes, their data read as one int through a same-width view
         outs: dict[int, tuple[int, Any, int, dict[int, X.IoOut]]] = {}
-        views: dict[int, Any] = {1: mm, 2: self._u16, 4: u32}
+        views: dict[int, Any] = {1: mm, 2: u16, 4: u32}
         pending_none = self._clear_pending
 
         def run() -> X.Exit:
@@ -155,6 +166,12 @@ class KvmVcpu(Vcpu):
         if off % e.size or len(outs) >= 4096:
             return
         entry = outs.get(word)
+    def _word_views(self) -> tuple[memoryview, memoryview, memoryview]:
+        """kvm_run as u16/u32/u64 words (made on the first runner(): the lean runner reads no slices)."""
+        if self._words is None:
+            self._words = (self._mv.cast("H"), self._mv.cast("I"), self._mv.cast("Q"))
+        return self._words
+
         if entry is None or entry[0] != off:
             entry = outs[word] = (off, view, off // e.size, {})
         if len(entry[3]) < 256:
@@ -299,12 +316,17 @@ class KvmVcpu(Vcpu):
 
     def set_regs(self, regs: Regs) -> None:
         """KVM_SET_REGS."""
-        buf = ffi.new("struct kvm_regs *")
-        ffi.buffer(buf)[:] = _REGS.pack(*(v & 0xFFFFFFFFFFFFFFFF for v in (
-            regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp,
-            regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
-            regs.rip, regs.rflags)))
-        ioctl(self.fd, K.KVM_SET_REGS, buf)
+        buf, view = self._set_bufs()[0]
+        _REGS.pack_into(view, 0, *[v & _U64_MASK for v in _REG_FIELDS(regs)])
+        ioctl(self.fd, _KVM_SET_REGS, buf)
+
+    def _set_bufs(self) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+        """This vCPU's kvm_regs and kvm_sregs buffers for set_regs/set_sregs (made once)."""
+        bufs = self._bufs
+        if bufs is None:
+            regs, sregs = ffi.new("struct kvm_regs *"), ffi.new("struct kvm_sregs *")
+            bufs = self._bufs = ((regs, ffi.buffer(regs)), (sregs, ffi.buffer(sregs)))
+        return bufs
 
     def get_sregs(self) -> Sregs:
         """KVM_GET_SREGS."""
@@ -319,15 +341,12 @@ class KvmVcpu(Vcpu):
 
     def set_sregs(self, s: Sregs) -> None:
         """KVM_SET_SREGS (interrupt_bitmap cleared: no pending interrupt)."""
-        vals = []
-        for seg in (s.cs, s.ds, s.es, s.fs, s.gs, s.ss, s.tr, s.ldt):
-            vals += [seg.base, seg.limit, seg.selector, seg.type, seg.present, seg.dpl, seg.db,
-                     seg.s, seg.l, seg.g, seg.avl, seg.unusable, 0]
-        vals += [s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit,
-                 s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base, 0, 0, 0, 0]
-        buf = ffi.new("struct kvm_sregs *")
-        ffi.buffer(buf)[:] = _SREGS.pack(*vals)
-        ret, err = ioctl_raw(self.fd, K.KVM_SET_SREGS, buf)
+        f = _SEG_FIELDS
+        buf, view = self._set_bufs()[1]
+        _SREGS_SET.pack_into(view, 0, *f(s.cs), *f(s.ds), *f(s.es), *f(s.fs), *f(s.gs), *f(s.ss), *f(s.tr),
+                             *f(s.ldt), s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit,
+                             s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base)
+        ret, err = ioctl_raw(self.fd, _KVM_SET_SREGS, buf)
         if ret < 0:
             raise KvmError("KVM_SET_SREGS", err,
                            "KVM refused the segment/control register state (e.g. EFER bits the "
@@ -405,7 +424,7 @@ class KvmVcpu(Vcpu):
             return
         if self._fast is not None:  # a thread still in the C loop keeps kvm_run mapped until GC
             self._fast.release()
-        for view in (self._u16, self._u32, self._u64):
+        for view in self._words or ():
             view.release()
         self._mv.release()
         ffi.release(self._run_ptr)
