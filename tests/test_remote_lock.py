@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_fixtures import ROOT, project_wheel, run_cli, ssh_lab  # noqa: F401 (fixtures)
+from remote_fixtures import ROOT, run_cli  # ssh_lab, project_wheel: conftest.py
 
 
 @pytest.fixture

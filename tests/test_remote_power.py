@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_fixtures import NS_ADDR, ROOT, SSHD, _descendants, project_wheel, run_cli, ssh_lab  # noqa: F401
+from remote_fixtures import ROOT, SSHD, _descendants, run_cli  # ssh_lab, project_wheel: conftest.py
 
 HANG_TIMEOUT = "5"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_fixtures import NS_ADDR, ROOT, project_wheel, run_cli, ssh_lab  # noqa: F401 (fixtures)
+from remote_fixtures import NS_ADDR, ROOT, run_cli  # ssh_lab, project_wheel: conftest.py
 
 
 def _pgrp_members(pgid: int) -> list[int]:
