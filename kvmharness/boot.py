@@ -17,6 +17,8 @@ EFER bits against the guest's CPUID: without SCE/NX in 0x80000001 it refuses).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from . import protocol as P
 from .x86 import (
@@ -33,11 +35,15 @@ from .x86 import (
     EFER_LME,
     EFER_NXE,
     EFER_SCE,
+    CpuidEntry,
     DTable,
     Regs,
     Segment,
     Sregs,
 )
+
+if TYPE_CHECKING:
+    from .backend import Vcpu, Vm
 
 LONG_CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
 LONG_CR4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
@@ -113,7 +119,7 @@ def long_mode_state(memory_size: int) -> tuple[Regs, Sregs]:
     code = Segment(base=0, limit=0xFFFFFFFF, selector=P.KERNEL_CS, type=11, present=1, dpl=0,
                    db=0, s=1, l=1, g=1)
 
-    def data():
+    def data() -> Segment:
         return Segment(base=0, limit=0xFFFFFFFF, selector=P.KERNEL_DS, type=3, present=1, dpl=0,
                        db=1, s=1, l=0, g=1)
 
@@ -129,7 +135,7 @@ def long_mode_state(memory_size: int) -> tuple[Regs, Sregs]:
 
 
 def real_mode_state() -> tuple[Regs, Sregs]:
-    def seg(type_):
+    def seg(type_: int) -> Segment:
         return Segment(base=0, limit=0xFFFF, selector=0, type=type_, present=1, s=1)
 
     sregs = Sregs(cs=seg(11), ds=seg(3), es=seg(3), fs=seg(3), gs=seg(3), ss=seg(3),
@@ -158,7 +164,8 @@ def sev_launch_blob(image: bytes, mode: str, c_bit: int | None) -> tuple[int, by
     return start, bytes(blob)
 
 
-def load_image(vm, vcpu, image: bytes, mode: str, memory_size: int, cpuid, *,
+def load_image(vm: Vm, vcpu: Vcpu, image: bytes, mode: str, memory_size: int,
+               cpuid: Iterable[CpuidEntry], *,
                c_bit: int | None = None) -> None:
     """Write the image (and for long mode the boot tables) and set the entry state."""
     vm.write(P.GUEST_LOAD_ADDR, image)

@@ -7,8 +7,9 @@ These are the Python faces of ``struct kvm_regs``, ``kvm_sregs``, ``kvm_segment`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -76,7 +77,7 @@ class Regs:
     rip: int = 0
     rflags: int = 0x2
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -144,7 +145,7 @@ class Sregs:
     efer: int = 0
     apic_base: int = 0xFEE00900
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -164,7 +165,7 @@ class CpuidEntry:
     def significant_index(self) -> bool:
         return bool(self.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -197,10 +198,10 @@ class CpuidTable:
                         and (not e.significant_index or e.index == entry.index))]
         return CpuidTable(kept + [entry])
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[CpuidEntry]:
         return iter(self.entries)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.entries)
 
 
