@@ -15,6 +15,7 @@ the VM is torn down and :class:`GuestTimeout` is raised.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ class RunResult:
     hw_trace: list = field(default_factory=list)  # backend's hardware-level trace, if any
     kernel_trace: list = field(default_factory=list)  # kvm: the kernel's KVM tracepoints
     kernel_trace_error: str | None = None
+    regs_unavailable: str | None = None  # why ``regs`` is None (an SEV-ES guest's state is protected)
 
     @property
     def ok(self) -> bool:
@@ -116,6 +118,7 @@ class RunResult:
             "exit_count": self.exit_count, "exits": [r.to_dict() for r in self.exits],
             "final_exit": self.final_exit.to_dict() if self.final_exit else None,
             "regs": self.regs.to_dict() if self.regs is not None else None,
+            "regs_unavailable": self.regs_unavailable,
             "fail_code": self.fail_code, "fail_line": self.fail_line,
             "exception_vector": self.exception_vector, "exception_rip": self.exception_rip,
             "message": self.message, "elapsed_s": round(self.elapsed, 6),
@@ -160,6 +163,9 @@ class Machine:
         self.image: GuestImage | None = None
         self.expected = "done"
         self.launch_result = None  # SEV/SEV-ES: what the launch established
+        # SEV-ES after LAUNCH_UPDATE_VMSA: the host cannot read the vCPU's registers (KVM refuses
+        # KVM_GET_REGS/SREGS with EINVAL on the SEV-ES VM type); the Machine never asks
+        self.state_protected = False
         self._hooks: list = []
         self._reset_run_state()
 
@@ -224,6 +230,7 @@ class Machine:
         launch.update_data(start, len(blob), expected=blob)
         if mode == "sev-es":
             launch.update_vmsa(expected_vmsa_pages(self.vm))
+            self.state_protected = True
         launch.measure()
         if owner is not None:
             launch.verify()
@@ -305,7 +312,8 @@ class Machine:
         return RunResult(
             guest=self.name, backend=self.backend, outcome=self._outcome, expected=self.expected,
             reports=self._reports, console=self.console.text, exits=records, exit_count=count,
-            final_exit=self._final_exit, regs=vcpu.get_regs(), fail_code=fail_code,
+            final_exit=self._final_exit, regs=None if self.state_protected else vcpu.get_regs(),
+            regs_unavailable=PROTECTED_REGS if self.state_protected else None, fail_code=fail_code,
             fail_line=fail_line, exception_vector=vec, exception_rip=rip, message=self._message,
             elapsed=elapsed, hw_trace=list(getattr(vcpu, "hw_trace", ()) or ()),
             kernel_trace=getattr(tracer, "events", []), kernel_trace_error=getattr(tracer, "error", None))
@@ -327,6 +335,8 @@ class Machine:
         IoOut = X.IoOut
         append = records.append if records is not None else None
         synced_rip = getattr(vcpu, "synced_rip", None) if trace else None
+        if trace and self.state_protected:
+            synced_rip = _no_rip  # a protected guest's RIP is not the host's to read
         count = 0
         limit = TRACE_LIMIT
         while self._outcome is None:
@@ -371,6 +381,8 @@ class Machine:
         hint = getattr(vcpu, "_run_failure_hint", None)
         append = records.append if records is not None else None
         synced_rip = getattr(vcpu, "synced_rip", None) if trace else None
+        if trace and self.state_protected:
+            synced_rip = _no_rip
         count = 0
         limit = TRACE_LIMIT
         while self._outcome is None:
@@ -462,20 +474,36 @@ class Machine:
 
     # called by the ucall port device
     def _ucall(self, op: int) -> None:
-        regs = self.vcpu.get_regs()
+        rbx, rcx = self.ucall_args()
         if op == P.UCALL_REPORT:
-            self._reports.append((regs.rbx, regs.rcx))
+            self._reports.append((rbx, rcx))
         elif op == P.UCALL_DONE:
             self._outcome = "done"
         elif op == P.UCALL_FAIL:
             self._outcome = "fail"
-            self._fail = (regs.rbx, regs.rcx)
+            self._fail = (rbx, rcx)
         elif op == P.UCALL_EXCEPTION:
             self._outcome = "exception"
-            self._exception = (regs.rbx, regs.rcx)
+            self._exception = (rbx, rcx)
         else:
             self._outcome = "unhandled"
-            self._message = f"unknown ucall op {op} (RBX={regs.rbx:#x}, RCX={regs.rcx:#x})"
+            self._message = f"unknown ucall op {op} (RBX={rbx:#x}, RCX={rcx:#x})"
+
+    def ucall_args(self) -> tuple[int, int]:
+        """The current ucall's RBX and RCX (at its IoOut exit; on_exit hooks may ask too):
+        the vCPU's registers, or for a guest whose state is
+        protected (SEV-ES) the GHCB page they were exchanged in.  guests/include/sev_es.h's
+        ES_REPORT/ES_DONE/ES_FAIL put RAX (the op), RBX and RCX in the GHCB at GHCB_GPA and
+        VMGEXIT with an IOIO OUT to UCALL_PORT; the page is shared, so the host reads it as
+        plaintext (KVM clears the valid bitmap when it takes the registers, the values stay
+        until the next VMRUN)."""
+        if not self.state_protected:
+            regs = self.vcpu.get_regs()
+            return regs.rbx, regs.rcx
+        from .sev.ghcb import Ghcb
+
+        ghcb = Ghcb(bytearray(self.vm.read(_ghcb_gpa(), 4096)))
+        return ghcb.get("rbx"), ghcb.get("rcx")
 
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
@@ -492,6 +520,20 @@ class Machine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+PROTECTED_REGS = ("the guest's state is protected (SEV-ES: its VMSA is encrypted since "
+                  "LAUNCH_UPDATE_VMSA); the host cannot read its registers")
+
+
+def _no_rip() -> None:
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _ghcb_gpa() -> int:
+    """GHCB_GPA of the guests' SEV-ES runtime (guests/include/sev_es.h, beside ucall.h)."""
+    return P.parse_header((P.header_path().parent / "sev_es.h").read_text())["GHCB_GPA"]
 
 
 def _sev_vm_type(system, mode: str) -> int:

@@ -24,8 +24,9 @@ Exports, under the kernel's own names:
   manager), it sees every call ``ioctl()`` / ``ioctl_raw()`` make -- fd kind,
   ioctl name and number, the struct bytes in and out, the result -- and may
   answer in the kernel's place.  Not installed, the cost is one ``None`` check
-  per call.  (KVM_RUN is issued by ``kvm/vcpu.py`` straight through
-  ``libc.ioctl`` for speed and is not seen.)
+  per call.  (``kvm/vcpu.py`` issues KVM_RUN straight through ``libc.ioctl``
+  for speed unless a recorder is installed: ``run()`` checks per call,
+  ``runner()`` once per run loop, and the compiled loop is not used then.)
 """
 
 from __future__ import annotations

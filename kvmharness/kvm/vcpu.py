@@ -78,6 +78,11 @@ _KVM_SET_SREGS = K.KVM_SET_SREGS
 assert _IO.size <= 16 and ffi.offsetof(_RUN, "mmio") == _OFF_UNION
 
 _IO_DIRECTION_OUT = 1  # KVM_EXIT_IO_OUT
+#: VM types for which KVM sets has_protected_state (svm.c svm_vm_init: SEV-ES and SNP)
+PROTECTED_STATE_VM_TYPES = frozenset({3, 4})  # KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM
+PROTECTED_STATE_HINT = ("the vCPU's state is protected: on an SEV-ES/SNP VM type KVM refuses it "
+                        "once LAUNCH_UPDATE_VMSA has encrypted the VMSA; the guest's registers "
+                        "are not the host's to read")
 _KVM_RUN = K.KVM_RUN
 _NULL = ffi.NULL
 _EINTR = _errno.EINTR
@@ -112,6 +117,11 @@ class KvmVcpu(Vcpu):
         (EINTR), ``KvmError`` for any other failure.
         """
         self._thread = _get_ident()
+        if K._recorder is not None:  # the ioctl recorder seam (kvm/_ffi.py): KVM_RUN is seen too
+            ret, err = ioctl_raw(self.fd, _KVM_RUN, _NULL)
+            if ret < 0:
+                self._run_failed(err)
+            return self.decode_exit()
         if self._ioctl(self.fd, _KVM_RUN, _NULL) < 0:
             err = ffi.errno
             if err == _EINTR:
@@ -125,8 +135,13 @@ class KvmVcpu(Vcpu):
         here, and returns a closure that reads the common exits from kvm_run without per-exit
         allocation (an OUT of one to four bytes comes back as the same interned ``IoOut``
         value each time its port, size and data repeat); every other exit goes through
-        :meth:`decode_exit`.  Same results and errors as ``run()``."""
+        :meth:`decode_exit`.  Same results and errors as ``run()``.
+
+        With an ioctl recorder installed (``kvm/_ffi.py``; checked here, once per loop, not
+        per exit) it is ``run()``, which issues KVM_RUN through the recorder."""
         self._thread = _get_ident()
+        if K._recorder is not None:
+            return self.run
         ioctl, fd, request, null = self._ioctl, self.fd, _KVM_RUN, _NULL
         u16, u32, u64 = self._word_views()
         mm = self._mm
@@ -177,8 +192,9 @@ class KvmVcpu(Vcpu):
         if len(entry[3]) < 256:
             entry[3][int.from_bytes(e.data, "little")] = e
 
-    def _run_failed(self) -> None:
-        err = ffi.errno
+    def _run_failed(self, err: int | None = None) -> None:
+        if err is None:
+            err = ffi.errno
         if err == _EINTR:
             self._mv[_OFF_IMMEDIATE_EXIT] = 0
             raise InterruptedError(_EINTR, "KVM_RUN interrupted")
@@ -186,7 +202,10 @@ class KvmVcpu(Vcpu):
 
     def fast_loop(self) -> FastLoop | None:
         """This vCPU's compiled exit loop (``kvm/fastpath.py``), or None where the library is
-        unavailable or ``KVMHARNESS_FASTPATH=0``; binds the thread ``kick()`` signals."""
+        unavailable or ``KVMHARNESS_FASTPATH=0``; binds the thread ``kick()`` signals.
+        None too while an ioctl recorder is installed: C issues KVM_RUN itself, unseen."""
+        if K._recorder is not None:
+            return None
         lib = fastpath.load()
         if lib is None:
             return None
@@ -308,10 +327,24 @@ class KvmVcpu(Vcpu):
                 signal.pthread_kill(self._thread, KICK_SIGNAL)
 
     # -- state ----------------------------------------------------------------------
+    def _get_state(self, name: str, request: int, buf: Any) -> None:
+        """KVM_GET_REGS / KVM_GET_SREGS; EINVAL on a VM type with protected state says why.
+
+        Since Linux 6.10 ("KVM: x86: add fields to struct kvm_arch for CoCo features"),
+        KVM_GET/SET_REGS, KVM_GET/SET_SREGS (and SREGS2, DEBUGREGS, XCRS; XSAVE and FPU
+        once the FPU state is confidential) fail with EINVAL when the VM type has protected
+        state (KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM: svm.c svm_vm_init) and the vCPU's VMSA is
+        encrypted (LAUNCH_UPDATE_VMSA sets guest_state_protected).  A legacy
+        KVM_SEV_ES_INIT VM (type 0) still answers from KVM's register cache."""
+        ret, err = ioctl_raw(self.fd, request, buf)
+        if ret < 0:
+            protected = err == _errno.EINVAL and getattr(self.vm, "vm_type", 0) in PROTECTED_STATE_VM_TYPES
+            raise KvmError(name, err, PROTECTED_STATE_HINT if protected else "")
+
     def get_regs(self) -> Regs:
         """KVM_GET_REGS."""
         buf = ffi.new("struct kvm_regs *")
-        ioctl(self.fd, K.KVM_GET_REGS, buf)
+        self._get_state("KVM_GET_REGS", K.KVM_GET_REGS, buf)
         return Regs(*_REGS.unpack(ffi.buffer(buf)))
 
     def set_regs(self, regs: Regs) -> None:
@@ -331,7 +364,7 @@ class KvmVcpu(Vcpu):
     def get_sregs(self) -> Sregs:
         """KVM_GET_SREGS."""
         buf = ffi.new("struct kvm_sregs *")
-        ioctl(self.fd, K.KVM_GET_SREGS, buf)
+        self._get_state("KVM_GET_SREGS", K.KVM_GET_SREGS, buf)
         v = _SREGS.unpack(ffi.buffer(buf))
         cs, ds, es, fs, gs, ss, tr, ldt = (Segment(*v[i * 13:i * 13 + 12]) for i in range(8))
         gdt = DTable(v[104], v[105])

@@ -211,8 +211,7 @@ def memview(machine, mode: str, out_dir: str) -> LabReport:
 
     def at_exit(m, e):
         if _is_report(e) and not seen:
-            regs, _ = _safe_regs(m)
-            if regs is not None and regs.rbx != SERVICE_KEY_REPLY:
+            if m.ucall_args()[0] != SERVICE_KEY_REPLY:
                 return
             seen["memory"] = m.vm.read(0, m.memory)
             seen["ghcb_gpa"] = _ghcb_page(m)[0] if mode == "sev-es" else None
@@ -430,10 +429,9 @@ def remap(machine, mode: str) -> LabReport:
     def at_exit(m, e):
         if not _is_report(e):
             return
-        regs, _ = _safe_regs(m)
-        if regs is None or regs.rbx != SERVICE_KEY_REPLY:
+        rbx, n = m.ucall_args()  # SEV-ES: from the GHCB (the registers are protected)
+        if rbx != SERVICE_KEY_REPLY:
             return
-        n = regs.rcx
         buf = m.vm.read(SERVICE_SHARED_BUF, 4096)
         replies.append({"request": n, "text": _printable(buf, 64),
                         "secret": SECRET_TEXT in buf, "public": REPLY_TEXT in buf})
@@ -514,14 +512,13 @@ def ciphertext(machine, mode: str) -> LabReport:
     def at_exit(m, e):
         if not _is_report(e):
             return
-        regs, _ = _safe_regs(m)
-        if regs is None or regs.rbx != COUNTER_KEY_TICK:
+        if m.ucall_args()[0] != COUNTER_KEY_TICK:  # SEV-ES: from the GHCB
             return
         if mode == "sev-es":
             vmsa = _vmsa(m) or b""
             observations.append(vmsa[VMSA_R12_BLOCK:VMSA_R12_BLOCK + 16].hex())
         else:
-            observations.append(regs.r12)
+            observations.append(m.vcpu.get_regs().r12)
 
     machine.on_exit(at_exit)
     result = machine.run()

@@ -40,9 +40,16 @@ VMSA (the guest state is then *protected*):
   ``hw_trace`` record (exit code 0x403, EXITINFO1 = the GHCB MSR value,
   EXITINFO2 = SW_EXIT_CODE for the page protocol, ``handled`` = what KVM did),
   and its decoded form (``VmgexitTrace``) is kept in :attr:`vmgexit_trace`.
-* **Registers.**  ``get_regs()`` returns KVM's register cache (the GPRs the
-  guest exposed in the GHCB, 0 otherwise; RIP 0, RFLAGS 2), so Machine's ucall
-  reads RBX/RCX from the GHCB; ``set_regs()`` is refused (EINVAL).
+* **Registers.**  On the SEV-ES VM type (KVM_X86_SEV_ES_VM, ``KVM_SEV_INIT2``;
+  KVM sets ``kvm->arch.has_protected_state`` for it) KVM refuses KVM_GET_REGS,
+  KVM_GET_SREGS and their SET_ counterparts with EINVAL once the VMSA is
+  encrypted (x86.c: ``has_protected_state && guest_state_protected``, Linux
+  6.10, "KVM: x86: add fields to struct kvm_arch for CoCo features"), and so
+  does this model: ``KvmError`` naming the ioctl, errno EINVAL.  On a legacy
+  ``KVM_SEV_ES_INIT`` VM (type 0) KVM still answers from its register cache
+  (the GPRs the guest exposed in the GHCB, 0 otherwise; RIP 0, RFLAGS 2), and
+  so does this model; ``set_regs()`` is refused there too.  Machine reads a
+  protected guest's ucall arguments from the GHCB page, never from registers.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import struct
 import unicorn
 from unicorn import x86_const as X
 
+from ..backend import KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM
 from ..errors import KvmError
 from ..sev.vmgexit import X86_TRAP_VC, SevEsVmgexitHandler, vc_error_code
 from ..x86 import Regs
@@ -77,6 +85,10 @@ _VMGEXIT_EVENTS = frozenset({6, 0x100 + 0x46, 0x100 + SVM_EXIT_VMMCALL})
 # run-loop events of this model (above the 0x100 + exit code intercepts and nested.py's 0x1000 + code)
 VC_IO_EVENT = 0x2000 + SVM_EXIT_IOIO
 VC_MMIO_EVENT = 0x2000 + SVM_EXIT_NPF
+#: VM types for which KVM sets has_protected_state (svm.c svm_vm_init)
+PROTECTED_STATE_VM_TYPES = frozenset({KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM})
+PROTECTED_STATE_DETAIL = ("the vCPU's state is protected (SEV-ES: its VMSA is encrypted since "
+                          "LAUNCH_UPDATE_VMSA); the host cannot read or write its registers")
 
 
 class SevEsVcpu(SevVcpu):
@@ -143,23 +155,36 @@ class SevEsVcpu(SevVcpu):
         """The encrypted VMSA page, as the host can read it."""
         return bytes(self.sev_model.vmsa_pages[self.vm.vcpus.index(self)][1])
 
+    def _refuse_protected(self, ioctl: str) -> None:
+        """KVM's EINVAL for a state ioctl on a protected vCPU of a VM type with protected state."""
+        if getattr(self.vm, "vm_type", 0) in PROTECTED_STATE_VM_TYPES:
+            raise KvmError(ioctl, errno.EINVAL, PROTECTED_STATE_DETAIL)
+
     def get_regs(self) -> Regs:
         if not self.protected:
             return super().get_regs()
+        self._refuse_protected("KVM_GET_REGS")
         return Regs(**self._handler().register_cache(), rip=0, rflags=0x2)
 
     def get_sregs(self):
-        """Protected: what KVM cached before the launch (the live state is in the VMSA)."""
+        """Protected: refused on the SEV-ES VM type; on a legacy VM what KVM cached before
+        the launch (the live state is in the VMSA)."""
         if not self.protected:
             return super().get_sregs()
+        self._refuse_protected("KVM_GET_SREGS")
         if self._sregs_at_launch is None:
             self._sregs_at_launch = super().get_sregs()
         return self._sregs_at_launch
 
     def set_regs(self, regs: Regs) -> None:
         if self.protected:
-            raise KvmError("KVM_SET_REGS", errno.EINVAL, "the vCPU's state is protected (SEV-ES)")
+            raise KvmError("KVM_SET_REGS", errno.EINVAL, PROTECTED_STATE_DETAIL)
         super().set_regs(regs)
+
+    def set_sregs(self, sregs) -> None:
+        if self.protected:
+            self._refuse_protected("KVM_SET_SREGS")
+        super().set_sregs(sregs)
 
     # -- KVM_RUN --------------------------------------------------------------------
     def run(self):
