@@ -137,8 +137,12 @@ def cmd_run(args) -> int:
     if args.mode is None:  # the manifest's first mode (from what the guest needs)
         args.mode = image.default_mode
     image.check_mode(args.mode)  # a mode the guest does not declare: exit 2, before any VM
-    owner = None
-    if args.mode != "svm":
+    owner = policy = None
+    if args.mode == "sev-snp":  # an SNP guest policy (snp/policy.py), no owner session
+        from .snp.policy import SnpPolicy
+
+        policy = SnpPolicy.parse(args.policy).value if args.policy is not None else None
+    elif args.mode != "svm":
         from .images import DEFAULT_SEV_POLICY
         from .sev.policy import GuestPolicy
         from .sev.session import GuestOwner
@@ -154,7 +158,11 @@ def cmd_run(args) -> int:
             machine = Machine.for_guest(image, system)
         else:
             machine = Machine.for_guest(image, system, sev=args.mode, policy=policy, owner=owner)
-            if not args.json:
+            if args.mode == "sev-snp":
+                if not args.json:
+                    print(f"# sev-snp launch: policy {machine.launch_result.policy:#x}, launch "
+                          f"digest {machine.launch_result.launch_digest.hex()}", file=sys.stderr)
+            elif not args.json:
                 launch = machine.launch_result
                 print(f"# {args.mode} launch: {launch.init_command}, handle {launch.handle}, policy "
                       f"{launch.policy}, measurement "
@@ -177,7 +185,10 @@ def cmd_run(args) -> int:
     finally:
         system.close()
     if args.json:
-        _print_json(result.to_dict())
+        d = result.to_dict()
+        if args.mode == "sev-snp":  # the firmware's launch digest (== measure --mode sev-snp)
+            d["launch"] = machine.launch_result.to_dict()
+        _print_json(d)
     else:
         _print_result(result, args.trace)
     if not result.ok:
@@ -360,10 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kvm: real /dev/kvm; sim: the simulator; auto: kvm if /dev/kvm exists (default)")
     s.add_argument("--timeout", type=float, default=None, help="seconds, finite, > 0 and at most 86400 (default: the manifest's)")
     s.add_argument("--trace", action="store_true", help="record and print every exit with its RIP")
-    s.add_argument("--mode", choices=("svm", "sev", "sev-es"), default=None,
+    s.add_argument("--mode", choices=("svm", "sev", "sev-es", "sev-snp"), default=None,
                    help="svm: a plain guest; sev / sev-es: launch it encrypted first, verifying "
-                        "the firmware's measurement with a guest owner's TIK (default: what the "
-                        "guest's manifest needs)")
+                        "the firmware's measurement with a guest owner's TIK; sev-snp: the SNP "
+                        "launch (its digest is printed, in --json under 'launch') (default: what "
+                        "the guest's manifest needs)")
     s.add_argument("--policy", default=None, help="SEV guest policy, e.g. 'nodbg' or 0x5 (default "
                                                   "nodbg, plus es for sev-es)")
     s.add_argument("--no-owner", action="store_true",

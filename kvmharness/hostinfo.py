@@ -415,6 +415,8 @@ def need_status(system, need: str) -> tuple[bool, str]:
             return True, "SVM is offered to guests (CPUID 0x80000001 ECX bit 2)"
         return False, ("SVM is not offered to guests (CPUID 0x80000001 ECX bit 2 is clear in "
                        "KVM_GET_SUPPORTED_CPUID: no kvm_amd, or kvm_amd nested=0)")
+    if need == "sev-snp":
+        return _snp_need(system)
     if need in _SEV_NEEDS:
         mode, vm_type, _param = _SEV_NEEDS[need]
         if vm_type in caps.vm_types:
@@ -426,6 +428,31 @@ def need_status(system, need: str) -> tuple[bool, str]:
                            + (f" (KVM_CAP_VM_TYPES={mask:#x})" if mask else ""))
         return _legacy_sev(system, need)
     raise ValueError(f"unknown need {need!r}")
+
+
+def _snp_need(system) -> tuple[bool, str]:
+    """SEV-SNP: the simulator models it (sim/snp.py); on kvm, KVM_CREATE_VM(KVM_X86_SNP_VM)
+    is asked now and its answer (the kernel's errno) is the reason when it refuses."""
+    from .backend import KVM_X86_SNP_VM
+    from .errors import KvmError
+
+    if system.name == "sim":
+        return True, ("the simulator models SEV-SNP (sim/snp.py: SNP firmware, RMP, PVALIDATE, "
+                      "page-state changes)")
+    caps = system.capabilities
+    mask = caps.extensions.get("KVM_CAP_VM_TYPES", 0)
+    try:
+        vm = system.create_vm(KVM_X86_SNP_VM)
+    except KvmError as e:  # the kernel's errno
+        err = getattr(e, "errno", None)
+        name = errno.errorcode.get(err, str(err)) if err else "failed"
+        return False, (f"KVM_CREATE_VM(KVM_X86_SNP_VM={KVM_X86_SNP_VM}) failed with {name}"
+                       + (f" ({err})" if err else "") + f" (KVM_CAP_VM_TYPES={mask:#x}): this "
+                       "kernel/CPU offers no SEV-SNP VMs (see kvmharness info)")
+    except Exception as e:  # noqa: BLE001 - any refusal is the answer: not met
+        return False, str(e)
+    vm.close()
+    return True, f"KVM_CREATE_VM(KVM_X86_SNP_VM={KVM_X86_SNP_VM}) succeeded"
 
 
 def needs_status(system, needs) -> dict:

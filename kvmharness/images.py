@@ -29,9 +29,9 @@ from .protocol import GUEST_LOAD_ADDR
 from .x86 import CpuidEntry
 
 MODES = ("real", "long64")  # entry modes
-RUN_MODES = ("svm", "sev", "sev-es")  # how a guest is launched (run --mode)
+RUN_MODES = ("svm", "sev", "sev-es", "sev-snp")  # how a guest is launched (run --mode)
 EXPECTS = ("done", "hlt", "shutdown", "timeout", "fail", "sev-terminated")
-NEEDS = ("user-msr-exits", "svm", "sev", "sev-es", "nested")
+NEEDS = ("user-msr-exits", "svm", "sev", "sev-es", "sev-snp", "nested")
 BACKEND_NAMES = ("kvm", "sim")
 #: the policy a launch uses when the caller gives none: ``run`` and ``measure`` alike,
 #: so ``measure --tik --nonce`` predicts a default run
@@ -73,6 +73,8 @@ def parse_size(text: str | int, *, what: str) -> int:
 
 def default_modes(needs) -> tuple:
     """The run modes a guest declares when its entry has no ``modes`` key."""
+    if "sev-snp" in needs:
+        return ("sev-snp",)  # PVALIDATE, the RMP, page-state changes: only an SNP launch
     if "sev-es" in needs:
         return ("sev-es",)  # it talks to the host through the GHCB: only an SEV-ES launch
     if "sev" in needs:
@@ -266,6 +268,12 @@ def _modes(raw: dict, needs: tuple, where: str) -> tuple:
     modes = _names(raw["modes"], where, "modes", RUN_MODES)
     if not modes:
         raise GuestImageError(f"{where}: modes must list at least one of {', '.join(RUN_MODES)}")
+    if "sev-snp" in modes and "sev-snp" not in needs:
+        raise GuestImageError(f"{where}: modes may hold sev-snp only for a guest that needs sev-snp "
+                              "(an SNP guest validates its own memory with PVALIDATE)")
+    if "sev-snp" in needs and modes != ("sev-snp",):
+        raise GuestImageError(f"{where}: modes must be ['sev-snp'] for a guest that needs sev-snp, "
+                              f"not {list(modes)}")
     if "sev-es" in needs and modes != ("sev-es",):
         raise GuestImageError(f"{where}: modes must be ['sev-es'] for a guest that needs sev-es, "
                               f"not {list(modes)}")

@@ -120,6 +120,10 @@ def vcpu_class(vm):
     model = getattr(vm, "_sev_model", None)
     if model is None or not model.active:
         return SimVcpu
+    if getattr(model, "snp", False):
+        from .snp import SnpVcpu
+
+        return SnpVcpu
     if model.es_active:
         from .seves import SevEsVcpu
 
@@ -337,6 +341,7 @@ class SevVcpu(SimVcpu):
     """A vCPU of an SEV guest: encrypted memory once launched, the SEV_STATUS MSR."""
 
     sev_status = 1  # SEV_STATUS (0xC0010131) bit 0: SEV enabled
+    mmu_class = SevMmu  # the guest walk; SEV-SNP's adds the RMP check (sim/snp.py)
 
     def __init__(self, vm, vcpu_id: int, asid: int):
         model = vm._sev_model
@@ -355,7 +360,7 @@ class SevVcpu(SimVcpu):
         if not self._need_entry:
             self.load_vmcb_state()
         core = self.core
-        self.mmu = SevMmu(core, mem, c_bit_of(vm.system))
+        self.mmu = self.mmu_class(core, mem, c_bit_of(vm.system))
         core.build_hooks.append(self.mmu.install)
         core.mmu = self.mmu
         mem.cores.append(core)
