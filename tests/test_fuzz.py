@@ -41,13 +41,28 @@ def test_generator_is_deterministic_and_varied():
     assert {"out", "in", "ins", "outs", "mmio", "rdmsr", "wrmsr", "cpuid", "hlt"} <= kinds
 
 
+def test_real_mode_generator_is_deterministic_and_varied():
+    a, b = G.generate(7, mode="real"), G.generate(7, mode="real")
+    assert a.source() == b.source() and a.mode == "real" and ".code16" in a.source()
+    assert G.generate(7, mode="real").source() != G.generate(7).source()
+    kinds = {o.kind for s in range(80) for o in G.generate(s, mode="real").ops}
+    prefixes = {k.split("_")[0] for k in kinds}
+    assert {"out", "in", "ins", "outs", "mmio", "cpuid", "hlt", "soft", "rdmsr", "wrmsr"} <= prefixes
+    assert {"mmio_les", "mmio_lds", "mmio_movs_to", "mmio_stos", "mmio_push", "mmio_pop"} <= kinds
+    with pytest.raises(ValueError):
+        G.generate(1, mode="protected32")
+
+
 @needs_as
-def test_every_generated_guest_assembles_with_its_op_labels():
+@pytest.mark.parametrize("mode", G.MODES)
+def test_every_generated_guest_assembles_with_its_op_labels(mode):
     for s in range(50):
-        g = G.generate(s)
+        g = G.generate(s, mode=mode)
         ranges = R.op_ranges(g)
         assert len(ranges) == len(g.ops)
         assert all(a < b for a, b in ranges)
+        if mode == "real":  # the ops fit below the IVT handlers, in CS's 64 KiB from 0x8000
+            assert ranges[-1][1] < 0x10000
 
 
 @needs_as
@@ -60,6 +75,35 @@ def test_fixed_seed_same_on_kvm_and_sim(kvm_sim, seed):
     assert a.steps, "the kvm run recorded no exit"
     m = R.compare(g, a, b, deviations)
     assert m is None, f"seed {seed}: {m.kind} at exit {m.step}, op {m.op}: {m.detail}"
+
+
+@needs_as
+@needs_kvm
+@pytest.mark.parametrize("seed", CI_SEEDS)
+def test_fixed_real_mode_seed_same_on_kvm_and_sim(kvm_sim, seed):
+    targets, deviations = kvm_sim
+    g = G.generate(seed, mode="real")
+    a, b = R.run(targets[0], g), R.run(targets[1], g)
+    assert a.steps and a.outcome in ("end", "exception", "shutdown", "internal"), (a.outcome, a.detail)
+    m = R.compare(g, a, b, deviations)
+    assert m is None, f"real-mode seed {seed}: {m.kind} at exit {m.step}, op {m.op}: {m.detail}"
+
+
+@needs_as
+def test_real_mode_guest_runs_to_its_end_on_the_simulator():
+    """Without /dev/kvm too: a real-mode guest runs on the simulator through its ops to the
+    end port, its device and scratch page in the real-mode layout."""
+    from kvmharness.sim.system import SimSystem
+
+    with SimSystem(profile="kvm_amd") as system:
+        t = R.Target("sim", system, system.capabilities.supported_cpuid)
+        for seed in range(5):
+            g = G.generate(seed, mode="real")
+            g = g.with_ops([o for o in g.ops if not o.terminal])
+            rec = R.run(t, g)
+            assert rec.outcome == "end", (seed, rec.outcome, rec.detail)
+            mmio = [e for e, _r in rec.steps if e["exit"] in ("MmioRead", "MmioWrite")]
+            assert all(0xD0000 <= e["addr"] < 0xD1000 for e in mmio)
 
 
 @needs_as
@@ -91,3 +135,7 @@ def test_regression_written_and_loaded_round_trips(tmp_path):
     assert src.read_text() == g.source()
     back = load_regression(tmp_path / "fuzz-11.json")
     assert back.source() == g.source() and back.msr_user_reasons == g.msr_user_reasons
+    r = G.generate(11, mode="real")
+    src = write_regression(tmp_path, r, m, ["kvm", "sim[kvm_pvm]"])
+    back = load_regression(tmp_path / "fuzz-11-real.json")
+    assert back.mode == "real" and back.source() == r.source() == src.read_text()

@@ -15,6 +15,7 @@ from kvmharness.backend import kvm_usable
 from kvmharness.exits import KVM_MSR_EXIT_REASON_FILTER as FILTER, KVM_MSR_EXIT_REASON_INVAL as INVAL
 from kvmharness.exits import KVM_MSR_EXIT_REASON_UNKNOWN as UNKNOWN
 from kvmharness.fuzz import gen as G
+from kvmharness.fuzz import gen_real as GR
 from kvmharness.fuzz import runner as R
 from kvmharness.sim.system import SimSystem
 
@@ -133,6 +134,92 @@ REGRESSIONS = {
                       _check_fetch),
     "int3-cpl0": (["int3"], 0, _check_int3),
 }
+
+
+def _check_real_int(rec):
+    (e, r), = [(e, r) for e, r in _exits(rec, "IoOut") if e["port"] == GR.SOFT_INT_PORT]
+    assert e["data"] == "41" and not r["rflags"] & (1 << 9)  # the handler ran, IF cleared
+    assert rec.outcome == "end"
+
+
+def _check_real_les(size):
+    def check(rec):
+        e, _r = rec.steps[0]
+        assert (e["exit"], e["addr"], e["size"]) == ("MmioRead", 0xD0010, size)  # one read
+        assert rec.outcome == "end" and rec.regs["rcx"] & 0xFFFF == int.from_bytes(
+            R.Devices(0).mmio[0x10:0x12], "little")
+    return check
+
+
+def _check_real_ivt_limit(rec):
+    # kvm_pvm's emulator reads the IVT entry whatever the limit: the #UD handler runs
+    assert rec.outcome == "exception" and rec.detail.startswith("vector 6 ")
+
+
+def _check_real_rep_insw_cx(rec):
+    (e, _r), = _exits(rec, "IoIn")
+    assert e["count"] == 3  # CX counts in 16-bit addressing, not ECX
+    assert rec.regs["rcx"] == 0xABCD0000 and rec.regs["rdi"] & 0xFFFF == 0x106
+    data = R.Devices(0).port_in(_FakeIn(e))
+    assert rec.ram[0x100:0x106] == data  # at ES:DI, ES = the scratch segment
+
+
+def _check_real_rep_insb_df1_wrap(rec):
+    ins = _exits(rec, "IoIn")
+    # in_page is offset_in_page(DI) bytes: 1 element, then DI=0 -> at least 1, then DI wraps
+    assert [e["count"] for e, _r in ins] == [1, 1, 1]
+    assert rec.regs["rdi"] & 0xFFFF == 0xFFFE and rec.regs["rcx"] & 0xFFFF == 0
+
+
+REAL_REGRESSIONS = {
+    "real-int-n-ivt": (["int $0x41"], _check_real_int),
+    "real-lesl-6-bytes": (["lesl %fs:0x10, %ecx"], _check_real_les(6)),
+    "real-lesw-4-bytes": (["les %fs:0x10, %cx"], _check_real_les(4)),
+    "real-ivt-limit-0": (["xor %ax, %ax", "mov %ax, %ds", "push $0", "push $0", "push $0", "mov %sp, %bx",
+                          "lidt (%bx)", "ud2"], _check_real_ivt_limit),
+    "real-rep-insw-cx": ([f"mov ${GR.RAM_SEG:#x}, %ax", "mov %ax, %es", "mov $0x1234, %dx", "mov $0x100, %di",
+                          "mov $0xabcd0003, %ecx", "cld", "rep insw"], _check_real_rep_insw_cx),
+    "real-rep-insb-df1-wrap": ([f"mov ${GR.RAM_SEG:#x}, %ax", "mov %ax, %es", "mov $0x60, %dx", "mov $1, %di",
+                                "mov $3, %cx", "std", "rep insb", "cld"], _check_real_rep_insb_df1_wrap),
+}
+
+
+def _real_guest(name):
+    lines, _check = REAL_REGRESSIONS[name]
+    return G.Guest(0, [G.Op(name, list(lines))], GR.base_prologue() + ["mov $0x01234567, %ebx"], 0,
+                   mode="real")
+
+
+@pytest.mark.parametrize("name", sorted(REAL_REGRESSIONS))
+def test_real_mode_sim_kvm_pvm_profile_does_what_kvm_did(name):
+    with SimSystem(profile="kvm_pvm") as system:
+        rec = R.run(R.Target("sim", system, system.capabilities.supported_cpuid), _real_guest(name))
+    REAL_REGRESSIONS[name][1](rec)
+
+
+def test_real_mode_ivt_limit_is_the_cpus_on_kvm_amd():
+    """kvm_amd guests get their events from the CPU (EVENTINJ), which checks the IVT limit:
+    #UD beyond it -> #GP -> #DF -> shutdown (APM vol 2, 8.2 / 16.x; checked on the rig by
+    tests/test_fuzz_rig.py)."""
+    with SimSystem(profile="kvm_amd") as system:
+        rec = R.run(R.Target("sim", system, system.capabilities.supported_cpuid), _real_guest("real-ivt-limit-0"))
+    assert rec.outcome == "shutdown"
+
+
+@pytest.mark.skipif(not KVM_OK, reason=f"no usable /dev/kvm: {KVM_WHY}")
+@pytest.mark.parametrize("name", sorted(REAL_REGRESSIONS))
+def test_real_mode_kvm_and_sim_agree(name):
+    targets = R.open_targets(("kvm", "sim"))
+    try:
+        g = _real_guest(name)
+        a, b = R.run(targets[0], g), R.run(targets[1], g)
+        if targets[1].profile.name == "kvm_pvm":
+            REAL_REGRESSIONS[name][1](a)  # the real KVM does what the check says
+        m = R.compare(g, a, b, R.cpuid_deviations(targets))
+        assert m is None, f"{name}: {m.kind} at exit {m.step}: {m.detail}"
+    finally:
+        for t in targets:
+            t.close()
 
 
 def _guest(name):

@@ -578,7 +578,7 @@ def test_int_n_in_real_mode_per_profile(profile):
     vm.write(0x21 * 4, bytes([0x00, 0x02, 0x00, 0x07]))  # IVT[0x21] = 0700:0200
     vm.write(0x7200, T.assemble("pop bx\nmov al, 0x66\nout 0xe9, al\nhlt", 16, 0x200))
     e = v.run()
-    if profile == "kvm_amd":
-        assert e == exits.IoOut(0xE9, 1, 1, b"\x66") and v.get_regs().rbx & 0xFFFF == 0x102
-    else:
-        assert isinstance(e, exits.InternalError) and e.suberror == 1
+    # both: kvm_amd lets the CPU deliver it; kvm_pvm's emulator implements INT n in real
+    # mode only (emulate.c emulate_int -> __emulate_int_real; measured on a kvm_pvm host,
+    # 2026-12-01: this guest gave the handler's OUT with BX = 0x102)
+    assert e == exits.IoOut(0xE9, 1, 1, b"\x66") and v.get_regs().rbx & 0xFFFF == 0x102

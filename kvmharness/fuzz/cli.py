@@ -1,8 +1,10 @@
 """``kvmharness fuzz``: random guests on two backends, compared exit by exit.
 
-    kvmharness fuzz [--seeds N] [--seed S] [--pair kvm,sim] [--profile P] [--out DIR] [--json]
+    kvmharness fuzz [--seeds N] [--seed S] [--mode long64,real] [--pair kvm,sim] [--profile P]
+                    [--out DIR] [--json]
 
-Runs seeds S..S+N-1 (``--seed S`` alone: just that one), prints a progress line on
+Runs seeds S..S+N-1 (``--seed S`` alone: just that one) in each entry mode (each seed
+gives one long-mode and one real-mode guest by default), prints a progress line on
 stderr and a summary; each mismatch is shrunk to a minimal guest and, with ``--out``,
 written there as ``fuzz-<seed>.S`` + ``fuzz-<seed>.json``.  Exit status: 0 no mismatch,
 1 mismatches found, 2 usage, 3 the host cannot run a backend of the pair.
@@ -26,6 +28,8 @@ PAIRS = ("kvm,sim", "sim,kvm")
 def add_arguments(p) -> None:
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="how many guests (default 100; 1 with --seed)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default 0)")
+    p.add_argument("--mode", default="long64,real", metavar="M[,M]",
+                   help="guest entry modes, each seed in each (long64,real)")
     p.add_argument("--pair", default="kvm,sim", help="the two backends compared (kvm,sim)")
     p.add_argument("--profile", default=None, help="simulator profile (default: the kvm host's module)")
     p.add_argument("--out", default=None, metavar="DIR", help="write shrunk regression guests here")
@@ -40,6 +44,11 @@ def run_fuzz(args) -> int:
     n = args.seeds if args.seeds is not None else (1 if "--seed" in sys.argv else 100)
     if n < 1:
         raise E.UsageError("--seeds must be at least 1")
+    modes = tuple(m.strip() for m in args.mode.split(",") if m.strip())
+    bad = [m for m in modes if m not in G.MODES]
+    if bad or not modes:
+        raise E.UsageError(f"--mode {args.mode!r}: choose from {', '.join(G.MODES)}")
+    jobs = [(seed, mode) for seed in range(args.seed, args.seed + n) for mode in modes]
     targets = R.open_targets(pair, profile=args.profile)
     deviations = R.cpuid_deviations(targets)
     seconds = Counter()
@@ -49,8 +58,8 @@ def run_fuzz(args) -> int:
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
     try:
-        for i, seed in enumerate(range(args.seed, args.seed + n)):
-            guest = G.generate(seed)
+        for i, (seed, mode) in enumerate(jobs):
+            guest = G.generate(seed, mode=mode)
             a, b = R.run(targets[0], guest), R.run(targets[1], guest)
             seconds[targets[0].name] += a.seconds
             seconds[targets[1].name] += b.seconds
@@ -60,12 +69,12 @@ def run_fuzz(args) -> int:
                 small = guest if args.no_shrink else shrink(targets, guest, m, deviations)
                 sm = R.compare(small, R.run(targets[0], small), R.run(targets[1], small), deviations) or m
                 classes[sm.signature] += 1
-                rec = {"seed": seed, "ops": len(guest.ops), "shrunk_ops": len(small.ops),
+                rec = {"seed": seed, "mode": mode, "ops": len(guest.ops), "shrunk_ops": len(small.ops),
                        "mismatch": sm.to_dict(), "op_kinds": [o.kind for o in small.ops]}
                 if args.out:
                     rec["written"] = str(write_regression(args.out, small, sm, [t.name for t in targets]))
                 found.append(rec)
-            line = (f"fuzz: {i + 1}/{n} guests, {exits} exits compared, {len(found)} mismatches "
+            line = (f"fuzz: {i + 1}/{len(jobs)} guests, {exits} exits compared, {len(found)} mismatches "
                     f"({time.perf_counter() - t0:.1f}s)")
             print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
         if tty:
@@ -73,20 +82,21 @@ def run_fuzz(args) -> int:
     finally:
         for t in targets:
             t.close()
-    summary = {"pair": [t.name for t in targets], "guests": n, "first_seed": args.seed,
+    summary = {"pair": [t.name for t in targets], "guests": len(jobs), "modes": list(modes),
+               "first_seed": args.seed,
                "exits_compared": exits, "mismatches": len(found), "classes": dict(classes),
-               "guests_per_second": {k: round(n / v, 1) if v else None for k, v in seconds.items()},
+               "guests_per_second": {k: round(len(jobs) / v, 1) if v else None for k, v in seconds.items()},
                "found": found}
     if args.json:
         json.dump(summary, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(f"{n} guests (seeds {args.seed}..{args.seed + n - 1}), {exits} exits compared "
+        print(f"{len(jobs)} guests (seeds {args.seed}..{args.seed + n - 1}, {'+'.join(modes)}), {exits} exits compared "
               f"between {summary['pair'][0]} and {summary['pair'][1]}: {len(found)} mismatches")
         for k, v in summary["guests_per_second"].items():
             print(f"  {k}: {v} guests/s")
         for f in found:
             m = f["mismatch"]
-            print(f"  seed {f['seed']}: {m['kind']} at exit {m['step']} ({f['ops']} -> {f['shrunk_ops']} ops: "
+            print(f"  seed {f['seed']} ({f['mode']}): {m['kind']} at exit {m['step']} ({f['ops']} -> {f['shrunk_ops']} ops: "
                   f"{', '.join(f['op_kinds'])}): {m['detail'][:200]}" + (f" -> {f['written']}" if 'written' in f else ""))
     return E.EXIT_OK if not found else 1

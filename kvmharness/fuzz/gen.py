@@ -76,14 +76,40 @@ class Op:
         return cls(d["kind"], list(d["lines"]), d.get("undef_flags", 0), d.get("terminal", False))
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a guest's devices and memory are, per entry mode."""
+    mode: str            # boot.load_image's entry mode: long64 | real
+    mmio_base: int       # the RAM-like MMIO device (unbacked: every access exits)
+    ram_base: int        # the scratch page (seeded contents)
+    memory_size: int     # guest RAM is [0, memory_size)
+    cpuid_regs: tuple    # the registers holding CPUID's leaf and subleaf at op_cpuid's exits
+
+
+LAYOUTS = {
+    "long64": Layout("long64", MMIO_BASE, RAM_BASE, MEMORY_SIZE, ("r8", "r9")),
+    # real mode: everything below 1 MiB; RAM ends at 768 KiB, the device sits at segment
+    # 0xD000 (FS), the scratch page at segment 0x2000 (GS) -- see gen_real.py
+    "real": Layout("real", 0xD0000, 0x20000, 0xC0000, ("rsi", "rdi")),
+}
+
+
 @dataclass
 class Guest:
     seed: int
     ops: list
     prologue: list = field(default_factory=list)
     msr_user_reasons: int = 0  # KVM_MSR_EXIT_REASON_* bits sent to userspace
+    mode: str = "long64"       # LAYOUTS key
+
+    @property
+    def layout(self) -> Layout:
+        return LAYOUTS[self.mode]
 
     def source(self) -> str:
+        if self.mode == "real":
+            from .gen_real import source_real
+            return source_real(self)
         out = [f"# kvmharness fuzz guest, seed {self.seed}", ".code64", ".text", ".globl _start",
                "_start:"]
         out += ["    " + line for line in self.prologue]
@@ -96,16 +122,16 @@ class Guest:
         return "\n".join(out) + "\n"
 
     def with_ops(self, ops) -> "Guest":
-        return Guest(self.seed, list(ops), list(self.prologue), self.msr_user_reasons)
+        return Guest(self.seed, list(ops), list(self.prologue), self.msr_user_reasons, self.mode)
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "msr_user_reasons": self.msr_user_reasons,
+        return {"seed": self.seed, "mode": self.mode, "msr_user_reasons": self.msr_user_reasons,
                 "prologue": list(self.prologue), "ops": [o.to_dict() for o in self.ops]}
 
     @classmethod
     def from_dict(cls, d) -> "Guest":
         return cls(d["seed"], [Op.from_dict(o) for o in d["ops"]], list(d["prologue"]),
-                   d.get("msr_user_reasons", 0))
+                   d.get("msr_user_reasons", 0), d.get("mode", "long64"))
 
 
 def ram_init(seed: int) -> bytes:
@@ -414,8 +440,16 @@ WEIGHTS = (("op_out", 10), ("op_in", 10), ("op_string_io", 10), ("op_mmio_load",
            ("op_cpuid", 6), ("op_hlt", 2))
 
 
-def generate(seed: int, n_ops: int | None = None) -> Guest:
-    """The guest for ``seed``: the same seed always gives the same guest."""
+MODES = ("long64", "real")
+
+
+def generate(seed: int, n_ops: int | None = None, mode: str = "long64") -> Guest:
+    """The guest for ``seed`` (in ``mode``): the same seed always gives the same guest."""
+    if mode == "real":
+        from .gen_real import generate_real
+        return generate_real(seed, n_ops)
+    if mode != "long64":
+        raise ValueError(f"unknown fuzz guest mode {mode!r}: {', '.join(MODES)}")
     g = _Gen(seed)
     r = g.r
     n = n_ops if n_ops is not None else r.randint(4, 24)

@@ -48,7 +48,8 @@ class Devices:
       a never-written MSR answer ``_mix(index)``; :data:`gen.REFUSED_MSR` is refused (#GP).
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, mmio_base: int = G.MMIO_BASE):
+        self.mmio_base = mmio_base
         self.mmio = bytearray(G.mmio_init(seed))
         self.msrs: dict = {}
         self.io_count = 0
@@ -59,13 +60,13 @@ class Devices:
                         for i in range(e.count))
 
     def mmio_read(self, e: X.MmioRead) -> bytes:
-        off = e.addr - G.MMIO_BASE
+        off = e.addr - self.mmio_base
         if 0 <= off and off + e.size <= G.MMIO_SIZE:
             return bytes(self.mmio[off:off + e.size])
         return b"\xff" * e.size
 
     def mmio_write(self, e: X.MmioWrite) -> None:
-        off = e.addr - G.MMIO_BASE
+        off = e.addr - self.mmio_base
         if 0 <= off and off + e.size <= G.MMIO_SIZE:
             self.mmio[off:off + e.size] = e.data[:e.size]
 
@@ -92,6 +93,20 @@ class Recording:
     ram: bytes = b""
     msrs: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-able (a rig's recordings travel home this way: fuzz/remote.py)."""
+        return {"backend": self.backend, "steps": [[e, r] for e, r in self.steps], "outcome": self.outcome,
+                "detail": self.detail, "regs": self.regs, "mmio": self.mmio.hex(), "ram": self.ram.hex(),
+                "msrs": {str(k): v for k, v in self.msrs.items()}, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict, backend: str | None = None) -> Recording:
+        def exit_(e: dict) -> dict:  # JSON made the exits' tuples lists
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in e.items()}
+        return cls(backend or d["backend"], [(exit_(e), r) for e, r in d["steps"]], d["outcome"], d["detail"],
+                   d["regs"], bytes.fromhex(d["mmio"]), bytes.fromhex(d["ram"]),
+                   {int(k): v for k, v in d["msrs"].items()}, d.get("seconds", 0.0))
 
 
 def _regs(vcpu) -> dict:
@@ -147,24 +162,28 @@ def open_targets(pair=("kvm", "sim"), profile: str | None = None) -> list:
     return targets
 
 
-def run(target: Target, guest: G.Guest, *, max_exits: int = MAX_EXITS) -> Recording:
-    image, _syms = assemble(guest.source())
+def run(target: Target, guest: G.Guest, *, max_exits: int = MAX_EXITS, image: bytes | None = None) -> Recording:
+    """Run ``guest`` on ``target`` (``image``: its assembled bytes, e.g. on a rig without
+    binutils; default: assemble its source here)."""
+    if image is None:
+        image, _syms = assemble(guest.source())
     rec = Recording(target.name)
-    dev = Devices(guest.seed)
+    lay = guest.layout
+    dev = Devices(guest.seed, lay.mmio_base)
     t0 = time.perf_counter()
     vm = target.system.create_vm()
     try:
-        vm.add_memory(0, G.MEMORY_SIZE)
+        vm.add_memory(0, lay.memory_size)
         vcpu = vm.create_vcpu(0)
-        load_image(vm, vcpu, image, "long64", G.MEMORY_SIZE, target.cpuid)
-        vm.write(G.RAM_BASE, G.ram_init(guest.seed))
+        load_image(vm, vcpu, image, lay.mode, lay.memory_size, target.cpuid)
+        vm.write(lay.ram_base, G.ram_init(guest.seed))
         if guest.msr_user_reasons:
             vm.enable_user_msr_exits(guest.msr_user_reasons)
         vm.set_msr_filter([(G.USER_MSRS[0], len(G.USER_MSRS), False, False)], default_allow=True)
         _loop(vcpu, dev, rec, max_exits)
         rec.regs = _regs(vcpu)
         rec.mmio = bytes(dev.mmio)
-        rec.ram = vm.read(G.RAM_BASE, G.RAM_SIZE)
+        rec.ram = vm.read(lay.ram_base, G.RAM_SIZE)
         rec.msrs = dict(dev.msrs)
         vcpu.close()
     finally:
@@ -275,7 +294,8 @@ def compare(guest: G.Guest, a: Recording, b: Recording, deviations=frozenset()) 
             # RBX/RCX/RDX still the raw results; a register the host does not honour is
             # not compared, wherever it is
             k = G.CPUID_PORTS.index(ea["port"])
-            leaf, sub = ra["r8"] & 0xFFFFFFFF, ra["r9"] & 0xFFFFFFFF
+            lr, sr = guest.layout.cpuid_regs
+            leaf, sub = ra[lr] & 0xFFFFFFFF, ra[sr] & 0xFFFFFFFF
             names = ("eax", "ebx", "ecx", "edx")
             if (leaf, sub, names[k]) in deviations:
                 ea, eb = dict(ea, data="*"), dict(eb, data="*")
@@ -300,11 +320,11 @@ def compare(guest: G.Guest, a: Recording, b: Recording, deviations=frozenset()) 
     if a.outcome in ("end", "exception", "shutdown", "internal"):
         if a.mmio != b.mmio:
             offs = [i for i in range(len(a.mmio)) if a.mmio[i] != b.mmio[i]]
-            return Mismatch("mmio", -1, f"device bytes differ at {G.MMIO_BASE + offs[0]:#x} "
+            return Mismatch("mmio", -1, f"device bytes differ at {guest.layout.mmio_base + offs[0]:#x} "
                                         f"(+{len(offs) - 1} more)")
         if a.ram != b.ram:
             offs = [i for i in range(len(a.ram)) if a.ram[i] != b.ram[i]]
-            return Mismatch("ram", -1, f"scratch RAM differs at {G.RAM_BASE + offs[0]:#x} "
+            return Mismatch("ram", -1, f"scratch RAM differs at {guest.layout.ram_base + offs[0]:#x} "
                                        f"(+{len(offs) - 1} more)")
         if a.msrs != b.msrs:
             return Mismatch("msrs", -1, f"user MSR store {a.backend}={a.msrs} {b.backend}={b.msrs}")

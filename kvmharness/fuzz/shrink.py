@@ -59,10 +59,10 @@ def write_regression(out_dir, guest: G.Guest, mismatch: R.Mismatch, pair) -> Pat
     the op list, the MSR exit reasons, the backends and the mismatch) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"fuzz-{guest.seed}"
+    stem = f"fuzz-{guest.seed}" + ("" if guest.mode == "long64" else f"-{guest.mode}")
     src = out / f"{stem}.S"
     src.write_text(guest.source())
-    entry = {"name": stem, "mode": "long64", "source": src.name, "pair": list(pair),
+    entry = {"name": stem, "mode": guest.mode, "source": src.name, "pair": list(pair),
              "mismatch": mismatch.to_dict(), "guest": guest.to_dict(),
              "devices": "kvmharness.fuzz.runner.Devices (seeded by guest.seed)"}
     (out / f"{stem}.json").write_text(json.dumps(entry, indent=1) + "\n")

@@ -30,7 +30,7 @@ from unicorn import x86_const as X
 
 from .. import exits
 from . import core as corem
-from .events import DeliveryFault, EXC_WITH_ERROR_CODE, VEC_DF, deliver_long, deliver_real
+from .events import DeliveryFault, EXC_WITH_ERROR_CODE, VEC_DF, deliver_long, deliver_real, write_linear
 from .nested import handle_event as _nested_event
 from .svm import (SVM_EXIT_CPUID, SVM_EXIT_EXCP_BASE, SVM_EXIT_HLT, SVM_EXIT_MSR, SVM_EXIT_SHUTDOWN,
                   SVM_EXIT_VMMCALL)
@@ -309,9 +309,12 @@ class KvmExitHandling:
         core = self.core
         core.reset_exception_state()  # the model delivers it: nothing stays "in flight"
         if vector >= 32 or self._is_soft_int(vector, rip):
-            if not self.profile.soft_int_fails:
+            if not self.profile.soft_int_fails or not core.cr(0) & CR0_PE:
                 # kvm_amd intercepts none of them: the guest's IDT delivers the software
-                # interrupt natively, the return address past the instruction
+                # interrupt natively, the return address past the instruction.  In real
+                # mode KVM's emulator delivers them too (emulate.c emulate_int: only
+                # X86EMUL_MODE_REAL is implemented, __emulate_int_real; measured on kvm_pvm
+                # by kvmharness fuzz: `int $0x40` in real mode ran the IVT's handler)
                 self._soft_int(vector, rip)
                 return
             # int n / int3 / int1 at CPL0: the hosts' KVM fails to emulate them (docs/facts.md#kvm-pvm-cpl0)
@@ -393,6 +396,8 @@ class KvmExitHandling:
         """
         e = self._exit
         p = self._pending
+        if p is not None and p[0] == "mmio_r":
+            e = self._far_pointer_read(e, p)
         if p is not None and p[0] == "mmio_w":
             self._pending = None
             gpa, _size, access = p[3]
@@ -403,6 +408,96 @@ class KvmExitHandling:
             self._string_rf(p[1])
         elif p is not None and p[0] == "out" and self._resume is None:
             self._string_rf(p[1])  # an OUTS: stopped after one element, RIP still on it
+        return e
+
+    # -- string IN (INS): KVM's emulator, emulate.c pio_in_emulated / em_in -----------
+    @staticmethod
+    def _ins_addr_mask(info1):
+        """The address-size mask of an INS from its IOIO EXITINFO1 (A16/A32/A64, bits 7-9)."""
+        return 0xFFFF if info1 & (1 << 7) else 0xFFFFFFFF if info1 & (1 << 8) else _M64
+
+    def _ins_count(self, size, rcx, rdi, rep, info1):
+        """How many elements one INS exit asks userspace for: pio_in_emulated's read-ahead,
+        ``min3(in_page, sizeof(rc->data) / size, count)`` (at least 1) -- count is
+        address_mask(RCX) (CX in 16-bit addressing: ECX's upper half does not count);
+        in_page is *bytes* (PAGE_SIZE - offset_in_page(RDI), or offset_in_page(RDI) with
+        DF=1; RDI the register, not the linear address); rc->data holds 1024 bytes.  One
+        exit, not one per element (docs/facts.md#kvm-pvm-cpl0)."""
+        if not rep:
+            return 1
+        count = rcx & self._ins_addr_mask(info1)
+        off = rdi & 0xFFF
+        in_page = off if self.core.reg(X.UC_X86_REG_RFLAGS) & (1 << 10) else 0x1000 - off
+        return max(1, min(in_page, 1024 // size, count))
+
+    def _complete_ins(self, size, string, value, insn_rip, next_rip):
+        """Userspace's data for an INS exit, stored as em_in does: at ES:DI (the ES base
+        applies; DI wraps at the address size, whose upper bits stay), element i at
+        DI + i*size, or with DF=1 at DI - i*size (the first element at the highest address,
+        one element per iteration from the read cache); RDI and RCX move under the address
+        mask (register_address_increment), RIP stays on a REP INS with elements left."""
+        rcx0, rdi0, count, rep, info1 = string
+        core = self.core
+        mask = self._ins_addr_mask(info1)
+        data = value if isinstance(value, (bytes, bytearray)) else \
+            (int(value) & ((1 << (8 * size * count)) - 1)).to_bytes(size * count, "little")
+        real = not core.cr(0) & CR0_PE
+        es_base = core.selector("es") << 4 if real else 0
+        down = core.reg(X.UC_X86_REG_RFLAGS) & (1 << 10)
+        step = -size if down else size
+        if rep and not down and real and (rdi0 & mask) + size * count - 1 > 0xFFFF:
+            # with DF=0 a REP INS stores all the elements of the read-ahead as one operand
+            # (pio_in_emulated's OP_MEM_STR, dst.count elements) through segmented_write,
+            # whose limit check (__linearize: size > lim + 1 - ea) fails when they pass the
+            # end of ES (64 KiB in real mode) -- in_page counts bytes, so it lets them: #GP(0)
+            # with RCX, RDI and RIP as before the INS (measured on kvm_pvm by kvmharness
+            # fuzz: `rep insw` at DI=0xfff8, CX=5 gave an IoIn of 5 elements, then #GP)
+            core.set_reg(X.UC_X86_REG_RIP, insn_rip)
+            self._inject_now(13, 0, insn_rip)
+            return
+        di = rdi0
+        for i in range(count):
+            write_linear(core, (es_base + (di & mask)) & _M64, bytes(data[i * size:(i + 1) * size]))
+            di = (di & ~mask) | ((di + step) & mask)
+        core.set_reg(X.UC_X86_REG_RDI, di)
+        if rep:
+            left = ((rcx0 & mask) - count) & mask
+            core.set_reg(X.UC_X86_REG_RCX, (rcx0 & ~mask) | left)
+            core.set_reg(X.UC_X86_REG_RIP, next_rip if left == 0 else insn_rip)
+            # x86_emulate_insn sets RF while it runs a REP string instruction and clears it
+            # when the string is done: a REP INS restarted for more elements shows RF at its
+            # next exit (measured on kvm_pvm by kvmharness fuzz: `rep insb` in 3 exits, RF 0
+            # at the first IoIn, 1 at the second and third)
+            fl = core.reg(X.UC_X86_REG_RFLAGS)
+            core.set_reg(X.UC_X86_REG_RFLAGS, fl | RFLAGS_RF if left else fl & ~RFLAGS_RF)
+            self._rf_shown = False
+        else:
+            core.set_reg(X.UC_X86_REG_RIP, next_rip)
+
+    _FAR_LOADS = None
+
+    def _far_pointer_read(self, e, p):
+        """LES/LDS/LSS/LFS/LGS of a far pointer on MMIO: KVM's emulator reads the whole
+        pointer (offset and selector, op size + 2 bytes) as one memory operand (emulate.c
+        em_lseg: ``memcpy(&sel, ctxt->src.valptr + ctxt->op_bytes, 2)`` after one
+        segmented_read of SrcMemFAddr), so userspace sees one read exit of 4 or 6 bytes
+        where the engine reads the offset and the selector apart (measured on kvm_pvm by
+        kvmharness fuzz: `lesl %fs:0x2a6(%si), %ecx` in real mode gave one 6-byte read)."""
+        gpa, size, access = p[3]
+        insn = self._insn(p[1])
+        if insn is None:
+            return e
+        ix = _decoder()
+        if KvmExitHandling._FAR_LOADS is None:
+            M = ix.Mnemonic
+            KvmExitHandling._FAR_LOADS = frozenset((M.LES, M.LDS, M.LSS, M.LFS, M.LGS))
+        if insn.mnemonic not in KvmExitHandling._FAR_LOADS:
+            return e
+        full = ix.MemorySizeExt.size(insn.memory_size)
+        if full <= size or not isinstance(e, exits.MmioRead) or e.addr != gpa:
+            return e
+        self._pending = (p[0], p[1], p[2], (gpa, full, access))
+        self._exit = e = exits.MmioRead(gpa, full)
         return e
 
     def _string_rf(self, insn_rip):
@@ -495,11 +590,30 @@ class KvmExitHandling:
             raise DeliveryFault(VEC_DF)  # 32-bit protected-mode IDT: not modelled
         self._sync_save_area()
         s = self.svm.vmcb.save
-        cs, ip = deliver_real(core, vector, rip, s.cs.selector, s.ss.selector, s.ss.base)
+        if self.profile.real_ivt_limit_checked:
+            cs, ip = deliver_real(core, vector, rip, s.cs.selector, s.ss.selector, s.ss.base)
+        else:
+            cs, ip = self._emulate_int_real(vector, rip, s.cs.selector, s.ss.base)
         self._sync_save_area()
         s.cs.selector, s.cs.base = cs, cs << 4
         s.rip = ip
         self._reenter_from_vmcb()
+
+    def _emulate_int_real(self, vector, rip, cs, ss_base):
+        """KVM's emulator delivering a real-mode event (emulate.c __emulate_int_real): push
+        FLAGS, clear IF/TF/AC, push CS and IP, then read the IVT entry -- with no limit check
+        (the kernel's own "TODO: Add limit checks").  Returns the new (CS, IP)."""
+        core = self.core
+        _sel, ivt_base, _limit, _f = core.mmr("idtr")
+        sp = core.reg(X.UC_X86_REG_RSP) & 0xFFFF
+        flags = core.reg(X.UC_X86_REG_RFLAGS)
+        for value in (flags & 0xFFFF, cs, rip & 0xFFFF):
+            sp = (sp - 2) & 0xFFFF
+            write_linear(core, ss_base + sp, value.to_bytes(2, "little"))
+        core.set_reg(X.UC_X86_REG_RSP, (core.reg(X.UC_X86_REG_RSP) & ~0xFFFF) | sp)
+        core.set_reg(X.UC_X86_REG_RFLAGS, flags & ~((1 << 8) | (1 << 9) | (1 << 18)))
+        raw = self._lin_bytes((ivt_base + vector * 4) & 0xFFFFFFFF, 4).ljust(4, b"\0")
+        return int.from_bytes(raw[2:4], "little"), int.from_bytes(raw[0:2], "little")
 
     def _error_code(self, vector, rip):
         if vector != 14:

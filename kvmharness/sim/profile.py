@@ -21,6 +21,11 @@ VMMCALL, FIX_HYPER-    KVM's hypercall (kvm_emulate_hyper-     #UD
 CALL_INSN disabled     call): RIP past it, RAX = the result
 ``int n`` / ``int3``   delivered through the guest's IDT       emulation failure
 / ``int1`` at CPL0     (not intercepted)                       (KVM_EXIT_INTERNAL_ERROR)
+                                                               in protected/long mode; in
+                                                               real mode delivered through
+                                                               the IVT (emulate_int)
+real-mode IVT limit    checked by the CPU (#GP, #DF,           not checked (__emulate_int_
+                       shutdown)                               real reads the entry anyway)
 =====================  ======================================  =========================
 
 ``SimSystem(profile=...)`` takes a name or a :class:`KvmProfile`; without one the
@@ -62,6 +67,13 @@ class KvmProfile:
     # KVM_EXIT_INTERNAL_ERROR (emulation failure): the (exit reason, info1, info2, intr info,
     # error code) KVM appends (None: the last #VMEXIT's, as kvm_amd's svm_get_exit_info does)
     fetch_failure_exit_info: tuple | None = None
+    # Real mode: an interrupt or exception whose IVT entry lies beyond the IDTR limit is a
+    # #GP (then #DF, then shutdown) on the CPU, which delivers events to a kvm_amd guest
+    # (EVENTINJ).  kvm_pvm emulates real mode and delivers every event with KVM's emulator,
+    # emulate.c __emulate_int_real ("TODO: Add limit checks"): the IVT entry is read
+    # whatever the limit (measured by kvmharness fuzz, real mode, 2026-12-01: after
+    # `lidt` of a zero limit, ud2 ran the IVT's vector-6 handler on kvm_pvm).
+    real_ivt_limit_checked: bool = True
 
     def __str__(self) -> str:
         return self.name
@@ -81,7 +93,8 @@ KVM_PVM = KvmProfile(
     # measured by kvmharness fuzz: a jump to the last 2 bytes of RAM gave suberror 1 with
     # data (0, 0x1000, 0, 0, 0, 0) (no instruction bytes), int3 data (1, <bytes>, 0x1000,
     # 0, 0, 0, 0): kvm_pvm's own exit reason 0x1000, no exit info
-    fetch_failure_exit_info=(0x1000, 0, 0, 0, 0))
+    fetch_failure_exit_info=(0x1000, 0, 0, 0, 0),
+    real_ivt_limit_checked=False)
 PROFILES = {p.name: p for p in (KVM_AMD, KVM_PVM)}
 
 

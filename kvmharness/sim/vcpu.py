@@ -36,7 +36,7 @@ from ..errors import SimulatorError, UsageError
 from ..x86 import CpuidTable, DTable, Regs, Segment, Sregs
 from . import core as corem
 from . import kvmlayer as K
-from .events import DeliveryFault, read_linear, write_linear
+from .events import DeliveryFault, read_linear
 from .profile import resolve as _resolve_profile
 from .svm import PASSTHROUGH_MSRS, SVM_EXIT_IOIO, SVM_EXIT_NPF, Svm, ioio_exit_info1
 from .ucbinding import pending_hook_exception
@@ -299,10 +299,8 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             rep = bool(info1 & 8)
             rcx = core.reg(X.UC_X86_REG_RCX)
             rdi = core.reg(X.UC_X86_REG_RDI)
-            if rep:
-                # KVM's emulator: one exit for as many elements as fit in the page (docs/facts.md#kvm-pvm-cpl0)
-                count = max(1, min(rcx, (0x1000 - (rdi & 0xFFF)) // size, 0x1000 // size))
-            extra = (rcx, rdi, count, rep)
+            count = self._ins_count(size, rcx, rdi, rep, info1)  # sim/kvmlayer.py
+            extra = (rcx, rdi, count, rep, info1)
         self.svm.vmexit(SVM_EXIT_IOIO, info1, next_rip, rip, next_rip, "IoIn")
         self._in_old_rax = core.reg(X.UC_X86_REG_RAX)  # KVM_GET_REGS shows it until completed
         self._exit = exits.IoIn(port, size, count)
@@ -450,28 +448,6 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
     # set by an event handler that answered the access the core stopped on (an SEV-ES
     # MMIO #VC, sim/seves.py): the core's error for it is then not a KVM_RUN result
     _fault_consumed = False
-
-    def _complete_ins(self, size, string, value, insn_rip, next_rip):
-        rcx0, rdi0, count, rep = string
-        core = self.core
-        data = value if isinstance(value, (bytes, bytearray)) else \
-            (int(value) & ((1 << (8 * size * count)) - 1)).to_bytes(size * count, "little")
-        down = core.reg(X.UC_X86_REG_RFLAGS) & (1 << 10)
-        if down:
-            # element i goes to RDI - i*size: the first element at the highest address
-            # (emulate.c em_in via pio_in_emulated's read cache, one element per iteration)
-            elems = [bytes(data[i * size:(i + 1) * size]) for i in range(count)]
-            write_linear(core, rdi0 - size * (count - 1), b"".join(reversed(elems)))
-            core.set_reg(X.UC_X86_REG_RDI, rdi0 - size * count)
-        else:
-            write_linear(core, rdi0, bytes(data[: size * count]))
-            core.set_reg(X.UC_X86_REG_RDI, rdi0 + size * count)
-        if rep:
-            left = rcx0 - count
-            core.set_reg(X.UC_X86_REG_RCX, left)
-            core.set_reg(X.UC_X86_REG_RIP, next_rip if left == 0 else insn_rip)
-        else:
-            core.set_reg(X.UC_X86_REG_RIP, next_rip)
 
     def _run_replay(self):
         """Re-execute the MMIO instruction against a scratch page holding userspace's data."""
