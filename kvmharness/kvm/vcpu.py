@@ -151,7 +151,7 @@ class KvmVcpu(Vcpu):
         # only single OUTs of 1, 2 or 4 bytes, their data read as one int through a same-width view
         outs: dict[int, tuple[int, Any, int, dict[int, X.IoOut]]] = {}
         views: dict[int, Any] = {1: mm, 2: u16, 4: u32}
-        pending_none = self._clear_pending
+        vcpu = self
 
         def run() -> X.Exit:
             if ioctl(fd, request, null) < 0:
@@ -161,7 +161,7 @@ class KvmVcpu(Vcpu):
                 if head is not None and u64[i_io + 1] == head[0]:
                     known = head[3].get(head[1][head[2]])
                     if known is not None:
-                        pending_none()
+                        vcpu._pending = None
                         return known
                 e = decode()
                 if type(e) is X.IoOut and e.count == 1 and e.size in views:
@@ -171,8 +171,11 @@ class KvmVcpu(Vcpu):
 
         return run
 
-    def _clear_pending(self) -> None:
-        self._pending = None
+    def _word_views(self) -> tuple[memoryview, memoryview, memoryview]:
+        """kvm_run as u16/u32/u64 words (made on the first runner(): the lean runner reads no slices)."""
+        if self._words is None:
+            self._words = (self._mv.cast("H"), self._mv.cast("I"), self._mv.cast("Q"))
+        return self._words
 
     @staticmethod
     def _intern_out(outs: dict[int, tuple[int, Any, int, dict[int, X.IoOut]]], word: int, off: int,
@@ -181,12 +184,6 @@ class KvmVcpu(Vcpu):
         if off % e.size or len(outs) >= 4096:
             return
         entry = outs.get(word)
-    def _word_views(self) -> tuple[memoryview, memoryview, memoryview]:
-        """kvm_run as u16/u32/u64 words (made on the first runner(): the lean runner reads no slices)."""
-        if self._words is None:
-            self._words = (self._mv.cast("H"), self._mv.cast("I"), self._mv.cast("Q"))
-        return self._words
-
         if entry is None or entry[0] != off:
             entry = outs[word] = (off, view, off // e.size, {})
         if len(entry[3]) < 256:
