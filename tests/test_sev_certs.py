@@ -117,7 +117,8 @@ def test_platform_chain_from_simulated_firmware_verifies():
 
 
 def test_simulated_chip_chain_runs_the_real_verify_path():
-    """The simulated CEK is signed as AMD signs one: RSA-PSS by an ASK under an ARK."""
+    """The simulated chip's KDS CEK is signed as AMD signs one: RSA-PSS by an ASK under an
+    ARK; the CEK in its PDH_CERT_EXPORT is unsigned, as AMD's firmware exports it."""
     from kvmharness.sev.amd_ca import AmdCaCertificate, roots_for_cek
     from kvmharness.sev.chain import verify_chain
 
@@ -125,10 +126,12 @@ def test_simulated_chip_chain_runs_the_real_verify_path():
     assert isinstance(fw.ask_cert, AmdCaCertificate) and isinstance(fw.ark_cert, AmdCaCertificate)
     assert (fw.ark_cert.usage, fw.ask_cert.usage) == (CertUsage.ARK, CertUsage.ASK)
     pdh, chain = fw.pdh_cert_export()
-    cek = PlatformCertChain.from_bytes(chain).cek
+    assert all(s.usage == CertUsage.INVALID for s in PlatformCertChain.from_bytes(chain).cek.sigs)
+    cek = SevCertificate.from_bytes(fw.kds_cek())
     assert (cek.sigs[0].usage, cek.sigs[0].algo) == (CertUsage.ASK, CertAlgo.RSA_SHA256)
     result = verify_chain(pdh, *(chain[i * CERT_SIZE:(i + 1) * CERT_SIZE] for i in range(3)),
-                          ask=fw.ask_cert.to_bytes(), ark=fw.ark_cert.to_bytes())
+                          ask=fw.ask_cert.to_bytes(), ark=fw.ark_cert.to_bytes(),
+                          kds_cek=fw.kds_cek())
     assert result.complete
     assert roots_for_cek(cek) is None  # AMD's real roots never vouch for a simulated chip
 

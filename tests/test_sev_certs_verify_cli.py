@@ -95,13 +95,29 @@ def test_usage_errors(capsys, tmp_path):
     assert "cannot read --oca" in capsys.readouterr().err
 
 
-def test_simulated_platform_chain_verifies(capsys):
+def test_simulated_platform_chain_verifies(capsys, tmp_path, monkeypatch):
+    # the export alone: its CEK is unsigned (as AMD's firmware exports it), so ASK -> CEK is
+    # unverified (exit 1), everything the export can prove holds
     rc, out = run(capsys, "--backend", "sim", "--json")
     d = json.loads(out)
-    assert rc == EXIT_OK and d["source"] == "sim" and d["complete"]
+    assert rc == EXIT_GUEST_FAILED and d["source"] == "sim" and not d["complete"]
+    assert d["failed"] == [] and d["unverified"] == ["ASK -> CEK"]
+    # with the ASK-signed CEK the (simulated) KDS serves for this chip: verified to the ARK
+    import kvmharness.sev.cli as sev_cli
+    from kvmharness.sev.firmware import SIMULATED_KDS, SimulatedSevFirmware
+    from kvmharness.sev.kvm_model import SimulatedSevDevice
+
+    fw = SimulatedSevFirmware(num_asids=4, min_sev_asid=2)
+    monkeypatch.setattr(sev_cli, "_platform", lambda args: SimulatedSevDevice(fw))
+    with SIMULATED_KDS.open(fw.get_id()) as f:  # what a download by chip id gives
+        (tmp_path / "kds.cert").write_bytes(f.read())
+    rc, out = run(capsys, "--backend", "sim", "--cek", str(tmp_path / "kds.cert"), "--json")
+    d = json.loads(out)
+    assert rc == EXIT_OK and d["complete"]
     assert d["roots"]["ask"] == "the simulated platform's AMD root"
     # AMD's real roots do not vouch for the simulated chip
-    rc, out = run(capsys, "--backend", "sim", "--product", "milan", "--json")
+    rc, out = run(capsys, "--backend", "sim", "--cek", str(tmp_path / "kds.cert"),
+                  "--product", "milan", "--json")
     assert rc == EXIT_GUEST_FAILED and json.loads(out)["failed"] == ["ASK -> CEK"]
 
 

@@ -231,27 +231,39 @@ def cmd_verify(args) -> int:
     from .chain import ChainVerification, LinkResult, verify_chain
 
     given = [f for f in _CHAIN_FILES if getattr(args, f)]
-    platform_roots = None
-    if given:
+    platform_roots = kds_cek = chip_id = None
+    if given and given != ["cek"]:
         if len(given) != 4:
             missing = ", ".join(f"--{f}" for f in _CHAIN_FILES if f not in given)
             raise E.UsageError(f"verifying from files needs --pdh, --pek, --oca and --cek; "
-                               f"missing {missing} (or give none to export from the platform)")
+                               f"missing {missing} (or give none, or only --cek, to export from "
+                               "the platform)")
         chain = {f: _read_file(getattr(args, f), f) for f in _CHAIN_FILES}
         source = "files"
+        cek_from = f"--cek {args.cek}"
     else:
+        # PDH_CERT_EXPORT: its CEK is unsigned (AMD's firmware exports it so); --cek alone is
+        # the ASK-signed CEK the user fetched from AMD's KDS by chip id (never the network here)
+        if args.cek:
+            kds_cek = _read_file(args.cek, "cek")
         with _platform(args) as p:
             pdh, certs = p.pdh_cert_export()
             source = p.backend
+            try:
+                chip_id = p.get_id()
+            except (AttributeError, E.HarnessError):
+                chip_id = None  # the reason then names the KDS address without the id
             fw = getattr(p, "firmware", None)
             if fw is not None and getattr(fw, "ark_cert", None) is not None:
                 platform_roots = (fw.ark_cert, fw.ask_cert)
         chain = {"pdh": pdh}
         for i, name in enumerate(("pek", "oca", "cek")):
             chain[name] = certs[i * CERT_SIZE:(i + 1) * CERT_SIZE]
-    amd, roots = _choose_roots(args, chain, platform_roots)
+        cek_from = (f"--cek {args.cek} (AMD's KDS), for the exported CEK's key" if kds_cek
+                    else "PDH_CERT_EXPORT (unsigned, as AMD's firmware exports it)")
+    amd, roots = _choose_roots(args, {**chain, "cek": kds_cek or chain["cek"]}, platform_roots)
     result = verify_chain(chain["pdh"], chain["pek"], chain["oca"], chain["cek"],
-                          ask=amd.get("ask"), ark=amd.get("ark"))
+                          ask=amd.get("ask"), ark=amd.get("ark"), kds_cek=kds_cek, chip_id=chip_id)
     if "ask" not in amd:  # auto found no built-in ASK that signed this CEK: say so
         why = (f"the CEK is signed by none of the built-in AMD ASKs ({', '.join(PRODUCTS)}); "
                "give --ask/--ark or --product")
@@ -259,22 +271,29 @@ def cmd_verify(args) -> int:
                       if l.name == "ASK -> CEK" and l.status == "skipped" else l
                       for l in result.links)
         result = ChainVerification(links, result.certs)
-    out = {"source": source, "roots": roots, **result.to_dict()}
+    out = {"source": source, "roots": roots, "cek": cek_from,
+           "chip_id": bytes(chip_id).hex() if chip_id else None, **result.to_dict()}
     if args.json:
         _print_json(out)
     else:
         where = "; ".join(f"{r.upper()} {roots[r]}" for r in ("ark", "ask") if roots.get(r))
-        print(f"SEV certificate chain from {source}; AMD roots: {where or 'none'}")
+        print(f"SEV certificate chain from {source}; AMD roots: {where or 'none'}; "
+              f"CEK from {cek_from}")
         for link in result.links:
-            mark = {"ok": "ok", "failed": "FAILED", "skipped": "skipped"}[link.status]
-            print(f"  {mark:8s}{link.name}" + (f": {link.reason}" if link.reason else ""))
+            mark = {"ok": "ok", "failed": "FAILED", "skipped": "skipped",
+                    "unverified": "UNVERIFIED"}[link.status]
+            print(f"  {mark:7s} {link.name}" + (f": {link.reason}" if link.reason else ""))
         if result.failed:
             print(f"chain FAILED at: {', '.join(result.failed)}")
+        elif result.unverified:
+            held = ", ".join(link.name for link in result.links if link.ok)
+            print(f"chain NOT verified to AMD: {', '.join(result.unverified)} unverified "
+                  f"(see above); holds: {held}")
         elif result.skipped:
             print(f"chain holds as far as checked; not checked: {', '.join(result.skipped)}")
         else:
             print("chain verified: ARK -> ASK -> CEK -> PEK, OCA -> PEK, PEK -> PDH")
-    return E.EXIT_GUEST_FAILED if result.failed else E.EXIT_OK
+    return E.EXIT_GUEST_FAILED if result.failed or result.unverified else E.EXIT_OK
 
 
 # -- measure -------------------------------------------------------------------------
@@ -450,9 +469,13 @@ def register(subparsers) -> None:
         p.set_defaults(func=cmd_destructive)
     p = common(sev_sub.add_parser("verify", help="verify the certificate chain ARK -> ASK -> "
                                   "CEK -> PEK <- OCA, PEK -> PDH (as sevctl verify)"))
-    for name in _CHAIN_FILES:
+    for name in _CHAIN_FILES[:3]:
         p.add_argument(f"--{name}", metavar="FILE", help=f"the {name.upper()} certificate "
                        "(SEV format); give all four, or none to export from the platform")
+    p.add_argument("--cek", metavar="FILE", help="the CEK certificate (SEV format): with "
+                   "--pdh/--pek/--oca, the chain's; alone, the ASK-signed CEK fetched from AMD's "
+                   "KDS (https://kdsintf.amd.com/cek/id/<chip id>), used with the platform's "
+                   "export, whose own CEK is unsigned (kvmharness never uses the network)")
     p.add_argument("--ask", metavar="FILE", help="AMD's ASK (AMD CA format; a file holding "
                    "ASK||ARK, as AMD serves ask_ark_<product>.cert, gives both)")
     p.add_argument("--ark", metavar="FILE", help="AMD's ARK (AMD CA format)")

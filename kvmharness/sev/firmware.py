@@ -172,6 +172,54 @@ class _Guest:
     measurement: LaunchMeasurement | None = None
 
 
+#: The API version in the body of the KDS's ASK-signed CEKs: 0.14 in both real captures
+#: (tests/data/sev/{naples,rome}/cek.cert, whose platforms' own certificates say 0.16 and
+#: 0.22), while an exported CEK carries the exporting firmware's version (sev_cert_init).
+KDS_CEK_API = (0, 14)
+
+
+class SimulatedKds:
+    """AMD's Key Distribution Service for simulated chips: the ASK-signed CEK by chip id.
+
+    Real guest owners fetch ``https://kdsintf.amd.com/cek/id/<chip id>`` (the 64-byte
+    GET_ID value in hex; virtee/sevctl ``src/main.rs`` ``chain()`` replaces the exported
+    CEK with it, ``sevctl export --full``).  kvmharness never uses the network: on a real
+    platform the user fetches the file and passes it (``sev verify --cek``,
+    ``GuestOwner(cek=...)``); a simulated chip publishes its CEK here, read with
+    :meth:`cek` (bytes) or :meth:`open` (a file-like object, as the download would be).
+    """
+
+    URL = "https://kdsintf.amd.com/cek/id/"
+
+    def __init__(self) -> None:
+        import weakref
+
+        # chip id -> its SimulatedSevFirmware (weakly: a simulated chip that is gone is gone)
+        self._chips: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def publish(self, chip: SimulatedSevFirmware) -> None:
+        self._chips[bytes(chip.chip_id)] = chip
+
+    def url(self, chip_id: bytes) -> str:
+        return self.URL + bytes(chip_id).hex()
+
+    def cek(self, chip_id: bytes) -> bytes:
+        """The ASK-signed CEK of ``chip_id``; ``LookupError`` for a chip it does not know."""
+        chip = self._chips.get(bytes(chip_id))
+        if chip is None:
+            raise LookupError(f"the simulated KDS has no CEK for chip id "
+                              f"{bytes(chip_id).hex()[:16]}...")
+        return chip._kds_cek.to_bytes()
+
+    def open(self, chip_id: bytes):
+        import io
+
+        return io.BytesIO(self.cek(chip_id))
+
+
+SIMULATED_KDS = SimulatedKds()
+
+
 class SimulatedSevFirmware:
     """A faithful-in-behaviour model of SEV firmware for one simulated chip.
 
@@ -210,15 +258,19 @@ class SimulatedSevFirmware:
         self._asid_dirty: set[int] = set(range(1, num_asids + 1))  # dirty from power-on
         self._wbinvd_done = False  # every core's WBINVD_DONE flag (one CCX modelled)
         self.asids = AsidAllocator(num_asids, min_sev_asid, flush=self.kernel_flush)
-        # Chip identity: CEK is fused per chip (derived from the chip secret on
-        # real parts), signed by the ASK with RSA-PSS as AMD's is; ark_cert and
-        # ask_cert are the simulator's stand-in for AMD, in AMD's CA format (amd_ca.py).
+        # Chip identity: the CEK key is fused per chip (derived from the chip secret on
+        # real parts).  PDH_CERT_EXPORT hands out an *unsigned* CEK certificate made on
+        # the spot (see pdh_cert_export); the ASK-signed one is AMD's, served by its Key
+        # Distribution Service by chip id -- here SIMULATED_KDS, signed with RSA-PSS by
+        # the simulator's stand-in for AMD (ark_cert, ask_cert: AMD's CA format, amd_ca.py).
         from .amd_ca import simulated_amd_roots
 
         self.ark_cert, self.ask_cert, ask_key = simulated_amd_roots()
         self._cek_key = generate_key()
-        self._cek = self._new_cert(self._cek_key, CertUsage.CEK, CertAlgo.ECDSA_SHA256).signed(
-            ask_key, CertUsage.ASK, CertAlgo.RSA_SHA256)
+        self._kds_cek = SevCertificate.for_key(
+            self._cek_key, CertUsage.CEK, CertAlgo.ECDSA_SHA256, api_major=KDS_CEK_API[0],
+            api_minor=KDS_CEK_API[1]).signed(ask_key, CertUsage.ASK, CertAlgo.RSA_SHA256)
+        SIMULATED_KDS.publish(self)
         self._owner_external = False
         self._self_own()
 
@@ -490,6 +542,15 @@ class SimulatedSevFirmware:
         INIT or WORKING; buffers below one certificate / three certificates
         are INVALID_LEN (the firmware writes back the lengths it needs).
         INITs on first use (``auto_init``, the kernel).
+
+        The chain's CEK is the one AMD's firmware exports: sev_mcmd.c
+        ``pdh_cert_chain_init`` makes "a dummy CEK certificate without a signature"
+        (``sev_cert_create(&cek_cert, &cek_pubkey, NULL)``): sev_cert.c ``sev_cert_init``
+        zeroes it, sets version 1 and the firmware's own API version, and leaves both
+        signature slots empty (usage INVALID 0x1000, algo INVALID 0); then the CEK's
+        public key.  The ASK-signed CEK comes from AMD's KDS by chip id
+        (:meth:`kds_cek`; https://kdsintf.amd.com/cek/id/<GET_ID hex>, as sevctl and
+        virtee/sev fetch it).
         """
         if auto_init:
             self.ensure_init()
@@ -498,7 +559,12 @@ class SimulatedSevFirmware:
             raise _fail("PDH_CERT_EXPORT", SevStatus.INVALID_LEN,
                         f"buffers are {pdh_len} and {certs_len} bytes, want {CERT_SIZE} and "
                         f"{3 * CERT_SIZE}", "length")
-        return self._pdh.to_bytes(), PlatformCertChain(self._pek, self._oca, self._cek).to_bytes()
+        cek = self._new_cert(self._cek_key, CertUsage.CEK, CertAlgo.ECDSA_SHA256)  # unsigned
+        return self._pdh.to_bytes(), PlatformCertChain(self._pek, self._oca, cek).to_bytes()
+
+    def kds_cek(self) -> bytes:
+        """This chip's ASK-signed CEK as AMD's KDS serves it (``SIMULATED_KDS.cek(chip_id)``)."""
+        return SIMULATED_KDS.cek(self.chip_id)
 
     def get_id(self, length: int = 64) -> bytes:
         """GET_ID (0x00C, /dev/sev SEV_GET_ID2): the 64-byte chip id (any platform state).

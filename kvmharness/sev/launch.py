@@ -336,6 +336,10 @@ class LaunchResult:
     verified: bool  # measurement checked against the owner's TIK
     states: list  # GUEST_STATUS after start, measure, finish
     api: tuple  # (major, minor, build) of the firmware
+    #: what the owner's check of PDH_CERT_EXPORT's chain proved (chain.ChainVerification;
+    #: None: no owner, or a ready session): with the exported (unsigned) CEK alone,
+    #: CEK -> ASK -> ARK is unverified, and it says so
+    chain: object = None
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "init_command": self.init_command, "handle": self.handle,
@@ -344,7 +348,11 @@ class LaunchResult:
                 "launch_digest": self.launch_digest.hex() if self.launch_digest else None,
                 "verified": self.verified,
                 "states": [s.name for s in self.states],
-                "api": "{}.{} build {}".format(*self.api)}
+                "api": "{}.{} build {}".format(*self.api),
+                "chain": None if self.chain is None else {
+                    "ok": self.chain.ok, "complete": self.chain.complete,
+                    "unverified": list(self.chain.unverified), "skipped": list(self.chain.skipped),
+                    "summary": self.chain.summary()}}
 
 
 class SevLaunch:
@@ -397,6 +405,7 @@ class SevLaunch:
         self.states: list = []
         self._vmsa_known = False
         self._platform = None
+        self.chain = None  # what the owner's check of the platform's certificate chain proved
 
     # -- the steps -----------------------------------------------------------
     def platform(self) -> SevPlatformInterface:
@@ -420,7 +429,11 @@ class SevLaunch:
         dh_cert = session = None
         if self.session is None and self.owner is not None:
             pdh, chain = self.platform().pdh_cert_export()
+            # the owner checks what the exported chain proves; its CEK is unsigned on every
+            # real platform (AMD's firmware exports it so), so CEK -> ASK -> ARK needs the
+            # KDS's signed CEK (GuestOwner(cek=...)), else it is recorded as unverified
             self.session = self.owner.start(pdh, chain)
+            self.chain = self.session.chain
         if self.session is not None:
             dh_cert, session = self.session.dh_cert, self.session.session
         self.handle = self.sev.launch_start(self.policy.value, dh_cert=dh_cert, session=session)
@@ -576,7 +589,7 @@ class SevLaunch:
         known = self.mode == "sev" or self._vmsa_known
         return LaunchResult(self.mode, self.init_command, self.handle, self.policy,
                             self.measurement, self.digest.digest() if known else None,
-                            self.verified, list(self.states), self.firmware_version())
+                            self.verified, list(self.states), self.firmware_version(), self.chain)
 
 
 def vmsa_page_for_vcpu(vcpu, *, vmsa_features: int = 0, fpu: bool = False) -> bytes:

@@ -37,7 +37,6 @@ from .certs import (
     PlatformCertChain,
     SevCertificate,
     generate_key,
-    verify_platform_chain,
 )
 from .measurement import LaunchDigest, LaunchMeasurement, verify_measurement
 from .policy import GuestPolicy
@@ -131,6 +130,8 @@ class LaunchStart:
     policy: GuestPolicy
     dh_cert: bytes  # the owner's GODH certificate, 0x824 bytes
     session: bytes  # SessionBlob, 128 bytes
+    #: what the platform chain proved (``chain.ChainVerification``); None: no chain given
+    chain: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +186,12 @@ class GuestOwner:
     """
 
     def __init__(self, policy: GuestPolicy | int = 0, *, tek: bytes | None = None,
-                 tik: bytes | None = None):
+                 tik: bytes | None = None, cek=None, ask=None, ark=None):
         self.policy = policy if isinstance(policy, GuestPolicy) else GuestPolicy(policy)
+        # trust anchors start() uses unless given there: the ASK-signed CEK from AMD's KDS
+        # (bytes or SevCertificate) and AMD's ASK/ARK (AmdCaCertificate or bytes)
+        self.cek, self.ask, self.ark = cek, ask, ark
+        self.chain = None  # the last start()'s ChainVerification
         self.tek = os.urandom(16) if tek is None else bytes(tek)
         self.tik = os.urandom(16) if tik is None else bytes(tik)
         if len(self.tek) != 16 or len(self.tik) != 16:
@@ -195,22 +200,49 @@ class GuestOwner:
         self.measurement: LaunchMeasurement | None = None
 
     def start(self, pdh: bytes | SevCertificate, chain: bytes | PlatformCertChain | None = None,
-              *, ask=None, ark=None, nonce: bytes | None = None,
-              iv: bytes | None = None,
+              *, cek=None, ask=None, ark=None, chip_id: bytes | None = None,
+              nonce: bytes | None = None, iv: bytes | None = None,
               godh_key: ec.EllipticCurvePrivateKey | None = None) -> LaunchStart:
         """Build LAUNCH_START's dh_cert and session blob for the platform's PDH.
 
-        ``chain`` (PDH_CERT_EXPORT's cert_chain, a real platform's with its
-        RSA-signed CEK included) is verified when given; pass ``None`` only if
-        the PDH came from a trusted channel.  ``ask``/``ark`` (AMD's, an
-        :class:`~kvmharness.sev.amd_ca.AmdCaCertificate`, e.g. from
-        :func:`~kvmharness.sev.amd_ca.builtin_roots`) extend the check to AMD.
+        ``chain`` (PDH_CERT_EXPORT's cert_chain: PEK, OCA, CEK) is verified when
+        given; pass ``None`` only if the PDH came from a trusted channel.  What
+        the exported chain can prove is checked: PDH by the PEK, the PEK by the
+        OCA and the CEK, the OCA by itself.  Its CEK is unsigned on real
+        platforms (AMD's firmware exports it so, ``chain.py``): ``cek`` is the
+        ASK-signed one from AMD's KDS (by chip id; bytes or certificate, the
+        exported CEK's key), and ``ask``/``ark`` (AMD's, e.g.
+        :func:`~kvmharness.sev.amd_ca.builtin_roots`; with ``cek`` alone, the
+        built-in roots whose ASK signed it) extend the check to AMD.  Asking for
+        AMD's roots (``ask``) without a signed CEK is refused
+        (:class:`CertificateError` saying why); without ``ask``, the result's
+        ``chain`` (also ``self.chain``) says CEK -> ASK -> ARK is unverified and why.
+        Defaults for ``cek``/``ask``/``ark`` come from the constructor.
         """
+        from .chain import verify_chain
+
+        cek = self.cek if cek is None else cek
+        ask = self.ask if ask is None else ask
+        ark = self.ark if ark is None else ark
         pdh_cert = pdh if isinstance(pdh, SevCertificate) else SevCertificate.from_bytes(pdh)
+        verification = None
         if chain is not None:
             if not isinstance(chain, PlatformCertChain):
                 chain = PlatformCertChain.from_bytes(chain)
-            pdh_key = verify_platform_chain(pdh_cert, chain, ask, ark)
+            if cek is not None and ask is None:
+                from .amd_ca import roots_for_cek
+
+                signed = cek if isinstance(cek, SevCertificate) else SevCertificate.from_bytes(cek)
+                roots = roots_for_cek(signed)
+                if roots is not None:
+                    ask, ark = roots.ask, roots.ark if ark is None else ark
+            verification = verify_chain(pdh_cert, chain.pek, chain.oca, chain.cek, ask=ask,
+                                        ark=ark, kds_cek=cek, chip_id=chip_id)
+            verification.raise_for_failure()
+            if ask is not None or cek is not None:
+                verification.require_amd()
+            self.chain = verification
+            pdh_key = verification.pdh_key
         else:
             pdh_cert.expect_usage(CertUsage.PDH)
             pdh_key = pdh_cert.public_key()
@@ -224,7 +256,7 @@ class GuestOwner:
         godh_cert = SevCertificate.for_key(godh, CertUsage.PDH, CertAlgo.ECDH_SHA256,
                                            api_major=pdh_cert.api_major,
                                            api_minor=pdh_cert.api_minor)
-        return LaunchStart(self.policy, godh_cert.to_bytes(), blob.to_bytes())
+        return LaunchStart(self.policy, godh_cert.to_bytes(), blob.to_bytes(), verification)
 
     def measure_data(self, plaintext: bytes) -> None:
         """Account for one LAUNCH_UPDATE_DATA region, in the host's order."""
