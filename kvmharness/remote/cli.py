@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import EXIT_HOST, EXIT_OK, HarnessError
+from ..errors import EXIT_HOST, EXIT_OK, HarnessError, UsageError
 
 RUN_EPILOG = """\
 The command after -- runs on each rig in a fresh directory holding the
@@ -80,6 +80,19 @@ def register(subparsers) -> None:
                         "again, mark its result 'power-cycled after hang' and go on with the others")
     r.add_argument("--power-timeout", type=_seconds, default=600.0, metavar="S",
                    help="after a power cycle, wait up to S s for SSH (default 600)")
+    lg = r.add_argument_group("rigs from a labgrid coordinator (the [labgrid] extra) instead of an inventory")
+    lg.add_argument("--labgrid", metavar="HOST:PORT",
+                    help="reserve places from this labgrid coordinator (waiting up to --lock-timeout), "
+                         "acquire them for the run and release them at the end, whatever happens")
+    lg.add_argument("--tag", action="append", metavar="KEY=VALUE",
+                    help="only places with this tag (repeatable), e.g. --tag sev_es=1")
+    lg.add_argument("--places", type=_positive_int, metavar="N",
+                    help="how many places to reserve (default: every place with the tags)")
+    lg.add_argument("--ssh-key", type=Path, metavar="FILE",
+                    help="the key that logs in to the places' NetworkService (required)")
+    lg.add_argument("--known-hosts", type=Path, metavar="FILE",
+                    help="known_hosts for the places (default ~/.ssh/known_hosts)")
+    lg.add_argument("--python", metavar="PATH", help="the places' python (default python3)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS (e.g. -- pytest -m requires_svm)")
     r.set_defaults(func=cmd_rig_run)
 
@@ -131,14 +144,51 @@ def cmd_rig_check(args) -> int:
 
 
 def cmd_rig_run(args) -> int:
-    from .progress import Progress
-    from .rig import RunOptions, new_run_id, run_on_rigs
-
     _require_ssh()
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    rigs = _rigs(args)
+    if not args.labgrid:
+        if args.tag or args.places or args.ssh_key or args.known_hosts or args.python:
+            raise UsageError("--tag, --places, --ssh-key, --known-hosts and --python go with --labgrid")
+        return _run(args, _rigs(args), command)
+    if args.inventory or args.rig:
+        raise UsageError("--labgrid takes its rigs from the coordinator: drop --inventory/--rig")
+    if not args.ssh_key:
+        raise UsageError("--labgrid needs --ssh-key FILE: the key that logs in to the places' NetworkService")
+    if not command:
+        raise UsageError("rig run needs a command after --, e.g. rig run -- pytest -m requires_svm")
+    from .labgrid import LabgridOptions, labgrid_rigs, parse_tags
+
+    lg = LabgridOptions(address=args.labgrid, tags=parse_tags(args.tag or []), key_file=args.ssh_key.expanduser(),
+                        known_hosts=args.known_hosts.expanduser() if args.known_hosts else None,
+                        python=args.python or "python3", places=args.places, wait=args.lock_timeout)
+
+    def note(msg: str) -> None:
+        print(msg, flush=True)
+
+    with labgrid_rigs(lg, note) as rigs:
+        status = _run(args, rigs, command)
+    t = lg.timings
+    print(f"labgrid: connect {t.get('connect', 0):.2f} s, reserve {t.get('reserve', 0):.2f} s, "
+          f"acquire {t.get('acquire', 0):.2f} s, release {t.get('release', 0):.2f} s", flush=True)
+    return status
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of places, 1 or more")
+    return v
+
+
+def _run(args, rigs, command: list[str]) -> int:
+    from .progress import Progress
+    from .rig import RunOptions, new_run_id, run_on_rigs
+
     progress = Progress([r.name for r in rigs], live=False if args.plain else None)
     opts = RunOptions(command=command, backend=args.backend, timeout=args.timeout,
                       accept_new_host_keys=args.accept_new_host_keys, results_dir=args.results,
