@@ -57,7 +57,7 @@ def _run(system, guest: str, how: str, **kw):
             m.fast_path = False
         elif how == "plain":
             m.fast_path = False
-            m.vcpu.runner = None  # the Machine loop falls back to Vcpu.run()
+            m.vcpu.runner = lambda: m.vcpu.run  # the Machine loop calls Vcpu.run() itself
         result = m.run(**kw)
         return result, m.bench_port.writes, list(m.mmio_scratch.log), dict(m.msrs.values)
 
@@ -278,3 +278,18 @@ def test_bench_runs_the_harness_on_both_paths(kvm):
     assert set(GOALS) >= {"compiled_exit_ratio", "python_exit_ratio", "lifecycle_ratio_harness_over_c"}
     assert _goal("lifecycle_ratio_harness_over_c", 1.2)["met"] is False
     assert _goal("python_exit_ratio", 0.7) == {"value": 0.7, "goal": ">= 0.65", "met": True}
+
+
+def test_a_failed_kvm_run_in_the_c_loop_names_the_ioctl_errno_and_hint(kvm, compiled):
+    from kvmharness.errors import KvmError
+
+    vm = kvm.create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)  # no memory slot: KVM_RUN fails with ENOSPC
+        fast = vcpu.fast_loop()
+        fast.configure({}, [])
+        assert fast.run() == -1
+        with pytest.raises(KvmError, match="KVM_RUN failed: ENOSPC.*no memory slot"):
+            fast.raise_error(getattr(vcpu, "run_failure_hint", None) or vcpu._run_failure_hint)
+    finally:
+        vm.close()
