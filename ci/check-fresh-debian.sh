@@ -8,7 +8,8 @@
 #   2. as root in a second fresh clone, with this host's /dev/kvm bound in.
 # Then checks that nothing was pip-installed outside the venvs.
 #   --test      also run the README's test command as root (slow; KVMHARNESS_RIG_TESTS=0
-#               unless already set, since the rig needs QEMU inside the chroot)
+#               unless already set, since the rig needs QEMU inside the chroot, and
+#               KVMHARNESS_FRESH_DEBIAN=0: no fresh root inside the fresh root)
 #   --worktree  copy the work tree as it is (tracked and untracked files, not .venv)
 #               instead of cloning HEAD
 #   --keep      keep the root (printed) instead of removing it
@@ -53,7 +54,10 @@ work="$(mktemp -d /tmp/kvmharness-fresh.XXXXXX)"
 root="$work/root"
 mounts=()
 cleanup() {
-  local i
+  local i m
+  # what the tests mounted inside (ip netns binds /run/netns), deepest first, then ours
+  while read -r m; do umount -l "$m" 2>/dev/null || true; done < <(
+    awk -v r="$root/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r)
   for (( i=${#mounts[@]}-1; i>=0; i-- )); do umount -l "${mounts[$i]}" 2>/dev/null || true; done
   if [ "$keep" = 1 ]; then say "kept $root"; else rm -rf "$work"; fi
 }
@@ -85,6 +89,7 @@ if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
   cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
   chroot "$root" update-ca-certificates >/dev/null 2>&1
 fi
+bind "$root" /     # the root a mount point, as on a machine (sshd's netns tests remount / rslave)
 bind /proc /proc
 bind /sys /sys
 bind /dev/pts /dev/pts
@@ -139,7 +144,7 @@ extra="$(find "$root"/usr/local/lib/python3* -mindepth 2 -maxdepth 2 2>/dev/null
 
 if [ "$run_tests" = 1 ]; then
   timed tests chroot "$root" env -i "${envs[@]}" HOME=/root \
-    KVMHARNESS_RIG_TESTS="${KVMHARNESS_RIG_TESTS:-0}" \
+    KVMHARNESS_RIG_TESTS="${KVMHARNESS_RIG_TESTS:-0}" KVMHARNESS_FRESH_DEBIAN=0 \
     bash -c "cd /root/kvmharness && $test_cmd" || die "the test command as root"
 fi
 say "PASSED in $(( $(date +%s) - t0 )) s"

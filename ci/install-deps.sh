@@ -14,6 +14,8 @@
 #     gcc, binutils, cpp       the layout test compiles against the kernel headers; the
 #                              guest-image test rebuilds the guests with GNU as; bench
 #                              builds its C reference
+#     libc6-dev                the C library's headers (gcc only recommends it, and
+#                              recommends are not installed)
 #     linux-libc-dev           the kernel UAPI headers (linux/kvm.h, asm/kvm.h, psp-sev.h)
 #     ci/rig/install-test-deps.sh  sshd + iproute2 for the remote-rig tests, QEMU +
 #                              mmdebstrap for the SVM rig in a box
@@ -52,7 +54,7 @@ debs=()
 venv_works || debs+=(python3-venv)
 if [ "$test_deps" = 1 ]; then
   mapfile -t -O "${#debs[@]}" debs < <(missing_debs gcc=/usr/bin/gcc binutils=/usr/bin/objcopy \
-    cpp=/usr/bin/cpp linux-libc-dev=/usr/include/linux/kvm.h)
+    cpp=/usr/bin/cpp libc6-dev=/usr/include/errno.h linux-libc-dev=/usr/include/linux/kvm.h)
 fi
 
 if [ "$(id -u)" != 0 ]; then
