@@ -45,6 +45,7 @@ page-state changes and pages converted.
 from __future__ import annotations
 
 import errno
+import struct
 import time
 
 import unicorn
@@ -81,6 +82,8 @@ PVALIDATE_BYTES = b"\xF2\x0F\x01\xFF"
 RMPADJUST_BYTES = b"\xF3\x0F\x01\xFE"
 SVM_VMGEXIT_PSC = 0x80000010
 SVM_VMGEXIT_AP_CREATION = 0x80000013
+SVM_VMGEXIT_GUEST_REQUEST = 0x80000011
+SVM_VMGEXIT_EXT_GUEST_REQUEST = 0x80000012
 RMP_VC_EVENT = 0x3000  # run-loop event: #VC 0x404 owed (sim/seves.py uses 0x2000 + code)
 RMP_NPF_EVENT = 0x3001  # run-loop event: an RMP #NPF KVM could not fix
 RFLAGS_CF = 1
@@ -107,7 +110,9 @@ class SimSnpModel:
         self.launch_digest = b""
         self.launch_seconds = 0.0
         self.stats = dict(pvalidate=0, rmpadjust=0, vc_404=0, npf=0, memory_faults=0,
-                          psc_msr=0, psc_nae=0, pages_converted=0)
+                          psc_msr=0, psc_nae=0, pages_converted=0, guest_requests=0)
+        self.messages = None  # snp.guestreq.GuestMessageFirmware, after the launch
+        self.certificate_blob = b""  # what KVM hands an extended guest request
 
     # KVM_SEV_INIT2 on an SNP VM
     def init2(self, memory: int) -> None:
@@ -243,6 +248,8 @@ class SnpVmgexitHandler(SevEsVmgexitHandler):
             status = result.sw_exit_info_2
             return self._unmap_resume(gpa, trace, "page state change: "
                                       + ("done" if not status else f"error {status:#x}"))
+        if code in (SVM_VMGEXIT_GUEST_REQUEST, SVM_VMGEXIT_EXT_GUEST_REQUEST):
+            return self._guest_request(gpa, trace, code, info1, info2)
         if code == SVM_VMGEXIT_AP_CREATION:
             kvm = self.vcpu.snp_model.kvm
             e1, e2 = kvm.ap_creation(info1, info2, self._mapped.regs["rax"])
@@ -250,6 +257,37 @@ class SnpVmgexitHandler(SevEsVmgexitHandler):
             return self._unmap_resume(gpa, trace, "AP creation " + ("accepted" if not e1
                                                                       else "refused"))
         return super()._dispatch(gpa, trace, code, info1, info2, cpl)
+
+
+    def _guest_request(self, gpa, trace, code, req_gpa, resp_gpa):
+        """``snp_handle_guest_req`` (and the extended request's certificate blob, as KVM
+        hands the one the VMM configured): the request page to the firmware, its response
+        to the response page, SW_EXITINFO2 = SNP_GUEST_ERR(vmm error, firmware status)."""
+        from ..snp.guestreq import SNP_GUEST_VMM_ERR_INVALID_LEN, snp_guest_err
+
+        model = self.vcpu.snp_model
+        model.stats["guest_requests"] += 1
+        m = self._mapped
+        if code == SVM_VMGEXIT_EXT_GUEST_REQUEST:
+            blob = model.certificate_blob
+            pages = m.regs["rbx"]
+            need = -(-len(blob) // PAGE_SIZE)
+            if pages < need:  # too small: the pages needed in RBX, the request not issued
+                m.regs["rbx"] = need
+                self._set_response(0, snp_guest_err(SNP_GUEST_VMM_ERR_INVALID_LEN, 0))
+                return self._unmap_resume(gpa, trace, f"extended guest request: {pages} "
+                                          f"certificate page(s), {need} needed")
+            if blob and not self._write(m.regs["rax"], blob):
+                return self._error(gpa, trace, errno.EFAULT, "certificate buffer not writable")
+        request = self._read(req_gpa, PAGE_SIZE)
+        if request is None:
+            return self._error(gpa, trace, errno.EFAULT, "guest request page not readable")
+        response, status = model.messages.request(request)
+        if response is not None and not self._write(resp_gpa, response.ljust(PAGE_SIZE, b"\0")):
+            return self._error(gpa, trace, errno.EFAULT, "guest response page not writable")
+        self._set_response(0, snp_guest_err(0, status))
+        return self._unmap_resume(gpa, trace, "guest request: firmware status "
+                                  f"{int(status):#x}")
 
 
 class SnpVcpu(SevEsVcpu):
@@ -478,8 +516,72 @@ def launch_machine(machine, image, data: bytes, policy: int | None) -> SnpMachin
     model.vmsa_pages = {0: (kvm.vcpu_vmsas[0] << 12, model.key.encrypt(0, vmsa))}
     model.handle = kvm.gctx_spa
     model.launch_digest = kvm.launch_digest
+    _attestation_setup(machine.system, model, policy)
     model.launch_seconds = time.perf_counter() - t0
     return SnpMachineLaunch(model, plan, policy)
+
+
+def snp_chip_for(system):
+    """The simulated chip behind a SimSystem's SNP guests (one per host): CHIP_ID, TCBs,
+    VCEK, the reports' signer (snp/attest.py), Milan as the firmware's CPUID says."""
+    from ..snp.attest import SimulatedSnpChip
+
+    chip = getattr(system, "snp_chip", None)
+    if chip is None:
+        chip = system.snp_chip = SimulatedSnpChip("milan")
+    return chip
+
+
+def set_config(system, reported_tcb) -> None:
+    """SNP_SET_CONFIG: the REPORTED_TCB reports carry and the VCEK is derived for.
+    (model) A TCB above the current one in any component is INVALID_PARAM."""
+    from ..sev.status import SevStatus
+    from ..snp.firmware import _fail
+
+    chip = snp_chip_for(system)
+    cur = chip.current_tcb
+    for name in ("bootloader", "tee", "snp", "microcode"):
+        if getattr(reported_tcb, name) > getattr(cur, name):
+            raise _fail("SNP_SET_CONFIG", SevStatus.INVALID_PARAM,
+                        f"REPORTED_TCB {name} {getattr(reported_tcb, name)} is above the "
+                        f"current {getattr(cur, name)}")
+    chip.reported_tcb = reported_tcb
+
+
+def platform_status(system, model: SimSnpModel | None = None):
+    """SNP_PLATFORM_STATUS with the chip's CURRENT_TCB and REPORTED_TCB (SNP_SET_CONFIG's);
+    the platform state and guest count from ``model``'s firmware when given."""
+    import dataclasses
+
+    from ..snp.firmware import SimulatedSnpFirmware
+
+    chip = snp_chip_for(system)
+    fw = model.firmware if model is not None and model.firmware is not None \
+        else SimulatedSnpFirmware(host_pages=1 << 12)
+    return dataclasses.replace(fw.platform_status(),
+                               current_tcb_version=chip.current_tcb.raw(chip.generation),
+                               reported_tcb_version=chip.reported_tcb.raw(chip.generation))
+
+
+def _attestation_setup(system, model: SimSnpModel, policy: int) -> None:
+    """After SNP_LAUNCH_FINISH: the guest's message channel (its VMPCKs, the launch's
+    digest, policy, ID block and HOST_DATA in its reports) and the certificate blob the
+    VMM gives KVM for extended requests (the chip's ARK, ASK and VCEK)."""
+    from ..snp.attest import GuestAttestationContext
+    from ..snp.guestreq import GuestMessageFirmware
+    from ..snp.messages import certificate_table
+
+    chip = snp_chip_for(system)
+    g = model.firmware.guests[model.kvm.gctx_spa >> 12]
+    family, image, svn = bytes(16), bytes(16), 0
+    if g.id_block:
+        _ld, family, image, _ver, svn, _pol = struct.unpack_from("<48s16s16sIIQ", g.id_block)
+    ctx = GuestAttestationContext(
+        measurement=model.launch_digest, policy=policy, family_id=family, image_id=image,
+        guest_svn=svn, host_data=g.host_data, id_key_digest=g.id_key_digest,
+        author_key_digest=g.author_key_digest)
+    model.messages = GuestMessageFirmware(g.vmpck, chip, ctx)
+    model.certificate_blob = certificate_table(chip.certificate_der())
 
 
 def secrets_page(machine) -> bytes:
@@ -492,5 +594,6 @@ def secrets_page(machine) -> bytes:
 
 __all__ = [
     "POISON_BASE", "SimSnpModel", "SnpMachineLaunch", "SnpMmu", "SnpVcpu", "SnpVmgexitHandler",
-    "create_snp_vm", "launch_machine", "secrets_page",
+    "create_snp_vm", "launch_machine", "platform_status", "secrets_page", "set_config",
+    "snp_chip_for",
 ]

@@ -6,14 +6,17 @@
     kvmharness snp show --report FILE [--processor P] [--json]
     kvmharness snp simulate --out DIR [--processor P] [--report-data HEX] [--measurement HEX]
                           [--policy P] [--vmpl N] [--host-data HEX] [--chip-id HEX] [--json]
+    kvmharness snp report GUEST [--backend sim] [--report-data HEX] [--vmpl N] --out DIR [--json]
 
 ``verify`` exits 0 when every check passes, 1 naming the first check that
 fails, 2 for a file it cannot read or parse.  It never uses the network: the
 VCEK comes from --vcek or --certs-dir (a KDS-style directory: ark.pem, ask.pem,
 vcek.pem or vcek.der, cert_chain.pem), the ARK and ASK from files or AMD's
 published roots shipped with kvmharness.  ``simulate`` writes report.bin,
-vcek.pem, ask.pem and ark.pem from the simulated firmware (no guest is run:
-that is ``snp report`` once the SNP launch exists).
+vcek.pem, ask.pem and ark.pem from the simulated firmware (no guest is run);
+``report`` runs an SNP guest (snp-attest) through the SNP launch and writes the
+report the guest got from the firmware through an extended guest request, with
+the VCEK, ASK and ARK from the certificate table KVM gave it.
 """
 
 from __future__ import annotations
@@ -183,6 +186,106 @@ def cmd_simulate(args) -> int:
     return E.EXIT_OK
 
 
+# -- report: from a running guest ---------------------------------------------------------------
+# The contract of guests/src/snp-attest.S: the host writes REPORT_DATA[64], u32 VMPL and u32 flags
+# into the input page (shared after the guest's page-state change: the host writes its own view);
+# the guest writes the plaintext MSG_REPORT_RSP to the output page and the extended request
+# leaves KVM's certificate table in its buffer.  Its first report (key REPORT_KEY | 1) is the
+# request's SW_EXITINFO2.
+ATTEST_INPUT_GPA = 0x1A000
+ATTEST_OUTPUT_GPA = 0x1B000
+ATTEST_CERTS_GPA = 0x1E000
+ATTEST_CERT_PAGES = 4
+ATTEST_FLAG_EXTENDED = 1
+REPORT_KEY = 0x736E700000000400
+
+
+def guest_report(guest: str, backend: str = "sim", report_data: bytes = bytes(64), vmpl: int = 0,
+                 timeout: float | None = None) -> dict:
+    """Run an SNP guest that speaks snp-attest's contract and collect its report:
+    ``{"report": bytes, "certificates": {role: der}, "launch_digest": bytes, "result": RunResult}``."""
+    import struct
+
+    from ..images import get_guest
+    from ..machine import Machine
+    from .messages import parse_certificate_table, parse_report_response
+
+    image = get_guest(guest)
+    if "sev-snp" not in image.needs:
+        raise E.UsageError(f"guest {guest!r} is not an SEV-SNP guest (its manifest does not need "
+                           "sev-snp); try snp-attest")
+    m = Machine.for_guest(image, backend, sev="sev-snp")
+    try:
+        m.vm.write(ATTEST_INPUT_GPA, bytes(report_data).ljust(64, b"\0")
+                   + struct.pack("<II", vmpl, ATTEST_FLAG_EXTENDED))
+        result = m.run(timeout if timeout is not None else image.timeout)
+        if not result.ok:
+            raise E.GuestFailure(image.name, result.describe(), code=result.fail_code,
+                                 line=result.fail_line, result=result)
+        values = result.values
+        if REPORT_KEY | 1 not in values:
+            raise E.GuestFailure(image.name, "it made no guest request (not snp-attest's "
+                                 "contract)", result=result)
+        err = values[REPORT_KEY | 1]
+        if err:
+            raise E.GuestFailure(image.name, f"the guest request failed: SW_EXITINFO2 {err:#x} "
+                                 f"(VMM error {err >> 32}, firmware status {err & 0xFFFFFFFF:#x})",
+                                 result=result)
+        if values.get(REPORT_KEY | 2) != 0:
+            raise E.GuestFailure(image.name, "the firmware's response did not authenticate in "
+                                 "the guest", result=result)
+        status, report = parse_report_response(m.vm.read(ATTEST_OUTPUT_GPA, 0x4C0))
+        if status or len(report) != 0x4A0:
+            raise E.GuestFailure(image.name, f"MSG_REPORT_RSP status {status:#x}, "
+                                 f"{len(report)} report bytes", result=result)
+        certs = parse_certificate_table(m.vm.read(ATTEST_CERTS_GPA, ATTEST_CERT_PAGES * 4096))
+        return {"report": report, "certificates": certs,
+                "launch_digest": m.launch_result.launch_digest, "result": result}
+    finally:
+        m.close()
+
+
+def cmd_report(args) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from .report import AttestationReport
+    from .verify import parse_hex
+
+    if not 0 <= args.vmpl <= 3:
+        raise E.UsageError("--vmpl: 0 to 3")
+    report_data = parse_hex(args.report_data, "--report-data", 64) if args.report_data else b""
+    if args.timeout is not None:
+        from ..watchdog import check_timeout
+
+        args.timeout = check_timeout(args.timeout, "--timeout")
+    got = guest_report(args.guest, args.backend, report_data, args.vmpl, args.timeout)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.bin").write_bytes(got["report"])
+    files = ["report.bin"]
+    for role in ("vcek", "ask", "ark"):
+        der = got["certificates"].get(role)
+        if der is None:
+            raise E.GuestFailure(args.guest, f"the certificate table has no {role.upper()}")
+        pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        (out / f"{role}.pem").write_bytes(pem)
+        files.append(f"{role}.pem")
+    report = AttestationReport.parse(got["report"])
+    gen = report.generation_from_cpuid()
+    d = report.to_dict(gen)
+    if args.json:
+        _print_json({"guest": args.guest, "backend": got["result"].backend, "out": str(out),
+                     "files": files, "launch_digest": got["launch_digest"].hex(),
+                     "generation": gen.value if gen else None, "report": d})
+    else:
+        print(f"wrote {out}/" + ", ".join(files) + f" (guest {args.guest} on "
+              f"{got['result'].backend}; the simulated chip's ARK is not AMD's)")
+        print(f"launch digest: {got['launch_digest'].hex()}")
+        _print_report(d, gen)
+    return E.EXIT_OK
+
+
 def register(subparsers) -> None:
     snp = subparsers.add_parser("snp", help="SEV-SNP attestation: verify real or simulated "
                                             "reports, show one, simulate one")
@@ -230,3 +333,15 @@ def register(subparsers) -> None:
     m.add_argument("--chip-id", help="CHIP_ID (hex, up to 64 bytes; 8 on Turin)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_simulate)
+
+    r = sub.add_parser("report", help="run an SNP guest (snp-attest) and write the report it "
+                                      "gets from the firmware, with the certificates")
+    r.add_argument("guest", help="an SNP guest speaking snp-attest's contract (snp-attest)")
+    r.add_argument("--backend", choices=("sim", "kvm", "auto"), default="sim")
+    r.add_argument("--report-data", help="REPORT_DATA (up to 64 bytes, hex; zero padded)")
+    r.add_argument("--vmpl", type=int, default=0, help="the VMPL the report is for (0-3)")
+    r.add_argument("--out", required=True, help="directory for report.bin, vcek.pem, ask.pem, "
+                                                "ark.pem")
+    r.add_argument("--timeout", type=float, default=None)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
