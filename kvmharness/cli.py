@@ -168,6 +168,12 @@ def cmd_run(args) -> int:
                       f"{launch.policy}, measurement "
                       f"{'verified with the owner TIK' if launch.verified else 'not verified (no owner)'}: "
                       f"{launch.measurement.measure.hex()}", file=sys.stderr)
+                chain = getattr(launch, "chain", None)
+                if chain is not None and chain.unverified:  # the exported CEK is unsigned
+                    held = ", ".join(link.name for link in chain.links if link.ok)
+                    print(f"# platform certificates: {held} hold; CEK -> ASK -> ARK unverified "
+                          "(PDH_CERT_EXPORT's CEK is unsigned, as AMD's firmware exports it; "
+                          "see kvmharness sev verify)", file=sys.stderr)
         try:
             result = machine.run(args.timeout if args.timeout is not None else image.timeout,
                                  trace=args.trace)

@@ -230,3 +230,11 @@ def test_kvm_backend_launch_result_says_the_cek_is_unverified(tmp_path):
     d = result.to_dict()["chain"]
     assert d["ok"] and not d["complete"] and d["unverified"] == ["ASK -> CEK"]
     assert "unsigned" in d["summary"]
+
+
+def test_run_says_the_platform_certificates_are_not_verified_to_amd(capsys):
+    pytest.importorskip("unicorn", reason="the simulator needs unicorn")
+    assert main(["run", "sev-hello", "--backend", "sim", "--mode", "sev"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "measurement verified with the owner TIK" in err
+    assert "PEK -> PDH hold; CEK -> ASK -> ARK unverified" in err and "unsigned" in err
