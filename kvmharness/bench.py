@@ -125,6 +125,47 @@ def harness_lifecycle(system, image: bytes, n: int) -> dict:
     return {"count": n, "seconds": time.perf_counter() - t0}
 
 
+def harness_threads(system, threads: int, fast: bool = True) -> dict:
+    """``threads`` Machines on ``ioloop``, each run in its own thread at once: aggregate exits/s.
+
+    Each thread's exits go through the compiled loop (the GIL released while it runs) or,
+    with ``fast=False``, through the pure-Python loop (each exit holding the GIL)."""
+    import threading
+
+    from .machine import Machine
+
+    machines = [Machine.for_guest("ioloop", system) for _ in range(threads)]
+    results: list = [None] * threads
+    errors: list = []
+    start = threading.Barrier(threads + 1)
+
+    def work(i: int) -> None:
+        m = machines[i]
+        m.fast_path = fast
+        start.wait()
+        try:
+            results[i] = m.run(120, record=False)
+        except BaseException as e:  # reported below, in this thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    try:
+        for w in workers:
+            w.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for w in workers:
+            w.join()
+        t = time.perf_counter() - t0
+    finally:
+        for m in machines:
+            m.close()
+    if errors:
+        raise errors[0]
+    exits = sum(r.exit_count for r in results)
+    return {"threads": threads, "exits": exits, "seconds": t, "exits_per_s": exits / t}
+
+
 def machine_lifecycle(system, n: int) -> dict:
     """One-line common case per VM: Machine.for_guest('halt') + run + close."""
     from .machine import Machine
@@ -139,6 +180,9 @@ def machine_lifecycle(system, n: int) -> dict:
 def _med(values):
     return statistics.median(values)
 
+
+#: Thread counts of the scaling figure (Machines in that many threads at once).
+SCALING_THREADS = (1, 2, 4)
 
 #: Each figure's goal (issue 15), as (key, comparison, bound).
 GOALS = {
@@ -186,6 +230,12 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
             progress(f"{step} harness lifecycle x{lifecycles}")
             h_lc.append(harness_lifecycle(system, halt_bytes, lifecycles))
             m_lc.append(machine_lifecycle(system, max(1, lifecycles // 4)))
+        scaling: dict = {}
+        for path in (["compiled"] if compiled else []) + ["python"]:
+            for n in SCALING_THREADS:
+                progress(f"kvm scaling: {n} thread(s), {path} exit path")
+                scaling.setdefault(path, {})[str(n)] = round(
+                    harness_threads(system, n, fast=path == "compiled")["exits_per_s"])
     finally:
         system.close()
 
@@ -226,6 +276,9 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
         "c_lifecycle_us": round(c_vm * 1e6, 1), "harness_lifecycle_us": round(h_vm * 1e6, 1),
         "lifecycle_ratio_harness_over_c": lc_ratio,
         "machine_for_guest_lifecycle_us": round(m_vm * 1e6, 1),
+        # aggregate exits/s of N Machines on ioloop in N threads (one run each, not interleaved)
+        "scaling_exits_per_s": scaling,
+        "host_cpus": os.cpu_count(),
     }
     out["goals"] = {k: _goal(k, out[k]) for k in GOALS if k in out}
     out["targets"] = {k: g["goal"] for k, g in out["goals"].items()}
@@ -292,6 +345,9 @@ def run_bench(args) -> int:
               f"ratio {k['lifecycle_ratio_harness_over_c']:.3f}   "
               + _mark(k["goals"]["lifecycle_ratio_harness_over_c"], "x C"))
         print(f"  Machine.for_guest('halt') + run + close: {k['machine_for_guest_lifecycle_us']:.0f} us")
+        for path, by_n in k["scaling_exits_per_s"].items():
+            row = ", ".join(f"{n} thread{'s' if n != '1' else ''} {v:,}" for n, v in by_n.items())
+            print(f"  threads, {path} exit path (aggregate exits/s, {k['host_cpus']} CPUs): {row}")
     s = out.get("sim")
     if s:
         print("sim:")

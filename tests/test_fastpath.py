@@ -293,3 +293,12 @@ def test_a_failed_kvm_run_in_the_c_loop_names_the_ioctl_errno_and_hint(kvm, comp
             fast.raise_error(getattr(vcpu, "run_failure_hint", None) or vcpu._run_failure_hint)
     finally:
         vm.close()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["compiled", "python"])
+def test_machines_in_threads_each_run_to_the_end(kvm, fast):
+    """The bench's scaling figure: two Machines in two threads at once, every exit counted."""
+    from kvmharness.bench import harness_threads
+
+    r = harness_threads(kvm, 2, fast=fast)
+    assert r["threads"] == 2 and r["exits"] == 2 * 200_001 and r["seconds"] > 0
