@@ -122,7 +122,7 @@ def register(subparsers) -> None:
                       "the exit status is the worst combination's (failed 1 / timed out 4 over "
                       "unavailable 3 over ran 0).")
     s.add_argument("scenario", choices=(*SCENARIOS, "all"))
-    s.add_argument("--mode", choices=(*MODES, "all"), default="svm",
+    s.add_argument("--mode", choices=(*MODES, "sev-snp", "all"), default="svm",
                    help="svm (default), sev, sev-es, or all")
     s.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto")
     s.add_argument("--out", default=None, help="directory for pictures (default: "

@@ -419,6 +419,8 @@ def lying_hv(machine, mode: str) -> LabReport:
 def remap(machine, mode: str) -> LabReport:
     """After the service's first reply the hypervisor points the reply page's guest-physical
     address at the secret page's memory; the next reply carries the secret out."""
+    if mode == "sev-snp":
+        return _remap_snp(machine)
     vm = machine.vm
     if not hasattr(vm, "remap_page"):
         raise LabUnavailable("changing one nested page table entry needs the simulator "
@@ -461,6 +463,76 @@ def remap(machine, mode: str) -> LabReport:
     findings = {"leaked": leaked, "replies": replies,
                 "secret_page_readable_directly": SECRET_TEXT in sp}
     return _finish(machine, "remap", mode, result, verdict, findings, lines)
+
+
+SNP_REMAP_FAULTS = 8  # RMP faults the hypervisor watches before it restores the NPT entry
+
+
+def _remap_snp(machine) -> LabReport:
+    """remap under SEV-SNP (sim/snp.py): the same rewiring after reply 0; every access the
+    service then makes to the reply page fails the RMP's reverse-map check (#NPF with the
+    RMP bit, KVM cannot fix it, the guest faults again).  After SNP_REMAP_FAULTS of them the
+    hypervisor puts the entry back (else the guest would fault for ever: SNP stops the
+    leak, not a denial of service) and the service goes on."""
+    from ..snp.rmp import PFERR_RMP
+
+    vcpu = machine.vcpu
+    replies: list = []
+    faults: list = []
+    direct: dict = {}
+    state = {"remapped": False}
+
+    def at_exit(m, e):
+        if not _is_report(e):
+            return
+        rbx, n = m.ucall_args()
+        if rbx != SERVICE_KEY_REPLY:
+            return
+        buf = m.vm.read(SERVICE_SHARED_BUF, 4096)
+        replies.append({"request": n, "text": _printable(buf, 64),
+                        "secret": SECRET_TEXT in buf, "public": REPLY_TEXT in buf})
+        if n == 0:
+            direct["secret_page"] = m.vm.read(SERVICE_SECRET_PAGE, 4096)
+            m.vm.remap_page(SERVICE_REPLY_PAGE, SERVICE_SECRET_PAGE)
+            state["remapped"] = True
+
+    def at_fault(kind, code, gpa, rip, why):
+        if not state["remapped"]:
+            return
+        # what the hypervisor sees of it: #VMEXIT(NPF), EXITINFO1/2, and the RMP (not the RIP:
+        # the guest's state is protected)
+        faults.append({"kind": kind, "error_code": code, "gpa": gpa, "why": why})
+        if len(faults) >= SNP_REMAP_FAULTS:
+            machine.vm.remap_page(SERVICE_REPLY_PAGE, SERVICE_REPLY_PAGE)
+            state["remapped"] = False
+
+    vcpu.rmp_fault_hooks.append(at_fault)
+    machine.on_exit(at_exit)
+    result = machine.run()
+    leaked = any(r["secret"] for r in replies)
+    sp = direct.get("secret_page", b"")
+    first = faults[0] if faults else None
+    lines = [f"reading the secret page {SERVICE_SECRET_PAGE:#x} directly: '{_printable(sp)}' "
+             f"({'plaintext' if SECRET_TEXT in sp else 'ciphertext'})",
+             f"after reply 0: NPT entry of {SERVICE_REPLY_PAGE:#x} -> the memory of "
+             f"{SERVICE_SECRET_PAGE:#x} (its guest_memfd page)"]
+    if first is not None:
+        lines.append(f"the service's next access to {first['gpa']:#x}: "
+                     f"#NPF error code {first['error_code']:#x} "
+                     f"({'RMP bit set' if first['error_code'] & PFERR_RMP else 'no RMP bit'}): "
+                     f"{first['why']}; KVM cannot fix it, the guest faults again: "
+                     f"{len(faults)} faults, then the hypervisor restored the entry")
+    for r in replies:
+        lines.append(f"reply {r['request']} in the shared buffer: '{r['text'][:60]}'")
+    verdict = ("the secret left through the service's own reply" if leaked else
+               "the RMP stopped the remap: the reply page faulted (#NPF, RMP) instead of "
+               "reading the secret page")
+    findings = {"leaked": leaked, "replies": replies, "rmp_faults": len(faults),
+                "faulted": ({"gpa": first["gpa"], "error_code": first["error_code"],
+                             "rmp_bit": bool(first["error_code"] & PFERR_RMP),
+                             "why": first["why"]} if first else None),
+                "secret_page_readable_directly": SECRET_TEXT in sp}
+    return _finish(machine, "remap", "sev-snp", result, verdict, findings, lines)
 
 
 # -- 5. ciphertext side channel --------------------------------------------------------------

@@ -111,8 +111,22 @@ class SimSnpModel:
         self.launch_seconds = 0.0
         self.stats = dict(pvalidate=0, rmpadjust=0, vc_404=0, npf=0, memory_faults=0,
                           psc_msr=0, psc_nae=0, pages_converted=0, guest_requests=0)
-        self.messages = None  # snp.guestreq.GuestMessageFirmware, after the launch
-        self.certificate_blob = b""  # what KVM hands an extended guest request
+        self._messages = None  # snp.guestreq.GuestMessageFirmware, made on first use
+        self._certificate_blob = None  # what KVM hands an extended guest request
+        self._attestation = None  # (system, policy) once launched
+
+    # the attestation side is made on first use: the simulated chip's RSA keys take seconds
+    @property
+    def messages(self):
+        if self._messages is None and self._attestation is not None:
+            _attestation_setup(*self._attestation, self)
+        return self._messages
+
+    @property
+    def certificate_blob(self) -> bytes:
+        if self._certificate_blob is None and self._attestation is not None:
+            _attestation_setup(*self._attestation, self)
+        return self._certificate_blob or b""
 
     # KVM_SEV_INIT2 on an SNP VM
     def init2(self, memory: int) -> None:
@@ -186,10 +200,15 @@ class SnpMmu(SevMmu):
         if not ok or entry.paddr >= POISON_BASE:
             return ok
         v = self.vcpu
-        write = access == unicorn.UC_MEM_WRITE
-        gpa, private, _err = self.walk(vaddr, write)
-        if gpa is None or v.snp_model.kvm is None:
+        if v.snp_model.kvm is None:
             return ok
+        write = access == unicorn.UC_MEM_WRITE
+        # the guest's own GPA (SevMmu's walk: a lab remap, sim/vm.py, wraps self.walk to
+        # return the GPA whose memory it points at -- that is the NPT's business here)
+        gpa, private, _err = SevMmu.walk(self, vaddr, write)
+        if gpa is None:
+            return ok
+        v.sync_npt()
         if access == unicorn.UC_MEM_FETCH and private:
             kind = "fetch"
         else:
@@ -300,6 +319,7 @@ class SnpVcpu(SevEsVcpu):
         self.snp_model: SimSnpModel = vm._sev_model
         self._rmp_fault = None  # (kind, code, gpa, why) of the access the core stopped on
         self.rmp_faults: list = []  # every RMP #NPF / #VC 0x404: (kind, code, gpa, rip, why)
+        self.rmp_fault_hooks: list = []  # callables(kind, code, gpa, rip, why), e.g. the lab's
 
     def mmu_class(self, core, mem, c_bit):
         return SnpMmu(core, mem, c_bit, self)
@@ -369,6 +389,17 @@ class SnpVcpu(SevEsVcpu):
         self.rmp_faults.append((kind, code, gpa, rip, why))
         if len(self.rmp_faults) > 1000:
             del self.rmp_faults[:500]
+        for hook in list(self.rmp_fault_hooks):
+            hook(kind, code, gpa, rip, why)
+
+    def sync_npt(self) -> None:
+        """KVM's nested page table as a hypervisor rewired it: ``SimVm.remap_page`` (the
+        lab) points a GPA at another guest page's memory, i.e. at its guest_memfd page."""
+        kvm = self.snp_model.kvm
+        remapped = getattr(self.vm, "remapped", None) or {}
+        want = {g >> 12: kvm.gmem_pfn(t >> 12) for g, t in remapped.items()}
+        if want != kvm.npt_override:
+            kvm.npt_override = want
 
     def on_unmapped(self, access, addr, size, value):
         mmu = self.mmu
@@ -393,7 +424,8 @@ class SnpVcpu(SevEsVcpu):
         if not self._bitness() == 64:
             rax &= 0xFFFFFFFF
         size_2m = bool(rcx & 1)
-        gpa, private, err = self.mmu.walk(rax)
+        gpa, private, err = SevMmu.walk(self.mmu, rax)
+        self.sync_npt()
         if gpa is None:
             self.svm.vmcb.save.cr2 = rax
             self._inject_now(14, err, rip)
@@ -516,7 +548,7 @@ def launch_machine(machine, image, data: bytes, policy: int | None) -> SnpMachin
     model.vmsa_pages = {0: (kvm.vcpu_vmsas[0] << 12, model.key.encrypt(0, vmsa))}
     model.handle = kvm.gctx_spa
     model.launch_digest = kvm.launch_digest
-    _attestation_setup(machine.system, model, policy)
+    model._attestation = (machine.system, policy)
     model.launch_seconds = time.perf_counter() - t0
     return SnpMachineLaunch(model, plan, policy)
 
@@ -563,7 +595,7 @@ def platform_status(system, model: SimSnpModel | None = None):
                                reported_tcb_version=chip.reported_tcb.raw(chip.generation))
 
 
-def _attestation_setup(system, model: SimSnpModel, policy: int) -> None:
+def _attestation_setup(system, policy: int, model: SimSnpModel) -> None:
     """After SNP_LAUNCH_FINISH: the guest's message channel (its VMPCKs, the launch's
     digest, policy, ID block and HOST_DATA in its reports) and the certificate blob the
     VMM gives KVM for extended requests (the chip's ARK, ASK and VCEK)."""
@@ -580,8 +612,8 @@ def _attestation_setup(system, model: SimSnpModel, policy: int) -> None:
         measurement=model.launch_digest, policy=policy, family_id=family, image_id=image,
         guest_svn=svn, host_data=g.host_data, id_key_digest=g.id_key_digest,
         author_key_digest=g.author_key_digest)
-    model.messages = GuestMessageFirmware(g.vmpck, chip, ctx)
-    model.certificate_blob = certificate_table(chip.certificate_der())
+    model._messages = GuestMessageFirmware(g.vmpck, chip, ctx)
+    model._certificate_blob = certificate_table(chip.certificate_der())
 
 
 def secrets_page(machine) -> bytes:
