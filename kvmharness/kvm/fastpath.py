@@ -22,6 +22,7 @@ kernel's structs stay in ``_ffi``, from which the ``kvm_run`` offsets and the
 from __future__ import annotations
 
 import errno as _errno
+import functools
 import hashlib
 import os
 import platform
@@ -214,8 +215,11 @@ class FastLoop:
     nothing does (1), or KVM_RUN failed (-1: ``raise_error()``).
     """
 
-    def __init__(self, lib: Any, fd: int, mm: Any, run_size: int):
+    def __init__(self, lib: Any, fd: int, mm: Any, run_size: int,
+                 decode: Callable[[], X.Exit] | None = None):
         self._lib = lib
+        #: the vCPU's decoder for the exit a call returns with (rc 0)
+        self.decode = decode
         self._run_buf = ffi.from_buffer(mm)  # an export: the kvm_run mapping cannot be unmapped under C
         self._f = ffi.new("struct kh_fast *")
         self._ring = ffi.new("uint8_t[]", RING_SIZE)
@@ -232,15 +236,10 @@ class FastLoop:
         self._off_immediate_exit = K.ffi.offsetof("struct kvm_run", "immediate_exit")
         self._ports: list[int] = []
         self._known: dict[bytes, X.IoOut | X.MmioWrite] = {}
-        self.run = self._bound_run()
-
-    def _bound_run(self) -> Any:
-        kh_run, f = self._lib.kh_run, self._f
-
-        def run() -> int:
-            return int(kh_run(f))
-
-        return run
+        #: the control block, for reading ``cb.exits`` without a property call per return
+        self.cb = f
+        #: one C call: ``kh_run(cb)`` (no Python frame of its own)
+        self.run: Callable[[], int] = functools.partial(lib.kh_run, f)
 
     # -- configuration (once per Machine.run) ----------------------------------------
     def configure(self, ports: Mapping[int, tuple[str, int]],
