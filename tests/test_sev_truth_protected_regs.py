@@ -135,6 +135,10 @@ class EsKernel(FakeSevKernel):
         return (-1, errno.EINVAL) if self._refuse(fd) else super()._kvm_set_sregs(fd, arg)
 
     def _kvm_run(self, fd, arg):
+        run = self.runs[fd]
+        valid, dirty = struct.unpack_from("<QQ", run, ffi.offsetof("struct kvm_run", "kvm_valid_regs"))
+        if (valid or dirty) and self.models[self.vcpu_vm[fd]].vm.vm_type == KVM_X86_SEV_ES_VM:
+            return -1, errno.EINVAL  # 74c1807f6c4f: no sync regs where the state is protected
         if not self.script:
             return -1, errno.EFAULT
         op, rbx, rcx = self.script.pop(0)
@@ -143,7 +147,6 @@ class EsKernel(FakeSevKernel):
             ghcb.set(field, value)
         ghcb.clear_valid()  # KVM's sev_es_sync_from_ghcb clears the bitmap, the values stay
         self.machine.vm.write(GHCB_GPA, bytes(ghcb))
-        run = self.runs[fd]
         struct.pack_into("<I", run, 8, 2)  # exit_reason = KVM_EXIT_IO
         off = ffi.offsetof("struct kvm_run", "io")
         struct.pack_into("<BBHIQ", run, off, 1, 1, P.UCALL_PORT, 1, KVM_RUN_IO_DATA)
@@ -197,6 +200,33 @@ def test_kvm_sev_es_run_issues_no_register_ioctl_after_update_vmsa(tmp_path, vm_
     runs = rec.find("KVM_RUN")
     assert len(runs) == len(SCRIPT) and {c.fd_kind for c in runs} == {"vcpu"}
     assert steps.index("KVM_SEV_LAUNCH_FINISH") < steps.index("KVM_RUN")
+
+
+@pytest.mark.parametrize("vm_type", [KVM_X86_SEV_ES_VM, KVM_X86_DEFAULT_VM],
+                         ids=["sev-es-vm-init2", "legacy-es-init"])
+def test_kvm_trace_of_a_protected_guest_asks_for_no_registers(tmp_path, vm_type):
+    """A trace records no RIP and never sets kvm_valid_regs on the SEV-ES VM type, where
+    KVM_RUN refuses it ("KVM: x86: block KVM_CAP_SYNC_REGS if guest state is protected",
+    74c1807f6c4f, Linux 6.14 and stable)."""
+    types = (1 << KVM_X86_DEFAULT_VM) | (1 << KVM_X86_SEV_ES_VM)
+    kernel = EsKernel(types, SCRIPT)
+    with K.IoctlRecorder(answer=kernel) as rec:
+        m, sev = _kvm_machine(tmp_path, kernel, vm_type)
+        try:
+            if vm_type == KVM_X86_SEV_ES_VM:
+                from kvmharness.errors import FeatureUnavailable
+
+                with pytest.raises(FeatureUnavailable, match="protected"):
+                    m.vcpu.enable_sync_regs(True)
+            r = m.run(timeout=5, trace=True)
+        finally:
+            m.close()
+            sev.close()
+    assert r.outcome == "done" and len(r.exits) == len(SCRIPT)
+    assert all(rec_.rip is None for rec_ in r.exits)
+    steps = rec.steps()
+    assert not set(steps[steps.index("KVM_SEV_LAUNCH_UPDATE_VMSA"):]) & STATE_IOCTLS
+    assert all(c.ret == 0 for c in rec.find("KVM_RUN"))
 
 
 def test_kvm_backend_names_the_ioctl_and_says_the_state_is_protected(tmp_path):
