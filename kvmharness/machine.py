@@ -410,7 +410,7 @@ class Machine:
         plan = self.bus.fast_plan(record=records is not None)
         rips = trace and not self.state_protected  # the ring carries RIPs only where the host may read them
         fast.configure(plan.ports, plan.mmio, rip=rips)
-        run_c, decode = fast.run, vcpu.decode_exit
+        run_c, decode, cb = fast.run, fast.decode or vcpu.decode_exit, fast.cb
         hint = getattr(vcpu, "_run_failure_hint", None)
         append = records.append if records is not None else None
         synced_rip = getattr(vcpu, "synced_rip", None) if trace else None
@@ -420,7 +420,7 @@ class Machine:
         limit = TRACE_LIMIT
         while self._outcome is None:
             rc = run_c()
-            if fast.exits:
+            if cb.exits:
                 count = self._replay(fast, plan, count, append, rips)
             if rc:
                 if rc > 0:  # nothing pending: a full ring or the exit budget

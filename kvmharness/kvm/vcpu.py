@@ -171,6 +171,33 @@ class KvmVcpu(Vcpu):
 
         return run
 
+    def _lean_decoder(self) -> Callable[[], X.Exit]:
+        """:meth:`decode_exit` for the exits the compiled loop hands back: a single OUT of
+        1, 2 or 4 bytes seen before comes back interned without reading a slice (as in
+        :meth:`runner`); everything else through ``decode_exit``."""
+        u16, u32, u64 = self._word_views()
+        i_reason, i_io = _OFF_EXIT_REASON // 4, _OFF_UNION // 8
+        decode = self.decode_exit
+        outs: dict[int, tuple[int, Any, int, dict[int, X.IoOut]]] = {}
+        views: dict[int, Any] = {1: self._mm, 2: u16, 4: u32}
+        vcpu = self
+
+        def decode_lean() -> X.Exit:
+            if u32[i_reason] == 2:  # KVM_EXIT_IO
+                head = outs.get(u64[i_io])
+                if head is not None and u64[i_io + 1] == head[0]:
+                    known = head[3].get(head[1][head[2]])
+                    if known is not None:
+                        vcpu._pending = None
+                        return known
+                e = decode()
+                if type(e) is X.IoOut and e.count == 1 and e.size in views:
+                    vcpu._intern_out(outs, u64[i_io], u64[i_io + 1], views[e.size], e)
+                return e
+            return decode()
+
+        return decode_lean
+
     def _word_views(self) -> tuple[memoryview, memoryview, memoryview]:
         """kvm_run as u16/u32/u64 words (made on the first runner(): the lean runner reads no slices)."""
         if self._words is None:
@@ -207,7 +234,7 @@ class KvmVcpu(Vcpu):
         if lib is None:
             return None
         if self._fast is None:
-            self._fast = FastLoop(lib, self.fd, self._mm, len(self._mm))
+            self._fast = FastLoop(lib, self.fd, self._mm, len(self._mm), self._lean_decoder())
         self._thread = _get_ident()
         return self._fast
 
