@@ -30,7 +30,14 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default 0)")
     p.add_argument("--mode", default="long64,real", metavar="M[,M]",
                    help="guest entry modes, each seed in each (long64,real)")
-    p.add_argument("--pair", default="kvm,sim", help="the two backends compared (kvm,sim)")
+    p.add_argument("--pair", default="kvm,sim",
+                   help="the two backends compared: kvm,sim (this host) or rig,sim (a rig's kvm_amd)")
+    p.add_argument("--rig", default=None, metavar="NAME", help="with --pair rig,sim: the rig (default: the "
+                   "inventory's only one)")
+    p.add_argument("--rig-inventory", default=None, metavar="FILE",
+                   help="the rig inventory (default $KVMHARNESS_RIGS)")
+    p.add_argument("--rig-timeout", type=float, default=1800.0, metavar="S",
+                   help="the rig's whole budget: install, run, fetch (default 1800)")
     p.add_argument("--profile", default=None, help="simulator profile (default: the kvm host's module)")
     p.add_argument("--out", default=None, metavar="DIR", help="write shrunk regression guests here")
     p.add_argument("--no-shrink", action="store_true", help="report mismatches without shrinking")
@@ -39,8 +46,11 @@ def add_arguments(p) -> None:
 
 def run_fuzz(args) -> int:
     pair = tuple(x.strip() for x in args.pair.split(","))
-    if len(pair) != 2 or set(pair) != {"kvm", "sim"}:
-        raise E.UsageError(f"--pair {args.pair!r}: only kvm,sim is available (the rig's kvm_amd pair is not built yet)")
+    if len(pair) != 2 or set(pair) not in ({"kvm", "sim"}, {"rig", "sim"}):
+        raise E.UsageError(f"--pair {args.pair!r}: choose kvm,sim (this host's /dev/kvm) or rig,sim "
+                           f"(a rig's kvm_amd, with --rig/--rig-inventory)")
+    if "rig" not in pair and (args.rig or args.rig_inventory):
+        raise E.UsageError("--rig and --rig-inventory go with --pair rig,sim")
     n = args.seeds if args.seeds is not None else (1 if "--seed" in sys.argv else 100)
     if n < 1:
         raise E.UsageError("--seeds must be at least 1")
@@ -49,6 +59,8 @@ def run_fuzz(args) -> int:
     if bad or not modes:
         raise E.UsageError(f"--mode {args.mode!r}: choose from {', '.join(G.MODES)}")
     jobs = [(seed, mode) for seed in range(args.seed, args.seed + n) for mode in modes]
+    if "rig" in pair:
+        return _run_rig_pair(args, jobs, modes)
     targets = R.open_targets(pair, profile=args.profile)
     deviations = R.cpuid_deviations(targets)
     seconds = Counter()
@@ -99,4 +111,67 @@ def run_fuzz(args) -> int:
             m = f["mismatch"]
             print(f"  seed {f['seed']} ({f['mode']}): {m['kind']} at exit {m['step']} ({f['ops']} -> {f['shrunk_ops']} ops: "
                   f"{', '.join(f['op_kinds'])}): {m['detail'][:200]}" + (f" -> {f['written']}" if 'written' in f else ""))
+    return E.EXIT_OK if not found else 1
+
+
+def _select_rig(args):
+    from ..remote.inventory import inventory_path, load_inventory, select_rigs
+
+    rigs = load_inventory(inventory_path(args.rig_inventory))
+    chosen = select_rigs(rigs, [args.rig] if args.rig else None)
+    if len(chosen) != 1:
+        raise E.UsageError(f"--pair rig,sim runs on one rig: name it with --rig (the inventory has "
+                           f"{', '.join(r.name for r in chosen)})")
+    return chosen[0]
+
+
+def _run_rig_pair(args, jobs, modes) -> int:
+    """The rig pair: the whole batch on the rig in one trip, then each guest on the simulator
+    here (kvm_amd profile, the rig's CPUID table); mismatches reported, not shrunk."""
+    from . import rigpair as RP
+
+    rig = _select_rig(args)
+    guests = [G.generate(seed, mode=mode) for seed, mode in jobs]
+    print(f"fuzz: {len(guests)} guests to {rig.name} ({rig.address}) and the simulator ({RP.RIG_PROFILE})",
+          file=sys.stderr, flush=True)
+    batch = RP.run_on_rig(rig, guests, timeout=args.rig_timeout)  # a RigError: exit 3 (4: timed out)
+    if batch.host.get("module") != "kvm_amd":
+        print(f"fuzz: note: the rig's KVM is {batch.host.get('module')!r}, compared with the "
+              f"{RP.RIG_PROFILE} profile", file=sys.stderr)
+    t0 = time.perf_counter()
+    results = RP.compare_batch(guests, batch, profile=args.profile or RP.RIG_PROFILE)
+    sim_seconds = time.perf_counter() - t0
+    found, classes, exits = [], Counter(), 0
+    for (seed, mode), (g, a, b, m) in zip(jobs, results, strict=True):
+        exits += min(len(a.steps), len(b.steps))
+        if m is None:
+            continue
+        classes[m.signature] += 1
+        rec = {"seed": seed, "mode": mode, "ops": len(g.ops), "shrunk_ops": len(g.ops), "mismatch": m.to_dict(),
+               "op_kinds": [o.kind for o in g.ops]}
+        if args.out:
+            rec["written"] = str(write_regression(args.out, g, m, [a.backend, b.backend]))
+        found.append(rec)
+    n = len(guests)
+    names = [f"rig:{rig.name}", f"sim[{args.profile or RP.RIG_PROFILE}]"]
+    summary = {"pair": names, "guests": n, "modes": list(modes), "first_seed": args.seed,
+               "exits_compared": exits, "mismatches": len(found), "classes": dict(classes),
+               "rig": {"name": rig.name, **batch.host, "round_trip_seconds": round(batch.round_trip, 1)},
+               "guests_per_second": {names[0]: round(n / batch.seconds, 2) if batch.seconds else None,
+                                     names[1]: round(n / sim_seconds, 1) if sim_seconds else None},
+               "found": found}
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"{n} guests (seeds {args.seed}..{args.seed + len(jobs) // len(modes) - 1}, {'+'.join(modes)}), "
+              f"{exits} exits compared between {names[0]} ({batch.host.get('module')}, "
+              f"{batch.host.get('kernel')}) and {names[1]}: {len(found)} mismatches "
+              f"(rig round trip {batch.round_trip:.0f}s)")
+        for k, v in summary["guests_per_second"].items():
+            print(f"  {k}: {v} guests/s")
+        for f in found:
+            m = f["mismatch"]
+            print(f"  seed {f['seed']} ({f['mode']}): {m['kind']} at exit {m['step']} (op {m['op']}): "
+                  f"{m['detail'][:200]}" + (f" -> {f['written']}" if "written" in f else ""))
     return E.EXIT_OK if not found else 1

@@ -32,8 +32,8 @@ from .. import exits
 from . import core as corem
 from .events import DeliveryFault, EXC_WITH_ERROR_CODE, VEC_DF, deliver_long, deliver_real, write_linear
 from .nested import handle_event as _nested_event
-from .svm import (SVM_EXIT_CPUID, SVM_EXIT_EXCP_BASE, SVM_EXIT_HLT, SVM_EXIT_MSR, SVM_EXIT_SHUTDOWN,
-                  SVM_EXIT_VMMCALL)
+from .svm import (SVM_EXIT_CPUID, SVM_EXIT_EXCP_BASE, SVM_EXIT_HLT, SVM_EXIT_MSR, SVM_EXIT_NPF,
+                  SVM_EXIT_SHUTDOWN, SVM_EXIT_VMMCALL)
 
 _M64 = 2**64 - 1
 CR0_PE = 1
@@ -47,7 +47,8 @@ KVM_MSR_EXIT_REASON_FILTER = exits.KVM_MSR_EXIT_REASON_FILTER
 # sim/kvmpolicy.py, shared with the SEV-ES GHCB path (sev/vmgexit.py); re-exported here.
 from .kvmpolicy import (KERNEL_MSRS, KVM_ENOSYS, KVM_EOPNOTSUPP, KVM_EPERM,  # noqa: E402,F401
                         READ_ONLY_MSRS, HYPERCALL_RESULTS, KvmMsrs, MsrPolicy, cpuid_lookup,
-                        hypercall_result, maxphyaddr, CANONICAL_MSRS, MSR_PAT, is_canonical)
+                        hypercall_result, maxphyaddr, CANONICAL_MSRS, MSR_PAT, is_canonical,
+                        xstate_required_size)
 _VMMCALL = b"\x0f\x01\xd9"
 
 
@@ -122,6 +123,9 @@ class KvmExitHandling:
             eax = core.reg(X.UC_X86_REG_RAX) & 0xFFFFFFFF
             ecx = core.reg(X.UC_X86_REG_RCX) & 0xFFFFFFFF
             a, b, c, d = cpuid_lookup(self.cpuid, eax, ecx)
+            if eax == 0xD and ecx == 0 and self.profile.xsave_size_follows_xcr0 and \
+                    self.cpuid.lookup(0xD, 0) is not None:
+                b = xstate_required_size(self.cpuid, self._xcr0)  # kvm_update_cpuid_runtime
             svm.vmexit(code, 0, 0, rip, rip + 2)
             for rid, v in ((X.UC_X86_REG_RAX, a), (X.UC_X86_REG_RBX, b), (X.UC_X86_REG_RCX, c),
                            (X.UC_X86_REG_RDX, d)):
@@ -145,6 +149,7 @@ class KvmExitHandling:
             svm.vmexit(code, 0, 0, rip, 0, "Shutdown")
             self._shutdown = True
             self._exit = exits.Shutdown()
+            self._shutdown_init()
             return
         if SVM_EXIT_EXCP_BASE <= code < SVM_EXIT_EXCP_BASE + 32:
             self._exception(code - SVM_EXIT_EXCP_BASE, rip)  # intercepted exception: KVM reflects it
@@ -407,8 +412,26 @@ class KvmExitHandling:
             self._exit = e
             self._string_rf(p[1])
         elif p is not None and p[0] == "out" and self._resume is None:
-            self._string_rf(p[1])  # an OUTS: stopped after one element, RIP still on it
+            if self.profile.outs_rip_from_emulator:
+                self._outs_from_emulator(p)
+            else:
+                self._string_rf(p[1])  # an OUTS: stopped after one element, RIP still on it
         return e
+
+    def _outs_from_emulator(self, p):
+        """An OUTS exit as KVM's emulator leaves it (profile.outs_rip_from_emulator): a lone
+        OUTS is complete, RIP past it and RF clear; a REP OUTS exits on it with RF set at
+        every element, the last one's too (the emulator finishes the string only when it
+        is re-entered: complete_emulated_pio) -- both measured on the rig's kvm_amd.
+        Nothing is owed on the next KVM_RUN: the exit is no fast-PIO OUT."""
+        core = self.core
+        _ilen, _string, rep, _asz = self._io_insn(p[1])
+        if rep:
+            self._string_rf(p[1])
+        else:
+            core.set_reg(X.UC_X86_REG_RIP, p[2])
+            core.set_reg(X.UC_X86_REG_RFLAGS, core.reg(X.UC_X86_REG_RFLAGS) & ~RFLAGS_RF)
+        self._pending = ("outs", p[1], p[2], None)
 
     # -- string IN (INS): KVM's emulator, emulate.c pio_in_emulated / em_in -----------
     @staticmethod
@@ -579,6 +602,24 @@ class KvmExitHandling:
         core.set_reg(X.UC_X86_REG_RFLAGS, core.reg(X.UC_X86_REG_RFLAGS) | (1 << 16))
         self._shutdown = True
         self._exit = exits.Shutdown()
+        self._shutdown_init()
+
+    _xcr0 = 1  # XCR0 after reset (the model runs no XSETBV)
+
+    def _shutdown_init(self):
+        """svm.c shutdown_interception: the VMCB is undefined after SHUTDOWN, so KVM INITs
+        the vCPU (kvm_vcpu_reset(vcpu, true)) before KVM_EXIT_SHUTDOWN: the GPRs read 0 but
+        RDX = CPUID.1.EAX (0x600 without the leaf), RIP 0xfff0, RFLAGS 2 (profile)."""
+        if not self.profile.shutdown_inits_vcpu:
+            return
+        core = self.core
+        leaf1 = self.cpuid.lookup(1)
+        for name in ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RSP", "RBP", "R8", "R9", "R10", "R11",
+                     "R12", "R13", "R14", "R15"):
+            core.set_reg(getattr(X, f"UC_X86_REG_{name}"), 0)
+        core.set_reg(X.UC_X86_REG_RDX, leaf1.eax if leaf1 is not None else 0x600)
+        core.set_reg(X.UC_X86_REG_RIP, 0xFFF0)
+        core.set_reg(X.UC_X86_REG_RFLAGS, 2)
 
     def _deliver(self, vector, error, rip):
         core = self.core
@@ -711,6 +752,15 @@ class KvmExitHandling:
         bytes (x86_decode_insn fails), so handle_emulation_failure reports no instruction
         bytes: data[0] = 0, then the exit info (svm_get_exit_info, or the profile's)."""
         self._run_to_unfetchable()
+        # the fetch's #VMEXIT: a nested page fault on the first byte that has no memslot
+        # (EXITINFO1: bit 32 final GPA, ID (0x10) and U (0x4, every NPT access is a user
+        # access: APM vol 2 15.25.6); EXITINFO2: that GPA).  Measured on the rig's kvm_amd:
+        # data (0, 0x400, 0x100000014, 0xc0000, 0, 0) for a real-mode fetch at 0xc0000.
+        rip = self.core.rip()
+        lin = self._linear(rip) + len(self._code_bytes(rip, 15))
+        gpa, _err = corem.translate(self.core, lin)
+        if gpa is not None:
+            self.svm.vmexit(SVM_EXIT_NPF, (1 << 32) | 0x14, gpa, rip, 0, "InternalError")
         info = self.profile.fetch_failure_exit_info
         if info is None:
             c = self.svm.vmcb.control

@@ -138,8 +138,10 @@ def msr_write_ok(index: int, value: int, *, maxphyaddr: int = 48, va_bits: int =
 class KvmMsrs:
     """One vCPU's in-kernel MSR values (kvm_get_msr_common / kvm_set_msr_common)."""
 
-    def __init__(self):
+    def __init__(self, profile=None):
         self.values = initial_kernel_msrs()
+        if profile is not None:  # the module's own reset values (sim/profile.py)
+            self.values[0x1A0] = profile.misc_enable_reset
         self._tsc_base = time.perf_counter_ns()
         self._tsc_offset = 0
 
@@ -205,6 +207,23 @@ def cpuid_lookup(table, function: int, index: int) -> tuple[int, int, int, int]:
     if e is None:
         return 0, 0, 0, 0
     return e.eax, e.ebx, e.ecx, e.edx
+
+
+def xstate_required_size(table, xstate_bv: int, compacted: bool = False) -> int:
+    """cpuid.c xstate_required_size: the XSAVE area for the features in ``xstate_bv`` --
+    the legacy area and header (576 bytes), then each extended feature's end from its
+    CPUID 0xD.i (EBX offset, or in the compacted form 64-byte aligned when ECX[1])."""
+    ret = 512 + 64
+    bv, bit = xstate_bv & ~3, 0
+    while bv:
+        if bv & 1:
+            e = table.lookup(0xD, bit)
+            eax, ebx, ecx = (e.eax, e.ebx, e.ecx) if e is not None else (0, 0, 0)
+            offset = ((ret + 63) & ~63 if ecx & 2 else ret) if compacted else ebx
+            ret = max(ret, offset + eax)
+        bv >>= 1
+        bit += 1
+    return ret
 
 
 def maxphyaddr(table) -> int:

@@ -74,12 +74,34 @@ class KvmProfile:
     # whatever the limit (measured by kvmharness fuzz, real mode, 2026-12-01: after
     # `lidt` of a zero limit, ud2 ran the IVT's vector-6 handler on kvm_pvm).
     real_ivt_limit_checked: bool = True
+    # OUTS (string OUT) exits come from KVM's emulator (svm.c io_interception hands string IO
+    # to kvm_emulate_instruction): x86_emulate_instruction writes RIP back before returning
+    # to userspace: a lone OUTS complete (RIP past it, RF clear); a REP OUTS on the
+    # instruction with RF set at every element, the last one's too.  Measured on the rig's
+    # kvm_amd by kvmharness fuzz --pair rig,sim (2026-12-01: `outsl` at 0x805e showed RIP
+    # 0x8060 at its IoOut; `rep outsw` RIP on it, RF 1, at all 6).  kvm_pvm: RIP past every
+    # OUT (io_rip_past), RF at REP OUTS exits (sim/kvmlayer.py _string_rf).
+    outs_rip_from_emulator: bool = False
+    # IA32_MISC_ENABLE after vCPU reset: kvm_vcpu_reset sets PEBS_UNAVAIL | BTS_UNAVAIL
+    # (0x1800; read back on the rig's kvm_amd by kvmharness fuzz); kvm_pvm gives fast strings
+    # (0x1, read back on a kvm_pvm host by the same long-mode fuzz seeds).
+    misc_enable_reset: int = 0x1800
+    # CPUID 0xD.0 EBX is the XSAVE area size for the guest's current XCR0 (cpuid.c
+    # kvm_update_cpuid_runtime: xstate_required_size(vcpu->arch.xcr0, false)), not the table's:
+    # measured on the rig's kvm_amd (table 0x340, guest with XCR0 = 1 read 0x240).
+    xsave_size_follows_xcr0: bool = True
+    # KVM_EXIT_SHUTDOWN after a triple fault: svm.c shutdown_interception re-INITs the vCPU
+    # (kvm_vcpu_reset(vcpu, true)) before returning, so KVM_GET_REGS then shows the INIT
+    # state: GPRs 0 but RDX = CPUID.1.EAX, RIP 0xfff0, RFLAGS 2 (measured on the rig's
+    # kvm_amd by kvmharness fuzz); kvm_pvm leaves the registers of the fault.
+    shutdown_inits_vcpu: bool = True
 
     def __str__(self) -> str:
         return self.name
 
 
-KVM_AMD = KvmProfile("kvm_amd", io_rip_past=False, vmmcall_ud=False, soft_int_fails=False)
+KVM_AMD = KvmProfile("kvm_amd", io_rip_past=False, vmmcall_ud=False, soft_int_fails=False,
+                     outs_rip_from_emulator=True)
 KVM_PVM = KvmProfile(
     "kvm_pvm", io_rip_past=True, vmmcall_ud=True, soft_int_fails=True,
     emulates_passthrough_msrs=True, pat_checked=False,
@@ -94,7 +116,8 @@ KVM_PVM = KvmProfile(
     # data (0, 0x1000, 0, 0, 0, 0) (no instruction bytes), int3 data (1, <bytes>, 0x1000,
     # 0, 0, 0, 0): kvm_pvm's own exit reason 0x1000, no exit info
     fetch_failure_exit_info=(0x1000, 0, 0, 0, 0),
-    real_ivt_limit_checked=False)
+    real_ivt_limit_checked=False, misc_enable_reset=0x1, xsave_size_follows_xcr0=False,
+    shutdown_inits_vcpu=False)
 PROFILES = {p.name: p for p in (KVM_AMD, KVM_PVM)}
 
 

@@ -75,7 +75,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             (() if self.profile.io_rip_past else ("out",)) + (() if self.profile.in_rip_past else ("in",))
         self.svm = Svm(asid)
         self.cpuid = CpuidTable()
-        self.msrs = K.KvmMsrs()
+        self.msrs = K.KvmMsrs(self.profile)
         self.single_step = False
         self._shadow = dict(rbx=0, rcx=0, rdx=0x600, rsi=0, rdi=0, rbp=0, r8=0, r9=0, r10=0,
                             r11=0, r12=0, r13=0, r14=0, r15=0)
