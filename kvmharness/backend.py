@@ -32,10 +32,14 @@ from .abi import (
     KVM_X86_SW_PROTECTED_VM,
     VM_TYPE_NAMES,
 )
-from .errors import DeviceMissing, PermissionDenied, UsageError
+from .errors import DeviceMissing, FeatureUnavailable, PermissionDenied, UsageError
 from .x86 import CPUID_EXT_FEATURES, CPUID_SEV, EXT_ECX_SVM, CpuidEntry, CpuidTable, Regs, Sregs
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
+    from .abi import NestedState
     from .exits import Exit
 
 BACKENDS = ("kvm", "sim")
@@ -154,6 +158,93 @@ class Vcpu(_Closable):
     @abc.abstractmethod
     def set_single_step(self, enabled: bool) -> None: ...
 
+    # -- optional capabilities ---------------------------------------------------------
+    # Every capability only one backend (or one kind of vCPU) has is a method here whose
+    # default raises FeatureUnavailable, as cloud-hypervisor's ``trait Vcpu`` does: a caller
+    # calls it and handles the error, never asks whether the object has it.  Which backend
+    # offers which is pinned by tests/test_backend_contract.py.
+
+    #: DR7 as KVM_SET_DEBUGREGS / KVM_SET_GUEST_DEBUG left it (the reset value: the
+    #: harness sets no hardware breakpoint); the SEV-ES VMSA records it.
+    dr7: int = 0x400
+    #: KVM_SET_GUEST_DEBUG's control word (KVM refuses LAUNCH_UPDATE_VMSA while it is set)
+    guest_debug: int = 0
+
+    def _unavailable(self, what: str) -> FeatureUnavailable:
+        return FeatureUnavailable(f"{what} is not offered by the {type(self).__name__} vCPU")
+
+    def runner(self) -> Callable[[], Exit]:
+        """``run`` as a plain callable for a tight loop (KVM binds the kick thread once)."""
+        return self.run
+
+    def fast_loop(self) -> Any:
+        """The compiled exit loop (kvm/fastpath.py), or None where it cannot load."""
+        raise self._unavailable("a compiled exit loop")
+
+    def decode_exit(self) -> Exit:
+        """The exit the compiled loop stopped at (only after :meth:`fast_loop`)."""
+        raise self._unavailable("a compiled exit loop")
+
+    def run_failure_hint(self, err: int) -> str:
+        """One line on what a failed KVM_RUN's errno usually means here ('' if nothing)."""
+        return ""
+
+    def enable_sync_regs(self, enabled: bool = True) -> None:
+        """KVM_SYNC_X86_REGS: GPRs copied out at every exit (then :meth:`synced_rip` works)."""
+        raise self._unavailable("KVM_CAP_SYNC_REGS")
+
+    def synced_rip(self) -> int:
+        """RIP as synced at the last exit (after ``enable_sync_regs(True)``)."""
+        raise self._unavailable("KVM_CAP_SYNC_REGS")
+
+    def kernel_tracer(self) -> AbstractContextManager[Any]:
+        """A context manager recording the kernel's KVM tracepoints for this vCPU; the
+        object it returns has ``events`` and ``error`` once closed."""
+        raise self._unavailable("a kernel tracer (KVM tracepoints)")
+
+    def hardware_trace(self) -> list[Any]:
+        """Every SVM #VMEXIT as the hardware took it (VMCB exit code and infos), oldest first."""
+        raise self._unavailable("a hardware #VMEXIT trace")
+
+    def add_vmexit_hook(self, callback: Callable[[Any], object]) -> None:
+        """Call ``callback(record)`` at every hardware #VMEXIT, including the ones the kernel
+        handles itself (the hypervisor's-eye view of kvmharness.lab)."""
+        raise self._unavailable("a #VMEXIT hook")
+
+    def remove_vmexit_hook(self, callback: Callable[[Any], object]) -> None:
+        raise self._unavailable("a #VMEXIT hook")
+
+    @property
+    def vmcb(self) -> Any:
+        """The VMCB as the hardware left it at the last #VMEXIT (``sim/vmcb.py``'s view)."""
+        raise self._unavailable("a VMCB view (KVM keeps the VMCB in kernel memory)")
+
+    def vmsa_ciphertext(self) -> bytes:
+        """The SEV-ES vCPU's encrypted VMSA page, as the host can read it."""
+        raise self._unavailable("a host view of the SEV-ES VMSA (KVM keeps it in kernel memory)")
+
+    def save_vmsa_at_exit(self) -> None:
+        """From now on every #VMEXIT writes the guest state into the encrypted VMSA, as
+        SEV-ES hardware does, so :meth:`vmsa_ciphertext` follows the guest."""
+        raise self._unavailable("writing the SEV-ES VMSA at each #VMEXIT")
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Deliver an exception to the guest before it runs again."""
+        raise self._unavailable("exception injection")
+
+    def get_nested_state(self) -> NestedState:
+        """KVM_GET_NESTED_STATE."""
+        raise self._unavailable("KVM_CAP_NESTED_STATE")
+
+    def set_nested_state(self, state: NestedState) -> None:
+        """KVM_SET_NESTED_STATE (set CPUID, SREGS with EFER.SVME and REGS first)."""
+        raise self._unavailable("KVM_CAP_NESTED_STATE")
+
+    def complete_pending_exit(self) -> None:
+        """Finish the last exit's instruction without entering the guest (KVM_RUN with
+        ``immediate_exit``), so registers and nested state are at an instruction boundary."""
+        raise self._unavailable("KVM_CAP_IMMEDIATE_EXIT")
+
 
 class Vm(_Closable):
     """One virtual machine: memory slots, vCPUs, VM-wide capabilities."""
@@ -161,6 +252,9 @@ class Vm(_Closable):
     system: System
     vm_type: int
     regions: list[MemoryRegion]
+    vcpus: list[Any]  # the Vcpu objects create_vcpu made, in order
+    #: the SEV interface made by :meth:`sev_interface` (one per VM: it holds the launch state)
+    _sev_interface_of_vm: Any = None
 
     @abc.abstractmethod
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> MemoryRegion:
@@ -185,6 +279,29 @@ class Vm(_Closable):
         """KVM_X86_SET_MSR_FILTER.  ``ranges``: iterable of (base, nmsrs, read, write);
         listed MSRs with read/write False are refused (and go to userspace with the
         FILTER reason when user MSR exits are on)."""
+
+    # -- optional capabilities (defaults raise FeatureUnavailable; see Vcpu) ---------------
+    def sev_interface(self) -> Any:
+        """The VM's SEV interface (``sev.launch.SevKvmInterface``: KVM_MEMORY_ENCRYPT_OP or
+        the simulator's model), made on first use by :meth:`open_sev_interface` and kept."""
+        if self._sev_interface_of_vm is None:
+            self._sev_interface_of_vm = self.open_sev_interface()
+        return self._sev_interface_of_vm
+
+    def open_sev_interface(self) -> Any:
+        """The backend's part of :meth:`sev_interface`: make the interface."""
+        raise FeatureUnavailable(f"{type(self).__name__} offers no SEV interface (its backend has "
+                                 "neither KVM_MEMORY_ENCRYPT_OP nor a simulated SEV firmware)")
+
+    def remap_page(self, gpa: int, target: int) -> None:
+        """Point guest-physical page ``gpa`` at the memory behind page ``target`` (one nested
+        page table entry rewritten, as a hypervisor can; ``remap_page(gpa, gpa)`` restores)."""
+        raise FeatureUnavailable(f"{type(self).__name__} cannot rewrite a nested page table "
+                                 "entry: KVM offers userspace no call for it")
+
+    def flush_code(self, gpa: int, size: int) -> None:
+        """Forget translated code over a range the host rewrote.  Hardware keeps no stale
+        translations, so only an emulator has anything to do."""
 
     # -- guest memory access (host view) ---------------------------------
     def region_for(self, gpa: int, length: int = 1) -> MemoryRegion:

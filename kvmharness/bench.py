@@ -78,9 +78,8 @@ def harness_ioloop(system, fast: bool = True) -> dict:
         u = _user_cpu() - u0
         if result.outcome != "hlt":
             raise HostError(f"ioloop ended with {result.outcome}: {result.describe()}")
-        used_c = getattr(m.vcpu, "_fast", None) is not None
         return {"exits": result.exit_count, "port_exits": m.bench_port.writes, "seconds": t,
-                "user_seconds": u, "path": "compiled" if used_c else "python"}
+                "user_seconds": u, "path": m.exit_path}
 
 
 def bare_cffi_ioloop(system) -> dict:

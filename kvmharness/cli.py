@@ -470,13 +470,25 @@ def _missing_module_message(e: ModuleNotFoundError) -> str:
     return f"{dist} is not installed (needed by {who}): {how}"
 
 
+def _host_reason(e: E.HarnessError) -> str:
+    """The host's reason (``kvmharness info``'s verdict) for an error the bindings state as a
+    bare fact (``host_verdict``), and what to do instead; '' for any other error."""
+    if not e.host_verdict:
+        return ""
+    from .hostinfo import verdict_reason
+
+    why = verdict_reason(e.host_verdict)
+    hint = "" if "backend sim" in why or "backend sim" in str(e) else "; use --backend sim to simulate SEV"
+    return (f" ({why})" if why else "") + hint
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except E.HarnessError as e:
-        print(f"kvmharness: error: {e}", file=sys.stderr)
+        print(f"kvmharness: error: {e}{_host_reason(e)}", file=sys.stderr)
         return e.exit_code
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == "kvmharness":  # our own module: a broken install

@@ -24,6 +24,10 @@ class HarnessError(Exception):
     """Base of every kvmharness error."""
 
     exit_code = EXIT_INTERNAL
+    #: The ``kvmharness info`` verdict ("sev", "sev-es", ...) that explains this error on the
+    #: host at hand.  The bindings state the bare fact (the ioctl, the errno, the missing
+    #: device) and set this; the CLI's error printer adds the host's reason (hostinfo).
+    host_verdict: str | None = None
 
 
 class UsageError(HarnessError):

@@ -12,9 +12,13 @@ kvmharness`` loads neither cffi nor unicorn.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
-from .backend import BACKENDS, KVM_DEVICE, System
+from .backend import BACKENDS, KVM_DEVICE, SEV_DEVICE, System
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .sev.launch import SevPlatformInterface
 
 
 def open_backend(name: str = "auto", *, kvm_path: str | None = None) -> System:
@@ -56,4 +60,32 @@ def _open_sim() -> System:
     return SimSystem()
 
 
-__all__ = ["open_backend"]
+_SIM_FIRMWARE: Any = None
+
+
+def default_sim_firmware() -> Any:
+    """The simulated chip of this process (one, like one /dev/sev per host)."""
+    global _SIM_FIRMWARE
+    if _SIM_FIRMWARE is None:
+        from .sev.firmware import SimulatedSevFirmware
+
+        _SIM_FIRMWARE = SimulatedSevFirmware()
+    return _SIM_FIRMWARE
+
+
+def open_sev_platform(backend: str = "auto", *, firmware: Any = None) -> SevPlatformInterface:
+    """``/dev/sev`` (kvm) or the firmware model (sim); ``auto``: kvm iff /dev/sev exists."""
+    if backend not in ("auto", *BACKENDS):
+        raise UsageError(f"unknown backend {backend!r}: choose auto, kvm or sim")
+    if backend == "auto":
+        backend = "kvm" if os.path.exists(SEV_DEVICE) else "sim"
+    if backend == "kvm":
+        from .kvm.sevdev import SevDevice
+
+        return SevDevice()
+    from .sev.kvm_model import SimulatedSevDevice
+
+    return SimulatedSevDevice(firmware if firmware is not None else default_sim_firmware())
+
+
+__all__ = ["default_sim_firmware", "open_backend", "open_sev_platform"]

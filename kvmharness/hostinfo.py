@@ -9,6 +9,7 @@ and the SEV launch errors all say the same thing.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import platform
 import shutil
@@ -268,6 +269,21 @@ def verdicts(kvm: dict, details: dict, cpu: dict, params: dict | None, sev_prese
     out["sev-es"] = sev_mode("SEV-ES", "sev_es", 3)
     out["sev-snp"] = sev_mode("SEV-SNP", "sev_snp", 4)
     return out
+
+
+@functools.cache
+def verdict_reason(mode: str) -> str:
+    """Why this host cannot do ``mode`` (``kvmharness info``'s verdict), or '' if it can.
+
+    The CLI adds it to an error whose ``host_verdict`` names ``mode``: the bindings
+    state the bare fact, the reason for it on this host is this module's to give."""
+    try:
+        verdict = host_report()["verdicts"].get(mode)
+    except Exception as e:  # noqa: BLE001 - the report is advice; never hide the real error
+        return f"(the host capability report could not be read: {e})"
+    if verdict is None or verdict["usable"]:
+        return ""
+    return str(verdict["why"])
 
 
 def host_report() -> dict:

@@ -307,9 +307,17 @@ class Machine:
             vcpu.kick()
 
         records: list = []
-        if trace and not self.state_protected and hasattr(vcpu, "enable_sync_regs"):
-            vcpu.enable_sync_regs(True)  # not where the state is protected: KVM_RUN refuses it
-        tracer = vcpu.kernel_tracer() if trace and hasattr(vcpu, "kernel_tracer") else contextlib.nullcontext()
+        self._synced_rip = None
+        tracer = _NoKernelTrace()
+        if trace and not self.state_protected:  # not where the state is protected: KVM_RUN refuses it
+            try:  # RIP from kvm_run at every exit instead of a KVM_GET_REGS each
+                vcpu.enable_sync_regs(True)
+                self._synced_rip = vcpu.synced_rip
+            except FeatureUnavailable:
+                pass
+        if trace:
+            with contextlib.suppress(FeatureUnavailable):
+                tracer = vcpu.kernel_tracer()
         t0 = time.perf_counter()
         token = WATCHDOG.arm(timeout, on_deadline)
         try:
@@ -323,6 +331,10 @@ class Machine:
         finally:
             WATCHDOG.disarm(token)
         elapsed = time.perf_counter() - t0
+        try:
+            hw_trace = list(vcpu.hardware_trace())
+        except FeatureUnavailable:
+            hw_trace = []
         fail_code, fail_line = self._fail
         vec, rip = self._exception
         return RunResult(
@@ -331,26 +343,33 @@ class Machine:
             final_exit=self._final_exit, regs=None if self.state_protected else vcpu.get_regs(),
             regs_unavailable=PROTECTED_REGS if self.state_protected else None, fail_code=fail_code,
             fail_line=fail_line, exception_vector=vec, exception_rip=rip, message=self._message,
-            elapsed=elapsed, hw_trace=list(getattr(vcpu, "hw_trace", ()) or ()),
-            kernel_trace=getattr(tracer, "events", []), kernel_trace_error=getattr(tracer, "error", None))
+            elapsed=elapsed, hw_trace=hw_trace, kernel_trace=tracer.events,
+            kernel_trace_error=tracer.error)
 
     #: Use the compiled exit path (kvm/fastpath.c) where the backend offers it and no
     #: on_exit hook needs to see every exit as it happens; False forces the Python loop.
     fast_path = True
+    #: ``vcpu.synced_rip`` while a traced run has KVM_SYNC_X86_REGS on, else None
+    _synced_rip = None
+    #: the exit loop the last run() took: "compiled" (kvm/fastpath.c) or "python"
+    exit_path = ""
 
     def _loop(self, records, trace: bool, kicked) -> int:
         vcpu, bus, hooks = self.vcpu, self.bus, self._hooks
         if self.fast_path and not hooks:
-            fast_loop = getattr(vcpu, "fast_loop", None)
-            fast = fast_loop() if fast_loop is not None else None
+            try:
+                fast = vcpu.fast_loop()  # None where the compiled loop cannot load
+            except FeatureUnavailable:
+                fast = None
             if fast is not None:
+                self.exit_path = "compiled"
                 return self._loop_fast(fast, records, trace, kicked)
-        runner = getattr(vcpu, "runner", None)  # kvm: run() with the thread bound once
-        run = runner() if runner is not None else vcpu.run
+        self.exit_path = "python"
+        run = vcpu.runner()  # kvm: run() with the thread bound once
         port_handlers = bus.port_out_handlers
         IoOut = X.IoOut
         append = records.append if records is not None else None
-        synced_rip = getattr(vcpu, "synced_rip", None) if trace else None
+        synced_rip = self._synced_rip if trace else None
         if trace and self.state_protected:
             synced_rip = _no_rip  # a protected guest's RIP is not the host's to read
         count = 0
@@ -411,9 +430,9 @@ class Machine:
         rips = trace and not self.state_protected  # the ring carries RIPs only where the host may read them
         fast.configure(plan.ports, plan.mmio, rip=rips)
         run_c, decode, cb = fast.run, fast.decode or vcpu.decode_exit, fast.cb
-        hint = getattr(vcpu, "_run_failure_hint", None)
+        hint = vcpu.run_failure_hint
         append = records.append if records is not None else None
-        synced_rip = getattr(vcpu, "synced_rip", None) if trace else None
+        synced_rip = self._synced_rip if trace else None
         if trace and self.state_protected:
             synced_rip = _no_rip
         count = 0
@@ -562,6 +581,16 @@ class Machine:
 
 PROTECTED_REGS = ("the guest's state is protected (SEV-ES: its VMSA is encrypted since "
                   "LAUNCH_UPDATE_VMSA); the host cannot read its registers")
+
+
+class _NoKernelTrace(contextlib.nullcontext):
+    """The kernel trace of a backend without a kernel tracer: nothing, and no error."""
+
+    error = None
+
+    @property
+    def events(self) -> list:
+        return []
 
 
 def _no_rip() -> None:

@@ -229,6 +229,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def _dump(m) -> str:
+    from .errors import FeatureUnavailable
+
     lines = []
     if m.vcpu is None:
         return "machine closed (timed out or torn down)"
@@ -239,7 +241,10 @@ def _dump(m) -> str:
         lines.append(f"cr0={s.cr0:#x} cr3={s.cr3:#x} cr4={s.cr4:#x} efer={s.efer:#x} cs={s.cs.selector:#x}")
     except Exception as e:  # noqa: BLE001 - a dump must not mask the failure
         lines.append(f"(registers unavailable: {e})")
-    trace = getattr(m.vcpu, "hw_trace", None)
+    try:
+        trace = m.vcpu.hardware_trace()
+    except FeatureUnavailable:
+        trace = []
     if trace:
         lines.append("last hardware exits:")
         lines += [f"  {r}" for r in list(trace)[-20:]]

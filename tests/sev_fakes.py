@@ -64,5 +64,11 @@ class MemoryOnlyVm(Vm):
     def set_msr_filter(self, ranges, *, default_allow=True):
         pass
 
+    def open_sev_interface(self):
+        """As the simulator's VM: KVM's SEV model over the system's firmware model."""
+        from kvmharness.sev.kvm_model import KvmSevModel
+
+        return KvmSevModel(self, self.system.sev_firmware)
+
     def close(self):
         pass

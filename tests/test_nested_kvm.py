@@ -84,21 +84,6 @@ def nested_machine(backend: str, guest: str = "nested-cpuid") -> Machine:
     return Machine.for_guest(guest, SimSystem(supported_cpuid=rig_cpuid()))
 
 
-def nested_state_calls(backend: str):
-    """(get_nested_state, set_nested_state, complete_pending_exit) of a backend.
-
-    Two modules today (kvm/nested.py, sim/nested.py); the backend contract's second
-    pass makes them vCPU methods.  The simulator finishes an IO exit before it
-    returns it, so it has nothing to complete."""
-    if backend == "kvm":
-        from kvmharness.kvm.nested import complete_pending_exit, get_nested_state, set_nested_state
-
-        return get_nested_state, set_nested_state, complete_pending_exit
-    from kvmharness.sim.nested import get_nested_state, set_nested_state
-
-    return get_nested_state, set_nested_state, lambda vcpu: None
-
-
 def exit_sequence(reports) -> list[dict]:
     """The #VMEXITs L1 reported, in order, as dicts of FIELDS."""
     values = dict(reports)
@@ -303,7 +288,7 @@ def test_vmrun_with_asid_0_is_vmexit_invalid_and_l1_recovers(backend):
 def test_nested_state_snapshot_mid_l2_restores_in_place_and_in_a_fresh_vm(backend):
     from kvmharness.kvm.nested import FORMAT_SVM, HEADER_SIZE, VMCB_SIZE
 
-    get_nested_state, set_nested_state, complete_pending_exit = nested_state_calls(backend)
+    # the backend contract's nested-state methods (kvm/nested.py, sim/nested.py under them)
     m = nested_machine(backend)
     try:
         baseline = m.run(60)
@@ -317,12 +302,12 @@ def test_nested_state_snapshot_mid_l2_restores_in_place_and_in_a_fresh_vm(backen
         if snap or not (isinstance(e, IoOut) and e.port == P.BENCH_PORT):
             return False
         vcpu = machine.vcpu
-        complete_pending_exit(vcpu)  # finish the OUT: registers at an instruction boundary
-        state = get_nested_state(vcpu)
+        vcpu.complete_pending_exit()  # finish the OUT: registers at an instruction boundary
+        state = vcpu.get_nested_state()
         snap.update(state=state, regs=vcpu.get_regs(), sregs=vcpu.get_sregs(),
                     msrs=vcpu.get_msrs([MSR_VM_HSAVE_PA]), ram=machine.vm.read(0, machine.memory),
                     reports=len(machine._reports))
-        set_nested_state(vcpu, state)  # and back into the same vCPU
+        vcpu.set_nested_state(state)  # and back into the same vCPU
         return backend == "kvm"  # kvm: the OUT is complete already, the machine must not answer it
 
     m = nested_machine(backend)
@@ -358,8 +343,8 @@ def test_nested_state_snapshot_mid_l2_restores_in_place_and_in_a_fresh_vm(backen
         m2.vcpu.set_sregs(snap["sregs"])
         m2.vcpu.set_regs(snap["regs"])
         m2.vcpu.set_msrs(snap["msrs"])
-        set_nested_state(m2.vcpu, st)
-        assert get_nested_state(m2.vcpu).guest_mode
+        m2.vcpu.set_nested_state(st)
+        assert m2.vcpu.get_nested_state().guest_mode
         r2 = m2.run(60)
     finally:
         m2.close()
@@ -372,7 +357,7 @@ def test_nested_state_snapshot_mid_l2_restores_in_place_and_in_a_fresh_vm(backen
     m4 = nested_machine(backend)
     try:
         with pytest.raises(KvmError, match="KVM_SET_NESTED_STATE.*EINVAL.*SVME") as refused:
-            set_nested_state(m4.vcpu, st)
+            m4.vcpu.set_nested_state(st)
         assert refused.value.errno == errno.EINVAL
     finally:
         m4.close()

@@ -24,16 +24,18 @@ from kvmharness.backend import (
     kvm_usable,
     open_backend,
 )
+from kvmharness.cli import _host_reason
 from kvmharness.errors import EXIT_HOST, DeviceMissing, FeatureUnavailable, SevError
+from kvmharness.factory import open_sev_platform
+from kvmharness.hostinfo import verdict_reason
 from kvmharness.kvm import _ffi as K
 from kvmharness.kvm.sev import (
     MODE_VM_TYPE,
     KvmSev,
     create_sev_vm,
-    host_sev_verdict,
     probe_sev_support,
 )
-from kvmharness.sev.launch import SevLaunch, pad_image, platform_for
+from kvmharness.sev.launch import SevLaunch, pad_image
 from kvmharness.sev.measurement import compute_measure
 from kvmharness.sev.policy import GuestPolicy, PolicyFlag
 from kvmharness.sev.session import GuestOwner
@@ -61,8 +63,8 @@ no_sev_here = pytest.mark.skipif(
     HAS_SEV is not False,
     reason=(f"needs /dev/kvm: {KVM_WHY}" if HAS_SEV is None else
             "this host's KVM has SEV, so its no-SEV errors cannot be observed here"))
-SEV_WHY = host_sev_verdict("sev") if KVM_OK else KVM_WHY
-SEV_ES_WHY = host_sev_verdict("sev-es") if KVM_OK else KVM_WHY
+SEV_WHY = verdict_reason("sev") if KVM_OK else KVM_WHY
+SEV_ES_WHY = verdict_reason("sev-es") if KVM_OK else KVM_WHY
 # The lead's pytest plugin skips requires_sev by itself; until then, so do these.
 needs_sev = pytest.mark.skipif(bool(SEV_WHY) or not HAS_SEV,
                                reason=f"requires SEV: {SEV_WHY or 'KVM_MEMORY_ENCRYPT_OP refused'}")
@@ -80,8 +82,10 @@ def _assert_no_sev(e: SevError, command: str, mode: str = "sev") -> None:
     assert e.command == command
     assert (e.errno, e.fw_error) == (errno.ENOTTY, None), str(e)
     assert "this host's KVM has no SEV" in str(e)
+    # the binding states the fact; the CLI adds the verdict of `kvmharness info`, verbatim
     why = SEV_WHY if mode == "sev" else SEV_ES_WHY
-    assert why and why in str(e)  # the verdict of `kvmharness info`, verbatim
+    assert e.host_verdict == mode and why and why not in str(e)
+    assert why in _host_reason(e)
 
 
 # -- a host without SEV ------------------------------------------------------------
@@ -99,6 +103,7 @@ def test_sev_vm_type_is_refused_with_the_offered_types(system, mode):
     assert f"refused VM type {vm_type}" in msg and "EINVAL" in msg
     assert f"offers VM types: {offered}" in msg
     assert f"cannot create {mode} VMs" in msg
+    assert info.value.host_verdict == mode  # the CLI adds why (hostinfo's verdict)
 
 
 @no_sev_here
@@ -144,8 +149,9 @@ def test_every_launch_step_says_no_sev_here(system, mode, init):
 @pytest.mark.skipif(os.path.exists(SEV_DEVICE), reason=f"{SEV_DEVICE} exists on this host")
 def test_dev_sev_absent():
     with pytest.raises(DeviceMissing) as info:
-        platform_for("kvm")
+        open_sev_platform("kvm")
     assert "no /dev/sev: load ccp, enable SEV in firmware" in str(info.value)
+    assert info.value.host_verdict == "sev"
     assert info.value.exit_code == EXIT_HOST
 
 
@@ -162,7 +168,7 @@ def test_cli_sev_status_kvm_without_dev_sev(capsys):
 @requires_sev
 @needs_sev
 def test_platform_status_on_hardware():
-    with platform_for("kvm") as dev:
+    with open_sev_platform("kvm") as dev:
         st = dev.status()
         assert st.state in (PlatformState.INIT, PlatformState.WORKING)
         assert (st.api_major, st.api_minor) >= (0, 17)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import os
 import weakref
 
@@ -45,25 +44,9 @@ from ._ffi import ffi, ioctl_raw
 MODE_VM_TYPE = {"sev": KVM_X86_SEV_VM, "sev-es": KVM_X86_SEV_ES_VM}
 
 
-@functools.cache
-def host_sev_verdict(mode: str = "sev") -> str:
-    """Why this host cannot run ``mode`` guests (``kvmharness info``'s verdict), or ''."""
-    from ..hostinfo import host_report
-
-    try:
-        verdict = host_report()["verdicts"].get(mode)
-    except Exception as e:  # noqa: BLE001 - the report is advice; never hide the real error
-        return f"(the host capability report could not be read: {e})"
-    if verdict is None or verdict["usable"]:
-        return ""
-    return verdict["why"]
-
-
-def _no_sev_detail(mode: str) -> str:
-    why = host_sev_verdict(mode)
-    hint = "" if "backend sim" in why else "; use --backend sim to simulate SEV"
-    return ("this host's KVM has no SEV: its memory-encryption ioctls answer ENOTTY"
-            + (f" ({why})" if why else "") + hint)
+# The bindings state the fact (the ioctl, the errno); why this host lacks SEV is
+# hostinfo's verdict, which the CLI adds to the message (errors.HarnessError.host_verdict).
+NO_SEV_DETAIL = "this host's KVM has no SEV: its memory-encryption ioctls answer ENOTTY"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +93,7 @@ def create_sev_vm(system, mode: str, *, vm_type: int | None = None):
     """KVM_CREATE_VM with the type ``mode`` needs here (detected, see the module doc).
 
     With an explicit ``vm_type`` the kernel's refusal is reported with the
-    types it offers and the host's SEV verdict.
+    types it offers (the CLI adds the host's SEV verdict: ``host_verdict``).
     """
     if mode not in MODE_VM_TYPE:
         raise UsageError(f"unknown SEV mode {mode!r}: choose sev or sev-es")
@@ -119,9 +102,9 @@ def create_sev_vm(system, mode: str, *, vm_type: int | None = None):
     try:
         return system.create_vm(vm_type)
     except FeatureUnavailable as e:
-        why = host_sev_verdict(mode)
-        raise FeatureUnavailable(f"{e}. This host cannot create {mode} VMs"
-                                 + (f": {why}" if why else "")) from None
+        refused = FeatureUnavailable(f"{e}. This host cannot create {mode} VMs")
+        refused.host_verdict = mode
+        raise refused from None
 
 
 def _close_fd(fd: int) -> None:
@@ -189,7 +172,7 @@ class KvmSev(SevKvmInterface):
                           + ("" if name != "KVM_SEV_LAUNCH_UPDATE_VMSA" else
                              ", as SEV-ES (LAUNCH_UPDATE_VMSA is for SEV-ES guests)"))
             else:
-                detail = _no_sev_detail(self.mode or "sev")
+                detail = NO_SEV_DETAIL
         elif err == errno.EINVAL and name in ("KVM_SEV_INIT", "KVM_SEV_ES_INIT", "KVM_SEV_INIT2"):
             detail = ("KVM refuses SEV init after vCPUs exist, a second time, on the wrong VM "
                       "type, or with VMSA features / a GHCB version it does not support "
@@ -200,7 +183,10 @@ class KvmSev(SevKvmInterface):
             detail = f"KVM needs the /dev/sev fd: {self.sev_missing}"
         elif err == errno.EIO and fw is not None:
             detail = f"the SEV firmware refused {name}"
-        return SevError(name, err, fw, detail)
+        refusal = SevError(name, err, fw, detail)
+        if detail == NO_SEV_DETAIL:
+            refusal.host_verdict = self.mode or "sev"
+        return refusal
 
     def _uaddr(self, gpa: int, length: int) -> int:
         """The user address KVM was given for guest-physical ``gpa`` (one slot)."""
@@ -370,6 +356,5 @@ __all__ = [
     "KvmSev",
     "KvmSevSupport",
     "create_sev_vm",
-    "host_sev_verdict",
     "probe_sev_support",
 ]

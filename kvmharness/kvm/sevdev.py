@@ -49,12 +49,10 @@ class SevDevice(SevPlatformInterface):
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 self.writable = False
         except FileNotFoundError:
-            from .sev import host_sev_verdict
-
-            why = host_sev_verdict("sev")
-            raise DeviceMissing(f"no {path}: load ccp, enable SEV in firmware"
-                                + (f" ({why})" if why else "")
-                                + "; or use --backend sim for the simulated platform") from None
+            missing = DeviceMissing(f"no {path}: load ccp, enable SEV in firmware; "
+                                    "or use --backend sim for the simulated platform")
+            missing.host_verdict = "sev"  # the CLI adds why this host has none (hostinfo)
+            raise missing from None
         except PermissionError:
             raise PermissionDenied(f"cannot open {path}: permission denied. Run as root or give "
                                    "your user access with a udev rule") from None

@@ -30,6 +30,7 @@ from ._ffi import ffi, ioctl, ioctl_raw, libc
 from .fastpath import FastLoop
 
 if TYPE_CHECKING:
+    from ..abi import NestedState
     from .tracepoints import KvmTracepoints
     from .vm import KvmVm
 
@@ -127,7 +128,7 @@ class KvmVcpu(Vcpu):
             if err == _EINTR:
                 self._mv[_OFF_IMMEDIATE_EXIT] = 0
                 raise InterruptedError(_EINTR, "KVM_RUN interrupted")
-            raise KvmError("KVM_RUN", err, self._run_failure_hint(err))
+            raise KvmError("KVM_RUN", err, self.run_failure_hint(err))
         return self.decode_exit()
 
     def runner(self) -> Callable[[], X.Exit]:
@@ -222,7 +223,7 @@ class KvmVcpu(Vcpu):
         if err == _EINTR:
             self._mv[_OFF_IMMEDIATE_EXIT] = 0
             raise InterruptedError(_EINTR, "KVM_RUN interrupted")
-        raise KvmError("KVM_RUN", err, self._run_failure_hint(err))
+        raise KvmError("KVM_RUN", err, self.run_failure_hint(err))
 
     def fast_loop(self) -> FastLoop | None:
         """This vCPU's compiled exit loop (``kvm/fastpath.py``), or None where the library is
@@ -238,7 +239,7 @@ class KvmVcpu(Vcpu):
         self._thread = _get_ident()
         return self._fast
 
-    def _run_failure_hint(self, err: int) -> str:
+    def run_failure_hint(self, err: int) -> str:
         if err == _errno.ENOSPC:
             return "no memory slot backs the guest's code or page tables"
         if err == _errno.ENOEXEC:
@@ -362,7 +363,7 @@ class KvmVcpu(Vcpu):
         KVM_SEV_ES_INIT VM (type 0) still answers from KVM's register cache."""
         ret, err = ioctl_raw(self.fd, request, buf)
         if ret < 0:
-            protected = err == _errno.EINVAL and getattr(self.vm, "vm_type", 0) in PROTECTED_STATE_VM_TYPES
+            protected = err == _errno.EINVAL and self.vm.vm_type in PROTECTED_STATE_VM_TYPES
             raise KvmError(name, err, PROTECTED_STATE_HINT if protected else "")
 
     def get_regs(self) -> Regs:
@@ -469,7 +470,7 @@ class KvmVcpu(Vcpu):
         host's, and since "KVM: x86: block KVM_CAP_SYNC_REGS if guest state is protected"
         (74c1807f6c4f, Linux 6.14, in stable kernels too) KVM_RUN fails with EINVAL while
         kvm_valid_regs is nonzero there: FeatureUnavailable instead."""
-        if enabled and getattr(self.vm, "vm_type", 0) in PROTECTED_STATE_VM_TYPES:
+        if enabled and self.vm.vm_type in PROTECTED_STATE_VM_TYPES:
             raise FeatureUnavailable("KVM_SYNC_X86_REGS on an SEV-ES/SNP VM type: its register "
                                      "state is protected (KVM_RUN refuses kvm_valid_regs there)")
         self.kvm_run.kvm_valid_regs = K.KVM_SYNC_X86_REGS if enabled else 0
@@ -483,6 +484,24 @@ class KvmVcpu(Vcpu):
         from .tracepoints import KvmTracepoints
 
         return KvmTracepoints()
+
+    def get_nested_state(self) -> NestedState:
+        """KVM_GET_NESTED_STATE (kvm/nested.py; FeatureUnavailable without the cap)."""
+        from .nested import get_nested_state
+
+        return get_nested_state(self)
+
+    def set_nested_state(self, state: NestedState) -> None:
+        """KVM_SET_NESTED_STATE (kvm/nested.py)."""
+        from .nested import set_nested_state
+
+        set_nested_state(self, state)
+
+    def complete_pending_exit(self) -> None:
+        """KVM_RUN with ``immediate_exit`` set (kvm/nested.py)."""
+        from .nested import complete_pending_exit
+
+        complete_pending_exit(self)
 
     def close(self) -> None:
         if self.fd < 0:

@@ -16,6 +16,7 @@ from ._ffi import ffi, ioctl, ioctl_raw
 from .vcpu import KvmVcpu
 
 if TYPE_CHECKING:
+    from .sev import KvmSev
     from .system import KvmSystem
 
 PAGE = 4096
@@ -65,6 +66,12 @@ class KvmVm(Vm):
             self.enable_cap(K.KVM_CAP_DISABLE_QUIRKS2, quirk)
         elif self.check_extension(K.KVM_CAP_DISABLE_QUIRKS):
             self.enable_cap(K.KVM_CAP_DISABLE_QUIRKS, quirk)
+
+    def open_sev_interface(self) -> KvmSev:
+        """KVM_MEMORY_ENCRYPT_OP on this VM (kvm/sev.py; /dev/sev is opened for its fd)."""
+        from .sev import KvmSev
+
+        return KvmSev(self)
 
     def enable_user_msr_exits(self, reasons: int) -> None:
         """KVM_CAP_X86_USER_SPACE_MSR: send refused MSR accesses (these reasons) to userspace."""

@@ -83,7 +83,7 @@ def cmd_lab(args) -> int:
 
     system = open_backend(args.backend)  # one backend for every combination
     try:
-        if not args.json and getattr(system, "chosen_because", ""):
+        if not args.json and system.chosen_because:
             print(f"# {system.chosen_because}", file=sys.stderr)
         rows, reports = [], []
         for name in names:

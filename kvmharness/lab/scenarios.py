@@ -5,11 +5,12 @@ guest of the scenario, in the requested mode) and returns a :class:`LabReport`.
 The hypervisor side uses only what a hypervisor has:
 
 * ``Machine.on_exit(callback)`` -- every exit userspace sees (on both backends);
-* on the simulator, ``vcpu.svm.on_vmexit`` -- every #VMEXIT, including the ones KVM
-  handles in the kernel (CPUID, VMGEXIT): what the kernel half of a malicious
-  hypervisor sees; ``vcpu.vmcb`` and, for SEV-ES, ``vcpu.vmsa_ciphertext()``;
+* ``Vcpu.add_vmexit_hook`` -- every #VMEXIT, including the ones KVM handles in the
+  kernel (CPUID, VMGEXIT): what the kernel half of a malicious hypervisor sees;
+  ``vcpu.vmcb`` and, for SEV-ES, ``vcpu.vmsa_ciphertext()`` (simulator only: on KVM
+  these raise FeatureUnavailable, and the scenario says what it cannot see);
 * guest memory as the host reads it (``Vm.read``/``Vm.write``: the memory slot);
-* ``SimVm.remap_page`` -- one nested page table entry changed (simulator only);
+* ``Vm.remap_page`` -- one nested page table entry changed (simulator only);
 * the CPUID table it gives KVM (``Vcpu.set_cpuid``), and under SEV-ES the GHCB page,
   which is shared memory the host may rewrite before the guest reads KVM's answer.
 
@@ -72,9 +73,22 @@ def _is_report(e) -> bool:
     return type(e) is X.IoOut and e.port == P.UCALL_PORT and e.data[:1] == bytes([P.UCALL_REPORT])
 
 
-def _sim_svm(machine):
-    """The vCPU's SVM model (simulator) or None (real KVM: the kernel's exits are not ours)."""
-    return getattr(machine.vcpu, "svm", None)
+def _hook_vmexits(machine, callback) -> bool:
+    """Call ``callback(record)`` at every #VMEXIT if the backend lets the host see them
+    (the simulator); False on real KVM, whose in-kernel exits are not ours."""
+    try:
+        machine.vcpu.add_vmexit_hook(callback)
+    except FeatureUnavailable:
+        return False
+    return True
+
+
+def _vmcb(machine):
+    """The VMCB as the host can read it, or None (KVM keeps it in kernel memory)."""
+    try:
+        return machine.vcpu.vmcb
+    except FeatureUnavailable:
+        return None
 
 
 def _safe_regs(machine):
@@ -86,7 +100,7 @@ def _safe_regs(machine):
 
 def _ghcb_page(machine) -> tuple[int | None, bytes | None]:
     """(GPA, host view) of the GHCB the vCPU registered in its GHCB MSR, if any."""
-    vmcb = getattr(machine.vcpu, "vmcb", None)
+    vmcb = _vmcb(machine)
     gpa = vmcb.control.ghcb_gpa if vmcb is not None else 0
     if not gpa or gpa & 0xFFF:
         return None, None
@@ -97,12 +111,9 @@ def _ghcb_page(machine) -> tuple[int | None, bytes | None]:
 
 
 def _vmsa(machine) -> bytes | None:
-    fn = getattr(machine.vcpu, "vmsa_ciphertext", None)
-    if fn is None:
-        return None
     try:
-        return fn()
-    except (LookupError, ValueError, AttributeError):
+        return machine.vcpu.vmsa_ciphertext()
+    except (FeatureUnavailable, LookupError, ValueError, AttributeError):  # none, or not yet launched
         return None
 
 
@@ -127,7 +138,7 @@ def regleak(machine, mode: str) -> LabReport:
 
     def look(where: str):
         regs, err = _safe_regs(machine)
-        vmcb = getattr(machine.vcpu, "vmcb", None)
+        vmcb = _vmcb(machine)
         gpa, ghcb = _ghcb_page(machine) if mode == "sev-es" else (None, None)
         snap = {"where": where, "regs": regs.to_dict() if regs is not None else None,
                 "regs_error": err,
@@ -148,13 +159,12 @@ def regleak(machine, mode: str) -> LabReport:
             snap["ghcb"] = {f: g.get(f) for f in ("rax", "rbx", "rcx", "rdx", "sw_exit_code")}
         snapshots.append(snap)
 
-    svm = _sim_svm(machine)
-    if svm is not None:
-        def at_vmexit(rec):
-            if rec.exit_code == SVM_EXIT_CPUID or (rec.exit_code == SVM_EXIT_VMGEXIT
-                                                    and rec.exit_info_2 == SVM_EXIT_CPUID):
-                look(f"CPUID #VMEXIT ({rec.name}, in the kernel)")
-        svm.on_vmexit.append(at_vmexit)
+    def at_vmexit(rec):
+        if rec.exit_code == SVM_EXIT_CPUID or (rec.exit_code == SVM_EXIT_VMGEXIT
+                                                and rec.exit_info_2 == SVM_EXIT_CPUID):
+            look(f"CPUID #VMEXIT ({rec.name}, in the kernel)")
+
+    hooked = _hook_vmexits(machine, at_vmexit)
 
     def at_exit(m, e):
         if _is_report(e) and not any(s["where"].startswith("REPORT") for s in snapshots):
@@ -162,8 +172,8 @@ def regleak(machine, mode: str) -> LabReport:
 
     machine.on_exit(at_exit)
     result = machine.run()
-    if svm is not None:
-        svm.on_vmexit.remove(at_vmexit)
+    if hooked:
+        machine.vcpu.remove_vmexit_hook(at_vmexit)
 
     leaked = sorted({name for s in snapshots for name, places in s["found"].items() if places})
     lines = []
@@ -310,12 +320,7 @@ def lying_hv(machine, mode: str) -> LabReport:
     lied = _lie_table(table, fake_c_bit)
     planned, cannot = _planned_lies(table, lied)
     tampered: list = []
-    svm = _sim_svm(machine)
     if mode == "sev-es":
-        if svm is None:
-            raise LabUnavailable("rewriting the GHCB between KVM's answer and the guest's read needs "
-                                 "a hook inside KVM's VMGEXIT handling: the simulator has one "
-                                 "(svm.on_vmexit), real KVM does not")
         from ..sev.ghcb import Ghcb
 
         def at_vmexit(rec):
@@ -342,7 +347,10 @@ def lying_hv(machine, mode: str) -> LabReport:
                                           hex(entry.edx)]})
                 break
 
-        svm.on_vmexit.append(at_vmexit)
+        if not _hook_vmexits(machine, at_vmexit):
+            raise LabUnavailable("rewriting the GHCB between KVM's answer and the guest's read needs "
+                                 "a hook inside KVM's VMGEXIT handling: the simulator has one "
+                                 "(Vcpu.add_vmexit_hook), real KVM does not")
         how = "KVM answered from the honest table; the host rewrote the answer in the GHCB page"
     elif planned:
         machine.vcpu.set_cpuid(lied)
@@ -351,7 +359,7 @@ def lying_hv(machine, mode: str) -> LabReport:
         how = "KVM answered from the host's own CPUID table: there was nothing in it to edit"
     result = machine.run()
     if mode == "sev-es":
-        svm.on_vmexit.remove(at_vmexit)
+        machine.vcpu.remove_vmexit_hook(at_vmexit)
         rewritten = {t["function"] for t in tampered}
         changed = [lie for lie, f in (("rdtscp", CPUID_FEATURES), ("c-bit", CPUID_SEV))
                    if lie in planned and hex(f) in rewritten]
@@ -422,9 +430,11 @@ def remap(machine, mode: str) -> LabReport:
     if mode == "sev-snp":
         return _remap_snp(machine)
     vm = machine.vm
-    if not hasattr(vm, "remap_page"):
+    try:  # the identity remap changes nothing; a backend without remapping refuses it here
+        vm.remap_page(SERVICE_REPLY_PAGE, SERVICE_REPLY_PAGE)
+    except FeatureUnavailable:
         raise LabUnavailable("changing one nested page table entry needs the simulator "
-                             "(SimVm.remap_page): KVM offers userspace no call for it")
+                             "(Vm.remap_page): KVM offers userspace no call for it") from None
     replies: list = []
     direct = {}
 
@@ -542,44 +552,16 @@ VMSA_R12_BLOCK = 0x360  # R12 and R13 share this 16-byte block of the VMSA
 COUNTER_SECRET = b"K3Y!s3v!"
 
 
-class VmsaAtExit:
-    """The CPU's part the simulator leaves out: at every #VMEXIT of an SEV-ES guest the
-    hardware writes the guest state into the VMSA, encrypted with the guest's key and the
-    VMSA page's address as tweak.  sim/seves.py keeps the launch-time VMSA; this hook, on
-    ``svm.on_vmexit``, re-encrypts the GPRs/RIP/RSP/RFLAGS into that page at each exit, so
-    ``vcpu.vmsa_ciphertext()`` is what the host would read.  The hypervisor side of the
-    scenario only reads that ciphertext."""
-
-    def __init__(self, vcpu):
-        self.vcpu = vcpu
-        index = vcpu.vm.vcpus.index(vcpu)
-        self.spa, self.page = vcpu.sev_model.vmsa_pages[index]
-        self.key = vcpu.sev_model.key
-
-    def __call__(self, rec) -> None:
-        from ..sev.vmsa import Vmsa
-
-        names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-                 "r12", "r13", "r14", "r15", "rip", "rflags")
-        v = Vmsa()
-        for name, value in zip(names, self.vcpu.core.gprs()):
-            v.put(name, value)
-        self.page[:] = self.key.encrypt(self.spa, bytes(v.buf))
-
-
 def ciphertext(machine, mode: str) -> LabReport:
     """At every tick the hypervisor records the counter's value if it can read registers,
     else the ciphertext of the VMSA block holding it, and decodes phase 2 with phase 1."""
     observations: list = []
-    writeback = None
     if mode == "sev-es":
-        svm = _sim_svm(machine)
-        if svm is None or not hasattr(machine.vcpu, "vmsa_ciphertext"):
+        try:  # the CPU's part: the guest state written into the encrypted VMSA at each #VMEXIT
+            machine.vcpu.save_vmsa_at_exit()
+        except FeatureUnavailable:
             raise LabUnavailable("the host cannot read an SEV-ES VMSA here: KVM keeps it in kernel "
-                                 "memory (the simulator exposes it)")
-        if not getattr(machine.vcpu, "vmsa_saved_at_exit", False):
-            writeback = VmsaAtExit(machine.vcpu)
-            svm.on_vmexit.append(writeback)
+                                 "memory (the simulator exposes it)") from None
 
     def at_exit(m, e):
         if not _is_report(e):
@@ -594,8 +576,6 @@ def ciphertext(machine, mode: str) -> LabReport:
 
     machine.on_exit(at_exit)
     result = machine.run()
-    if writeback is not None:
-        _sim_svm(machine).on_vmexit.remove(writeback)
     phase1, phase2 = observations[:16], observations[16:32]
     codebook = {}
     for i, obs in enumerate(phase1):  # the hypervisor knows phase 1 counts 0..15
@@ -620,5 +600,5 @@ def ciphertext(machine, mode: str) -> LabReport:
                else "the hypervisor could not decode the loop")
     findings = {"decoded": decoded.decode("latin-1") if decoded else None, "ticks": len(observations),
                 "distinct": distinct, "nibbles": nibbles,
-                "vmsa_writeback_model": writeback is not None}
+                "vmsa_writeback_model": mode == "sev-es"}  # the VMSA written at each #VMEXIT
     return _finish(machine, "ciphertext", mode, result, verdict, findings, lines)

@@ -39,9 +39,9 @@ def _print_json(obj) -> None:
 
 
 def _platform(args):
-    from .launch import platform_for
+    from ..factory import open_sev_platform
 
-    return platform_for(args.backend)
+    return open_sev_platform(args.backend)
 
 
 def _status_dict(st, backend: str) -> dict:
@@ -357,7 +357,7 @@ def _c_bit_arg(text: str) -> int:
 def cmd_measure(args) -> int:
     """The expected launch digest and MEASURE, computed offline."""
     if args.mode == "sev-snp":  # SHA-384 PAGE_INFO chain and its log (kvmharness.snp.launch)
-        from ..snp.launch import measure_command
+        from ..snp.cli import measure_command
 
         return measure_command(args)
     from .launch import pad_image

@@ -97,6 +97,7 @@ class KvmSevModel(SevKvmInterface):
     """KVM's per-VM SEV state (``struct kvm_sev_info``) and command handlers."""
 
     backend = "sim"
+    snp = False  # sim/snp.py's SimSnpModel: True
 
     def __init__(self, vm, firmware, *, sev_enabled: bool = True, sev_es_enabled: bool | None = None,
                  supported_vmsa_features: int = SVM_SEV_FEAT_DEBUG_SWAP, vmsa_for=None):
@@ -110,7 +111,7 @@ class KvmSevModel(SevKvmInterface):
         self.supported_vmsa_features = supported_vmsa_features if self.sev_es_enabled else 0
         self.vmsa_for = vmsa_for
         # struct kvm_sev_info
-        vm_type = getattr(vm, "vm_type", KVM_X86_DEFAULT_VM)
+        vm_type = vm.vm_type
         self.need_init = vm_type in (KVM_X86_SEV_VM, KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM)  # svm_vm_init
         self.active = False
         self.es_active = False
@@ -165,9 +166,7 @@ class KvmSevModel(SevKvmInterface):
 
     def _touched(self, gpa: int, length: int) -> None:
         """The firmware rewrote guest memory in place: drop any code the CPU model cached."""
-        flush = getattr(self.vm, "flush_code", None)
-        if flush is not None:
-            flush(gpa, length)
+        self.vm.flush_code(gpa, length)
 
     @staticmethod
     def _blob(name: str, what: str, data) -> bytes:
@@ -181,7 +180,7 @@ class KvmSevModel(SevKvmInterface):
     def init(self, mode: str, *, vmsa_features: int = 0, ghcb_version: int = 0) -> str:
         if mode not in MODE_VM_TYPE:
             raise UsageError(f"unknown SEV mode {mode!r}: choose sev or sev-es")
-        vm_type = getattr(self.vm, "vm_type", KVM_X86_DEFAULT_VM)
+        vm_type = self.vm.vm_type
         if vm_type == KVM_X86_DEFAULT_VM:
             name = "KVM_SEV_INIT" if mode == "sev" else "KVM_SEV_ES_INIT"
             if vmsa_features or ghcb_version:
@@ -211,7 +210,7 @@ class KvmSevModel(SevKvmInterface):
                     flags: int = 0) -> str:
         """__sev_guest_init."""
         valid = self.supported_vmsa_features if es else 0
-        if len(getattr(self.vm, "vcpus", ())):
+        if self.vm.vcpus:
             raise _refuse(name, errno.EINVAL, "vCPUs already exist; SEV init must come first")
         if flags:
             raise _refuse(name, errno.EINVAL, "kvm_sev_init.flags must be 0")
@@ -292,8 +291,8 @@ class KvmSevModel(SevKvmInterface):
         name = "KVM_SEV_LAUNCH_UPDATE_VMSA"
         if not (self.sev_enabled and self.active and self.es_active):  # sev_es_guest
             raise _refuse(name, errno.ENOTTY, "not an SEV-ES guest")
-        for index, vcpu in enumerate(getattr(self.vm, "vcpus", ())):
-            if getattr(vcpu, "guest_debug", 0):  # __sev_launch_update_vmsa
+        for index, vcpu in enumerate(self.vm.vcpus):
+            if vcpu.guest_debug:  # __sev_launch_update_vmsa
                 raise _refuse(name, errno.EINVAL, "KVM_SET_GUEST_DEBUG is on for this vCPU")
             page = bytearray(self._build_vmsa(name, vcpu))
             if len(page) != PAGE:
@@ -310,7 +309,7 @@ class KvmSevModel(SevKvmInterface):
         """sev_es_sync_vmsa: the page from the vCPU's state (``launch.vmsa_page_for_vcpu``)."""
         from .launch import vmsa_page_for_vcpu
 
-        fpu = getattr(self.vm, "vm_type", 0) != KVM_X86_DEFAULT_VM  # INIT2 VMs copy x87/SSE
+        fpu = self.vm.vm_type != KVM_X86_DEFAULT_VM  # INIT2 VMs copy x87/SSE
         builder = self.vmsa_for or vmsa_page_for_vcpu
         try:
             return builder(vcpu, vmsa_features=self.vmsa_features, fpu=fpu)

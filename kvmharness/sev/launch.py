@@ -29,9 +29,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import errno
-import os
 import typing
 
+from ..backend import Vm
 from ..errors import FeatureUnavailable, SevError, UsageError
 from .measurement import (
     MEASUREMENT_LEN,
@@ -245,78 +245,22 @@ class SevKvmInterface(abc.ABC):
 
 
 # ---------------------------------------------------------------------------
-# Finding the interface of a VM, and a platform for a backend
-
-# The interface is kept on the VM object itself.  (A WeakKeyDictionary keyed by the VM
-# never let go: every interface holds its VM, so each entry kept its own key alive --
-# every SEV machine's memory and engine on the simulator, and on KVM the /dev/sev fd
-# KvmSev closes when it is collected; issue 13.)
+# Finding the interface of a VM
+#
+# Each backend makes its own: ``Vm.sev_interface()`` is part of the backend contract
+# (kvmharness/backend.py), KVM's is kvm/sev.py's KvmSev, the simulator's the
+# kvm_model.KvmSevModel over its firmware model.  The interface is kept on the VM object
+# itself.  (A WeakKeyDictionary keyed by the VM never let go: every interface holds its VM,
+# so each entry kept its own key alive -- issue 13.)  The platform (/dev/sev or the
+# simulated chip) is opened by kvmharness.factory.open_sev_platform, the layer that knows
+# both backends.
 
 
 def sev_interface_for(vm) -> SevKvmInterface:
-    """The SEV interface of a VM (one per VM: it holds the launch's state).
-
-    Lookup order: the VM's own ``sev_interface()`` (the simulator provides
-    it), ``kvm.sev.KvmSev`` for a KVM VM, ``kvm_model.KvmSevModel`` over
-    ``vm.system.sev_firmware`` if the system has one.
-    """
-    found = getattr(vm, "_sev_interface_of_vm", None)
-    if found is not None:
-        return found
-    hook = getattr(vm, "sev_interface", None)
-    if callable(hook):
-        iface = hook()
-    elif _is_kvm_vm(vm):
-        from ..kvm.sev import KvmSev
-
-        iface = KvmSev(vm)
-    elif getattr(getattr(vm, "system", None), "sev_firmware", None) is not None:
-        from .kvm_model import KvmSevModel
-
-        iface = KvmSevModel(vm, vm.system.sev_firmware)
-    else:
-        raise FeatureUnavailable(f"{vm!r} offers no SEV interface (its backend has neither "
-                                 "KVM_MEMORY_ENCRYPT_OP nor a simulated SEV firmware)")
-    vm._sev_interface_of_vm = iface
+    """The SEV interface of a VM (one per VM: it holds the launch's state):
+    ``vm.sev_interface()``, FeatureUnavailable where the backend has none."""
+    iface: SevKvmInterface = vm.sev_interface()
     return iface
-
-
-def _is_kvm_vm(vm) -> bool:
-    try:
-        from ..kvm.vm import KvmVm
-    except ImportError:  # no cffi / libc: there is no KVM VM either
-        return False
-    return isinstance(vm, KvmVm)
-
-
-_SIM_FIRMWARE = None
-
-
-def default_sim_firmware():
-    """The simulated chip of this process (one, like one /dev/sev per host)."""
-    global _SIM_FIRMWARE
-    if _SIM_FIRMWARE is None:
-        from .firmware import SimulatedSevFirmware
-
-        _SIM_FIRMWARE = SimulatedSevFirmware()
-    return _SIM_FIRMWARE
-
-
-def platform_for(backend: str = "auto", *, firmware=None) -> SevPlatformInterface:
-    """``/dev/sev`` (kvm) or the firmware model (sim); ``auto``: kvm iff /dev/sev exists."""
-    from ..backend import SEV_DEVICE
-
-    if backend not in ("auto", "kvm", "sim"):
-        raise UsageError(f"unknown backend {backend!r}: choose auto, kvm or sim")
-    if backend == "auto":
-        backend = "kvm" if os.path.exists(SEV_DEVICE) else "sim"
-    if backend == "kvm":
-        from ..kvm.sevdev import SevDevice
-
-        return SevDevice()
-    from .kvm_model import SimulatedSevDevice
-
-    return SimulatedSevDevice(firmware if firmware is not None else default_sim_firmware())
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +314,7 @@ class SevLaunch:
                  vmsa_features: int = 0, ghcb_version: int = 0):
         if mode not in MODES:
             raise UsageError(f"unknown SEV mode {mode!r}: choose sev or sev-es")
-        self.vm = target.vm if hasattr(target, "vcpu") and hasattr(target, "vm") else target
+        self.vm = target if isinstance(target, Vm) else target.vm  # a Vm, or a Machine
         self.mode = mode
         self.owner = owner
         if policy is None:
@@ -597,7 +541,7 @@ def vmsa_page_for_vcpu(vcpu, *, vmsa_features: int = 0, fpu: bool = False) -> by
 
     ``fpu``: the VM was created with an SEV VM type (KVM_SEV_INIT2), so KVM
     copies the x87/SSE state too.  The vCPU's registers come from
-    ``get_regs()``/``get_sregs()``; DR7 from ``dr7`` if the vCPU has one
+    ``get_regs()``/``get_sregs()``; DR7 from ``vcpu.dr7`` (the backend contract's
     (default 0x400, the reset value).  A DR7 with breakpoints raises
     ``ValueError`` (KVM: EINVAL).
     """
@@ -607,14 +551,13 @@ def vmsa_page_for_vcpu(vcpu, *, vmsa_features: int = 0, fpu: bool = False) -> by
         raise FeatureUnavailable("building a VMSA needs kvmharness.sev.vmsa, which is not "
                                  "present") from None
     return build_vmsa(vcpu.get_regs(), vcpu.get_sregs(), sev_features=vmsa_features,
-                      dr7=getattr(vcpu, "dr7", 0x400), init2=fpu)
+                      dr7=vcpu.dr7, init2=fpu)
 
 
 def expected_vmsa_pages(vm, vmsa_features: int = 0) -> list[bytes]:
     """The owner's expected initial VMSA pages: one per vCPU, vCPU 0 first."""
-    fpu = getattr(vm, "vm_type", 0) != 0  # KVM copies x87/SSE state only for INIT2 VM types
-    return [vmsa_page_for_vcpu(v, vmsa_features=vmsa_features, fpu=fpu)
-            for v in getattr(vm, "vcpus", ())]
+    fpu = vm.vm_type != 0  # KVM copies x87/SSE state only for INIT2 VM types
+    return [vmsa_page_for_vcpu(v, vmsa_features=vmsa_features, fpu=fpu) for v in vm.vcpus]
 
 
 __all__ = [
@@ -627,7 +570,6 @@ __all__ = [
     "SevPlatformInterface",
     "expected_vmsa_pages",
     "pad_image",
-    "platform_for",
     "sev_interface_for",
     "vmsa_page_for_vcpu",
 ]

@@ -91,7 +91,7 @@ def sev_leaf_of(system):
 
 def firmware_for(system):
     """The simulated SEV firmware of one SimSystem (one chip per host), made on first use."""
-    fw = getattr(system, "sev_firmware", None)
+    fw = system.sev_firmware
     if fw is None:
         from ..sev.kvm_model import firmware_from_cpuid
 
@@ -101,8 +101,8 @@ def firmware_for(system):
 
 
 def sev_interface(vm):
-    """``SimVm.sev_interface()``: the VM's KvmSevModel (cached: it holds the launch state)."""
-    model = getattr(vm, "_sev_model", None)
+    """``SimVm.open_sev_interface()``: the VM's KvmSevModel (cached: it holds the launch state)."""
+    model = vm._sev_model
     if model is None:
         from ..sev.kvm_model import KvmSevModel
 
@@ -113,22 +113,6 @@ def sev_interface(vm):
 
 def c_bit_of(system) -> int:
     return sev_leaf_of(system).ebx & 0x3F
-
-
-def vcpu_class(vm):
-    """The vCPU class for a new vCPU of ``vm``: SEV / SEV-ES once KVM_SEV_INIT* ran."""
-    model = getattr(vm, "_sev_model", None)
-    if model is None or not model.active:
-        return SimVcpu
-    if getattr(model, "snp", False):
-        from .snp import SnpVcpu
-
-        return SnpVcpu
-    if model.es_active:
-        from .seves import SevEsVcpu
-
-        return SevEsVcpu
-    return SevVcpu
 
 
 class SevMemory:
@@ -353,7 +337,7 @@ class SevVcpu(SimVcpu):
     # the VM's memory state is shared by its vCPUs
     def _sev_setup(self) -> None:
         vm = self.vm
-        mem = getattr(vm, "_sev_memory", None)
+        mem = vm._sev_memory
         if mem is None:
             mem = vm._sev_memory = SevMemory(vm, self.sev_model.key)
         self.sev_memory = mem
@@ -411,5 +395,4 @@ __all__ = [
     "SevVcpu",
     "firmware_for",
     "sev_interface",
-    "vcpu_class",
 ]

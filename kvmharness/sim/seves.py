@@ -1,7 +1,7 @@
 """SEV-ES in the simulator: protected guest state, #VC, the GHCB MSR and VMGEXIT.
 
 A vCPU of a VM that ran KVM_SEV_ES_INIT / KVM_SEV_INIT2 on an SEV-ES VM type is a
-:class:`SevEsVcpu` (chosen by ``sev.vcpu_class``).  It has everything ``SevVcpu``
+:class:`SevEsVcpu` (chosen by ``SimVm._vcpu_class``).  It has everything ``SevVcpu``
 has (encrypted memory, the C-bit walk) and, once LAUNCH_UPDATE_VMSA encrypted its
 VMSA (the guest state is then *protected*):
 
@@ -155,9 +155,31 @@ class SevEsVcpu(SevVcpu):
         """The encrypted VMSA page, as the host can read it."""
         return bytes(self.sev_model.vmsa_pages[self.vm.vcpus.index(self)][1])
 
+    _vmsa_at_exit = False
+    _VMSA_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+                  "r12", "r13", "r14", "r15", "rip", "rflags")  # Core.gprs()'s order
+
+    def save_vmsa_at_exit(self) -> None:
+        """From now on every #VMEXIT writes the GPRs, RIP and RFLAGS into the VMSA page,
+        encrypted with the guest's key and the page's address as tweak, as SEV-ES hardware
+        does (otherwise the model keeps the launch-time VMSA), so :meth:`vmsa_ciphertext`
+        follows the guest: what kvmharness.lab's ciphertext scenario reads."""
+        if not self._vmsa_at_exit:
+            self._vmsa_at_exit = True
+            self.svm.on_vmexit.append(self._write_vmsa)
+
+    def _write_vmsa(self, _record) -> None:
+        from ..sev.vmsa import Vmsa
+
+        spa, page = self.sev_model.vmsa_pages[self.vm.vcpus.index(self)]
+        v = Vmsa()
+        for name, value in zip(self._VMSA_GPRS, self.core.gprs(), strict=True):
+            v.put(name, value)
+        page[:] = self.sev_model.key.encrypt(spa, bytes(v.buf))
+
     def _refuse_protected(self, ioctl: str) -> None:
         """KVM's EINVAL for a state ioctl on a protected vCPU of a VM type with protected state."""
-        if getattr(self.vm, "vm_type", 0) in PROTECTED_STATE_VM_TYPES:
+        if self.vm.vm_type in PROTECTED_STATE_VM_TYPES:
             raise KvmError(ioctl, errno.EINVAL, PROTECTED_STATE_DETAIL)
 
     def get_regs(self) -> Regs:

@@ -95,6 +95,11 @@ class SimSnpModel:
 
     snp = True
 
+    @property
+    def vcpu_class(self) -> type:
+        """The class of this VM's vCPUs (SimVm asks the model: sim/sev.py imports no subclass)."""
+        return SnpVcpu
+
     def __init__(self, vm):
         self.vm = vm
         self.asid = vm.asid
@@ -510,7 +515,6 @@ def launch_machine(machine, image, data: bytes, policy: int | None) -> SnpMachin
     SNP_LAUNCH_UPDATE of the boot tables and image (NORMAL), the SECRETS and CPUID pages,
     SNP_LAUNCH_FINISH with the vCPU's VMSA.  The pages are those ``measure --mode
     sev-snp`` lists, so the firmware's digest equals the offline one."""
-    from ..machine import sev_c_bit
     from ..snp.policy import DEFAULT_POLICY, SnpPolicy
 
     vm = machine.vm
@@ -526,7 +530,7 @@ def launch_machine(machine, image, data: bytes, policy: int | None) -> SnpMachin
     machine.vcpu = vm.create_vcpu(0)
     kvm = model.kvm
     kvm.create_vcpu()
-    c_bit = sev_c_bit(machine.system)
+    c_bit = c_bit_of(machine.system)  # CPUID 0x8000001F EBX[5:0] (the simulator never imports machine)
     machine.load(image, data, c_bit=c_bit)
     plan = guest_launch_plan(data, image.mode, machine.memory,
                              c_bit=c_bit if image.mode == "long64" else None,

@@ -21,6 +21,8 @@ SIM_EXTENSIONS = {
 
 class SimSystem(System):
     name = "sim"
+    #: the simulated SEV firmware (one chip per host), made on first use (sim/sev.py firmware_for)
+    sev_firmware = None
 
     def __init__(self, *, supported_cpuid=None, profile: str | KvmProfile | None = None):
         """``supported_cpuid`` replaces the model's table (cpumodel.SUPPORTED_CPUID), e.g. with

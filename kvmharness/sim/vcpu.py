@@ -68,7 +68,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
     def __init__(self, vm, vcpu_id: int, asid: int):
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self.profile = getattr(getattr(vm, "system", None), "profile", None) or _resolve_profile()
+        self.profile = vm.system.profile or _resolve_profile()
         # exits whose RIP userspace sees at the instruction: MMIO reads, MSR exits, and IO
         # exits as the profile says (an MMIO write is complete when it exits: RIP past it)
         self._rip_at_insn = ("mmio_r", "rdmsr", "wrmsr") + \
@@ -137,6 +137,34 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
     @property
     def hw_trace(self):
         return self.svm.trace
+
+    def hardware_trace(self) -> list:
+        """Every #VMEXIT the SVM model took (sim/trace.py records), oldest first."""
+        return self.svm.trace
+
+    def add_vmexit_hook(self, callback) -> None:
+        """``callback(record)`` at every #VMEXIT, the ones KVM handles itself included."""
+        self.svm.on_vmexit.append(callback)
+
+    def remove_vmexit_hook(self, callback) -> None:
+        self.svm.on_vmexit.remove(callback)
+
+    # -- nested state (sim/nested.py) ------------------------------------------------------
+    def get_nested_state(self):
+        """KVM_GET_NESTED_STATE, as svm_get_nested_state lays it out."""
+        from .nested import get_nested_state
+
+        return get_nested_state(self)
+
+    def set_nested_state(self, state) -> None:
+        """KVM_SET_NESTED_STATE, with svm_set_nested_state's checks."""
+        from .nested import set_nested_state
+
+        set_nested_state(self, state)
+
+    def complete_pending_exit(self) -> None:
+        """Nothing to do: the simulator finishes an IO exit's instruction before it returns
+        the exit (where RIP then stands is its profile's, sim/profile.py)."""
 
     # -- KVM_RUN ---------------------------------------------------------------
     def run(self):

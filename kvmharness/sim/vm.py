@@ -12,6 +12,11 @@ from . import kvmlayer as K
 
 
 class SimVm(Vm):
+    #: KVM's per-VM SEV state once KVM_SEV_INIT* ran (sev.kvm_model.KvmSevModel, or sim/snp.py's)
+    _sev_model = None
+    #: the encrypted-memory view SEV vCPUs share (sim/sev.py SevMemory), made by the first
+    _sev_memory = None
+
     def __init__(self, system, vm_type: int, asid: int):
         self.system = system
         self.vm_type = vm_type
@@ -42,18 +47,35 @@ class SimVm(Vm):
         return region
 
     def create_vcpu(self, vcpu_id: int = 0):
-        from .sev import vcpu_class
-
         if any(v.vcpu_id == vcpu_id for v in self.vcpus):
             raise UsageError(f"vCPU {vcpu_id} already exists")
-        v = vcpu_class(self)(self, vcpu_id, self.asid)  # SEV / SEV-ES after KVM_SEV_INIT*
+        v = self._vcpu_class()(self, vcpu_id, self.asid)
         self.vcpus.append(v)
         return v
+
+    def _vcpu_class(self) -> type:
+        """The class of a new vCPU: SEV / SEV-ES / SEV-SNP once KVM_SEV_INIT* ran.  Chosen
+        here, above sim/sev.py and its subclasses' modules, so none imports another's
+        subclass (an SNP model names its own vCPU class: sim/snp.py)."""
+        model = self._sev_model
+        if model is None or not model.active:
+            from .vcpu import SimVcpu
+
+            return SimVcpu
+        if model.snp:
+            return model.vcpu_class
+        if model.es_active:
+            from .seves import SevEsVcpu
+
+            return SevEsVcpu
+        from .sev import SevVcpu
+
+        return SevVcpu
 
     def check_extension(self, cap: int) -> int:
         return self.system.check_extension(cap)
 
-    def sev_interface(self):
+    def open_sev_interface(self):
         """KVM_MEMORY_ENCRYPT_OP on this VM: its (cached) SEV model, see sim/sev.py."""
         from .sev import sev_interface
 
@@ -181,7 +203,7 @@ class SimVm(Vm):
         for v in self.vcpus:
             v.close()
         self.vcpus.clear()
-        model = getattr(self, "_sev_model", None)
+        model = self._sev_model
         if model is not None:  # sev_vm_destroy: DEACTIVATE, DECOMMISSION, free the ASID
             model.close()
         # Free the memory now, as KvmVm.close() does (the engines that mapped it are closed):
@@ -199,6 +221,5 @@ class SimVm(Vm):
         self.regions.clear()
         self._map_list.clear()
         self._buffers.clear()
-        vms = getattr(self.system, "_vms", None)  # a long-lived SimSystem keeps only open VMs
-        if vms is not None and self in vms:
-            vms.remove(self)
+        if self in self.system._vms:  # a long-lived SimSystem keeps only open VMs
+            self.system._vms.remove(self)
