@@ -139,3 +139,64 @@ def test_regression_written_and_loaded_round_trips(tmp_path):
     src = write_regression(tmp_path, r, m, ["kvm", "sim[kvm_pvm]"])
     back = load_regression(tmp_path / "fuzz-11-real.json")
     assert back.mode == "real" and back.source() == r.source() == src.read_text()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["fuzz", "--pair", "kvm,rig"], "--pair"),
+    (["fuzz", "--mode", "protected32"], "--mode"),
+    (["fuzz", "--rig", "svm-rig"], "--pair rig,sim"),
+    (["fuzz", "--pair", "rig,sim"], "--rig-inventory"),
+])
+def test_fuzz_cli_usage_errors(argv, words, capsys, monkeypatch):
+    from kvmharness.cli import main
+
+    monkeypatch.delenv("KVMHARNESS_RIGS", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+@needs_as
+def test_recording_travels_as_json_unchanged():
+    """A rig's recordings come home as JSON (fuzz/remote.py): the exits' tuples and the
+    device bytes survive, so the comparison sees no difference."""
+    import json
+
+    from kvmharness.sim.system import SimSystem
+
+    with SimSystem(profile="kvm_amd") as system:
+        t = R.Target("sim", system, system.capabilities.supported_cpuid)
+        for g in (G.generate(5), G.generate(5, mode="real"),
+                  G.Guest(0, [G.Op("exc_int3", ["int3"])], [], 0)):
+            rec = R.run(t, g)
+            back = R.Recording.from_dict(json.loads(json.dumps(rec.to_dict())))
+            assert R.compare(g, rec, back) is None
+            assert (back.outcome, back.mmio, back.ram, back.msrs) == (rec.outcome, rec.mmio, rec.ram, rec.msrs)
+
+
+@needs_as
+@needs_kvm
+def test_rig_side_runner_on_this_hosts_kvm(tmp_path):
+    """The rig's half (python -m kvmharness.fuzz.remote) run here: the images it is given,
+    this host's CPUID table back, recordings equal to the simulator's with this host's profile."""
+    import json
+    import subprocess
+    import sys
+
+    from kvmharness.fuzz import rigpair as RP
+    from kvmharness.hostinfo import kvm_device_info
+    from kvmharness.sim.profile import for_kvm_module
+    from kvmharness.x86 import CpuidEntry, CpuidTable
+
+    guests = [G.generate(s, mode=m) for s in range(3) for m in G.MODES]
+    (tmp_path / "batch.json").write_text(RP.batch_json(guests))
+    p = subprocess.run([sys.executable, "-m", "kvmharness.fuzz.remote", str(tmp_path / "batch.json"),
+                        str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert len(out["records"]) == len(guests) and out["host"]["module"] == kvm_device_info()["module"]
+    batch = RP.RigBatch("here", out["host"], CpuidTable(CpuidEntry(**e) for e in out["supported_cpuid"]),
+                        frozenset(tuple(d) for d in out["deviations"]),
+                        [R.Recording.from_dict(r) for r in out["records"]], out["seconds"], 0.0)
+    for g, a, _b, m in RP.compare_batch(guests, batch, profile=for_kvm_module(out["host"]["module"])):
+        assert a.steps and m is None, (g.seed, g.mode, m)

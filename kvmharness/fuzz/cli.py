@@ -115,8 +115,13 @@ def run_fuzz(args) -> int:
 
 
 def _select_rig(args):
-    from ..remote.inventory import inventory_path, load_inventory, select_rigs
+    import os
 
+    from ..remote.inventory import ENV_VAR, inventory_path, load_inventory, select_rigs
+
+    if not args.rig_inventory and not os.environ.get(ENV_VAR):
+        raise E.UsageError(f"--pair rig,sim needs --rig-inventory FILE (or ${ENV_VAR}): e.g. the one "
+                           f"ci/rig/boot-rig.sh prints for the SVM rig in a box")
     rigs = load_inventory(inventory_path(args.rig_inventory))
     chosen = select_rigs(rigs, [args.rig] if args.rig else None)
     if len(chosen) != 1:
