@@ -300,27 +300,24 @@ def bench_sim(progress) -> dict | None:
     return out
 
 
-def run_bench(args) -> int:
-    if getattr(args, "soak", False):  # kvmharness bench --soak: leaks, not speed
-        from .soak import main as soak_main
-
-        return soak_main(args)
-
+def run_bench(*, rounds: int = 3, lifecycles: int = 200, only: str = "all", as_json: bool = False) -> int:
+    """``kvmharness bench``: measure, then print the figures (``as_json``: one JSON object)
+    with each beside its goal; ``only`` is kvm, sim or all."""
     def progress(msg):
-        if not args.json:
+        if not as_json:
             print(f"... {msg}", file=sys.stderr, flush=True)
 
     out: dict = {}
-    if args.only in ("kvm", "all"):
-        out["kvm"] = bench_kvm(args.rounds, args.lifecycles, progress)
-    if args.only in ("sim", "all"):
+    if only in ("kvm", "all"):
+        out["kvm"] = bench_kvm(rounds, lifecycles, progress)
+    if only in ("sim", "all"):
         out["sim"] = bench_sim(progress)
         if out["sim"] and out.get("kvm"):
             out["sim"]["sim_over_kvm_exit_rate"] = round(
                 out["sim"].get("exits_per_s", 0) / out["kvm"]["harness_exits_per_s"], 3)
     if out.get("sim") and "cpu_us_per_exit" in out["sim"]:
         out["sim"]["goals"] = {"sim_cpu_us_per_exit": _goal("sim_cpu_us_per_exit", out["sim"]["cpu_us_per_exit"])}
-    if args.json:
+    if as_json:
         print(json.dumps(out, indent=2))
         return EXIT_OK
     k = out.get("kvm")
@@ -361,7 +358,7 @@ def run_bench(args) -> int:
                 print(f"  {key}: {value}   " + _mark(s["goals"]["sim_cpu_us_per_exit"], "us"))
             else:
                 print(f"  {key}: {value}")
-    elif args.only in ("sim", "all"):
+    elif only in ("sim", "all"):
         print("sim: not available in this build")
     return EXIT_OK
 

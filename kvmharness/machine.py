@@ -665,22 +665,30 @@ class _UcallPort:
 
 
 def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeout: float | None = None,
-              trace: bool = False, sev: str | None = None) -> RunResult:
+              trace: bool = False, sev: str | None = None, policy=None, owner=None,
+              on_launch=None) -> RunResult:
     """Load a manifest guest, run it to the end, return its result.
 
     A guest whose manifest expects a timeout (``spin``) returns outcome
     ``timeout``; any other guest that times out raises :class:`GuestTimeout`.
-    A guest that ``needs`` "sev-es" or "sev" is launched in that mode unless
-    ``sev`` names one.
+    A guest that ``needs`` "sev-snp", "sev-es" or "sev" is launched in that mode unless
+    ``sev`` names one (``"svm"``: no SEV launch); ``policy`` and ``owner`` are the
+    launch's (see :meth:`Machine.for_guest`).  ``on_launch(machine)`` is called once
+    the Machine is made (launched, for an SEV mode) and before it runs: ``kvmharness
+    run`` prints the launch there.
     """
     image = guest if isinstance(guest, GuestImage) else get_guest(guest)
     timeout = _run_timeout(timeout, image)  # refused before any VM exists
     if sev is None:
         sev = next((mode for mode in ("sev-snp", "sev-es", "sev") if mode in image.needs), None)
-    m = Machine.for_guest(image, backend, sev=sev)
+    elif sev == "svm":
+        sev = None
+    m = Machine.for_guest(image, backend, sev=sev, policy=policy, owner=owner)
     backend_name = m.backend
     t0 = time.perf_counter()
     try:
+        if on_launch is not None:
+            on_launch(m)
         return m.run(timeout, trace=trace)
     except GuestTimeout as t:
         if image.expect != "timeout":
