@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path, PurePosixPath
 
 try:
@@ -24,6 +23,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
     import tomli as tomllib
 
+from .datafiles import data_path
 from .errors import GuestImageError
 from .protocol import GUEST_LOAD_ADDR
 from .x86 import CpuidEntry
@@ -49,13 +49,7 @@ _CPUID_KEYS = ("function", "index", "eax", "ebx", "ecx", "edx")
 
 def guests_dir() -> Path:
     """The guests/ directory: installed package data, or the source tree."""
-    try:
-        p = Path(str(resources.files("kvmharness.guests")))
-        if (p / "manifest.toml").is_file():
-            return p
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "guests"
+    return data_path("guests", "manifest.toml").parent
 
 
 def parse_size(text: str | int, *, what: str) -> int:

@@ -8,21 +8,16 @@ and this module parses the same ``#define`` lines, so the two cannot drift
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
+
+from .datafiles import data_path
 
 _DEFINE = re.compile(r"^#define\s+([A-Z][A-Z0-9_]*)\s+(0[xX][0-9a-fA-F]+|\d+)\b")
 
 
 def header_path() -> Path:
     """Where ucall.h lives (installed package data, or the source tree)."""
-    try:
-        p = Path(str(resources.files("kvmharness.guests").joinpath("include/ucall.h")))
-        if p.is_file():
-            return p
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "guests" / "include" / "ucall.h"
+    return data_path("guests", "include/ucall.h")
 
 
 def parse_header(text: str) -> dict[str, int]:

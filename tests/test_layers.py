@@ -44,8 +44,8 @@ KNOWN_EDGES: dict[tuple[str, str], str] = {}
 IN_FLIGHT: dict[frozenset[str], str] = {
     frozenset({"kvmharness.sev.certs", "kvmharness.sev.chain", "kvmharness.sev.amd_ca"}):
         "the SEV certificate work of this round (sev/certs.py, chain.py, amd_ca.py)",
-    frozenset({"kvmharness.fuzz.gen", "kvmharness.fuzz.gen_real"}):
-        "the fuzzer work of this round (fuzz/gen.py, gen_real.py)",
+    frozenset({"kvmharness.fuzz.gen", "kvmharness.fuzz.gen_real", "kvmharness.fuzz.gen_nested"}):
+        "the fuzzer work of this round (fuzz/gen.py, gen_real.py, gen_nested.py)",
 }
 
 

@@ -36,12 +36,11 @@ import os
 import re
 import typing
 from collections.abc import Callable
-from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cffi
 
+from ..datafiles import data_path
 from ..errors import KvmError
 
 # Declaration files in the order they are read; True = declare them packed.
@@ -56,12 +55,7 @@ CDEF_FILES: tuple[tuple[str, bool], ...] = (
 
 def _read_cdef(name: str) -> str:
     """The text of one declaration file, installed or from a source tree."""
-    try:
-        return resources.files("kvmharness.cdefs").joinpath(name).read_text()
-    except (ModuleNotFoundError, FileNotFoundError):
-        # Running from a source checkout that was not pip-installed: cdefs/
-        # sits next to the kvmharness package directory.
-        return (Path(__file__).resolve().parents[2] / "cdefs" / name).read_text()
+    return data_path("cdefs", name).read_text()
 
 
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
