@@ -23,6 +23,8 @@ import dataclasses
 import errno
 import os
 import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..backend import (
     KVM_X86_DEFAULT_VM,
@@ -41,6 +43,11 @@ from ..sev.status import GuestState, SevStatus
 from . import _ffi as K
 from ._ffi import ffi, ioctl_raw
 
+if TYPE_CHECKING:
+    from .sevdev import SevDevice
+    from .system import KvmSystem
+    from .vm import KvmVm
+
 MODE_VM_TYPE = {"sev": KVM_X86_SEV_VM, "sev-es": KVM_X86_SEV_ES_VM}
 
 
@@ -53,7 +60,7 @@ NO_SEV_DETAIL = "this host's KVM has no SEV: its memory-encryption ioctls answer
 class KvmSevSupport:
     """What /dev/kvm says about SEV (read without creating a VM)."""
 
-    vm_types: frozenset  # KVM_CAP_VM_TYPES bits
+    vm_types: frozenset[int]  # KVM_CAP_VM_TYPES bits
     vmsa_features: int | None  # KVM_X86_SEV_VMSA_FEATURES; None if the attribute is absent
     vmsa_features_errno: int  # why it is absent (ENXIO: no SEV group; 0 when present)
 
@@ -64,7 +71,7 @@ class KvmSevSupport:
     def vm_type(self, mode: str) -> int:
         return MODE_VM_TYPE[mode] if self.init2(mode) else KVM_X86_DEFAULT_VM
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"vm_types": [VM_TYPE_NAMES.get(t, str(t)) for t in sorted(self.vm_types)],
                 "vmsa_features": None if self.vmsa_features is None else hex(self.vmsa_features),
                 "vmsa_features_errno": errno.errorcode.get(self.vmsa_features_errno, 0),
@@ -72,7 +79,7 @@ class KvmSevSupport:
                          ("KVM_SEV_INIT" if m == "sev" else "KVM_SEV_ES_INIT") for m in MODE_VM_TYPE}}
 
 
-def probe_sev_support(system) -> KvmSevSupport:
+def probe_sev_support(system: KvmSystem) -> KvmSevSupport:
     """KVM_CAP_VM_TYPES and KVM_GET_DEVICE_ATTR(KVM_X86_GRP_SEV, VMSA_FEATURES) on /dev/kvm."""
     mask = system.check_extension(K.KVM_CAP_VM_TYPES)
     types = frozenset(t for t in range(32) if mask >> t & 1) or frozenset({KVM_X86_DEFAULT_VM})
@@ -89,7 +96,7 @@ def probe_sev_support(system) -> KvmSevSupport:
     return KvmSevSupport(types, features, err)
 
 
-def create_sev_vm(system, mode: str, *, vm_type: int | None = None):
+def create_sev_vm(system: KvmSystem, mode: str, *, vm_type: int | None = None) -> KvmVm:
     """KVM_CREATE_VM with the type ``mode`` needs here (detected, see the module doc).
 
     With an explicit ``vm_type`` the kernel's refusal is reported with the
@@ -123,8 +130,9 @@ class KvmSev(SevKvmInterface):
     """The SEV commands of one :class:`~kvmharness.kvm.vm.KvmVm`."""
 
     backend = "kvm"
+    vm: KvmVm
 
-    def __init__(self, vm, *, sev_path: str = SEV_DEVICE):
+    def __init__(self, vm: KvmVm, *, sev_path: str = SEV_DEVICE):
         self.vm = vm
         self.mode: str | None = None
         self.sev_path = sev_path
@@ -139,12 +147,12 @@ class KvmSev(SevKvmInterface):
                 break
             except PermissionError:
                 self.sev_missing = f"{sev_path} cannot be opened: permission denied (run as root)"
-        self._platform = None
+        self._platform: SevDevice | None = None
         # the /dev/sev fd is closed with this object even if close() is never called
         self._finalizer = weakref.finalize(self, _close_fd, self.sev_fd)
 
     # -- plumbing ---------------------------------------------------------------
-    def _issue(self, cmd_id: int, data=ffi.NULL) -> tuple[int, int]:
+    def _issue(self, cmd_id: int, data: Any = ffi.NULL) -> tuple[int, int]:
         """One KVM_MEMORY_ENCRYPT_OP: (errno or 0, raw kvm_sev_cmd.error)."""
         cmd = ffi.new("struct kvm_sev_cmd *")
         cmd.id = cmd_id
@@ -153,7 +161,7 @@ class KvmSev(SevKvmInterface):
         ret, err = ioctl_raw(self.vm.fd, K.KVM_MEMORY_ENCRYPT_OP, cmd)
         return (err if ret < 0 else 0), cmd.error
 
-    def _op(self, name: str, cmd_id: int, data=ffi.NULL) -> None:
+    def _op(self, name: str, cmd_id: int, data: Any = ffi.NULL) -> None:
         err, error = self._issue(cmd_id, data)
         if err:
             raise self._error(name, err, error)
@@ -193,7 +201,7 @@ class KvmSev(SevKvmInterface):
         region = self.vm.region_for(gpa, max(length, 1))
         return self.vm.host_address(region) + (gpa - region.gpa)
 
-    def _spans(self, gpa: int, length: int):
+    def _spans(self, gpa: int, length: int) -> Iterator[tuple[int, int, int]]:
         """Split ``gpa``+``length`` at slot boundaries (slots are separate mappings)."""
         end = gpa + length
         while gpa < end:
@@ -203,7 +211,7 @@ class KvmSev(SevKvmInterface):
             gpa += n
 
     @staticmethod
-    def _blob(data: bytes | None):
+    def _blob(data: bytes | None) -> tuple[Any, int, int]:
         """(buffer, address, length) for an optional user blob."""
         if data is None:
             return None, 0, 0
@@ -258,7 +266,7 @@ class KvmSev(SevKvmInterface):
         s_buf, p.session_uaddr, p.session_len = self._blob(session)
         self._op("KVM_SEV_LAUNCH_START", K.KVM_SEV_LAUNCH_START, p)
         del dh_buf, s_buf
-        return p.handle
+        return int(p.handle)
 
     def launch_update_data(self, gpa: int, length: int) -> None:
         if length <= 0:  # sev_pin_memory: ulen == 0 -> EINVAL
@@ -333,7 +341,7 @@ class KvmSev(SevKvmInterface):
             self._op("KVM_SEV_DBG_ENCRYPT", K.KVM_SEV_DBG_ENCRYPT, p)
             pos += n
 
-    def platform(self):
+    def platform(self) -> SevDevice:
         if self._platform is None:
             from .sevdev import SevDevice
 
@@ -347,7 +355,7 @@ class KvmSev(SevKvmInterface):
             self._platform.close()
             self._platform = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"KvmSev(vm={self.vm!r}, sev_fd={self.sev_fd})"
 
 

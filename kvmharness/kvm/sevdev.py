@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import weakref
+from typing import TYPE_CHECKING, Any
 
 from ..backend import SEV_DEVICE
 from ..errors import DeviceMissing, HostError, PermissionDenied, SevError
@@ -24,6 +25,9 @@ from ..sev.launch import SEV_FW_BLOB_MAX_SIZE, SevPlatformInterface
 from ..sev.status import PlatformState, SevStatus
 from . import _ffi as K
 from ._ffi import ffi, ioctl_raw
+
+if TYPE_CHECKING:
+    from ..sev.firmware import PlatformStatus
 
 
 def _fw(error: int, err: int) -> int | None:
@@ -57,18 +61,18 @@ class SevDevice(SevPlatformInterface):
             raise PermissionDenied(f"cannot open {path}: permission denied. Run as root or give "
                                    "your user access with a udev rule") from None
         except OSError as e:
-            raise HostError(f"cannot open {path}: {os.strerror(e.errno)}") from None
+            raise HostError(f"cannot open {path}: {e.strerror or e}") from None
         self._finalizer = weakref.finalize(self, os.close, self.fd)
 
     # -- plumbing -----------------------------------------------------------------
-    def _issue(self, cmd: int, data=ffi.NULL) -> tuple[int, int]:
+    def _issue(self, cmd: int, data: Any = ffi.NULL) -> tuple[int, int]:
         c = ffi.new("struct sev_issue_cmd *")
         c.cmd = cmd
         c.data = int(ffi.cast("uintptr_t", data))
         ret, err = ioctl_raw(self.fd, K.SEV_ISSUE_CMD, c)
         return (err if ret < 0 else 0), c.error
 
-    def _op(self, name: str, cmd: int, data=ffi.NULL) -> None:
+    def _op(self, name: str, cmd: int, data: Any = ffi.NULL) -> None:
         err, error = self._issue(cmd, data)
         if err:
             raise self._error(name, err, error)
@@ -86,7 +90,7 @@ class SevDevice(SevPlatformInterface):
         return not err or (err == errno.EIO and error == SevStatus.INVALID_LEN)
 
     # -- commands -------------------------------------------------------------------
-    def status(self):
+    def status(self) -> PlatformStatus:
         """SEV_PLATFORM_STATUS."""
         from ..sev.firmware import PlatformStatus
 
@@ -152,5 +156,5 @@ class SevDevice(SevPlatformInterface):
         self._finalizer()
         self.fd = -1
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"SevDevice({self.path!r}, fd={self.fd}, writable={self.writable})"

@@ -156,7 +156,7 @@ class SevKvmInterface(abc.ABC):
     """
 
     backend: str = "?"
-    vm = None
+    vm: typing.Any = None  # the backend's Vm this interface commands
 
     #: kernel command name (without KVM_SEV_) -> method
     COMMANDS: typing.ClassVar[dict[str, str]] = {
