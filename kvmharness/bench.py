@@ -108,6 +108,7 @@ def harness_lifecycle(system, image: bytes, n: int) -> dict:
     from .exits import Hlt
     from .protocol import GUEST_LOAD_ADDR
 
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     for _ in range(n):
         vm = system.create_vm()
@@ -121,7 +122,10 @@ def harness_lifecycle(system, image: bytes, n: int) -> dict:
         if type(e) is not Hlt:
             raise HostError(f"lifecycle guest ended with {e}, not HLT")
         vm.close()
-    return {"count": n, "seconds": time.perf_counter() - t0}
+    t = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"count": n, "seconds": t, "user_seconds": r1.ru_utime - r0.ru_utime,
+            "sys_seconds": r1.ru_stime - r0.ru_stime}
 
 
 def harness_threads(system, threads: int, fast: bool = True) -> dict:
@@ -254,6 +258,13 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
     h_vm = _med([d["seconds"] / d["count"] for d in h_lc])
     m_vm = _med([d["seconds"] / d["count"] for d in m_lc])
     lc_ratio = round(_med([(h["seconds"] / h["count"]) / (c["seconds"] / c["count"]) for h, c in zip(h_lc, c_lc, strict=True)]), 3)
+
+    def cpu(d):  # user + sys CPU seconds per VM
+        return (d["user_seconds"] + d["sys_seconds"]) / d["count"]
+
+    # CPU time per VM: on a host shared with other work, less noisy than wall time
+    lc_cpu_ratio = round(_med([cpu(h) / cpu(c) for h, c in zip(h_lc, c_lc, strict=True) if cpu(c) > 0]
+                              or [float("nan")]), 3)
     active = f_io if compiled else p_io
     out = {
         "exit_path": exit_path, "compiled_path_active": compiled,
@@ -274,6 +285,9 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
         "harness_user_cpu_us_per_exit": user_us(active),
         "c_lifecycle_us": round(c_vm * 1e6, 1), "harness_lifecycle_us": round(h_vm * 1e6, 1),
         "lifecycle_ratio_harness_over_c": lc_ratio,
+        "c_lifecycle_cpu_us": round(_med([cpu(d) for d in c_lc]) * 1e6, 1),
+        "harness_lifecycle_cpu_us": round(_med([cpu(d) for d in h_lc]) * 1e6, 1),
+        "lifecycle_cpu_ratio_harness_over_c": lc_cpu_ratio,
         "machine_for_guest_lifecycle_us": round(m_vm * 1e6, 1),
         # aggregate exits/s of N Machines on ioloop in N threads (one run each, not interleaved)
         "scaling_exits_per_s": scaling,
@@ -340,6 +354,8 @@ def run_bench(*, rounds: int = 3, lifecycles: int = 200, only: str = "all", as_j
         print(f"  VM lifecycle    C {k['c_lifecycle_us']:.0f} us, harness {k['harness_lifecycle_us']:.0f} us, "
               f"ratio {k['lifecycle_ratio_harness_over_c']:.3f}   "
               + _mark(k["goals"]["lifecycle_ratio_harness_over_c"], "x C"))
+        print(f"                  CPU (user+sys) per VM: C {k['c_lifecycle_cpu_us']:.0f} us, harness "
+              f"{k['harness_lifecycle_cpu_us']:.0f} us, ratio {k['lifecycle_cpu_ratio_harness_over_c']:.3f}")
         print(f"  Machine.for_guest('halt') + run + close: {k['machine_for_guest_lifecycle_us']:.0f} us")
         for path, by_n in k["scaling_exits_per_s"].items():
             row = ", ".join(f"{n} thread{'s' if n != '1' else ''} {v:,}" for n, v in by_n.items())
