@@ -302,3 +302,15 @@ def test_machines_in_threads_each_run_to_the_end(kvm, fast):
 
     r = harness_threads(kvm, 2, fast=fast)
     assert r["threads"] == 2 and r["exits"] == 2 * 200_001 and r["seconds"] > 0
+
+
+def test_the_c_loop_of_a_closed_vcpu_never_runs_again(kvm, compiled):
+    import errno
+
+    from kvmharness.errors import KvmError
+
+    m, fast = _ioloop_vcpu(kvm)
+    m.close()
+    assert fast.run() == -1 and fast.cb.err == errno.EBADF  # not whatever now holds the fd number
+    with pytest.raises(KvmError, match="EBADF"):
+        fast.raise_error()

@@ -330,7 +330,10 @@ class FastLoop:
         raise KvmError("KVM_RUN", err, hint(err) if hint is not None else "")
 
     def release(self) -> None:
-        """Drop the export of kvm_run (the vCPU is closing and no thread is in the loop)."""
+        """The vCPU is closing: no further KVM_RUN (its fd number may be reused: a later call
+        fails with EBADF), and the export of kvm_run is dropped unless a thread is still in the
+        loop (then the mapping lives until this object is collected)."""
+        self._f.fd = -1
         if self._run_buf is not None and not self.busy:
             self._f.run = ffi.NULL
             ffi.release(self._run_buf)
