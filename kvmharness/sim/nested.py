@@ -183,10 +183,10 @@ class NestedSvm:
         v = self.vcpu
         core = v.core
         if not core.msr_read_native(MSR_EFER) & EFER_SVME or not core.cr(0) & CR0_PG:
-            v._inject_now(6, None, rip)
+            v.deliver_exception(6, None, rip)
             return False
         if core.selector("cs") & 3:
-            v._inject_now(13, 0, rip)
+            v.deliver_exception(13, 0, rip)
             return False
         return True
 
@@ -204,9 +204,9 @@ class NestedSvm:
         pa = core.reg(X.UC_X86_REG_RAX)
         other = self._read_vmcb12(pa)
         if other is None:
-            v._inject_now(13, 0, rip)
+            v.deliver_exception(13, 0, rip)
             return
-        v._sync_save_area()
+        v.write_save_area()
         raw = v.svm.vmcb.raw
         if code == 0x83:  # VMSAVE: the CPU's VMLOAD/VMSAVE state into the page at RAX
             for lo, hi in _VMLOAD_STATE:
@@ -217,13 +217,7 @@ class NestedSvm:
         for lo, hi in _VMLOAD_STATE:  # VMLOAD: into vmcb01, which the core VMLOADs at entry
             raw[lo:hi] = other[lo:hi]
         v.svm.vmcb.save.rip = rip + 3
-        vals = core.gprs()
-        for name, value in zip(_GPR_NAMES, vals, strict=False):  # vals ends with RIP, RFLAGS
-            if name in v._shadow:
-                v._shadow[name] = value
-        v._resume = None
-        v._save_stale = True
-        core.enter(v._shadow, None, reuse=True)
+        v.continue_in_guest(zip(_GPR_NAMES, core.gprs(), strict=False))  # gprs() ends with RIP, RFLAGS
 
     # -- L1's VMRUN (vmrun_interception -> nested_svm_vmrun) --------------------
     def vmrun(self, rip: int) -> None:
@@ -233,15 +227,15 @@ class NestedSvm:
         efer = core.msr_read_native(MSR_EFER)
         svm.vmexit(SVM_EXIT_VMRUN, 0, 0, rip, rip + 3)
         if not efer & EFER_SVME or not core.cr(0) & CR0_PG:
-            v._inject_now(6, None, rip)
+            v.deliver_exception(6, None, rip)
             return
         if core.selector("cs") & 3:
-            v._inject_now(13, 0, rip)
+            v.deliver_exception(13, 0, rip)
             return
         pa = core.reg(X.UC_X86_REG_RAX)
         raw12 = self._read_vmcb12(pa)
         if raw12 is None or not v.msrs.read(MSR_VM_HSAVE_PA):
-            v._inject_now(13, 0, rip)
+            v.deliver_exception(13, 0, rip)
             return
         core.set_reg(X.UC_X86_REG_RIP, rip + 3)  # kvm_skip_emulated_instruction
         if not (self._check_controls(raw12) and self._check_save(raw12)):
@@ -293,7 +287,7 @@ class NestedSvm:
         """enter_svm_guest_mode: vmcb01 keeps L1, vmcb02 = KVM's controls | L1's, L2's state."""
         v = self.vcpu
         core = v.core
-        v._sync_save_area()  # vmcb01's save area = L1 now
+        v.write_save_area()  # vmcb01's save area = L1 now
         s1 = self.vmcb01.save
         s1.rip = core.rip()  # after the VMRUN
         s1.efer = l1_efer
@@ -318,15 +312,10 @@ class NestedSvm:
         self.gif = True
         self.vmruns += 1
         v.svm.vmcb = vmcb02
-        for name, value in zip(_GPR_NAMES, gprs, strict=False):
-            if name in v._shadow:
-                v._shadow[name] = value  # VMRUN leaves all GPRs but RAX/RSP to L2 as they are
-        v._need_entry = False
         l2 = vmcb02.save
         self._switch_caches(_mode_key(s1.cr0, s1.cr3, l1_efer), _mode_key(l2.cr0, l2.cr3, l2.efer))
-        v._resume = None
-        v._save_stale = True
-        core.enter(v._shadow, None, reuse=True)
+        # VMRUN leaves all GPRs but RAX/RSP to L2 as they are
+        v.continue_in_guest(zip(_GPR_NAMES, gprs, strict=False))
         event = _I.unpack_from(raw12, 0xA8)[0]
         if event & EVTINJ_VALID:
             self._inject(event, _I.unpack_from(raw12, 0xAC)[0])
@@ -351,7 +340,7 @@ class NestedSvm:
                 self.reflect(0x40 + fvec, ferr if fvec in EXC_WITH_ERROR_CODE else 0, info2, rip, 0,
                              int_info=event & 0x80000FFF, int_err=error if event & EVTINJ_VALID_ERR else 0)
             else:
-                v._inject_now(fvec, ferr if fvec in EXC_WITH_ERROR_CODE else None, rip)
+                v.deliver_exception(fvec, ferr if fvec in EXC_WITH_ERROR_CODE else None, rip)
 
     # -- L2's exits ----------------------------------------------------------------
     def _l1_intercepts_exception(self, vector) -> bool:
@@ -441,7 +430,7 @@ class NestedSvm:
         v = self.vcpu
         info1, next_rip, _string = v._ioio_decode(rip, port, size, is_in)
         self._io_pending = (info1, next_rip, rip, v.core.reg(X.UC_X86_REG_RAX))
-        v._event = (NESTED_IO_EVENT, rip)
+        v.post_event(NESTED_IO_EVENT, rip)
 
     def _reflect_io(self, rip):
         info1, next_rip, insn_rip, rax = self._io_pending
@@ -512,10 +501,7 @@ class NestedSvm:
         """The vCPU's decoded-instruction and scanned-start caches are by linear address:
         they stay valid across a VMCB switch when paging and mode stay the same."""
         if old_key != new_key:
-            v = self.vcpu
-            v._insn_cache.clear()
-            v._ioio_cache.clear()
-            v._vetted.clear()
+            self.vcpu.code_changed()
 
     def _nrips(self) -> bool:
         e = self.vcpu.cpuid.lookup(0x8000000A)
@@ -531,14 +517,8 @@ class NestedSvm:
         v.svm.vmcb = self.vmcb01
         self.guest_mode = False
         self.gif = False
-        for name, value in zip(_GPR_NAMES, l2_gprs, strict=False):
-            if name in v._shadow:
-                v._shadow[name] = value
-        v._need_entry = False
         self._switch_caches(l2_key, _mode_key(s1.cr0, s1.cr3, s1.efer))
-        v._resume = None
-        v._save_stale = True
-        v.core.enter(v._shadow, None, reuse=True)  # L1 at the instruction after its VMRUN
+        v.continue_in_guest(zip(_GPR_NAMES, l2_gprs, strict=False))  # L1 after its VMRUN
 
 
 # -- KVM_GET_NESTED_STATE / KVM_SET_NESTED_STATE on the simulator ------------------------
@@ -582,13 +562,13 @@ def set_nested_state(vcpu, state) -> None:
     if state.flags & ~(FLAG_GUEST_MODE | FLAG_RUN_PENDING | FLAG_GIF_SET):
         refuse(f"unknown flags {state.flags:#x}")
     nested = vcpu.nested
-    live = not vcpu._need_entry
+    live = vcpu.in_guest
     efer = vcpu.core.msr_read_native(MSR_EFER) if live else vcpu.svm.vmcb.save.efer
     if not efer & EFER_SVME and state.flags != FLAG_GIF_SET:
         refuse("the vCPU's EFER has no SVME: set SREGS (EFER.SVME) before guest mode")
     if live:  # the current state into the VMCB in force, GPRs into the shadow: re-enter from it
-        vcpu._sync_save_area()
-        vcpu._reenter_from_vmcb()
+        vcpu.write_save_area()
+        vcpu.reenter_from_vmcb()
     if nested is None:
         nested = vcpu.nested = NestedSvm(vcpu)
     if not state.flags & FLAG_GUEST_MODE:
@@ -629,4 +609,4 @@ def set_nested_state(vcpu, state) -> None:
     nested.guest_mode = True
     nested.gif = bool(state.flags & FLAG_GIF_SET)
     vcpu.svm.vmcb = vmcb02
-    vcpu._need_entry = True
+    vcpu.reenter_from_vmcb()  # (the vCPU re-enters from the VMCB: it does already, live or not)

@@ -244,7 +244,7 @@ class SevEsVcpu(SevVcpu):
                 if ins is not None:
                     write_linear(self.core, *ins)
             else:
-                self._fault_consumed = True
+                self.fault_answered()
             self.vc_count += 1
             self._inject_now(X86_TRAP_VC, intno - 0x2000, rip)
             return

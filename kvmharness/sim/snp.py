@@ -374,7 +374,7 @@ class SnpVcpu(SevEsVcpu):
                 return
         if intno in (RMP_VC_EVENT, RMP_NPF_EVENT):
             self._event = None
-            self._fault_consumed = True
+            self.fault_answered()
             kind, code, gpa, why = self._rmp_fault
             self._rmp_fault = None
             self._record_fault(kind, code, gpa, rip, why)

@@ -122,6 +122,54 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             self._sync_save_area()
         self._reenter_from_vmcb()
 
+    # -- the entry state, as world switches move it -----------------------------------------
+    # Three values say where the guest state lives: ``_need_entry`` (the next run() enters
+    # from the VMCB save area, as VMRUN does), ``_save_stale`` (the core holds state the save
+    # area has not been given: a #VMEXIT's write is owed) and ``_shadow`` (the GPRs the VMCB
+    # has no room for).  Other modules (sim/nested.py's world switches) move them through
+    # these calls, never by writing the fields.
+
+    @property
+    def in_guest(self) -> bool:
+        """The core holds the live guest state (else the next run() enters from the VMCB)."""
+        return not self._need_entry
+
+    def write_save_area(self) -> None:
+        """#VMEXIT's write of the core's state into the VMCB save area in force."""
+        self._sync_save_area()
+
+    def reenter_from_vmcb(self) -> None:
+        """The next run() enters from the VMCB in force (the live GPRs kept in the shadow)."""
+        self._reenter_from_vmcb()
+
+    def continue_in_guest(self, gprs) -> None:
+        """Go on running the core now, after a world switch the model made itself (VMLOAD,
+        VMRUN into L2, a #VMEXIT to L1) into the VMCB in force: ``gprs`` are the (name,
+        value) pairs the switch leaves in the registers; from here a #VMEXIT's write of the
+        save area is owed again."""
+        for name, value in gprs:
+            if name in self._shadow:
+                self._shadow[name] = value
+        self._need_entry = False
+        self._resume = None
+        self._save_stale = True
+        self.core.enter(self._shadow, None, reuse=True)
+
+    def deliver_exception(self, vector: int, error_code: int | None, rip: int) -> None:
+        """Deliver an exception to the running guest at ``rip`` now, as the CPU does for a
+        fault the model raises (a delivery that faults escalates: #DF, then shutdown)."""
+        self._inject_now(vector, error_code, rip)
+
+    def post_event(self, kind: int, rip: int) -> None:
+        """Have the run loop hand event ``kind`` (at ``rip``) to the model once the core
+        stops (sim/nested.py's NESTED_IO_EVENT)."""
+        self._event = (kind, rip)
+
+    def fault_answered(self) -> None:
+        """An event handler answered the access the core stopped on (an SEV-ES MMIO #VC, an
+        RMP fault): the core's error for it is then not a KVM_RUN result."""
+        self._fault_consumed = True
+
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
         """Deliver an exception to the guest before it runs again (KVM_SET_VCPU_EVENTS'
         role; the SEV-ES model uses it for #VC).  A delivery that faults escalates to #DF,
