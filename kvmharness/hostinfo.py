@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from . import backend as _backend
-from .backend import VM_TYPE_NAMES, kvm_usable
+from .backend import KVM_X86_DEFAULT_VM, VM_TYPE_NAMES, kvm_usable
 from .x86 import CPUID_SEV
 
 KVM_AMD_PARAMS = Path("/sys/module/kvm_amd/parameters")
@@ -194,7 +194,7 @@ def _memory_encrypt_probe(system) -> str:
     from .kvm._ffi import KVM_MEMORY_ENCRYPT_OP, ffi, ioctl_raw
 
     try:
-        vm = system.create_vm(0)
+        vm = system.create_vm(KVM_X86_DEFAULT_VM)
     except Exception as e:  # noqa: BLE001 - reported, not raised
         return f"could not create a VM: {e}"
     try:

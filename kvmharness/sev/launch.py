@@ -31,7 +31,7 @@ import dataclasses
 import errno
 import typing
 
-from ..backend import Vm
+from ..backend import KVM_X86_DEFAULT_VM, Vm
 from ..errors import FeatureUnavailable, SevError, UsageError
 from .measurement import (
     MEASUREMENT_LEN,
@@ -556,7 +556,7 @@ def vmsa_page_for_vcpu(vcpu, *, vmsa_features: int = 0, fpu: bool = False) -> by
 
 def expected_vmsa_pages(vm, vmsa_features: int = 0) -> list[bytes]:
     """The owner's expected initial VMSA pages: one per vCPU, vCPU 0 first."""
-    fpu = vm.vm_type != 0  # KVM copies x87/SSE state only for INIT2 VM types
+    fpu = vm.vm_type != KVM_X86_DEFAULT_VM  # KVM copies x87/SSE state only for INIT2 VM types
     return [vmsa_page_for_vcpu(v, vmsa_features=vmsa_features, fpu=fpu) for v in vm.vcpus]
 
 
