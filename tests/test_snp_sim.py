@@ -199,3 +199,16 @@ def test_kvm_backend_reports_the_kernels_answer_to_the_snp_vm_type():
     assert out.returncode == 3
     assert "sev-snp" in out.stderr and "KVM_CREATE_VM" in out.stderr
     assert len(out.stderr.strip().splitlines()[-1]) > 0 and "Traceback" not in out.stderr
+
+
+def test_snp_bench_completes_every_operation():
+    """snp-bench's phases (its timings are for `kvmharness`'s measurements, not checked here)."""
+    m, r = _run("snp-bench")
+    try:
+        assert r.outcome == "done", r.describe()
+        v = r.values
+        assert [v[SNP | 0x500 | n] for n in range(4)] == [0, 1000, 400, 400]
+        stats = m.vm._sev_model.stats
+        assert stats["pvalidate"] >= 1000 and stats["psc_msr"] >= 400 and stats["psc_nae"] == 400
+    finally:
+        m.close()

@@ -36,9 +36,9 @@ INPUT, OUTPUT, REQ, RESP, CERTS = 0x1A000, 0x1B000, 0x1C000, 0x1D000, 0x1E000
 REPORT_DATA = bytes(range(0x40, 0x80))
 
 
-def _attest(flags: int, vmpl: int = 0, system=None):
+def _attest(flags: int, vmpl: int = 0, system=None, cert_pages: int = 0):
     m = Machine.for_guest("snp-attest", system or "sim", sev="sev-snp")
-    m.vm.write(INPUT, REPORT_DATA + struct.pack("<II", vmpl, flags))
+    m.vm.write(INPUT, REPORT_DATA + struct.pack("<III", vmpl, flags, cert_pages))
     try:
         r = m.run(timeout=60)
     except BaseException:
@@ -99,6 +99,20 @@ def test_extended_request_returns_the_certificate_table_and_refusals_keep_the_se
         assert (fw.seqno[0], fw.requests, fw.refused) == (4, 5, 3)
         certs = parse_certificate_table(m.vm.read(CERTS, 4 * 4096))
         assert certs == fw.chip.certificate_der()
+    finally:
+        m.close()
+
+
+def test_extended_request_with_a_short_certificate_buffer_gets_invalid_len():
+    m, r = _attest(flags=1, cert_pages=1)
+    try:
+        assert r.outcome == "done", r.describe()
+        blob = m.vm._sev_model.certificate_blob
+        need = -(-len(blob) // 4096)
+        assert need > 1
+        assert r.values[KEY | 1] == GR.snp_guest_err(GR.SNP_GUEST_VMM_ERR_INVALID_LEN, 0)
+        assert r.values[KEY | 0xA] == need  # KVM tells the guest how many pages it needs
+        assert m.vm._sev_model.messages.requests == 0  # not issued to the firmware
     finally:
         m.close()
 

@@ -3,7 +3,8 @@
  *
  * After snp_init it makes eight pages shared with one PSC NAE event: the
  * input page (0x1A000, written by the host before the run: REPORT_DATA[64]
- * at 0, u32 VMPL at 0x40, u32 flags at 0x44), the output page (0x1B000), the
+ * at 0, u32 VMPL at 0x40, u32 flags at 0x44, u32 certificate pages offered at
+ * 0x48 (0: 4), u32 extra requests at 0x4C), the output page (0x1B000), the
  * request and response pages of the guest request (0x1C000, 0x1D000) and a
  * 4-page certificate buffer (0x1E000).  It takes VMPCK0 from the secrets page,
  * builds MSG_REPORT_REQ (REPORT_DATA and VMPL from the input page) in an SNP
@@ -24,7 +25,8 @@
  *   bit 2 -> 0x12: a corrupted tag
  *   bit 3 -> 0x13: VMPCK0 wiped (an all-zero key), right msg_seqno
  *   bit 4 -> 0x14: after those, a good request again (0: the sequence resumes)
- * and DONE.
+ * then the extra requests (a measurement: reports per second), the last one's
+ * SW_EXIT_INFO_2 as 0x15, and DONE.
  */
 #define GUEST_MODE_LONG64
 #include "guest.h"
@@ -74,7 +76,11 @@ GUEST_ENTRY
 3:      call    report_request
         mov     %rax, %r12
         ES_REPORT($KEY(1), %r12)
-        test    %r12, %r12
+        testl   $1, flags(%rip)
+        jz      3f
+        mov     ext_rbx(%rip), %rax
+        ES_REPORT($KEY(0xA), %rax)
+3:      test    %r12, %r12
         jnz     9f
         mov     $RESP, %ebx
         cmpb    $SNP_MSG_REPORT_RSP, 0x34(%rbx)
@@ -97,10 +103,6 @@ GUEST_ENTRY
         ES_REPORT($KEY(8), %rax)
         mov     OUTPUT + 0x20 + 0x90, %rax
         ES_REPORT($KEY(9), %rax)
-        testl   $1, flags(%rip)
-        jz      9f
-        mov     ext_rbx(%rip), %rax
-        ES_REPORT($KEY(0xA), %rax)
 
 9:      testl   $2, flags(%rip)                 /* a stale sequence number */
         jz      5f
@@ -128,7 +130,21 @@ GUEST_ENTRY
         mov     $SVM_VMGEXIT_GUEST_REQUEST, %eax
         call    report_request
         ES_REPORT($KEY(0x13), %rax)
-8:      ES_DONE
+8:      mov     INPUT + 0x4C, %eax             /* extra requests (msg_* clobber R8-R15) */
+        mov     %eax, extra(%rip)
+        test    %eax, %eax
+        jz      10f
+11:     mov     $SVM_VMGEXIT_GUEST_REQUEST, %eax
+        call    report_request
+        mov     %rax, last_err(%rip)
+        mov     $RESP, %ebx
+        mov     $OUTPUT, %edi
+        call    msg_open
+        decl    extra(%rip)
+        jnz     11b
+        mov     last_err(%rip), %rax
+        ES_REPORT($KEY(0x15), %rax)
+10:     ES_DONE
 
 /* ---- report_request: EAX = the NAE exit code.  MSG_REPORT_REQ from the input page,
  * sealed with msg_seqno = msg_seq + 1; on SW_EXIT_INFO_2 = 0 msg_seq += 2.
@@ -173,7 +189,11 @@ report_request:
         cmp     $SVM_VMGEXIT_EXT_GUEST_REQUEST, %edx
         jne     2f
         GHCB_SET_RAX($CERTS)
-        GHCB_SET_RBX($CERT_PAGES)
+        mov     INPUT + 0x48, %eax
+        test    %eax, %eax
+        jnz     4f
+        mov     $CERT_PAGES, %eax
+4:      GHCB_SET_RBX(%rax)
 2:      GHCB_SET_EXIT(%rdx, $REQ, $RESP)
         call    es_ghcb_exchange
         mov     GHCB_GPA + GHCB_OFF_RBX, %rax
@@ -192,6 +212,8 @@ snp_on_vc:
 msg_seq:        .quad 0
 ext_rbx:        .quad 0
 flags:          .long 0
+extra:          .long 0
+last_err:       .quad 0
 corrupt:        .byte 0
         .balign 8
 zero_key:       .fill 32, 1, 0
