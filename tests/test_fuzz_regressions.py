@@ -250,3 +250,21 @@ def test_kvm_and_sim_agree(name):
     finally:
         for t in targets:
             t.close()
+
+
+def test_l2_vmmcall_not_intercepted_by_l1_is_ud_in_l2():
+    """Nested: L1 leaves VMMCALL unintercepted, so KVM's vmcb02 does too (svm/nested.c
+    recalc_intercepts) and the CPU raises #UD in L2 -- measured on the rig's kvm_amd by
+    kvmharness fuzz --mode nested (and asserted there by tests/test_fuzz_rig.py)."""
+    if not all(shutil.which(t) for t in ("cpp", "ld")):
+        pytest.skip("nested fuzz guests are preprocessed and linked: cpp and ld needed")
+    g = G.Guest(0, [G.Op("l2_vmmcall", ["mov $0xc, %eax", "vmmcall"])], [], 0, mode="nested")
+    with SimSystem(profile="kvm_amd") as system:
+        rec = R.run(R.Target("sim", system, system.capabilities.supported_cpuid), g)
+    vmmcall = R.op_ranges(g)[0][1] - 3
+    assert rec.outcome == "exception" and rec.detail == f"vector 6 at {vmmcall:#x}", rec.detail
+    with SimSystem(profile="kvm_amd") as system:  # intercepted by L1: its #VMEXIT 0x81
+        g2 = G.Guest(0, g.ops, ["orl $INTERCEPT_VMMCALL, VMCB(VMCB_INTERCEPT_W4)"], 0, mode="nested")
+        rec = R.run(R.Target("sim", system, system.capabilities.supported_cpuid), g2)
+    codes = [r["rcx"] for e, r in rec.steps if e.get("port") == 0xEB and e["data"] == "01" and r["rbx"] == 0]
+    assert rec.outcome == "end" and codes == [0x81]

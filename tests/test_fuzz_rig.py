@@ -28,6 +28,12 @@ pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("as", "objcopy
 
 #: the CI share: each seed in both modes (about 30 s on the TCG rig with the install)
 RIG_SEEDS = range(0, 12)
+#: nested SVM (L1's view of random intercepts and VMCB12 fields): seeds that agree with the
+#: rig.  Two classes found by ``kvmharness fuzz --mode nested --pair rig,sim`` are open and
+#: left out here: the rig's CPU (QEMU TCG) leaves IOIO EXITINFO1's address-size bits clear
+#: where AMD's CPUs and the model set them, and an EVENTINJ of #BP as an exception (type 3)
+#: never reaches the rig's L2 where the model delivers it.
+NESTED_SEEDS = (0, 1, 2, 3, 4, 5, 6, 10)
 RF, IF = 1 << 16, 1 << 9
 
 
@@ -38,6 +44,10 @@ def _long(name, lines):
 
 def _real(name, lines):
     return G.Guest(0, [G.Op(name, list(lines))], GR.base_prologue() + ["mov $0x01234567, %ebx"], 0, mode="real")
+
+
+def _nested(name, lines):
+    return G.Guest(0, [G.Op(name, list(lines))], [], 0, mode="nested")
 
 
 def _io_out(rec, port):
@@ -87,6 +97,12 @@ def _check_fetch_npf(g, rec, cpuid):
     assert e["data"][1] == 0x400 and e["data"][2] & 0x10 and e["data"][3] == GR.LAYOUT.memory_size  # #NPF, fetch
 
 
+def _check_l2_vmmcall_ud(g, rec, cpuid):
+    # L1 does not intercept VMMCALL: neither does KVM's vmcb02, so the CPU raises #UD in L2
+    vmmcall = R.op_ranges(g)[0][1] - 3
+    assert rec.outcome == "exception" and rec.detail == f"vector 6 at {vmmcall:#x}", rec.detail
+
+
 SEG = (GR.LAYOUT.memory_size - 0x1000) >> 4
 PROFILE_GUESTS = {
     "lone-outsb": (_long("lone-outsb", ["mov $0x60, %edx", "lea 0x100(%r14), %rsi", "outsb"]), _check_lone_outs),
@@ -102,8 +118,10 @@ PROFILE_GUESTS = {
     "real-fetch-unbacked": (_real("real-fetch-unbacked", [f"mov ${SEG:#x}, %ax", "mov %ax, %ds",
                                                           "movw $0x9090, 0xffe", f"ljmp ${SEG:#x}, $0xffe"]),
                             _check_fetch_npf),
+    "nested-l2-vmmcall": (_nested("nested-l2-vmmcall", ["mov $0xc, %eax", "vmmcall"]), _check_l2_vmmcall_ud),
 }
-SEED_GUESTS = [(f"{mode}-{seed}", G.generate(seed, mode=mode)) for seed in RIG_SEEDS for mode in G.MODES]
+SEED_GUESTS = [(f"{mode}-{seed}", G.generate(seed, mode=mode)) for seed in RIG_SEEDS for mode in ("long64", "real")]
+SEED_GUESTS += [(f"nested-{seed}", G.generate(seed, mode="nested")) for seed in NESTED_SEEDS]
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,16 @@ class AsmError(RuntimeError):
     """``as`` rejected a generated source (a generator bug): the message has its stderr."""
 
 
-def assemble(source: str) -> tuple[bytes, dict]:
-    """(flat image, {label: offset}) of a 64-bit source."""
-    key = hashlib.sha256(source.encode()).hexdigest()[:32]
+def guests_dir() -> Path:
+    """The source tree's guests/ (include/ and flat.ld): linked guests need it."""
+    return Path(__file__).resolve().parents[2] / "guests"
+
+
+def assemble(source: str, linked: bool = False) -> tuple[bytes, dict]:
+    """(flat image, {label: offset}) of a 64-bit source.  ``linked``: a source in the shipped
+    guests' form (C preprocessor with guests/include, ``ld -T guests/flat.ld``: sections
+    .text/.rodata/.data laid out from the load address), as guests/build.py builds them."""
+    key = hashlib.sha256((("linked:" if linked else "") + source).encode()).hexdigest()[:32]
     hit = _MEMO.get(key)
     if hit is not None:
         return hit
@@ -52,6 +59,52 @@ def assemble(source: str) -> tuple[bytes, dict]:
     missing = missing_tools()
     if missing:
         raise FeatureUnavailable(f"assembling fuzz guests needs {', '.join(missing)} (Debian: apt-get install binutils)")
+    if linked:
+        image, syms = _assemble_linked(source)
+    else:
+        image, syms = _assemble_flat(source)
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+        binf.write_bytes(image)
+        symf.write_text(json.dumps(syms))
+    except OSError:
+        pass
+    _MEMO[key] = (image, syms)
+    if len(_MEMO) > 4096:
+        _MEMO.clear()
+    return image, syms
+
+
+def _assemble_linked(source: str) -> tuple[bytes, dict]:
+    gdir = guests_dir()
+    if not (gdir / "include").is_dir() or shutil.which("cpp") is None or shutil.which("ld") is None:
+        raise FeatureUnavailable(f"nested fuzz guests need the source tree's guests/ ({gdir}), cpp and ld "
+                                 f"(Debian: apt-get install cpp binutils)")
+    from .. import protocol as P
+
+    with tempfile.TemporaryDirectory(prefix="kvmh-fuzz-") as tmp:
+        src, pre, obj, elf, out = (Path(tmp, n) for n in ("g.S", "g.s", "g.o", "g.elf", "g.bin"))
+        src.write_text(source)
+        steps = (["cpp", "-x", "assembler-with-cpp", "-undef", "-nostdinc", f"-I{gdir / 'include'}", str(src),
+                  "-o", str(pre)],
+                 ["as", "--64", "-o", str(obj), str(pre)],
+                 ["ld", "-T", str(gdir / "flat.ld"), "-z", "noexecstack", "--build-id=none", "-o", str(elf),
+                  str(obj)],
+                 ["objcopy", "-O", "binary", str(elf), str(out)])
+        for argv in steps:
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode:
+                raise AsmError(f"{argv[0]} failed: {r.stderr.strip()[:2000]}")
+        r = subprocess.run(["nm", str(elf)], capture_output=True, text=True)
+        syms = {}
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                syms[parts[2]] = int(parts[0], 16) - P.GUEST_LOAD_ADDR
+        return out.read_bytes(), syms
+
+
+def _assemble_flat(source: str) -> tuple[bytes, dict]:
     with tempfile.TemporaryDirectory(prefix="kvmh-fuzz-") as tmp:
         src, obj, out = Path(tmp, "g.S"), Path(tmp, "g.o"), Path(tmp, "g.bin")
         src.write_text(source)
@@ -68,14 +121,4 @@ def assemble(source: str) -> tuple[bytes, dict]:
             parts = line.split()
             if len(parts) == 3:
                 syms[parts[2]] = int(parts[0], 16)
-        image = out.read_bytes()
-    try:
-        cdir.mkdir(parents=True, exist_ok=True)
-        binf.write_bytes(image)
-        symf.write_text(json.dumps(syms))
-    except OSError:
-        pass
-    _MEMO[key] = (image, syms)
-    if len(_MEMO) > 4096:
-        _MEMO.clear()
-    return image, syms
+        return out.read_bytes(), syms

@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="how many guests (default 100; 1 with --seed)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default 0)")
     p.add_argument("--mode", default="long64,real", metavar="M[,M]",
-                   help="guest entry modes, each seed in each (long64,real)")
+                   help="guest kinds, each seed in each: long64, real, nested (L1 on SVM: needs a "
+                        "kvm_amd with nested=1, e.g. --pair rig,sim) (default long64,real)")
     p.add_argument("--pair", default="kvm,sim",
                    help="the two backends compared: kvm,sim (this host) or rig,sim (a rig's kvm_amd)")
     p.add_argument("--rig", default=None, metavar="NAME", help="with --pair rig,sim: the rig (default: the "

@@ -91,6 +91,9 @@ LAYOUTS = {
     # real mode: everything below 1 MiB; RAM ends at 768 KiB, the device sits at segment
     # 0xD000 (FS), the scratch page at segment 0x2000 (GS) -- see gen_real.py
     "real": Layout("real", 0xD0000, 0x20000, 0xC0000, ("rsi", "rdi")),
+    # nested SVM (gen_nested.py): guests/include/svm.h's layout in 4 MiB (VMCB, IOPM,
+    # host save area at 1 MiB, L2's stack at 3 MiB); scratch page above them
+    "nested": Layout("long64", MMIO_BASE, 0x380000, 4 << 20, ("r8", "r9")),
 }
 
 
@@ -110,6 +113,9 @@ class Guest:
         if self.mode == "real":
             from .gen_real import source_real
             return source_real(self)
+        if self.mode == "nested":
+            from .gen_nested import source_nested
+            return source_nested(self)
         out = [f"# kvmharness fuzz guest, seed {self.seed}", ".code64", ".text", ".globl _start",
                "_start:"]
         out += ["    " + line for line in self.prologue]
@@ -440,7 +446,7 @@ WEIGHTS = (("op_out", 10), ("op_in", 10), ("op_string_io", 10), ("op_mmio_load",
            ("op_cpuid", 6), ("op_hlt", 2))
 
 
-MODES = ("long64", "real")
+MODES = ("long64", "real", "nested")
 
 
 def generate(seed: int, n_ops: int | None = None, mode: str = "long64") -> Guest:
@@ -448,6 +454,9 @@ def generate(seed: int, n_ops: int | None = None, mode: str = "long64") -> Guest
     if mode == "real":
         from .gen_real import generate_real
         return generate_real(seed, n_ops)
+    if mode == "nested":
+        from .gen_nested import generate_nested
+        return generate_nested(seed, n_ops)
     if mode != "long64":
         raise ValueError(f"unknown fuzz guest mode {mode!r}: {', '.join(MODES)}")
     g = _Gen(seed)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import runner as R
-from .asm import assemble
 
 RIG_PROFILE = "kvm_amd"
 
@@ -41,7 +40,7 @@ class RigBatch:
 
 
 def batch_json(guests) -> str:
-    return json.dumps({"guests": [{"guest": g.to_dict(), "image": assemble(g.source())[0].hex()}
+    return json.dumps({"guests": [{"guest": g.to_dict(), "image": R.assemble_guest(g)[0].hex()}
                                   for g in guests]})
 
 

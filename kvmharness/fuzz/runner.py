@@ -162,11 +162,16 @@ def open_targets(pair=("kvm", "sim"), profile: str | None = None) -> list:
     return targets
 
 
+def assemble_guest(guest: G.Guest) -> tuple[bytes, dict]:
+    """The guest's flat image and labels (nested guests: preprocessed and linked)."""
+    return assemble(guest.source(), linked=guest.mode == "nested")
+
+
 def run(target: Target, guest: G.Guest, *, max_exits: int = MAX_EXITS, image: bytes | None = None) -> Recording:
     """Run ``guest`` on ``target`` (``image``: its assembled bytes, e.g. on a rig without
     binutils; default: assemble its source here)."""
     if image is None:
-        image, _syms = assemble(guest.source())
+        image, _syms = assemble_guest(guest)
     rec = Recording(target.name)
     lay = guest.layout
     dev = Devices(guest.seed, lay.mmio_base)
@@ -213,6 +218,11 @@ def _loop(vcpu, dev, rec, max_exits):
                 r = vcpu.get_regs()
                 rec.outcome = "exception"
                 rec.detail = f"vector {r.rbx & 0xff} at {r.rcx:#x}"
+                return
+            if e.port == P.UCALL_PORT and e.data[:1] in (bytes([P.UCALL_FAIL]), bytes([P.UCALL_DONE])):
+                r = vcpu.get_regs()  # the library's FAIL (nested guests: no SVM offered) or DONE
+                rec.outcome = "fail" if e.data[:1] == bytes([P.UCALL_FAIL]) else "end"
+                rec.detail = f"ucall {e.data[0]} rbx={r.rbx:#x} rcx={r.rcx:#x}"
                 return
         elif isinstance(e, X.IoIn):
             vcpu.complete(dev.port_in(e))
@@ -263,7 +273,7 @@ class Mismatch:
 
 def op_ranges(guest: G.Guest) -> list:
     """[(start rip, end rip)] of each op, as loaded."""
-    _img, syms = assemble(guest.source())
+    _img, syms = assemble_guest(guest)
     base = P.GUEST_LOAD_ADDR
     return [(base + syms[f"op{i}_start"], base + syms[f"op{i}_end"]) for i in range(len(guest.ops))]
 
@@ -317,7 +327,7 @@ def compare(guest: G.Guest, a: Recording, b: Recording, deviations=frozenset()) 
         return Mismatch("outcome", n, f"{a.outcome}/{b.outcome} {a.backend}: {len(a.steps)} exits "
                                       f"({a.outcome} {a.detail}), {b.backend}: {len(b.steps)} exits "
                                       f"({b.outcome} {b.detail}); next: {longer.backend} {nxt}", op)
-    if a.outcome in ("end", "exception", "shutdown", "internal"):
+    if a.outcome in ("end", "exception", "shutdown", "internal", "fail"):
         if a.mmio != b.mmio:
             offs = [i for i in range(len(a.mmio)) if a.mmio[i] != b.mmio[i]]
             return Mismatch("mmio", -1, f"device bytes differ at {guest.layout.mmio_base + offs[0]:#x} "
