@@ -7,6 +7,7 @@ installed; the missing-labgrid message is tested everywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -43,10 +44,11 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30
 
 
 class Lab:
-    def __init__(self, address: str, bindir: Path, tmp: Path):
+    def __init__(self, address: str, bindir: Path, tmp: Path, place: str = PLACE):
         self.address = address
         self.bindir = bindir
         self.tmp = tmp
+        self.place = place
 
     def client(self, *args: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         env = {**os.environ, **({"LG_USERNAME": user} if user else {})}
@@ -57,7 +59,7 @@ class Lab:
         return p
 
     def acquired_by(self) -> str:
-        out = self.client("-p", PLACE, "show").stdout
+        out = self.client("-p", self.place, "show").stdout
         line = next(l for l in out.splitlines() if l.strip().startswith("acquired:"))
         return line.split(":", 1)[1].strip()
 
@@ -65,18 +67,22 @@ class Lab:
         return self.client("reservations").stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def lab(ssh_lab, tmp_path_factory):
+def _need_labgrid() -> Path:
     pytest.importorskip("labgrid", reason="labgrid is not installed (pip install -e '.[labgrid]')")
     bindir = Path(sys.executable).parent
     for tool in ("labgrid-coordinator", "labgrid-exporter", "labgrid-client"):
         if not (bindir / tool).exists():
             pytest.skip(f"{tool} is not beside {sys.executable} (labgrid installed elsewhere)")
-    tmp = tmp_path_factory.mktemp("labgrid")
-    server = ssh_lab.start_sshd()
-    ssh_lab.pin_host_key(server.port)
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
+    return bindir
+
+
+@contextlib.contextmanager
+def labgrid_lab(tmp: Path, host: str, port: int, place: str, tags: list[str], user: str = "root"):
+    """A coordinator and an exporter on 127.0.0.1, exporting one NetworkService (host:port)
+    that one place with ``tags`` matches."""
+    bindir = _need_labgrid()
+    cport = _free_port()
+    address = f"127.0.0.1:{cport}"
     procs = []
     try:
         log = tmp / "coordinator.log"
@@ -84,24 +90,22 @@ def lab(ssh_lab, tmp_path_factory):
             coord = subprocess.Popen([str(bindir / "labgrid-coordinator"), "-l", address], cwd=tmp,
                                      stdout=out, stderr=subprocess.STDOUT)
         procs.append(coord)
-        _wait_port(port, coord, log)
+        _wait_port(cport, coord, log)
         (tmp / "exporter.yaml").write_text(
-            f"{GROUP}:\n  NetworkService:\n    address: '{NS_ADDR}'\n    username: root\n    port: {server.port}\n")
+            f"{GROUP}:\n  NetworkService:\n    address: '{host}'\n    username: {user}\n    port: {port}\n")
         elog = tmp / "exporter.log"
         with open(elog, "w") as out:
             procs.append(subprocess.Popen([str(bindir / "labgrid-exporter"), "-c", address, "-n", EXPORTER,
                                            "--hostname", "127.0.0.1", str(tmp / "exporter.yaml")], cwd=tmp,
                                           stdout=out, stderr=subprocess.STDOUT))
-        lab = Lab(address, bindir, tmp)
+        lab = Lab(address, bindir, tmp, place)
         deadline = time.monotonic() + 30
         while f"{EXPORTER}/{GROUP}/NetworkService" not in lab.client("resources").stdout:
             assert time.monotonic() < deadline, elog.read_text()[-800:]
             time.sleep(0.2)
-        lab.client("-p", PLACE, "create")
-        lab.client("-p", PLACE, "add-match", f"{EXPORTER}/{GROUP}/NetworkService")
-        lab.client("-p", PLACE, "set-tags", "sev_es=1", "site=netns")
-        lab.ssh = ssh_lab
-        lab.server = server
+        lab.client("-p", place, "create")
+        lab.client("-p", place, "add-match", f"{EXPORTER}/{GROUP}/NetworkService")
+        lab.client("-p", place, "set-tags", *tags)
         yield lab
     finally:
         for p in reversed(procs):
@@ -110,6 +114,20 @@ def lab(ssh_lab, tmp_path_factory):
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def lab(ssh_lab, tmp_path_factory):
+    _need_labgrid()
+    server = ssh_lab.start_sshd()
+    ssh_lab.pin_host_key(server.port)
+    try:
+        with labgrid_lab(tmp_path_factory.mktemp("labgrid"), NS_ADDR, server.port, PLACE,
+                         ["sev_es=1", "site=netns"]) as lab:
+            lab.ssh = ssh_lab
+            lab.server = server
+            yield lab
+    finally:
         if server.proc.poll() is None:
             server.kill()
 
@@ -226,3 +244,93 @@ def test_unreachable_coordinator_is_one_line(tmp_path):
                 str(tmp_path / "k"), "--", "true", timeout=120)
     assert p.returncode == 3, p.stdout + p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "labgrid coordinator" in p.stderr
+
+
+def test_rig_in_a_box_as_a_labgrid_place(svm_rig, project_wheel, tmp_path):
+    """The session's SVM rig in a box (tests/rig_fixtures.py, booted once) exported as a
+    labgrid place: reserve, ship and run there through labgrid, then the same over the plain
+    SSH path; both times are printed."""
+    import tomllib
+
+    _need_labgrid()
+    rig = tomllib.loads(svm_rig.inventory.read_text())["rigs"]["svm-rig"]
+    cmd = ("sh", "-c", "grep -qw svm /proc/cpuinfo && test -c /dev/kvm && echo svm-and-kvm-here")
+    with labgrid_lab(tmp_path, "127.0.0.1", rig["port"], "svm-rig-box", ["svm=1", "tcg=1"]) as lab:
+        t0 = time.monotonic()
+        p = run_cli("rig", "run", "--labgrid", lab.address, "--tag", "svm=1", "--ssh-key", rig["key_file"],
+                    "--known-hosts", rig["known_hosts"], "--python", rig["python"], "--wheel", str(project_wheel),
+                    "--results", str(tmp_path / "lg"), "--plain", "--backend", "kvm", "--", *cmd, timeout=900)
+        t_lg = time.monotonic() - t0
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "[svm-rig-box] svm-and-kvm-here" in p.stdout
+        assert "labgrid: released svm-rig-box" in p.stdout and lab.acquired_by() == "None"
+        timing = next(l for l in p.stdout.splitlines() if l.startswith("labgrid: connect"))
+    t0 = time.monotonic()
+    q = run_cli("rig", "run", "--inventory", str(svm_rig.inventory), "--wheel", str(project_wheel), "--results",
+                str(tmp_path / "ssh"), "--plain", "--backend", "kvm", "--", *cmd, timeout=900)
+    t_ssh = time.monotonic() - t0
+    assert q.returncode == 0, q.stdout + q.stderr
+    assert "[svm-rig] svm-and-kvm-here" in q.stdout
+    print(f"\nrig in a box: reserve+ship+run through labgrid {t_lg:.1f} s ({timing}); "
+          f"plain SSH path {t_ssh:.1f} s")
+
+
+ENV_FILE = ROOT / "ci" / "rig" / "labgrid-env.yaml"
+
+
+def _rig_target():
+    _need_labgrid()
+    from labgrid import Environment  # the test reads the env file as a labgrid user would
+
+    return Environment(str(ENV_FILE)).get_target("main")
+
+
+def test_labgrid_env_file_is_the_rig_in_a_box(tmp_path):
+    """ci/rig/labgrid-env.yaml loads in labgrid, binds the strategy to its QEMU and SSH
+    drivers, and starts the same machine as ci/rig/boot-rig.sh."""
+    target = _rig_target()
+    strategy = target.get_driver("RigInABoxStrategy", activate=False)
+    assert type(strategy.qemu).__name__ == "QEMUDriver" and type(strategy.ssh).__name__ == "SSHDriver"
+    assert strategy.ssh.networkservice.address == "127.0.0.1"
+    boot = (ROOT / "ci" / "rig" / "boot-rig.sh").read_text()
+    common = (ROOT / "ci" / "rig" / "common.sh").read_text()
+    cfg = strategy.qemu
+    # The machine boot-rig.sh starts: the same CPU model, one vCPU, TCG, q35, 2 GiB, kernel command line.
+    for flag in (f"-machine {cfg.machine}", f"-cpu {cfg.cpu}", "-smp 1", "-accel tcg",
+                 f"-m {cfg.memory.rstrip('M')}"):
+        assert flag in boot, flag
+    assert "-smp 1" in cfg.extra_args and "-accel tcg" in cfg.extra_args
+    assert f'-append "{cfg.boot_args}"' in boot
+    # The cached build's files, at the scripts' default cache.
+    cache = '${KVMHARNESS_RIG_CACHE:-/var/cache/kvmharness-rig}'
+    assert f'RIG_CACHE="{cache}"' in common
+    assert "-initrd /var/cache/kvmharness-rig/rig.cpio.zst" in cfg.extra_args
+    assert 'RIG_INITRD="$RIG_CACHE/rig.cpio.zst"' in common
+    assert strategy.ssh.keyfile == "/var/cache/kvmharness-rig/rig_ed25519"
+    assert 'RIG_KEY="$RIG_CACHE/rig_ed25519"' in common
+    assert target.env.config.get_image_path("kernel") == "/var/cache/kvmharness-rig/vmlinuz"
+    assert 'RIG_KERNEL="$RIG_CACHE/vmlinuz"' in common
+    # The strategy forwards to the guest address the rig's init configures.
+    from kvmharness.remote.labgrid import RIG_GUEST_ADDR
+
+    assert f"ip addr add {RIG_GUEST_ADDR}/24 dev eth0" in (ROOT / "ci" / "rig" / "build-rig.sh").read_text()
+
+
+@pytest.mark.skipif(os.environ.get("KVMHARNESS_LABGRID_BOOT") != "1",
+                    reason="boots a second rig in a box through labgrid's QEMUDriver (minutes under TCG); "
+                           "set KVMHARNESS_LABGRID_BOOT=1 to run it")
+def test_labgrid_env_boots_the_rig_and_reaches_it_over_ssh():
+    target = _rig_target()
+    if not Path(target.env.config.get_image_path("kernel")).exists():
+        pytest.skip("the rig in a box is not built (bash ci/rig/build-rig.sh)")
+    strategy = target.get_driver("RigInABoxStrategy")
+    t0 = time.monotonic()
+    try:
+        strategy.transition("ssh")
+        booted = time.monotonic() - t0
+        out = target.get_driver("SSHDriver").run_check("grep -c -w svm /proc/cpuinfo; ls /sys/module | grep -x kvm_amd")
+        assert out[-1] == "kvm_amd" and int(out[0]) >= 1
+        print(f"\nlabgrid QEMUDriver + SSHDriver: the rig in a box answered SSH {booted:.1f} s after power on "
+              f"(127.0.0.1:{strategy.port})")
+    finally:
+        strategy.transition("off")

@@ -257,3 +257,105 @@ def labgrid_rigs(opts: LabgridOptions, note: Callable[[str], None]) -> Iterator[
             note(f"labgrid: could not {p}")
         s.close()
         opts.timings["release"] = time.monotonic() - t3
+
+
+# -- the rig in a box as a labgrid target (ci/rig/labgrid-env.yaml) ----------------------
+RIG_GUEST_ADDR = "10.0.2.15"  # QEMU user networking's first guest address (ci/rig/build-rig.sh's init)
+
+
+def _define_rig_strategy():
+    """``RigInABoxStrategy``, registered with labgrid's target factory so that an
+    environment file (``imports: [kvmharness.remote.labgrid]``) can name it.
+
+    States ``off`` and ``ssh``: ``ssh`` starts QEMU (QEMUDriver, its power protocol),
+    forwards a free 127.0.0.1 port to the rig's sshd (QEMU's hostfwd, loopback only),
+    points the target's NetworkService at it, activates the SSHDriver (which retries
+    while the rig boots, up to its ``connection_timeout``) and checks that the rig is an
+    SVM host with /dev/kvm.
+    """
+    import enum
+    import socket
+
+    import attr
+    from labgrid.factory import target_factory
+    from labgrid.step import step
+    from labgrid.strategy.common import Strategy, StrategyError, never_retry
+
+    class Status(enum.Enum):
+        unknown = 0
+        off = 1
+        ssh = 2
+
+    @target_factory.reg_driver
+    @attr.s(eq=False)
+    class RigInABoxStrategy(Strategy):
+        """Boot the SVM rig in a box with QEMUDriver and reach it with SSHDriver."""
+
+        bindings = {"qemu": "QEMUDriver", "ssh": "SSHDriver"}
+        status = attr.ib(default=Status.unknown)
+        netdev = attr.ib(default="n0", validator=attr.validators.instance_of(str))
+        boot_timeout = attr.ib(default=300.0, converter=float)
+        port = attr.ib(default=None)  # the 127.0.0.1 port forwarded to the rig's sshd
+        console = attr.ib(default=b"")  # what the rig printed on its serial console
+
+        def _drain(self, seconds: float) -> None:
+            """Read the serial console for ``seconds``: QEMU stalls a guest whose console
+            output nobody reads, so it is read all along the boot (and kept)."""
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                try:
+                    self.console += self.qemu.read(size=4096, timeout=left)
+                except Exception:  # noqa: BLE001 - pexpect's TIMEOUT: nothing more to read now
+                    return
+
+        def _sshd_answers(self) -> bool:
+            """A real SSH banner on the forwarded port (QEMU's forwarder itself accepts at once)."""
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as c:
+                    c.settimeout(2)
+                    return c.recv(4).startswith(b"SSH-")
+            except OSError:
+                return False
+
+        @never_retry
+        @step(args=["status"])
+        def transition(self, status, *, step):  # noqa: ARG002 - labgrid's step decorator passes it
+            if not isinstance(status, Status):
+                status = Status[status]
+            if status == Status.unknown:
+                raise StrategyError(f"can not transition to {status}")
+            if status == self.status:
+                return
+            if status == Status.off:
+                self.target.deactivate(self.ssh)
+                self.target.activate(self.qemu)
+                self.qemu.off()
+                self.port = None
+            elif status == Status.ssh:
+                self.transition(Status.off)
+                self.qemu.on()
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    self.port = s.getsockname()[1]
+                self.qemu.add_port_forward("tcp", "127.0.0.1", self.port, RIG_GUEST_ADDR, 22, self.netdev)
+                self.ssh.networkservice.port = self.port
+                deadline = time.monotonic() + self.boot_timeout
+                while not self._sshd_answers():
+                    if time.monotonic() > deadline:
+                        tail = self.console.decode("utf-8", "replace").strip().splitlines()[-5:]
+                        raise StrategyError(f"the rig's sshd did not answer within {self.boot_timeout:g} s; "
+                                            f"console: {' | '.join(tail) or '(nothing)'}")
+                    self._drain(1.0)
+                self.target.activate(self.ssh)
+                self.ssh.run_check("grep -qw svm /proc/cpuinfo && test -c /dev/kvm")
+            self.status = status
+
+    return RigInABoxStrategy
+
+
+try:
+    import labgrid as _labgrid  # noqa: F401  (only to know whether the strategy can be defined)
+except ImportError:
+    RigInABoxStrategy = None
+else:
+    RigInABoxStrategy = _define_rig_strategy()
