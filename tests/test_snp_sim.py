@@ -110,14 +110,20 @@ def test_launch_digest_is_the_offline_digest_and_measure_cli(hello):
     assert json.loads(out.stdout)["launch_digest"] == m.launch_result.launch_digest.hex()
 
 
-def test_double_validate_reports_no_change_and_size_mismatch():
+def test_double_validate_reports_no_change_size_mismatch_and_rmpadjust():
     m, r = _run("snp-double-validate")
-    m.close()
-    assert r.outcome == "done", r.describe()
-    v = r.values
-    base = SNP | 0x100
-    assert [v[base | n] for n in range(1, 6)] == [
-        R.SUCCESS, R.SUCCESS | 0x100, R.SUCCESS, R.SUCCESS | 0x100, R.FAIL_SIZEMISMATCH]
+    try:
+        assert r.outcome == "done", r.describe()
+        v = r.values
+        base = SNP | 0x100
+        assert [v[base | n] for n in range(1, 9)] == [
+            R.SUCCESS, R.SUCCESS | 0x100, R.SUCCESS, R.SUCCESS | 0x100, R.FAIL_SIZEMISMATCH,
+            R.SUCCESS, R.FAIL_PERMISSION, R.FAIL_INPUT]
+        kvm = m.vm._sev_model.kvm
+        e = m.vm._sev_model.firmware.rmp.effective(kvm.gmem_pfn(UNTOUCHED >> 12))[0]
+        assert (e.validated, e.perms[1], e.perms[2]) == (False, R.Perm.READ | R.Perm.WRITE, 0)
+    finally:
+        m.close()
 
 
 def test_unvalidated_page_raises_vc_404_at_the_load():

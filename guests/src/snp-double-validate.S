@@ -11,6 +11,10 @@
  *   4 rescind    -> 0x100  (no change again)
  *   5 validate a 2 MiB page at 0x200000-aligned GPA 0 the RMP holds as 4 KiB
  *                -> 6      (FAIL_SIZEMISMATCH)
+ * and of RMPADJUST on the same page (RDX = target VMPL << 8 | permissions):
+ *   6 VMPL1 read+write               -> 0
+ *   7 VMPL0 (not above the caller's) -> 2 (FAIL_PERMISSION)
+ *   8 VMPL1 with reserved bit 5      -> 1 (FAIL_INPUT)
  * then DONE.
  */
 #define GUEST_MODE_LONG64
@@ -45,6 +49,24 @@ GUEST_ENTRY
         PVALIDATE
         RESULT
         ES_REPORT($KEY(5), %r9)
+        mov     $PAGE, %eax
+        xor     %ecx, %ecx
+        mov     $((1 << 8) | 3), %edx
+        RMPADJUST
+        RESULT
+        ES_REPORT($KEY(6), %r9)
+        mov     $PAGE, %eax
+        xor     %ecx, %ecx
+        mov     $1, %edx
+        RMPADJUST
+        RESULT
+        ES_REPORT($KEY(7), %r9)
+        mov     $PAGE, %eax
+        xor     %ecx, %ecx
+        mov     $((1 << 8) | 0x20), %edx
+        RMPADJUST
+        RESULT
+        ES_REPORT($KEY(8), %r9)
         ES_DONE
 
 snp_on_vc:
