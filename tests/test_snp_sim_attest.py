@@ -179,3 +179,23 @@ def test_snp_report_refuses_a_guest_that_is_not_snp(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kvmharness", "snp", "report", "hello", "--out",
                         str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2 and "not an SEV-SNP guest" in p.stderr
+
+
+def test_msg_key_req_from_the_guest_gets_the_firmwares_derived_key():
+    from kvmharness.snp.messages import GuestFieldSelect, KeyRequest, derive_key
+
+    fields = int(GuestFieldSelect.MEASUREMENT | GuestFieldSelect.GUEST_POLICY)
+    m = Machine.for_guest("snp-attest", "sim", sev="sev-snp")
+    try:
+        m.vm.write(INPUT, REPORT_DATA + struct.pack("<IIIIQ", 1, 32, 0, 0, fields))
+        r = m.run(timeout=60)
+        assert r.outcome == "done", r.describe()
+        v = r.values
+        assert (v[KEY | 0x16], v[KEY | 0x17], v[KEY | 0x18]) == (0, 0, 0)
+        fw = m.vm._sev_model.messages
+        status, key = derive_key(fw.chip, fw.guest, KeyRequest(guest_field_select=fields, vmpl=1))
+        assert status == 0
+        assert (v[KEY | 0x19], v[KEY | 0x1A]) == struct.unpack("<QQ", key[:16])
+        assert m.vm.read(OUTPUT + 0x820, 32) == key
+    finally:
+        m.close()

@@ -4,7 +4,8 @@
  * After snp_init it makes eight pages shared with one PSC NAE event: the
  * input page (0x1A000, written by the host before the run: REPORT_DATA[64]
  * at 0, u32 VMPL at 0x40, u32 flags at 0x44, u32 certificate pages offered at
- * 0x48 (0: 4), u32 extra requests at 0x4C), the output page (0x1B000), the
+ * 0x48 (0: 4), u32 extra requests at 0x4C, u64 GUEST_FIELD_SELECT at 0x50),
+ * the output page (0x1B000), the
  * request and response pages of the guest request (0x1C000, 0x1D000) and a
  * 4-page certificate buffer (0x1E000).  It takes VMPCK0 from the secrets page,
  * builds MSG_REPORT_REQ (REPORT_DATA and VMPL from the input page) in an SNP
@@ -25,6 +26,10 @@
  *   bit 2 -> 0x12: a corrupted tag
  *   bit 3 -> 0x13: VMPCK0 wiped (an all-zero key), right msg_seqno
  *   bit 4 -> 0x14: after those, a good request again (0: the sequence resumes)
+ *   bit 5 -> MSG_KEY_REQ (VCEK root, GUEST_FIELD_SELECT and VMPL from the input
+ *            page): 0x16 SW_EXIT_INFO_2, 0x17 the tag check, 0x18 MSG_KEY_RSP
+ *            STATUS, 0x19 / 0x1A the derived key's bytes 0-7 / 8-15 (the whole
+ *            MSG_KEY_RSP at output page offset 0x800)
  * then the extra requests (a measurement: reports per second), the last one's
  * SW_EXIT_INFO_2 as 0x15, and DONE.
  */
@@ -130,7 +135,27 @@ GUEST_ENTRY
         mov     $SVM_VMGEXIT_GUEST_REQUEST, %eax
         call    report_request
         ES_REPORT($KEY(0x13), %rax)
-8:      mov     INPUT + 0x4C, %eax             /* extra requests (msg_* clobber R8-R15) */
+8:      testl   $32, flags(%rip)                /* a derived key */
+        jz      12f
+        movb    $1, key_req(%rip)
+        mov     $SVM_VMGEXIT_GUEST_REQUEST, %eax
+        call    report_request
+        movb    $0, key_req(%rip)
+        mov     %rax, last_err(%rip)
+        ES_REPORT($KEY(0x16), %rax)
+        cmpq    $0, last_err(%rip)
+        jne     12f
+        mov     $RESP, %ebx
+        mov     $(OUTPUT + 0x800), %edi
+        call    msg_open
+        ES_REPORT($KEY(0x17), %rax)
+        mov     OUTPUT + 0x800, %eax
+        ES_REPORT($KEY(0x18), %rax)
+        mov     OUTPUT + 0x820, %rax
+        ES_REPORT($KEY(0x19), %rax)
+        mov     OUTPUT + 0x828, %rax
+        ES_REPORT($KEY(0x1A), %rax)
+12:     mov     INPUT + 0x4C, %eax             /* extra requests (msg_* clobber R8-R15) */
         mov     %eax, extra(%rip)
         test    %eax, %eax
         jz      10f
@@ -171,13 +196,22 @@ report_request:
         mov     $12, %ecx
         xor     %eax, %eax
         rep stosq
-        mov     $INPUT, %esi
+        cmpb    $0, key_req(%rip)
+        je      5f
+        movb    $SNP_MSG_KEY_REQ, 0x34(%rbx)    /* MSG_KEY_REQ: VCEK root, fields, VMPL */
+        movw    $0x20, 0x36(%rbx)
+        mov     INPUT + 0x50, %rax
+        mov     %rax, PAYLOAD + 8
+        mov     INPUT + 0x40, %eax
+        mov     %eax, PAYLOAD + 0x10
+        jmp     6f
+5:      mov     $INPUT, %esi
         mov     $PAYLOAD, %edi
         mov     $64, %ecx
         rep movsb
         mov     INPUT + 0x40, %eax
         mov     %eax, PAYLOAD + 0x40
-        mov     $PAYLOAD, %esi
+6:      mov     $PAYLOAD, %esi
         call    msg_seal
         cmpb    $0, corrupt(%rip)
         je      1f
@@ -215,6 +249,7 @@ flags:          .long 0
 extra:          .long 0
 last_err:       .quad 0
 corrupt:        .byte 0
+key_req:        .byte 0
         .balign 8
 zero_key:       .fill 32, 1, 0
 psc_desc:       /* 8 entries: 0x1A000 .. 0x21000 -> shared */
