@@ -197,7 +197,8 @@ def test_the_kvm_backends_capabilities_answer():
 _BACKEND_NAMES = ({n for base in (Vcpu, Vm, System) for n in dir(base) if not n.startswith("__")}
                   | {"svm", "core", "sev_model", "sev_firmware", "profile", "hw_trace", "kvm_run",
                      "vmsa_saved_at_exit", "vcpus", "vm_type", "system", "_fast", "_sev_model",
-                     "_sev_memory", "_vms", "_run_failure_hint", "_sev_interface_of_vm"})
+                     "_sev_memory", "_vms", "_run_failure_hint", "_sev_interface_of_vm", "remapped",
+                     "snp_chip", "firmware"})
 
 
 def _probes(package: Path = PACKAGE) -> list[str]:

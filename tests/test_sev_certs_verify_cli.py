@@ -125,6 +125,7 @@ class _ExportOnly:
     """A stand-in /dev/sev that answers PDH_CERT_EXPORT with a captured real chain."""
 
     backend = "kvm"
+    firmware = None  # as SevPlatformInterface declares: a real /dev/sev has no model behind it
 
     def __init__(self, gen: str):
         self.raw = {r: (DATA / gen / f"{r}.cert").read_bytes() for r in ("pdh", "pek", "oca", "cek")}

@@ -253,9 +253,8 @@ def cmd_verify(args) -> int:
                 chip_id = p.get_id()
             except (AttributeError, E.HarnessError):
                 chip_id = None  # the reason then names the KDS address without the id
-            fw = getattr(p, "firmware", None)
-            if fw is not None and getattr(fw, "ark_cert", None) is not None:
-                platform_roots = (fw.ark_cert, fw.ask_cert)
+            if p.firmware is not None:  # simulated: its stand-in AMD roots
+                platform_roots = (p.firmware.ark_cert, p.firmware.ask_cert)
         chain = {"pdh": pdh}
         for i, name in enumerate(("pek", "oca", "cek")):
             chain[name] = certs[i * CERT_SIZE:(i + 1) * CERT_SIZE]

@@ -87,6 +87,9 @@ class SevPlatformInterface(abc.ABC):
     """``/dev/sev``: the platform commands of the SEV firmware (docs/facts.md#facts-9)."""
 
     backend: str = "?"
+    #: the firmware model behind a simulated platform (``sev.firmware.SimulatedSevFirmware``,
+    #: whose ``ark_cert``/``ask_cert`` stand in for AMD's); None for a real /dev/sev
+    firmware: typing.Any = None
 
     @abc.abstractmethod
     def status(self):

@@ -401,8 +401,7 @@ class SnpVcpu(SevEsVcpu):
         """KVM's nested page table as a hypervisor rewired it: ``SimVm.remap_page`` (the
         lab) points a GPA at another guest page's memory, i.e. at its guest_memfd page."""
         kvm = self.snp_model.kvm
-        remapped = getattr(self.vm, "remapped", None) or {}
-        want = {g >> 12: kvm.gmem_pfn(t >> 12) for g, t in remapped.items()}
+        want = {g >> 12: kvm.gmem_pfn(t >> 12) for g, t in self.vm.remapped.items()}
         if want != kvm.npt_override:
             kvm.npt_override = want
 
@@ -562,7 +561,7 @@ def snp_chip_for(system):
     VCEK, the reports' signer (snp/attest.py), Milan as the firmware's CPUID says."""
     from ..snp.attest import SimulatedSnpChip
 
-    chip = getattr(system, "snp_chip", None)
+    chip = system.snp_chip
     if chip is None:
         chip = system.snp_chip = SimulatedSnpChip("milan")
     return chip

@@ -23,6 +23,8 @@ class SimSystem(System):
     name = "sim"
     #: the simulated SEV firmware (one chip per host), made on first use (sim/sev.py firmware_for)
     sev_firmware = None
+    #: the simulated SNP chip (snp/attest.py), made on first use (sim/snp.py snp_chip_for)
+    snp_chip = None
 
     def __init__(self, *, supported_cpuid=None, profile: str | KvmProfile | None = None):
         """``supported_cpuid`` replaces the model's table (cpumodel.SUPPORTED_CPUID), e.g. with
