@@ -214,6 +214,11 @@ class Vcpu(_Closable):
     def remove_vmexit_hook(self, callback: Callable[[Any], object]) -> None:
         raise self._unavailable("a #VMEXIT hook")
 
+    def add_rmp_fault_hook(self, callback: Callable[[str, int, int, int, str], object]) -> None:
+        """Call ``callback(kind, error_code, gpa, rip, why)`` at every RMP fault of an SEV-SNP
+        guest (#NPF with the RMP bit, #VC 0x404) as the hypervisor sees it."""
+        raise self._unavailable("an RMP fault hook (SEV-SNP)")
+
     @property
     def vmcb(self) -> Any:
         """The VMCB as the hardware left it at the last #VMEXIT (``sim/vmcb.py``'s view)."""

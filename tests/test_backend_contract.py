@@ -20,6 +20,7 @@ import pytest
 from kvmharness.backend import KVM_X86_DEFAULT_VM, System, Vcpu, Vm, kvm_usable
 from kvmharness.errors import FeatureUnavailable
 from kvmharness.sim.seves import SevEsVcpu
+from kvmharness.sim.snp import SnpVcpu
 from kvmharness.sim.system import SimSystem
 from kvmharness.sim.vcpu import SimVcpu
 from kvmharness.sim.vm import SimVm
@@ -45,6 +46,7 @@ VCPU_CAPABILITIES: dict[str, set[str]] = {
     "inject_exception": {"SimVcpu"},
     "vmsa_ciphertext": {"SevEsVcpu"},         # the encrypted VMSA as the host reads it
     "save_vmsa_at_exit": {"SevEsVcpu"},
+    "add_rmp_fault_hook": {"SnpVcpu"},        # RMP faults of an SEV-SNP guest (kvmharness.lab)
 }
 VM_CAPABILITIES: dict[str, set[str]] = {
     "open_sev_interface": {"KvmVm", "SimVm"},  # KVM_MEMORY_ENCRYPT_OP / the simulated PSP
@@ -84,11 +86,13 @@ def test_every_capability_has_a_default_that_refuses():
 @pytest.mark.parametrize("name", sorted(VCPU_CAPABILITIES))
 def test_which_vcpu_class_offers_which_capability(name):
     kvm_vcpu, _ = _kvm_classes()
-    classes = {"KvmVcpu": kvm_vcpu, "SimVcpu": SimVcpu, "SevEsVcpu": SevEsVcpu}
+    classes = {"KvmVcpu": kvm_vcpu, "SimVcpu": SimVcpu, "SevEsVcpu": SevEsVcpu, "SnpVcpu": SnpVcpu}
     offered = {label for label, cls in classes.items() if _implements(cls, Vcpu, name)}
     expected = set(VCPU_CAPABILITIES[name])
     if "SimVcpu" in expected:
         expected.add("SevEsVcpu")  # an SEV-ES vCPU is a simulated vCPU
+    if "SevEsVcpu" in expected:
+        expected.add("SnpVcpu")  # and an SNP vCPU an SEV-ES one
     assert offered == expected
 
 
@@ -113,7 +117,8 @@ def _call(obj, name: str):
     if name == "vmcb":
         return obj.vmcb
     args = {"enable_sync_regs": (False,), "inject_exception": (6,),
-            "add_vmexit_hook": (print,), "remove_vmexit_hook": (print,), "set_nested_state": (None,),
+            "add_vmexit_hook": (print,), "remove_vmexit_hook": (print,), "add_rmp_fault_hook": (print,),
+            "set_nested_state": (None,),
             "remap_page": (0x1000, 0x1000), "flush_code": (0x1000, 0x1000)}.get(name, ())
     return getattr(obj, name)(*args)
 

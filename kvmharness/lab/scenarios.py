@@ -516,7 +516,7 @@ def _remap_snp(machine) -> LabReport:
             machine.vm.remap_page(SERVICE_REPLY_PAGE, SERVICE_REPLY_PAGE)
             state["remapped"] = False
 
-    vcpu.rmp_fault_hooks.append(at_fault)
+    vcpu.add_rmp_fault_hook(at_fault)
     machine.on_exit(at_exit)
     result = machine.run()
     leaked = any(r["secret"] for r in replies)

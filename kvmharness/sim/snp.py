@@ -326,6 +326,10 @@ class SnpVcpu(SevEsVcpu):
         self.rmp_faults: list = []  # every RMP #NPF / #VC 0x404: (kind, code, gpa, rip, why)
         self.rmp_fault_hooks: list = []  # callables(kind, code, gpa, rip, why), e.g. the lab's
 
+    def add_rmp_fault_hook(self, callback) -> None:
+        """``callback(kind, code, gpa, rip, why)`` at every RMP fault (the lab's remap)."""
+        self.rmp_fault_hooks.append(callback)
+
     def mmu_class(self, core, mem, c_bit):
         return SnpMmu(core, mem, c_bit, self)
 
