@@ -306,7 +306,7 @@ def bench_sim(progress) -> dict | None:
     progress("sim: ioloop, straight-line instructions")
     out = run()
     try:
-        from .sim.sevbench import bench_sev
+        from .sevbench import bench_sev
     except ImportError:
         return out
     progress("sim: SEV launch, memory encryption, SEV-ES VMGEXIT and #VC")

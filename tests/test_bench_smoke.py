@@ -9,7 +9,7 @@ from kvmharness.images import get_guest
 
 @pytest.mark.requires_sim
 def test_sev_benchmark_runs_on_the_simulator():
-    from kvmharness.sim.sevbench import bench_sev
+    from kvmharness.sevbench import bench_sev
 
     out = bench_sev(repeat=1, n_cpuid=50, n_vmgexit=50)
     assert {"launch_ms", "run_ms", "vc_us", "vmgexit_per_s", "cpuid_exit_us"} <= set(out)

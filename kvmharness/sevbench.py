@@ -26,9 +26,9 @@ import statistics
 import struct
 import time
 
-from .. import exits
-from ..errors import SimulatorError
-from .. import protocol as P
+from . import exits
+from . import protocol as P
+from .errors import SimulatorError
 
 # start: out %al,$0x80
 # 1: xor %eax,%eax; xor %ecx,%ecx; cpuid; dec %r12; jnz 1b       (R12 = CPUID count)
@@ -49,10 +49,10 @@ MEMORY = 4 << 20
 
 
 def _loop_machine(system, es: bool, n_cpuid: int, n_vmgexit: int):
-    from ..abi import KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM
-    from ..boot import _idt_gate, load_image
-    from ..machine import Machine
-    from ..sev.policy import GuestPolicy
+    from .abi import KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM
+    from .boot import _idt_gate, load_image
+    from .machine import Machine
+    from .sev.policy import GuestPolicy
 
     m = Machine(system, memory=MEMORY, vm_type=KVM_X86_SEV_ES_VM if es else KVM_X86_DEFAULT_VM,
                 create_vcpu=not es)
@@ -97,11 +97,11 @@ def _phases(m, n_markers: int) -> list[float]:
 
 
 def bench_sev(repeat: int = 5, n_cpuid: int = 20_000, n_vmgexit: int = 20_000) -> dict:
-    from ..machine import Machine
-    from ..sev.memcrypt import GuestKey
-    from ..sev.policy import GuestPolicy
-    from ..sev.session import GuestOwner
-    from .system import SimSystem
+    from .machine import Machine
+    from .sev.memcrypt import GuestKey
+    from .sev.policy import GuestPolicy
+    from .sev.session import GuestOwner
+    from .sim.system import SimSystem
 
     out = {}
     launches, runs = [], []
