@@ -109,7 +109,29 @@ def _check_cmpxchg_miss(rec):
     assert r2["rflags"] & 0x40 == 0
 
 
+def _readback(rec):
+    lo, hi = (int.from_bytes(bytes.fromhex(e["data"]), "little") for e, _r in rec.steps
+              if e["exit"] == "IoOut" and e["port"] in (0x70, 0x71))
+    return hi << 32 | lo
+
+
+def _check_sysenter_esp(rec):
+    v, got = 0x62643D8EC3A8D666, _readback(rec)
+    # canonical for the host's virtual-address width (57 with LA57, else 48), low bits kept
+    assert got != v and got & (2**48 - 1) == v & (2**48 - 1)
+    assert got in (v & (2**57 - 1), v & (2**48 - 1))
+
+
+def _check_sysenter_cs(rec):
+    assert _readback(rec) == 0x8100000012345678  # KVM's copy, whole (the CPU keeps 16 bits)
+
+
+_READBACK = ["xor %eax, %eax", "xor %edx, %edx", "rdmsr", "out %eax, $0x70", "mov %edx, %eax", "out %eax, $0x71"]
 REGRESSIONS = {
+    "wrmsr-sysenter-esp-canonical": (["mov $0x175, %ecx", "mov $0xc3a8d666, %eax", "mov $0x62643d8e, %edx",
+                                      "wrmsr", *_READBACK], 0, _check_sysenter_esp),
+    "wrmsr-sysenter-cs-whole": (["mov $0x174, %ecx", "mov $0x12345678, %eax", "mov $0x81000000, %edx", "wrmsr",
+                                 *_READBACK], 0, _check_sysenter_cs),
     # name: (lines, MSR user-exit reasons, check)
     "rmw-add-mmio": (["addl $5, 0x10(%r15)"], 0, _check_rmw),
     "xchg-mmio": (["xchgq %rbx, 0x18(%r15)"], 0, _check_rmw),

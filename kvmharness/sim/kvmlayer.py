@@ -50,6 +50,7 @@ from .kvmpolicy import (KERNEL_MSRS, KVM_ENOSYS, KVM_EOPNOTSUPP, KVM_EPERM,  # n
                         hypercall_result, maxphyaddr, CANONICAL_MSRS, MSR_PAT, is_canonical,
                         xstate_required_size)
 _VMMCALL = b"\x0f\x01\xd9"
+SYSENTER_MSRS = (0x174, 0x175, 0x176)
 
 
 # Intercepts KVM resolves without userspace, and how (svm_exit_handlers[]):
@@ -198,6 +199,9 @@ class KvmExitHandling:
         reason = 0
         if not policy.allowed(index, write):
             reason = KVM_MSR_EXIT_REASON_FILTER
+        elif index in SYSENTER_MSRS and self.profile.emulates_passthrough_msrs:
+            self._sysenter_msr(rip, index, write, value)
+            return
         elif write and index in CANONICAL_MSRS and self.profile.emulates_passthrough_msrs:
             # kvm_pvm: the WRMSR went through kvm_set_msr (__kvm_set_msr's canonical check)
             if is_canonical(value):
@@ -250,6 +254,36 @@ class KvmExitHandling:
             return
         self.svm.vmexit(SVM_EXIT_MSR, int(write), 0, rip, rip + 2)
         self._inject_now(13, 0)
+
+    _sysenter = None
+
+    def _sysenter_msr(self, rip, index, write, value):
+        """SYSENTER_CS/ESP/EIP on a module that emulates every CPL0 WRMSR/RDMSR (kvm_pvm):
+        KVM's own copy (__kvm_set_msr, then the vendor's set_msr) -- SYSENTER_CS kept whole;
+        SYSENTER_ESP/EIP made canonical for the host's virtual-address width
+        (``__canonical_address(data, max_host_virt_addr_bits())``: 57 with LA57 in KVM's
+        supported CPUID 7.0 ECX[16], else 48).  Measured on a kvm_pvm host with LA57 by
+        kvmharness fuzz: 0x62643d8e_c3a8d666 read back as 0x00643d8e_c3a8d666, a CS of
+        0x81000000_12345678 whole, where the CPU keeps CS's low 16 bits."""
+        core = self.core
+        if self._sysenter is None:
+            self._sysenter = {}
+        if write:
+            if index != 0x174:
+                table = self.vm.system.capabilities.supported_cpuid
+                leaf7 = table.lookup(7, 0)
+                bits = 57 if leaf7 is not None and leaf7.ecx >> 16 & 1 else 48
+                value &= (1 << bits) - 1
+                if value >> (bits - 1) & 1:
+                    value |= _M64 ^ ((1 << bits) - 1)
+            self._sysenter[index] = value
+            core.msr_write_native(index, value)
+        else:
+            value = self._sysenter.get(index, core.msr_read_native(index))
+            core.set_reg(X.UC_X86_REG_RAX, value & 0xFFFFFFFF)
+            core.set_reg(X.UC_X86_REG_RDX, value >> 32)
+        self.svm.vmexit(SVM_EXIT_MSR, int(write), 0, rip, rip + 2)
+        core.set_reg(X.UC_X86_REG_RIP, rip + 2)
 
     def _cr_dr(self, code, rip):
         """MOV to/from CRn/DRn (and LMSW/CLTS): emulated in the kernel, as KVM's cr_interception."""
@@ -563,6 +597,8 @@ class KvmExitHandling:
                 from .kvmpolicy import CANONICAL_MSRS
                 for msr in CANONICAL_MSRS:
                     self.svm.set_msr_intercept(msr, False, True)
+                for msr in SYSENTER_MSRS:
+                    self.svm.set_msr_intercept(msr, True, True)
                 self.core.sync_msrpm()
         if self._rf_shown:
             self._rf_shown = False
