@@ -9,6 +9,7 @@ the budget, EINTR on a kick, the GIL released while it runs.  No timing is asser
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -314,3 +315,25 @@ def test_the_c_loop_of_a_closed_vcpu_never_runs_again(kvm, compiled):
     assert fast.run() == -1 and fast.cb.err == errno.EBADF  # not whatever now holds the fd number
     with pytest.raises(KvmError, match="EBADF"):
         fast.raise_error()
+
+
+def test_a_library_in_a_directory_others_can_write_is_never_loaded(monkeypatch, tmp_path):
+    import hashlib
+    import platform
+    import tempfile
+
+    cache = tmp_path / "cache" / "kvmharness"
+    cache.mkdir(parents=True)
+    tag = hashlib.sha256(fastpath.SOURCE.read_bytes()).hexdigest()[:16]
+    planted = cache / f"fastpath-{tag}-{platform.machine()}.so"
+    planted.write_bytes(b"not a library")
+    cache.chmod(0o777)  # anyone could have put it there
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.delenv("CC", raising=False)
+    path, why = fastpath.library_path()
+    assert path != planted
+    if fastpath._compiler() is not None:  # built afresh in the private fallback directory
+        assert why == "built" and path.parent == tmp_path / "tmp" / f"kvmharness-{os.getuid()}"
+        assert path.parent.stat().st_mode & 0o077 == 0

@@ -101,6 +101,16 @@ def _cache_dirs() -> list[Path]:
     return [Path(base) / "kvmharness", Path(tempfile.gettempdir()) / f"kvmharness-{os.getuid()}"]
 
 
+def _ours(path: Path) -> bool:
+    """Whether ``path`` belongs to this user and no one else can write it: a library loaded
+    from a directory another user controls (a shared /tmp) would run their code here."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name:
@@ -119,7 +129,7 @@ def library_path() -> tuple[Path | None, str]:
     tag = hashlib.sha256(src).hexdigest()[:16]
     name = f"fastpath-{tag}-{platform.machine()}.so"
     for d in _cache_dirs():
-        if (d / name).is_file():
+        if (d / name).is_file() and _ours(d) and _ours(d / name):
             return d / name, "cached"
     cc = _compiler()
     if cc is None:
@@ -127,7 +137,10 @@ def library_path() -> tuple[Path | None, str]:
     last = ""
     for d in _cache_dirs():
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _ours(d):
+                last = f"{d} is not this user's alone (owner or group/other write)"
+                continue
             fd, tmp = tempfile.mkstemp(prefix=".fastpath-", suffix=".so", dir=d)
             os.close(fd)
         except OSError as e:
