@@ -124,7 +124,7 @@ int kh_run(struct kh_fast *f) {
     f->err = 0;
     f->in_run = 1;
     for (;;) {
-        if (ioctl(f->fd, f->run_request, 0) < 0) {
+        if (ioctl(f->fd, f->run_request, (void *)0) < 0) { /* KVM_RUN refuses a non-zero argument */
             f->err = errno;
             rc = -1;
             break;
