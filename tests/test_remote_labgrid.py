@@ -8,6 +8,8 @@ installed; the missing-labgrid message is tested everywhere."""
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import os
 import signal
 import socket
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from remote_fixtures import NS_ADDR, ROOT, run_cli  # ssh_lab, project_wheel: conftest.py
+from remote_fixtures import NS_ADDR, ROOT, SSHD, _descendants, run_cli  # ssh_lab, project_wheel: conftest.py
 
 PLACE = "kvmh-lg-box"
 EXPORTER = "kvmh-exporter"
@@ -77,9 +79,10 @@ def _need_labgrid() -> Path:
 
 
 @contextlib.contextmanager
-def labgrid_lab(tmp: Path, host: str, port: int, place: str, tags: list[str], user: str = "root"):
+def labgrid_lab(tmp: Path, host: str, port: int, place: str, tags: list[str], user: str = "root",
+                extra_yaml: str = ""):
     """A coordinator and an exporter on 127.0.0.1, exporting one NetworkService (host:port)
-    that one place with ``tags`` matches."""
+    (and ``extra_yaml``'s resources, in the same group) that one place with ``tags`` matches."""
     bindir = _need_labgrid()
     cport = _free_port()
     address = f"127.0.0.1:{cport}"
@@ -92,7 +95,8 @@ def labgrid_lab(tmp: Path, host: str, port: int, place: str, tags: list[str], us
         procs.append(coord)
         _wait_port(cport, coord, log)
         (tmp / "exporter.yaml").write_text(
-            f"{GROUP}:\n  NetworkService:\n    address: '{host}'\n    username: {user}\n    port: {port}\n")
+            f"{GROUP}:\n  NetworkService:\n    address: '{host}'\n    username: {user}\n    port: {port}\n"
+            + extra_yaml)
         elog = tmp / "exporter.log"
         with open(elog, "w") as out:
             procs.append(subprocess.Popen([str(bindir / "labgrid-exporter"), "-c", address, "-n", EXPORTER,
@@ -104,7 +108,7 @@ def labgrid_lab(tmp: Path, host: str, port: int, place: str, tags: list[str], us
             assert time.monotonic() < deadline, elog.read_text()[-800:]
             time.sleep(0.2)
         lab.client("-p", place, "create")
-        lab.client("-p", place, "add-match", f"{EXPORTER}/{GROUP}/NetworkService")
+        lab.client("-p", place, "add-match", f"{EXPORTER}/{GROUP}/*")
         lab.client("-p", place, "set-tags", *tags)
         yield lab
     finally:
@@ -177,15 +181,21 @@ def test_labgrid_waits_for_a_place_another_user_holds(lab, project_wheel, tmp_pa
         assert f"{PLACE} acquired by {holder}" in p.stderr.strip().splitlines()[-1]
         assert f"{PLACE} acquired by {holder}" in p.stdout  # the waiting line
         assert lab.reservations() == ""  # our reservation was cancelled
-        # Released by alice 3 s into our wait: we get it and run.
-        timer = threading.Timer(3.0, lambda: lab.client("-p", PLACE, "release", user="alice"))
-        timer.start()
-        p = run_cli(*_lg_args(lab, project_wheel, tmp_path / "r2", "--lock-timeout", "60"), "--",
-                    "sh", "-c", "echo got-it")
-        timer.join()
-        assert p.returncode == 0, p.stdout + p.stderr
-        assert "labgrid: waiting for 1 of 1 place(s) with sev_es=1" in p.stdout
-        assert f"[{PLACE}] got-it" in p.stdout
+        # Released by alice once we said that we wait: we get it and run.
+        proc = subprocess.Popen([sys.executable, "-m", "kvmharness",
+                                 *_lg_args(lab, project_wheel, tmp_path / "r2", "--lock-timeout", "120"),
+                                 "--", "sh", "-c", "echo got-it"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "labgrid: waiting for 1 of 1 place(s) with sev_es=1" in line:
+                break
+        lab.client("-p", PLACE, "release", user="alice")
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, "".join(seen) + out
+        assert f"{PLACE} acquired by {holder}" in seen[-1]
+        assert f"[{PLACE}] got-it" in out
     finally:
         if lab.acquired_by().endswith("/alice"):
             lab.client("-p", PLACE, "release", user="alice")
@@ -334,3 +344,80 @@ def test_labgrid_env_boots_the_rig_and_reaches_it_over_ssh():
               f"(127.0.0.1:{strategy.port})")
     finally:
         strategy.transition("off")
+
+
+def test_labgrid_power_driver_recovers_a_hung_place(ssh_lab, project_wheel, tmp_path):
+    """A place with a NetworkPowerPort (labgrid's simplerest model, served here on
+    127.0.0.1): --power-cycle-on-hang power-cycles it through `labgrid-client power cycle`
+    on the place we hold.  The "outlet" kills the frozen sshd when switched off and starts
+    a fresh one on the same port when switched on."""
+    _need_labgrid()
+    server = ssh_lab.start_sshd()
+    ssh_lab.pin_host_key(server.port)
+    frozen: list[int] = []
+    switched: list[str] = []
+    restarted: list[subprocess.Popen] = []
+
+    class Outlet(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            parts = self.path.strip("/").split("/")  # relay/0/1, relay/0/0, relay/0 (state)
+            if len(parts) == 3:
+                switched.append(parts[2])
+                if parts[2] == "0":
+                    for pid in frozen:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                else:
+                    cfg = ssh_lab.tmp / f"sshd_{server.port}.conf"
+                    with open(tmp_path / "restarted.log", "w") as out:
+                        restarted.append(subprocess.Popen(["ip", "netns", "exec", ssh_lab.ns, SSHD, "-D", "-e",
+                                                           "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT))
+            body = b"1" if not switched or switched[-1] == "1" else b"0"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Outlet)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    power = (f"  NetworkPowerPort:\n    model: simplerest\n"
+             f"    host: 'http://127.0.0.1:{httpd.server_address[1]}/relay/{{index}}/{{value}}'\n    index: 0\n")
+    place = "kvmh-lg-power"
+    try:
+        with labgrid_lab(tmp_path, NS_ADDR, server.port, place, ["power=1"], extra_yaml=power) as lab:
+            cmd = [sys.executable, "-m", "kvmharness", "rig", "run", "--labgrid", lab.address, "--tag", "power=1",
+                   "--ssh-key", str(ssh_lab.user_key), "--known-hosts", str(ssh_lab.known_hosts),
+                   "--python", sys.executable, "--wheel", str(project_wheel), "--results", str(tmp_path / "r"),
+                   "--plain", "--hang-timeout", "8", "--power-cycle-on-hang", "--power-timeout", "60",
+                   "--", "sh", "-c", "echo started; sleep 30"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+            lines = []
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if line.startswith(f"[{place}] started") and not frozen:
+                    frozen.extend(_descendants(server.proc.pid))
+                    for pid in frozen:
+                        os.kill(pid, signal.SIGSTOP)
+            proc.wait(timeout=60)
+            out = "\n".join(lines)
+            assert frozen, out
+            assert proc.returncode == 3, out
+            assert switched[:2] == ["0", "1"], (switched, out)  # off, then on: labgrid's power cycle
+            assert "power-cycling:" in out and "labgrid.remote.client" in out and "power cycle" in out
+            (run_dir,) = [d for d in (tmp_path / "r").iterdir() if d.is_dir()]
+            (rec,) = json.loads((run_dir / "summary.json").read_text())["rigs"]
+            assert rec["reason"].startswith("power-cycled after hang") and rec["hang"]["power_cycled"], rec
+            assert f"labgrid: released {place}" in out and lab.acquired_by() == "None"
+            print(f"\nlabgrid power driver: hang found after {rec['hang']['silent_for']:.1f} s of silence, "
+                  f"SSH back {rec['hang']['recovered_in']:.1f} s after `power cycle` began")
+    finally:
+        httpd.shutdown()
+        for p in restarted:
+            for pid in _descendants(p.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if server.proc.poll() is None:
+            server.kill()

@@ -62,21 +62,29 @@ def _check(inventory, wheel) -> dict:
 
 def test_two_runs_on_one_rig_never_overlap_and_the_second_names_the_holder(rig, project_wheel, tmp_path):
     inventory, _ = rig
-    stamps = tmp_path / "stamps"
-    # Each run records when its command started and ended (this machine is the rig).
-    cmd = ("sh", "-c", f"echo start $(date +%s.%N) $PPID >> {stamps}; sleep 2; "
+    stamps, release = tmp_path / "stamps", tmp_path / "release"
+    # Each run records when its command started and ended (this machine is the rig); the
+    # first holds on until the second has said that it waits.
+    cmd = ("sh", "-c", f"echo start $(date +%s.%N) $PPID >> {stamps}; "
+                       f"for i in $(seq 600); do [ -e {release} ] && break; sleep 0.1; done; "
                        f"echo end $(date +%s.%N) $PPID >> {stamps}")
     first = _start_run(inventory, project_wheel, tmp_path / "r1", *cmd)
     _wait_for(stamps)  # the first holds the rig now
     second = _start_run(inventory, project_wheel, tmp_path / "r2", *cmd)
+    seen = []
+    for line in second.stdout:
+        seen.append(line.rstrip("\n"))
+        if "waiting for the rig's lock" in line:
+            break
+    release.touch()
     out1, _ = first.communicate(timeout=120)
     out2, _ = second.communicate(timeout=120)
     assert first.returncode == 0, out1
-    assert second.returncode == 0, out2
+    assert second.returncode == 0, "\n".join(seen) + out2
     # The second waited, saying for whom: the first client's user@host and pid.
-    waiting = [line for line in out2.splitlines() if "waiting for the rig's lock" in line]
-    assert waiting, out2
-    assert f"pid {first.pid}," in waiting[0] and "@" in waiting[0] and "since" in waiting[0]
+    waiting = seen[-1]
+    assert "waiting for the rig's lock" in waiting, seen
+    assert f"pid {first.pid}," in waiting and "@" in waiting and "since" in waiting
     events = [line.split() for line in stamps.read_text().splitlines()]
     assert [e[0] for e in events] == ["start", "end", "start", "end"]
     assert events[0][2] == events[1][2] and events[2][2] == events[3][2] != events[0][2]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -164,6 +166,27 @@ def _network_service(session: _Session, place) -> dict | None:
     return None
 
 
+# Resources labgrid's `power` command drives (labgrid/remote/client.py, Client.power).
+POWER_RESOURCES = ("NetworkPowerPort", "PDUDaemonPort", "USBPowerPort", "SiSPMPowerPort", "YKUSHPowerPort",
+                   "TasmotaPowerPort", "SysfsGPIO", "MatchedSysfsGPIO")
+
+
+def _has_power(session: _Session, place) -> bool:
+    for exporter, groups in session.session.resources.items():
+        for group, resources in groups.items():
+            for name, entry in resources.items():
+                if entry.cls in POWER_RESOURCES and place.hasmatch((exporter, group, entry.cls, name)):
+                    return True
+    return False
+
+
+def power_cycle_command(address: str, place: str) -> str:
+    """labgrid's own power driver for a place we hold: `labgrid-client -p PLACE power cycle`
+    (run as this user on this host, so the coordinator sees the place's owner)."""
+    return " ".join(shlex.quote(a) for a in (sys.executable, "-m", "labgrid.remote.client", "-x", address,
+                                             "-p", place, "power", "cycle"))
+
+
 def _holders(session: _Session, tags: dict[str, str]) -> str:
     busy = [f"{p.name} acquired by {p.acquired}" for p in session.places().values()
             if _matches(p, tags) and p.acquired]
@@ -234,7 +257,8 @@ def labgrid_rigs(opts: LabgridOptions, note: Callable[[str], None]) -> Iterator[
             rigs.append(Rig(name=name, host=str(ns["address"]), port=int(ns.get("port") or 22),
                             user=str(ns.get("username") or "root"), key_file=opts.key_file,
                             python=opts.python, labels=tuple(f"{k}={v}" for k, v in sorted(place.tags.items())),
-                            known_hosts=opts.known_hosts))
+                            known_hosts=opts.known_hosts,
+                            power_cycle=power_cycle_command(opts.address, name) if _has_power(s, place) else None))
         note(f"labgrid: acquired {', '.join(acquired)} ({tagtext}) in "
              f"{opts.timings['reserve'] + opts.timings['acquire']:.1f} s")
         yield rigs
