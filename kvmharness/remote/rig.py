@@ -42,9 +42,23 @@ EXIT_INTERRUPTED = 130
 # Printed by the remote setup step: the wheel's requirements the rig lacks.
 _MISSING_DEPS_PY = r"""
 import importlib.metadata as m, re
+try:
+    from packaging.markers import Marker
+except ImportError:
+    try:
+        from pip._vendor.packaging.markers import Marker
+    except ImportError:
+        Marker = None
 missing = []
 for req in m.requires("kvmharness") or []:
-    if ";" in req and "extra" in req.split(";", 1)[1]:
+    marker = req.split(";", 1)[1] if ";" in req else ""
+    if marker and Marker is not None:
+        try:
+            if not Marker(marker).evaluate({"extra": ""}):
+                continue  # an extra's, or not for this python (e.g. tomli before 3.11)
+        except Exception:
+            pass
+    elif "extra" in marker:
         continue
     name = re.match(r"[A-Za-z0-9._-]+", req).group(0)
     try:
