@@ -181,6 +181,18 @@ def test_labgrid_waits_for_a_place_another_user_holds(lab, project_wheel, tmp_pa
         assert f"{PLACE} acquired by {holder}" in p.stderr.strip().splitlines()[-1]
         assert f"{PLACE} acquired by {holder}" in p.stdout  # the waiting line
         assert lab.reservations() == ""  # our reservation was cancelled
+        # Ctrl-C while we wait: our reservation is cancelled, alice keeps the place.
+        proc = subprocess.Popen([sys.executable, "-m", "kvmharness",
+                                 *_lg_args(lab, project_wheel, tmp_path / "r3", "--lock-timeout", "120"),
+                                 "--", "true"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        for line in proc.stdout:
+            if "labgrid: waiting for 1 of 1" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert lab.reservations() == "" and lab.acquired_by() == holder
         # Released by alice once we said that we wait: we get it and run.
         proc = subprocess.Popen([sys.executable, "-m", "kvmharness",
                                  *_lg_args(lab, project_wheel, tmp_path / "r2", "--lock-timeout", "120"),
@@ -260,7 +272,10 @@ def test_rig_in_a_box_as_a_labgrid_place(svm_rig, project_wheel, tmp_path):
     """The session's SVM rig in a box (tests/rig_fixtures.py, booted once) exported as a
     labgrid place: reserve, ship and run there through labgrid, then the same over the plain
     SSH path; both times are printed."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     _need_labgrid()
     rig = tomllib.loads(svm_rig.inventory.read_text())["rigs"]["svm-rig"]
