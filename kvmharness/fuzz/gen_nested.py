@@ -134,3 +134,7 @@ def generate_nested(seed: int, n_ops: int | None = None) -> Guest:
     config = g.l1_config()
     ops = [g.l2_op() for _ in range(n)]
     return Guest(seed, ops, config, 0, mode="nested")
+
+
+G.SOURCES["nested"] = source_nested
+G.GENERATORS["nested"] = generate_nested

@@ -373,3 +373,7 @@ def generate_real(seed: int, n_ops: int | None = None) -> Guest:
         ops.append(g.op_exception())
     reasons = r.choice((0, 4, 4 | 2, 4 | 2 | 1, 1 | 2, 4 | 1))
     return Guest(seed, ops, pro, reasons, mode="real")
+
+
+G.SOURCES["real"] = source_real
+G.GENERATORS["real"] = generate_real
