@@ -205,3 +205,14 @@ def test_lock_and_hang_timeouts_are_bounded(bad):
         p = run_cli("rig", "run", "--inventory", "/nonexistent", opt, bad, "--", "true")
         assert p.returncode == 2, (opt, bad, p.stderr)
         assert opt in p.stderr
+
+
+def test_a_lock_that_cannot_be_taken_fails_that_rig(ssh_lab, server, tmp_path, project_wheel):
+    path = ssh_lab.inventory(tmp_path / "rigs.toml", {
+        "box": {"port": server.port, "lock_file": str(tmp_path / "no-such-dir" / "rig.lock")}})
+    p = run_cli("rig", "run", "--inventory", str(path), "--wheel", str(project_wheel), "--results",
+                str(tmp_path / "r"), "--plain", "--", "sh", "-c", "echo should-not-run")
+    assert p.returncode == 3, p.stdout + p.stderr
+    (verdict,) = [line for line in p.stdout.splitlines() if line.startswith("box: ")]
+    assert "cannot take the rig's lock" in verdict and "no-such-dir" in verdict
+    assert "should-not-run" not in p.stdout

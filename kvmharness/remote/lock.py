@@ -215,9 +215,12 @@ def acquire(conn, rig: Rig, me: dict, *, timeout: float, cancel: threading.Event
                         f" (up to {timeout:g} s, --lock-timeout)")
                 told = now
                 continue
-            if line == "" and not proc.running:
-                err = " | ".join(proc.stderr().strip().splitlines()[-2:])
-                raise RigError(rig.name, f"cannot take the rig's lock {path}: {err or 'the lock process ended'}")
+            if line == "":
+                if not proc.running:
+                    err = " | ".join(proc.stderr().strip().splitlines()[-2:])
+                    raise RigError(rig.name, f"cannot take the rig's lock {path}: "
+                                             f"{err or 'the lock process ended'}")
+                time.sleep(0.05)  # EOF came before the exit status
     except BaseException:
         proc.close()
         raise

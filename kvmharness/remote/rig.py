@@ -480,7 +480,12 @@ def check_rigs(rigs: list[Rig], *, accept_new_host_keys: bool = False, timeout: 
                 from .lock import lock_status
 
                 s.step("lock")
-                res.lock_status = lock_status(s.conn, rig).to_dict()
+                try:
+                    res.lock_status = lock_status(s.conn, rig).to_dict()
+                except RigError as e:  # the rig is reached; only its lock could not be read
+                    from .lock import lock_path
+
+                    res.lock_status = {"file": lock_path(rig), "held": None, "holder": None, "error": e.reason}
                 args = " ".join(shlex.quote(a) for a in info_args)
                 installed = False
                 if not ship:  # the rig's own kvmharness, if it has one
@@ -590,8 +595,9 @@ def format_matrix(results: list[RigResult]) -> str:
             from .lock import describe
 
             lk = res.lock_status
-            lines.append(f"  {res.rig}: lock {lk['file']}: "
-                         + (f"held by {describe(lk.get('holder'))}" if lk.get("held") else "free"))
+            state = (f"held by {describe(lk.get('holder'))}" if lk.get("held")
+                     else lk["error"] if lk.get("error") else "free")
+            lines.append(f"  {res.rig}: lock {lk['file']}: {state}")
     # Say why a capability is missing, once per rig (the verdicts' own words).
     for res in results:
         for feat, verdict in ((res.info or {}).get("verdicts") or {}).items():

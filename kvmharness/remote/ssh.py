@@ -270,6 +270,8 @@ class RigConnection:
         try:
             t = self._transport()
             chan = t.open_session(timeout=timeout)
+        except paramiko.ChannelException:
+            return True  # sshd answered, refusing the channel (e.g. MaxSessions): it is alive
         except (paramiko.SSHException, OSError, EOFError, RigError):
             return False
         try:
