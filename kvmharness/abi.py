@@ -66,6 +66,9 @@ KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_X86_RDMSR = 29
 KVM_EXIT_X86_WRMSR = 30
+KVM_EXIT_MEMORY_FAULT = 39  # KVM_RUN fails with EFAULT and this reason (6.8+)
+#: kvm_run.memory_fault.flags: the access was to private memory
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
 #: kvm_run.io.direction
 KVM_EXIT_IO_IN = 0

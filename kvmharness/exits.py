@@ -29,12 +29,14 @@ from .abi import (
     KVM_EXIT_INTERNAL_ERROR,
     KVM_EXIT_INTR,
     KVM_EXIT_IO,
+    KVM_EXIT_MEMORY_FAULT,
     KVM_EXIT_MMIO,
     KVM_EXIT_SHUTDOWN,
     KVM_EXIT_SYSTEM_EVENT,
     KVM_EXIT_UNKNOWN,
     KVM_EXIT_X86_RDMSR,
     KVM_EXIT_X86_WRMSR,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_MSR_EXIT_REASON_FILTER,
     KVM_MSR_EXIT_REASON_INVAL,
     KVM_MSR_EXIT_REASON_UNKNOWN,
@@ -234,6 +236,22 @@ class Debug(Exit):
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryFault(Exit):
+    """``KVM_EXIT_MEMORY_FAULT`` (KVM_RUN failed with EFAULT): the guest accessed ``gpa``..+``size``
+    as private (``flags`` KVM_MEMORY_EXIT_FLAG_PRIVATE) or shared while its memory attributes
+    say the other; the VMM converts the range (KVM_SET_MEMORY_ATTRIBUTES) and runs again."""
+
+    flags: int
+    gpa: int
+    size: int
+    reason = KVM_EXIT_MEMORY_FAULT
+
+    @property
+    def private(self) -> bool:
+        return bool(self.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
+
+
+@dataclass(frozen=True, slots=True)
 class Unsupported(Exit):
     """An exit reason this version of kvmharness does not decode."""
 
@@ -242,7 +260,7 @@ class Unsupported(Exit):
 
 ALL_EXITS = (IoOut, IoIn, MmioWrite, MmioRead, Hlt, Shutdown, MsrRead, MsrWrite,
              Hypercall, SystemEvent, SevTermination, InternalError, FailEntry, Debug,
-             Unsupported)
+             MemoryFault, Unsupported)
 
 #: Exits whose data the guest waits for: ``Vcpu.complete`` must be called.
 NEEDS_COMPLETION = (IoIn, MmioRead, MsrRead)
@@ -251,10 +269,10 @@ __all__ = [
     "ALL_EXITS", "Debug", "Exit", "FailEntry", "Hlt", "Hypercall", "InternalError", "IoIn", "IoOut",
     "KVM_EXIT_DEBUG", "KVM_EXIT_EXCEPTION", "KVM_EXIT_FAIL_ENTRY", "KVM_EXIT_HLT",
     "KVM_EXIT_HYPERCALL", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_INTR", "KVM_EXIT_IO",
-    "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_SYSTEM_EVENT", "KVM_EXIT_UNKNOWN",
+    "KVM_EXIT_MEMORY_FAULT", "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_SYSTEM_EVENT", "KVM_EXIT_UNKNOWN",
     "KVM_EXIT_X86_RDMSR", "KVM_EXIT_X86_WRMSR", "KVM_MSR_EXIT_REASON_FILTER",
     "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_SYSTEM_EVENT_CRASH",
     "KVM_SYSTEM_EVENT_RESET", "KVM_SYSTEM_EVENT_SEV_TERM", "KVM_SYSTEM_EVENT_SHUTDOWN",
     "KVM_SYSTEM_EVENT_SUSPEND", "KVM_SYSTEM_EVENT_WAKEUP", "MmioRead", "MmioWrite", "MsrRead",
-    "MsrWrite", "NEEDS_COMPLETION", "SevTermination", "Shutdown", "SystemEvent", "Unsupported",
+    "MemoryFault", "MsrWrite", "NEEDS_COMPLETION", "SevTermination", "Shutdown", "SystemEvent", "Unsupported",
 ]

@@ -285,6 +285,9 @@ SEV_KVM_COMMANDS: dict[int, tuple[str, str | None]] = {
         ("KVM_SEV_GUEST_STATUS", "struct kvm_sev_guest_status"),
         ("KVM_SEV_DBG_DECRYPT", "struct kvm_sev_dbg"),
         ("KVM_SEV_DBG_ENCRYPT", "struct kvm_sev_dbg"),
+        ("KVM_SEV_SNP_LAUNCH_START", "struct kvm_sev_snp_launch_start"),
+        ("KVM_SEV_SNP_LAUNCH_UPDATE", "struct kvm_sev_snp_launch_update"),
+        ("KVM_SEV_SNP_LAUNCH_FINISH", "struct kvm_sev_snp_launch_finish"),
     )
 }
 #: SEV_ISSUE_CMD commands (/dev/sev): sev_issue_cmd.cmd -> (name, data struct or None).

@@ -56,6 +56,9 @@ _MMIO = struct.Struct("<Q8sIB")
 # msr: error u8, pad[7], reason u32, index u32, data u64
 _MSR = struct.Struct("<B7xIIQ")
 _HYPERCALL = struct.Struct("<Q6QQI")  # nr, args[6], ret, longmode
+_MEMORY_FAULT_S = struct.Struct("<QQQ")  # memory_fault: flags, gpa, size
+_MEMORY_FAULT = X.KVM_EXIT_MEMORY_FAULT  # KVM_RUN fails with EFAULT and this exit reason
+_EFAULT_ = _errno.EFAULT
 _DEBUG = struct.Struct("<IIQQQ")  # exception, pad, pc, dr6, dr7
 _FAIL_ENTRY = struct.Struct("<QI")  # hardware_entry_failure_reason, cpu
 _INTERNAL = struct.Struct("<II16Q")  # suberror, ndata, data[16]
@@ -121,10 +124,12 @@ class KvmVcpu(Vcpu):
         if K._recorder is not None:  # the ioctl recorder seam (kvm/_ffi.py): KVM_RUN is seen too
             ret, err = ioctl_raw(self.fd, _KVM_RUN, _NULL)
             if ret < 0:
-                self._run_failed(err)
+                return self._run_failed(err)
             return self.decode_exit()
         if self._ioctl(self.fd, _KVM_RUN, _NULL) < 0:
             err = ffi.errno
+            if err == _EFAULT_ and _U32.unpack_from(self._mm, _OFF_EXIT_REASON)[0] == _MEMORY_FAULT:
+                return self.decode_exit()
             if err == _EINTR:
                 self._mv[_OFF_IMMEDIATE_EXIT] = 0
                 raise InterruptedError(_EINTR, "KVM_RUN interrupted")
@@ -156,7 +161,7 @@ class KvmVcpu(Vcpu):
 
         def run() -> X.Exit:
             if ioctl(fd, request, null) < 0:
-                fail()
+                return fail()
             if u32[i_reason] == 2:  # KVM_EXIT_IO
                 head = outs.get(u64[i_io])
                 if head is not None and u64[i_io + 1] == head[0]:
@@ -217,9 +222,13 @@ class KvmVcpu(Vcpu):
         if len(entry[3]) < 256:
             entry[3][int.from_bytes(e.data, "little")] = e
 
-    def _run_failed(self, err: int | None = None) -> None:
+    def _run_failed(self, err: int | None = None) -> X.Exit:
+        """KVM_RUN failed: a KVM_EXIT_MEMORY_FAULT (EFAULT with that exit reason, the one
+        failure that is an exit) is returned; anything else raises."""
         if err is None:
             err = ffi.errno
+        if err == _EFAULT_ and _U32.unpack_from(self._mm, _OFF_EXIT_REASON)[0] == _MEMORY_FAULT:
+            return self.decode_exit()
         if err == _EINTR:
             self._mv[_OFF_IMMEDIATE_EXIT] = 0
             raise InterruptedError(_EINTR, "KVM_RUN interrupted")
@@ -298,6 +307,9 @@ class KvmVcpu(Vcpu):
         if reason == 9:
             hw, cpu = _FAIL_ENTRY.unpack_from(mm, _OFF_UNION)
             return X.FailEntry(hw, cpu)
+        if reason == _MEMORY_FAULT:
+            flags, gpa, size = _MEMORY_FAULT_S.unpack_from(mm, _OFF_UNION)
+            return X.MemoryFault(flags, gpa, size)
         if reason == 3:
             nr, *rest = _HYPERCALL.unpack_from(mm, _OFF_UNION)
             hypercall = X.Hypercall(nr, tuple(rest[:6]))

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..backend import MemoryRegion, Vm
+from ..backend import KVM_X86_SNP_VM, MemoryRegion, Vm
 from ..errors import KvmError, UsageError
 from . import _ffi as K
 from ._ffi import ffi, ioctl, ioctl_raw
@@ -34,6 +34,7 @@ class KvmVm(Vm):
         self.vcpus: list[KvmVcpu] = []
         self._next_slot = 0
         self._pins: list[Any] = []  # cffi buffers that must stay alive while KVM uses them
+        self._gmem_fds: list[int] = []  # guest_memfd of each private slot (SNP VM type)
         if disable_hypercall_patching:
             self.disable_fix_hypercall_quirk()
 
@@ -104,7 +105,13 @@ class KvmVm(Vm):
 
     # -- memory ---------------------------------------------------------------------
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> MemoryRegion:
-        """KVM_SET_USER_MEMORY_REGION backed by a fresh anonymous mapping."""
+        """KVM_SET_USER_MEMORY_REGION backed by a fresh anonymous mapping.
+
+        On a ``KVM_X86_SNP_VM`` the slot also gets private memory: a guest_memfd
+        (``KVM_CREATE_GUEST_MEMFD``) given with ``KVM_SET_USER_MEMORY_REGION2``, and the
+        range made private (``KVM_SET_MEMORY_ATTRIBUTES``) as QEMU's ``kvm_set_phys_mem``
+        does for guest_memfd RAM; the mapping stays the shared half (and the launch's
+        source buffers)."""
         if gpa % PAGE or size % PAGE or size <= 0:
             raise UsageError(f"memory slot {gpa:#x}+{size:#x} must be page-aligned and non-empty")
         for r in self.regions:
@@ -118,15 +125,53 @@ class KvmVm(Vm):
         region.guest_phys_addr = gpa
         region.memory_size = size
         region.userspace_addr = int(ffi.cast("uintptr_t", ptr))
-        ret, err = ioctl_raw(self.fd, K.KVM_SET_USER_MEMORY_REGION, region)
+        if self.vm_type == KVM_X86_SNP_VM and not readonly:
+            ret, err, name = self._set_private_slot(region)
+        else:
+            ret, err = ioctl_raw(self.fd, K.KVM_SET_USER_MEMORY_REGION, region)
+            name = "KVM_SET_USER_MEMORY_REGION"
         if ret < 0:
             ffi.release(ptr)
             mm.close()
-            raise KvmError("KVM_SET_USER_MEMORY_REGION", err, f"slot {region.slot} at {gpa:#x}+{size:#x}")
+            raise KvmError(name, err, f"slot {region.slot} at {gpa:#x}+{size:#x}")
         mr = MemoryRegion(self._next_slot, gpa, size, memoryview(mm), readonly, owner=(mm, ptr))
         self._next_slot += 1
         self.regions.append(mr)
+        if self.vm_type == KVM_X86_SNP_VM and not readonly:
+            self.set_memory_attributes(gpa, size, private=True)
         return mr
+
+    # -- private memory (SEV-SNP: guest_memfd and memory attributes) ---------------------
+    def _set_private_slot(self, region: Any) -> tuple[int, int, str]:
+        """KVM_CREATE_GUEST_MEMFD of the slot's size, then KVM_SET_USER_MEMORY_REGION2 with
+        KVM_MEM_GUEST_MEMFD (guest_memfd offset 0): (ret, errno, the ioctl that answered)."""
+        gmem = ffi.new("struct kvm_create_guest_memfd *")
+        gmem.size = region.memory_size
+        fd, err = ioctl_raw(self.fd, K.KVM_CREATE_GUEST_MEMFD, gmem)
+        if fd < 0:
+            return fd, err, "KVM_CREATE_GUEST_MEMFD"
+        r2 = ffi.new("struct kvm_userspace_memory_region2 *")
+        r2.slot, r2.flags = region.slot, region.flags | K.KVM_MEM_GUEST_MEMFD
+        r2.guest_phys_addr, r2.memory_size = region.guest_phys_addr, region.memory_size
+        r2.userspace_addr = region.userspace_addr
+        r2.guest_memfd, r2.guest_memfd_offset = fd, 0
+        ret, err = ioctl_raw(self.fd, K.KVM_SET_USER_MEMORY_REGION2, r2)
+        if ret < 0:
+            os.close(fd)
+            return ret, err, "KVM_SET_USER_MEMORY_REGION2"
+        self._gmem_fds.append(fd)
+        return ret, 0, "KVM_SET_USER_MEMORY_REGION2"
+
+    def set_memory_attributes(self, gpa: int, size: int, *, private: bool) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES: the range private (KVM_MEMORY_ATTRIBUTE_PRIVATE: the
+        guest_memfd backs it) or shared (the userspace mapping does)."""
+        attrs = ffi.new("struct kvm_memory_attributes *")
+        attrs.address, attrs.size = gpa, size
+        attrs.attributes = K.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+        ret, err = ioctl_raw(self.fd, K.KVM_SET_MEMORY_ATTRIBUTES, attrs)
+        if ret < 0:
+            raise KvmError("KVM_SET_MEMORY_ATTRIBUTES", err,
+                           f"{gpa:#x}+{size:#x} to {'private' if private else 'shared'}")
 
     def host_address(self, region: MemoryRegion) -> int:
         """The userspace address KVM was given for a slot (SEV commands take these)."""
@@ -149,6 +194,9 @@ class KvmVm(Vm):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for fd in self._gmem_fds:
+            os.close(fd)
+        self._gmem_fds.clear()
         for r in self.regions:
             mm, ptr = r._owner
             r.view.release()
