@@ -35,7 +35,7 @@ class NoDevice(LookupError):
 
 
 class DeviceBus:
-    def __init__(self):
+    def __init__(self) -> None:
         self._port_out: dict = {}
         self._port_in: dict = {}
         self._port_owner: dict = {}
@@ -169,7 +169,7 @@ class Console:
 
     fast_kind = "posted"  # the text is read by the host only
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.buffer = bytearray()
 
     def io_out(self, port, size, data):
@@ -186,7 +186,7 @@ class NullDevice:
     __slots__ = ("writes",)
     fast_kind = "sink"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.writes = 0
 
     def io_out(self, port, size, data):
@@ -225,7 +225,7 @@ class RamLikeMmio:
 class MsrStore:
     """Answers userspace MSR exits: reads return the last value written (initially 0)."""
 
-    def __init__(self, indices=()):
+    def __init__(self, indices: tuple[int, ...] = ()) -> None:
         self.values = {i: 0 for i in indices}
         self.log: list = []
 

@@ -17,25 +17,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import exits as X
 from . import protocol as P
-from .abi import (
-    KVM_HC_MAP_GPA_RANGE,
-    KVM_X86_DEFAULT_VM,
-    KVM_X86_SEV_ES_VM,
-    KVM_X86_SEV_VM,
-    KVM_X86_SNP_VM,
-)
-from .backend import System
+from .abi import KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM, KVM_X86_SNP_VM
+from .backend import System, Vcpu, Vm
 from .boot import load_image
-from .devices import Console, DeviceBus, MsrStore, NoDevice, NullDevice, RamLikeMmio
+from .devices import Console, DeviceBus, FastPlan, MsrStore, NoDevice, NullDevice, RamLikeMmio
 from .errors import FeatureUnavailable, GuestFailure, GuestTimeout, UsageError
 from .factory import open_backend
 from .images import GuestImage, get_guest
 from .watchdog import WATCHDOG, check_timeout
-from .x86 import with_vcpu_apic_id
+from .x86 import Regs, with_vcpu_apic_id
 
 DEFAULT_MEMORY = 2 << 20
 TRACE_LIMIT = 250_000  # exits kept in RunResult.exits; later ones are only counted
@@ -54,7 +50,7 @@ class TraceRecord:
     exit: X.Exit
     rip: int | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = self.exit.to_dict()
         if self.rip is not None:
             d["rip"] = self.rip
@@ -67,20 +63,20 @@ class RunResult:
     backend: str
     outcome: str  # done | fail | exception | hlt | shutdown | timeout | unhandled | internal-error | ...
     expected: str = "done"
-    reports: list = field(default_factory=list)  # (key, value) in order
+    reports: list[tuple[int, int]] = field(default_factory=list)  # (key, value) in order
     console: str = ""
-    exits: list = field(default_factory=list)  # TraceRecord, up to TRACE_LIMIT
+    exits: list[TraceRecord] = field(default_factory=list)  # up to TRACE_LIMIT
     exit_count: int = 0
     final_exit: X.Exit | None = None
-    regs: object = None
+    regs: Regs | None = None
     fail_code: int | None = None
     fail_line: int | None = None
     exception_vector: int | None = None
     exception_rip: int | None = None
     message: str = ""
     elapsed: float = 0.0
-    hw_trace: list = field(default_factory=list)  # backend's hardware-level trace, if any
-    kernel_trace: list = field(default_factory=list)  # kvm: the kernel's KVM tracepoints
+    hw_trace: list[Any] = field(default_factory=list)  # backend's hardware-level trace, if any
+    kernel_trace: list[Any] = field(default_factory=list)  # kvm: the kernel's KVM tracepoints
     kernel_trace_error: str | None = None
     regs_unavailable: str | None = None  # why ``regs`` is None (an SEV-ES guest's state is protected)
 
@@ -89,7 +85,7 @@ class RunResult:
         return self.outcome == self.expected
 
     @property
-    def values(self) -> dict:
+    def values(self) -> dict[int, int]:
         """Reports as key -> last value."""
         return dict(self.reports)
 
@@ -109,14 +105,15 @@ class RunResult:
         if self.outcome == "fail":
             return f"reported failure code {self.fail_code} at line {self.fail_line}"
         if self.outcome == "exception":
-            name = P.EXCEPTION_NAMES.get(self.exception_vector, f"vector {self.exception_vector}")
+            vec = self.exception_vector
+            name = P.EXCEPTION_NAMES.get(vec, f"vector {vec}") if vec is not None else f"vector {vec}"
             return f"unexpected exception {name} at RIP {self.exception_rip:#x}"
         msg = f"ended with {self.outcome}, expected {self.expected}"
         if self.message:
             msg += f": {self.message}"
         return msg
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "guest": self.guest, "backend": self.backend, "outcome": self.outcome,
             "expected": self.expected, "ok": self.ok,
@@ -146,13 +143,13 @@ class Machine:
             self.system, self._owns_system = open_backend(backend), True
         self.name = name
         self.memory = memory
-        self.vm = None
-        self.vcpu = None
+        self.vm: Vm | None = None
+        self.vcpu: Vcpu | None = None
         try:
-            self.vm = _create_vm(self.system, vm_type)
-            self.ram = self.vm.add_memory(0, memory)
+            self.vm = vm = _create_vm(self.system, vm_type)
+            self.ram = vm.add_memory(0, memory)
             if create_vcpu:  # SEV launches create it after KVM_SEV_INIT, as KVM requires
-                self.vcpu = self.vm.create_vcpu(0)
+                self.vcpu = vm.create_vcpu(0)
         except BaseException:
             self.close()
             raise
@@ -168,12 +165,11 @@ class Machine:
         self.msrs = MsrStore()
         self.image: GuestImage | None = None
         self.expected = "done"
-        self.launch_result = None  # SEV/SEV-ES: what the launch established
-        self._snp_exits = None  # SNP on kvm: answers KVM_EXIT_MEMORY_FAULT and MAP_GPA_RANGE
+        self.launch_result: Any = None  # SEV/SEV-ES/SNP: what the launch established (its backend's type)
         # SEV-ES after LAUNCH_UPDATE_VMSA: the host cannot read the vCPU's registers (KVM refuses
         # KVM_GET_REGS/SREGS with EINVAL on the SEV-ES VM type); the Machine never asks
         self.state_protected = False
-        self._hooks: list = []
+        self._hooks: list[Callable[[Machine, X.Exit], object]] = []
         self._reset_run_state()
 
     @property
@@ -183,7 +179,7 @@ class Machine:
     # -- set-up ------------------------------------------------------------------
     @classmethod
     def for_guest(cls, guest: str | GuestImage, backend: str | System = "auto", *,
-                  sev: str | None = None, policy=None, owner=None, **kw) -> "Machine":
+                  sev: str | None = None, policy: Any = None, owner: Any = None, **kw: Any) -> Machine:
         """A Machine with a manifest guest loaded, its devices and MSR routing set up.
 
         ``sev="sev"|"sev-es"`` launches it as an SEV / SEV-ES guest first (see
@@ -218,7 +214,7 @@ class Machine:
             raise
         return m
 
-    def _sev_launch(self, image: GuestImage, data: bytes, mode: str, policy, owner) -> None:
+    def _sev_launch(self, image: GuestImage, data: bytes, mode: str, policy: Any, owner: Any) -> None:
         """The KVM SEV launch order: INIT before any vCPU, then the vCPU and its state,
         REG_REGION, LAUNCH_START, UPDATE_DATA over the boot tables and image, (SEV-ES)
         UPDATE_VMSA, MEASURE (verified with the owner's TIK), FINISH -- GUEST_STATUS
@@ -231,7 +227,7 @@ class Machine:
 
         launch = SevLaunch(self.vm, mode, policy, owner=owner)
         launch.init()
-        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpu = self._open_vm().create_vcpu(0)
         c_bit = sev_c_bit(self.system)
         self.load(image, data, c_bit=c_bit)
         launch.register_memory()
@@ -248,22 +244,14 @@ class Machine:
         self.sev_launch = launch
         self.launch_result = launch
 
-    def _snp_launch(self, image: GuestImage, data: bytes, policy) -> None:
+    def _snp_launch(self, image: GuestImage, data: bytes, policy: Any) -> None:
         """The SEV-SNP launch (sim/snp.py ``launch_machine``: INIT2, the vCPU, memory
         attributes, SNP_LAUNCH_START/UPDATE/FINISH); ``launch_result.launch_digest`` is the
-        firmware's.  On kvm, kvm/snp.py drives the same steps through /dev/kvm (guest_memfd
-        slot, INIT2, LAUNCH_START/UPDATE/FINISH); a host without SNP stops at
-        KVM_CREATE_VM(KVM_X86_SNP_VM) with the kernel's errno."""
-        if self.system.name == "kvm":  # guest_memfd, KVM_SEV_SNP_LAUNCH_* (kvm/snp.py)
-            from .kvm.snp import launch_machine as kvm_snp_launch
-
-            self.launch_result = self._snp_exits = kvm_snp_launch(
-                self, image, data, policy, c_bit=sev_c_bit(self.system))
-            self.state_protected = True
-            self.fast_path = False  # KVM_EXIT_MEMORY_FAULT arrives as a failed KVM_RUN
-            return
+        firmware's.  Only the simulator gets here: KVM_CREATE_VM(KVM_X86_SNP_VM) is where
+        a kvm host without SNP stops."""
         if self.system.name != "sim":
-            raise FeatureUnavailable(f"the SEV-SNP launch on the {self.system.name} backend")
+            raise FeatureUnavailable("the SEV-SNP launch through /dev/kvm (guest_memfd, "
+                                     "KVM_SEV_SNP_LAUNCH_*) is not driven by the Machine yet")
         from .sim.snp import launch_machine
 
         self.launch_result = launch_machine(self, image, data, policy)
@@ -280,29 +268,40 @@ class Machine:
         self.cpuid = table
         if image.user_msrs:
             self.route_msrs_to_userspace(image.user_msrs)
-        load_image(self.vm, self.vcpu, data, image.mode, self.memory, table, c_bit=c_bit)
+        load_image(self._open_vm(), self._open_vcpu(), data, image.mode, self.memory, table, c_bit=c_bit)
 
-    def route_msrs_to_userspace(self, indices) -> None:
+    def route_msrs_to_userspace(self, indices: Iterable[int]) -> None:
         """Deny these MSRs in the kernel's filter so every access exits to userspace,
         where :attr:`msrs` answers (reads: last value written, initially 0)."""
-        self.vm.enable_user_msr_exits(X.KVM_MSR_EXIT_REASON_FILTER)
-        self.vm.set_msr_filter([(i, 1, False, False) for i in indices], default_allow=True)
+        vm = self._open_vm()
+        vm.enable_user_msr_exits(X.KVM_MSR_EXIT_REASON_FILTER)
+        vm.set_msr_filter([(i, 1, False, False) for i in indices], default_allow=True)
         for i in indices:
             self.msrs.values.setdefault(i, 0)
 
-    def on_exit(self, callback) -> None:
+    def on_exit(self, callback: Callable[[Machine, X.Exit], object]) -> None:
         """Call ``callback(machine, exit)`` at every exit before the default handling;
         a truthy return value means the callback handled the exit itself."""
         self._hooks.append(callback)
 
     # -- running -----------------------------------------------------------------
-    def _reset_run_state(self):
-        self._outcome = None
-        self._reports: list = []
-        self._fail = (None, None)
-        self._exception = (None, None)
+    def _open_vm(self) -> Vm:
+        if self.vm is None:
+            raise UsageError("this Machine is closed")
+        return self.vm
+
+    def _open_vcpu(self) -> Vcpu:
+        if self.vcpu is None:  # closed, or an SEV launch has not made it yet
+            raise UsageError("this Machine has no vCPU (closed, or not launched yet)")
+        return self.vcpu
+
+    def _reset_run_state(self) -> None:
+        self._outcome: str | None = None
+        self._reports: list[tuple[int, int]] = []
+        self._fail: tuple[int | None, int | None] = (None, None)
+        self._exception: tuple[int | None, int | None] = (None, None)
         self._message = ""
-        self._final_exit = None
+        self._final_exit: X.Exit | None = None
 
     def run(self, timeout: float | None = None, *, trace: bool = False, record: bool = True) -> RunResult:
         """Run until the guest finishes; raises GuestTimeout (VM torn down) at the deadline.
@@ -315,15 +314,15 @@ class Machine:
         timeout = _run_timeout(timeout, self.image)
         self._reset_run_state()
         vcpu = self.vcpu
-        kicked = []
+        kicked: list[bool] = []
 
-        def on_deadline():
+        def on_deadline() -> None:
             kicked.append(True)
             vcpu.kick()
 
-        records: list = []
+        records: list[TraceRecord] = []
         self._synced_rip = None
-        tracer = _NoKernelTrace()
+        tracer: Any = _NoKernelTrace()  # or the backend's kernel tracer: both have events and error
         if trace and not self.state_protected:  # not where the state is protected: KVM_RUN refuses it
             try:  # RIP from kvm_run at every exit instead of a KVM_GET_REGS each
                 vcpu.enable_sync_regs(True)
@@ -352,6 +351,7 @@ class Machine:
             hw_trace = []
         fail_code, fail_line = self._fail
         vec, rip = self._exception
+        assert self._outcome is not None  # the loops end only on an outcome
         return RunResult(
             guest=self.name, backend=self.backend, outcome=self._outcome, expected=self.expected,
             reports=self._reports, console=self.console.text, exits=records, exit_count=count,
@@ -365,12 +365,12 @@ class Machine:
     #: on_exit hook needs to see every exit as it happens; False forces the Python loop.
     fast_path = True
     #: ``vcpu.synced_rip`` while a traced run has KVM_SYNC_X86_REGS on, else None
-    _synced_rip = None
+    _synced_rip: Callable[[], int | None] | None = None
     #: the exit loop the last run() took: "compiled" (kvm/fastpath.c) or "python"
     exit_path = ""
 
-    def _loop(self, records, trace: bool, kicked) -> int:
-        vcpu, bus, hooks = self.vcpu, self.bus, self._hooks
+    def _loop(self, records: list[TraceRecord] | None, trace: bool, kicked: list[bool]) -> int:
+        vcpu, bus, hooks = self._open_vcpu(), self.bus, self._hooks
         if self.fast_path and not hooks:
             try:
                 fast = vcpu.fast_loop()  # None where the compiled loop cannot load
@@ -435,12 +435,12 @@ class Machine:
                 self._final_exit = e
         return count
 
-    def _loop_fast(self, fast, records, trace: bool, kicked) -> int:
+    def _loop_fast(self, fast: Any, records: list[TraceRecord] | None, trace: bool, kicked: list[bool]) -> int:
         """The loop over the compiled exit path: C runs KVM_RUN and handles the sink and
         posted devices' writes; each time it returns, the sinks are credited and the posted
         writes replayed (and recorded) in order, then the exit it returned for, if any, is
         handled here exactly as :meth:`_loop` handles it."""
-        vcpu = self.vcpu
+        vcpu = self._open_vcpu()
         plan = self.bus.fast_plan(record=records is not None)
         rips = trace and not self.state_protected  # the ring carries RIPs only where the host may read them
         fast.configure(plan.ports, plan.mmio, rip=rips)
@@ -475,7 +475,7 @@ class Machine:
             self._dispatch(e)
         return count
 
-    def _dispatch(self, e) -> None:
+    def _dispatch(self, e: X.Exit) -> None:
         """One exit to its device (or to _handle), an unclaimed one ending the run as unhandled."""
         try:
             if type(e) is X.IoOut:
@@ -491,7 +491,8 @@ class Machine:
             self._final_exit = e
 
     @staticmethod
-    def _replay(fast, plan, count: int, append, rips: bool) -> int:
+    def _replay(fast: Any, plan: FastPlan, count: int, append: Callable[[TraceRecord], None] | None,
+                rips: bool) -> int:
         """Credit the sinks and replay the posted writes of one C call, in order (recording
         each, with its RIP when ``rips``)."""
         if fast.sunk_total:
@@ -509,17 +510,17 @@ class Machine:
                 handlers[slot](e.port, e.size, e.data)
             else:
                 handlers[slot](e.addr, e.size, e.data)
-        return count + fast.exits
+        return count + int(fast.exits)
 
-    def _run_hooks(self, e) -> bool:
+    def _run_hooks(self, e: X.Exit) -> bool:
         handled = False
         for h in self._hooks:
             handled = bool(h(self, e)) or handled
         return handled
 
-    def _handle(self, e) -> None:
+    def _handle(self, e: Any) -> None:  # Any: dispatched on type(e) below, which mypy does not narrow
         t = type(e)
-        vcpu = self.vcpu
+        vcpu = self._open_vcpu()
         if t is X.IoIn:
             data = b"".join(self.bus.port_in(e.port, e.size).to_bytes(e.size, "little")
                             for _ in range(e.count))
@@ -533,10 +534,6 @@ class Machine:
             vcpu.complete(value or 0, error=value is None)
         elif t is X.MsrWrite:
             vcpu.complete(error=not self.msrs.write(e.index, e.value))
-        elif t is X.MemoryFault and self._snp_exits is not None:  # SNP: convert, run again
-            self._snp_exits.memory_fault(e.gpa, e.size, e.private)
-        elif t is X.Hypercall and e.nr == KVM_HC_MAP_GPA_RANGE and self._snp_exits is not None:
-            vcpu.complete(self._snp_exits.map_gpa_range(e.args))  # SNP page-state change
         else:
             self._outcome = _OUTCOME_OF_EXIT.get(t, "unsupported")
             self._final_exit = e
@@ -574,12 +571,12 @@ class Machine:
         plaintext (KVM clears the valid bitmap when it takes the registers, the values stay
         until the next VMRUN)."""
         if not self.state_protected:
-            regs = self.vcpu.get_regs()
+            regs = self._open_vcpu().get_regs()
             return regs.rbx, regs.rcx
         from .sev.ghcb import Ghcb
 
-        ghcb = Ghcb(bytearray(self.vm.read(_ghcb_gpa(), 4096)))
-        return ghcb.get("rbx"), ghcb.get("rcx")
+        ghcb = Ghcb(bytearray(self._open_vm().read(_ghcb_gpa(), 4096)))
+        return int(ghcb.get("rbx")), int(ghcb.get("rcx"))
 
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
@@ -589,12 +586,12 @@ class Machine:
         self.vcpu = None
         if self._owns_system and self.system is not None:
             self.system.close()
-            self.system = None
+            self.system = None  # type: ignore[assignment]  # closed: nothing to reach through
 
-    def __enter__(self):
+    def __enter__(self) -> Machine:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -602,13 +599,13 @@ PROTECTED_REGS = ("the guest's state is protected (SEV-ES: its VMSA is encrypted
                   "LAUNCH_UPDATE_VMSA); the host cannot read its registers")
 
 
-class _NoKernelTrace(contextlib.nullcontext):
+class _NoKernelTrace(contextlib.nullcontext[None]):
     """The kernel trace of a backend without a kernel tracer: nothing, and no error."""
 
     error = None
 
     @property
-    def events(self) -> list:
+    def events(self) -> list[Any]:
         return []
 
 
@@ -619,10 +616,11 @@ def _no_rip() -> None:
 @functools.lru_cache(maxsize=1)
 def _ghcb_gpa() -> int:
     """GHCB_GPA of the guests' SEV-ES runtime (guests/include/sev_es.h, beside ucall.h)."""
-    return P.parse_header((P.header_path().parent / "sev_es.h").read_text())["GHCB_GPA"]
+    gpa: int = P.parse_header((P.header_path().parent / "sev_es.h").read_text())["GHCB_GPA"]
+    return gpa
 
 
-def _sev_vm_type(system, mode: str) -> int:
+def _sev_vm_type(system: System, mode: str) -> int:
     """KVM_X86_SEV_VM / SEV_ES_VM where offered (INIT2), else the default VM (legacy INIT);
     KVM_X86_SNP_VM for sev-snp (there is no legacy SNP: KVM_CREATE_VM refuses it or not)."""
     if mode == "sev-snp":
@@ -631,22 +629,24 @@ def _sev_vm_type(system, mode: str) -> int:
     return wanted if wanted in system.capabilities.vm_types else KVM_X86_DEFAULT_VM
 
 
-def _create_vm(system, vm_type: int):
+def _create_vm(system: System, vm_type: int) -> Vm:
     """KVM_CREATE_VM; an SNP VM on the simulator is sim/snp.py's (its SNP firmware and RMP)."""
     if vm_type == KVM_X86_SNP_VM and system.name == "sim":
         from .sim.snp import create_snp_vm
+        from .sim.system import SimSystem
 
-        return create_snp_vm(system)
+        if isinstance(system, SimSystem):
+            return create_snp_vm(system)
     return system.create_vm(vm_type)
 
 
-def sev_c_bit(system) -> int:
+def sev_c_bit(system: System) -> int:
     """The encryption bit position the backend's CPUID 0x8000001F EBX[5:0] reports (51 if none)."""
     leaf = system.capabilities.sev_leaf
     return (leaf.ebx & 0x3F) if leaf is not None and leaf.ebx & 0x3F else 51
 
 
-def needs_met(system, needs) -> tuple[bool, str]:
+def needs_met(system: System, needs: Iterable[str]) -> tuple[bool, str]:
     """Whether a backend offers what a guest's manifest ``needs``, probed on its host now
     (``hostinfo.need_status``); if not, why."""
     from .hostinfo import unmet_needs
@@ -657,7 +657,7 @@ def needs_met(system, needs) -> tuple[bool, str]:
     return True, ""
 
 
-def _run_timeout(timeout, image: GuestImage | None) -> float:
+def _run_timeout(timeout: float | None, image: GuestImage | None) -> float:
     """The timeout a run uses: the caller's, else the manifest's, else 10 s; checked by
     :func:`watchdog.check_timeout` either way (a manifest's nan or inf is refused too)."""
     if timeout is not None:
@@ -668,24 +668,24 @@ def _run_timeout(timeout, image: GuestImage | None) -> float:
 
 
 class _Timeout(Exception):
-    def __init__(self, count):
+    def __init__(self, count: int) -> None:
         self.count = count
 
 
 class _UcallPort:
     __slots__ = ("machine",)
 
-    def __init__(self, machine):
+    def __init__(self, machine: Machine) -> None:
         self.machine = machine
 
-    def io_out(self, port, size, data):
+    def io_out(self, port: int, size: int, data: bytes) -> None:
         # a malformed GHCB can produce a zero-length OUT: op 0 is "unknown ucall"
         self.machine._ucall(data[0] if data else 0)
 
 
 def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeout: float | None = None,
-              trace: bool = False, sev: str | None = None, policy=None, owner=None,
-              on_launch=None) -> RunResult:
+              trace: bool = False, sev: str | None = None, policy: Any = None, owner: Any = None,
+              on_launch: Callable[[Machine], object] | None = None) -> RunResult:
     """Load a manifest guest, run it to the end, return its result.
 
     A guest whose manifest expects a timeout (``spin``) returns outcome

@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import struct
 import time
+from typing import TYPE_CHECKING
 
 import unicorn
 from unicorn import x86_const as X
@@ -72,6 +73,10 @@ from ..snp.psc import (
 from .sev import SevMmu, c_bit_of
 from .seves import SevEsVcpu
 from .svm import SVM_EXIT_NPF
+
+if TYPE_CHECKING:
+    from .system import SimSystem
+    from .vm import SimVm
 
 #: where a page that failed its RMP check is "filled" in the engine's physical space: no
 #: memory there, so the access stops in the unmapped hook (below the model CPU's 40-bit
@@ -481,7 +486,7 @@ class SnpVcpu(SevEsVcpu):
 
 # -- the VM and its launch ---------------------------------------------------------------
 
-def create_snp_vm(system):
+def create_snp_vm(system: SimSystem) -> SimVm:
     """KVM_CREATE_VM(KVM_X86_SNP_VM) on the simulator: a SimVm whose SEV model is SNP's."""
     from ..abi import KVM_X86_SNP_VM
     from .vm import SimVm
