@@ -268,6 +268,57 @@ def verdicts(kvm: dict, details: dict, cpu: dict, params: dict | None, sev_prese
     out["sev"] = sev_mode("SEV", "sev", 2)
     out["sev-es"] = sev_mode("SEV-ES", "sev_es", 3)
     out["sev-snp"] = sev_mode("SEV-SNP", "sev_snp", 4)
+    if out["sev-snp"]["usable"] and 4 not in types:  # no legacy SNP: the VM type or nothing
+        out["sev-snp"] = {"usable": False, "why": "KVM_CAP_VM_TYPES does not list KVM_X86_SNP_VM "
+                          "(4): this KVM cannot create SEV-SNP VMs (Linux 6.11 or later)"}
+    return out
+
+
+def snp_checks(cpu: dict, host_leaf: dict | None, params: dict | None, details: dict,
+               kernel: str | None = None, leaf_source: str = "") -> list[dict]:
+    """What SEV-SNP needs on a host, each check with what was seen, and the fix when it fails:
+
+    * ``rmp_cpuid``: CPUID 0x8000001F EAX bit 4 (the CPU has SNP and the RMP); unknown
+      (None) when the host's raw CPUID cannot be read;
+    * ``rmp_table``: the kernel set up the RMP table -- it reports the ``sev_snp`` flag in
+      /proc/cpuinfo only then (the flag is cleared when RMP initialisation fails);
+    * ``kvm_amd``: kvm_amd's ``sev_snp`` parameter on (advice only for a parameter this
+      kernel's kvm_amd has: :func:`_param_advice`);
+    * ``vm_type``: KVM_CAP_VM_TYPES lists KVM_X86_SNP_VM (bit 4).
+    """
+    kernel = kernel or platform.release()
+    out = []
+    bit = None if host_leaf is None else bool(host_leaf.get("sev_snp"))
+    out.append({"check": "rmp_cpuid", "ok": bit, "saw":
+                ("CPUID 0x8000001F EAX bit 4 = " + ("1" if bit else "0")) if bit is not None
+                else f"host CPUID not readable: {leaf_source or 'no /dev/cpu/0/cpuid'}",
+                "fix": None if bit else (
+                    "load the cpuid module (modprobe cpuid) to read the host's CPUID"
+                    if bit is None else "this CPU has no SEV-SNP (EPYC 7003 Milan or later has it)")})
+    flags = cpu.get("sev_flags") or []
+    has = "sev_snp" in flags
+    out.append({"check": "rmp_table", "ok": has,
+                "saw": f"/proc/cpuinfo SEV flags: {', '.join(flags) or 'none'}",
+                "fix": None if has else (
+                    "the kernel did not set up the RMP table: enable SNP and SNP memory coverage "
+                    "(RMP) in the firmware setup, with SME and SEV, on a kernel built with "
+                    "CONFIG_KVM_AMD_SEV")})
+    advice = _param_advice("SEV-SNP", "sev_snp", params, kernel)
+    value = (params or {}).get("sev_snp")
+    out.append({"check": "kvm_amd", "ok": advice is None,
+                "saw": (f"{KVM_AMD_PARAMS}/sev_snp = {value}" if value is not None else
+                        "kvm_amd is not loaded" if params is None else
+                        "kvm_amd has no sev_snp parameter"),
+                "fix": advice})
+    types = details.get("vm_type_numbers")
+    listed = None if types is None else 4 in types
+    out.append({"check": "vm_type", "ok": listed,
+                "saw": ("KVM not probed" if types is None else
+                        "KVM_CAP_VM_TYPES lists " + (", ".join(VM_TYPE_NAMES.get(t, str(t))
+                                                               for t in sorted(types)) or "nothing")),
+                "fix": None if listed else (
+                    "KVM offers no KVM_X86_SNP_VM: it needs all of the above, and Linux 6.11 or "
+                    "later" if types is not None else "make /dev/kvm accessible to probe it")})
     return out
 
 
@@ -312,6 +363,8 @@ def host_report() -> dict:
         "cpus": psutil.cpu_count(),
     }
     report["verdicts"] = verdicts(kvm, details, cpu, params, sev_present, report["kernel"])
+    report["snp"] = snp_checks(cpu, report["host_sev_leaf"], params, details, report["kernel"],
+                               report["host_sev_leaf_source"])
     return report
 
 
@@ -367,6 +420,10 @@ def format_report(r: dict) -> str:
     m = r["memory"]
     lines.append(f"memory: {m['total'] / 2**30:.1f} GiB total, {m['available'] / 2**30:.1f} GiB available; "
                  f"{r['cpus']} CPUs")
+    lines.append("SEV-SNP:")
+    for c in r.get("snp", []):
+        state = "ok" if c["ok"] else ("unknown" if c["ok"] is None else "NO")
+        lines.append(f"  {c['check']:9s} {state}: {c['saw']}" + (f" -> {c['fix']}" if c["fix"] else ""))
     lines.append("verdicts:")
     for mode in MODES:
         v = r["verdicts"][mode]

@@ -23,7 +23,13 @@ from typing import Any
 
 from . import exits as X
 from . import protocol as P
-from .abi import KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM, KVM_X86_SNP_VM
+from .abi import (
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SEV_ES_VM,
+    KVM_X86_SEV_VM,
+    KVM_X86_SNP_VM,
+)
 from .backend import System, Vcpu, Vm
 from .boot import load_image
 from .devices import Console, DeviceBus, FastPlan, MsrStore, NoDevice, NullDevice, RamLikeMmio
@@ -166,6 +172,7 @@ class Machine:
         self.image: GuestImage | None = None
         self.expected = "done"
         self.launch_result: Any = None  # SEV/SEV-ES/SNP: what the launch established (its backend's type)
+        self._snp_exits: Any = None  # SNP on kvm (kvm.snp.KvmSnpLaunch): MEMORY_FAULT, MAP_GPA_RANGE
         # SEV-ES after LAUNCH_UPDATE_VMSA: the host cannot read the vCPU's registers (KVM refuses
         # KVM_GET_REGS/SREGS with EINVAL on the SEV-ES VM type); the Machine never asks
         self.state_protected = False
@@ -247,11 +254,19 @@ class Machine:
     def _snp_launch(self, image: GuestImage, data: bytes, policy: Any) -> None:
         """The SEV-SNP launch (sim/snp.py ``launch_machine``: INIT2, the vCPU, memory
         attributes, SNP_LAUNCH_START/UPDATE/FINISH); ``launch_result.launch_digest`` is the
-        firmware's.  Only the simulator gets here: KVM_CREATE_VM(KVM_X86_SNP_VM) is where
-        a kvm host without SNP stops."""
+        firmware's.  On kvm, kvm/snp.py drives the same steps through /dev/kvm (guest_memfd
+        slot, INIT2, LAUNCH_START/UPDATE/FINISH); a host without SNP stops at
+        KVM_CREATE_VM(KVM_X86_SNP_VM) with the kernel's errno."""
+        if self.system.name == "kvm":  # guest_memfd, KVM_SEV_SNP_LAUNCH_* (kvm/snp.py)
+            from .kvm.snp import launch_machine as kvm_snp_launch
+
+            self.launch_result = self._snp_exits = kvm_snp_launch(
+                self, image, data, policy, c_bit=sev_c_bit(self.system))
+            self.state_protected = True
+            self.fast_path = False  # KVM_EXIT_MEMORY_FAULT arrives as a failed KVM_RUN
+            return
         if self.system.name != "sim":
-            raise FeatureUnavailable("the SEV-SNP launch through /dev/kvm (guest_memfd, "
-                                     "KVM_SEV_SNP_LAUNCH_*) is not driven by the Machine yet")
+            raise FeatureUnavailable(f"the SEV-SNP launch on the {self.system.name} backend")
         from .sim.snp import launch_machine
 
         self.launch_result = launch_machine(self, image, data, policy)
@@ -534,6 +549,10 @@ class Machine:
             vcpu.complete(value or 0, error=value is None)
         elif t is X.MsrWrite:
             vcpu.complete(error=not self.msrs.write(e.index, e.value))
+        elif t is X.MemoryFault and self._snp_exits is not None:  # SNP: convert, run again
+            self._snp_exits.memory_fault(e.gpa, e.size, e.private)
+        elif t is X.Hypercall and e.nr == KVM_HC_MAP_GPA_RANGE and self._snp_exits is not None:
+            vcpu.complete(self._snp_exits.map_gpa_range(e.args))  # SNP page-state change
         else:
             self._outcome = _OUTCOME_OF_EXIT.get(t, "unsupported")
             self._final_exit = e
