@@ -12,10 +12,14 @@ import shutil
 import struct
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from kvmharness import protocol
 from kvmharness.images import EXPECTS, MODES, NEEDS, load_manifest, parse_size

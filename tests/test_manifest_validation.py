@@ -175,7 +175,11 @@ def test_tomllib_falls_back_to_tomli(tmp_path):
     pyproject dependency for python_version < '3.11').  Simulated in a child interpreter by
     hiding tomllib and offering a module under tomli's name."""
     code = textwrap.dedent("""
-        import sys, types, tomllib as real
+        import sys, types
+        try:
+            import tomllib as real
+        except ModuleNotFoundError:  # a real 3.10: the installed tomli stands in
+            import tomli as real
         fake = types.ModuleType("tomli")
         fake.loads, fake.TOMLDecodeError = real.loads, real.TOMLDecodeError
         sys.modules["tomli"], sys.modules["tomllib"] = fake, None
