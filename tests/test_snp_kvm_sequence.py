@@ -283,8 +283,9 @@ class FakeSnpKernel:
         self.model.launch_finish(vmsas, host_data=bytes(p.host_data), flags=p.flags)
 
 
-def snp_machine(tmp_path, kernel: FakeSnpKernel, guest: str = "snp-hello"):
-    """Machine.for_guest(guest, sev='sev-snp') on the kvm backend with the fake kernel."""
+def snp_machine(tmp_path, kernel: FakeSnpKernel, guest: str = "snp-hello", vcpus: int = 1):
+    """Machine.for_guest(guest, sev='sev-snp') on the kvm backend with the fake kernel; with
+    ``vcpus`` > 1 the same Machine steps by hand (Machine.for_guest has no vcpus yet)."""
     kvm_path, sev_path = tmp_path / "kvm", tmp_path / "sev"
     kvm_path.write_bytes(b"")
     sev_path.write_bytes(b"")
@@ -306,7 +307,17 @@ def snp_machine(tmp_path, kernel: FakeSnpKernel, guest: str = "snp-hello"):
         kvm_vm_module.KvmVm.__init__ = remember
         kvmharness.backend.SEV_DEVICE = str(sev_path)
         system = KvmSystem(str(kvm_path))
-        m = Machine.for_guest(guest, system, sev="sev-snp")
+        if vcpus == 1:
+            m = Machine.for_guest(guest, system, sev="sev-snp")
+        else:
+            from kvmharness.images import get_guest
+            from kvmharness.kvm.snp import launch_machine
+
+            image = get_guest(guest)
+            m = Machine(system, memory=image.memory, vm_type=KVM_X86_SNP_VM, name=guest,
+                        create_vcpu=False)
+            m.launch_result = launch_machine(m, image, image.load(), None, c_bit=51,
+                                             vcpus=vcpus)
     except BaseException:
         rec.__exit__()
         raise
@@ -401,6 +412,35 @@ def test_launch_digest_equals_sev_snp_measure(launched):
     # registers is the one the plan predicts
     assert expected_digest(launch.plan).digest == firmware_digest
     assert _gctx_digest(launch.plan.pages) == firmware_digest
+
+
+@pytest.mark.parametrize("vcpus", [2, 4])
+def test_digest_with_aps_equals_sev_snp_measure(tmp_path, vcpus):
+    """APs in the RESET state (RDX = the CPUID signature): KVM measures one VMSA per vCPU at
+    LAUNCH_FINISH; the firmware's digest equals sev-snp-measure's over the same pages and
+    the offline plan's (``measure --mode sev-snp --vcpus N``)."""
+    kernel = FakeSnpKernel()
+    rec, m, system = snp_machine(tmp_path, kernel, vcpus=vcpus)
+    try:
+        launch = m.launch_result
+        assert len(rec.find("KVM_CREATE_VCPU")) == vcpus == len(kernel.model.vcpu_vmsas)
+        vmsas = [p for p in launch.pages_measured if p.page_type == PageType.VMSA]
+        assert [p.vcpu for p in vmsas] == list(range(vcpus))
+        assert len({p.data for p in vmsas}) == 2  # the BSP's long-mode state, one AP state
+        assert _gctx_digest(launch.pages_measured) == kernel.model.launch_digest
+        assert expected_digest(launch.plan).digest == kernel.model.launch_digest
+        one = FakeSnpKernel()
+        rec.__exit__()
+        rec1, m1, system1 = snp_machine(tmp_path, one)
+        assert one.model.launch_digest != kernel.model.launch_digest
+        m1.close()
+        rec1.__exit__()
+        system1.close()
+        rec.__enter__()
+    finally:
+        m.close()
+        rec.__exit__()
+        system.close()
 
 
 def test_partial_progress_is_followed_to_the_end(tmp_path):

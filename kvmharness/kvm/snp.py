@@ -53,6 +53,8 @@ from .sev import KvmSev
 if TYPE_CHECKING:
     from .vm import KvmVm
 
+#: an AP's RESET-state RDX when the CPUID table has no leaf 1 (the launch plan's default: Milan)
+DEFAULT_VCPU_SIGNATURE = 0x00A00F11
 #: kvm_sev_cmd.error for a CPUID page the firmware rejected (SEV_RET_INVALID_PARAM)
 SEV_RET_INVALID_PARAM = 0x16
 #: KVM_HC_MAP_GPA_RANGE's attributes argument (include/uapi/linux/kvm_para.h)
@@ -223,10 +225,17 @@ def _ranges(pages) -> list[tuple[int, int, list]]:
 
 
 def launch_machine(machine, image, data: bytes, policy: int | None, *, c_bit: int,
-                   sev_path: str | None = None) -> KvmSnpLaunch:
+                   sev_path: str | None = None, vcpus: int = 1) -> KvmSnpLaunch:
     """The SEV-SNP launch of a Machine on the kvm backend (the module docstring's order).
-    ``machine.vm`` is a KVM_X86_SNP_VM whose RAM slot is guest_memfd-backed and private."""
+    ``machine.vm`` is a KVM_X86_SNP_VM whose RAM slot is guest_memfd-backed and private.
+
+    ``vcpus`` > 1: the APs are created after INIT2 with the BSP, given its CPUID table
+    (their own APIC IDs) and the x86 RESET state with RDX = the CPUID signature (what QEMU
+    gives every AP before the launch: ``sev.vmsa.reset_state``); KVM measures one VMSA per
+    vCPU at LAUNCH_FINISH, BSP first.  The guest starts them later (AP creation)."""
     from ..sev.launch import vmsa_page_for_vcpu
+    from ..sev.vmsa import reset_state
+    from ..x86 import with_vcpu_apic_id
     from ..snp.launch import LaunchPage
     from ..snp.policy import DEFAULT_POLICY, SnpPolicy
 
@@ -238,9 +247,19 @@ def launch_machine(machine, image, data: bytes, policy: int | None, *, c_bit: in
     t0 = time.perf_counter()
     snp = KvmSnp(vm, sev_path=sev_path or _backend.SEV_DEVICE)  # KVMHARNESS_SEV_DEVICE
     snp.init2()
+    if not 1 <= vcpus <= 255:
+        raise UsageError(f"--vcpus {vcpus}: an SNP guest has 1 to 255 vCPUs here")
     machine.vcpu = vm.create_vcpu(0)
+    aps = [vm.create_vcpu(i) for i in range(1, vcpus)]
     machine.load(image, data, c_bit=c_bit)
-    plan = guest_launch_plan(data, image.mode, machine.memory,
+    leaf1 = next((e for e in machine.cpuid.entries if e.function == 1), None)
+    sig = leaf1.eax if leaf1 is not None and leaf1.eax else DEFAULT_VCPU_SIGNATURE
+    for i, ap in enumerate(aps, 1):
+        ap.set_cpuid(with_vcpu_apic_id(machine.cpuid, i).entries)
+        regs, sregs = reset_state(sig)
+        ap.set_sregs(sregs)
+        ap.set_regs(regs)
+    plan = guest_launch_plan(data, image.mode, machine.memory, vcpus=vcpus, vcpu_sig=sig,
                              c_bit=c_bit if image.mode == "long64" else None,
                              source=f"guest {image.name}")
     vm.enable_cap(K.KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
