@@ -235,9 +235,9 @@ def launch_machine(machine, image, data: bytes, policy: int | None, *, c_bit: in
     vCPU at LAUNCH_FINISH, BSP first.  The guest starts them later (AP creation)."""
     from ..sev.launch import vmsa_page_for_vcpu
     from ..sev.vmsa import reset_state
-    from ..x86 import with_vcpu_apic_id
     from ..snp.launch import LaunchPage
     from ..snp.policy import DEFAULT_POLICY, SnpPolicy
+    from ..x86 import with_vcpu_apic_id
 
     vm = machine.vm
     policy = DEFAULT_POLICY if policy is None else int(policy)
