@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from .. import backend as _backend
 from ..abi import KVM_HC_MAP_GPA_RANGE
 from ..backend import SEV_DEVICE
-from ..errors import SevError, UsageError
+from ..errors import FeatureUnavailable, SevError, UsageError
 from ..snp.firmware import CpuidEntry, parse_cpuid_page
 from ..snp.launch import guest_launch_plan
 from ..snp.measure import PAGE_SIZE, LaunchDigest, PageType
@@ -188,6 +188,11 @@ class KvmSnpLaunch:
                 "launch_update_ioctls": self.update_calls,
                 "cpuid_corrections": [dataclasses.asdict(c) for c in self.cpuid_corrections],
                 "launch_seconds": round(self.seconds, 6)}
+
+    def rmp_entry(self, gpa: int) -> dict:
+        """The RMP entry behind ``gpa``: not for userspace to read through KVM."""
+        raise FeatureUnavailable("the RMP is firmware-owned memory: KVM shows userspace no RMP "
+                                 "entry (the simulator's host can read its own)")
 
     # -- the exits ----------------------------------------------------------------------
     def memory_fault(self, gpa: int, size: int, private: bool) -> None:

@@ -224,7 +224,7 @@ def memview(machine, mode: str, out_dir: str) -> LabReport:
             if m.ucall_args()[0] != SERVICE_KEY_REPLY:
                 return
             seen["memory"] = m.vm.read(0, m.memory)
-            seen["ghcb_gpa"] = _ghcb_page(m)[0] if mode == "sev-es" else None
+            seen["ghcb_gpa"] = _ghcb_page(m)[0] if mode in ("sev-es", "sev-snp") else None
 
     machine.on_exit(at_exit)
     result = machine.run()
@@ -264,6 +264,26 @@ def memview(machine, mode: str, out_dir: str) -> LabReport:
     findings = {"counts": counts, "pages": pages, "secret_readable": secret_readable,
                 "reply_readable_in_shared_buffer": REPLY_TEXT in page(SERVICE_SHARED_BUF),
                 "categories": cats}
+    if mode == "sev-snp":  # what SNP adds to the reading: the RMP says whose each page is
+        rmp, why = {}, None
+        for name, gpa in probes.items():
+            try:
+                rmp[name] = machine.launch_result.rmp_entry(gpa)
+            except FeatureUnavailable as e:
+                why = str(e)
+                break
+        findings["rmp"] = rmp
+        for name, e in rmp.items():
+            lines.append(f"RMP of {name} (host page {e['spa']:#x}): {e['owner']}"
+                         + (f", ASID {e['asid']}, GPA {e['gpa']:#x}, "
+                            f"{'validated' if e['validated'] else 'NOT validated'}"
+                            if e["assigned"] else " (shared)"))
+        if why:
+            lines.append(f"RMP not readable here: {why}")
+        private = [n for n, e in rmp.items() if e["owner"] == "guest"]
+        verdict += ("; under SNP the RMP also records " + ", ".join(private)
+                    + " as the guest's (validated at their GPA): reading them gives ciphertext, "
+                    "writing or remapping them faults (lab remap)") if private else ""
     return _finish(machine, "memview", mode, result, verdict, findings, lines, {"pagemap": path})
 
 

@@ -511,6 +511,14 @@ class SnpMachineLaunch:
     def launch_digest(self) -> bytes:
         return self.digest
 
+    def rmp_entry(self, gpa: int) -> dict:
+        """The RMP entry of the host page the nested page table maps ``gpa`` to (a simulated
+        host reads its own RMP; through KVM the RMP stays in firmware-owned memory)."""
+        spa = self.model.kvm.spa_of(gpa) & ~0xFFF
+        e, _ = self.model.firmware.rmp.effective(spa >> 12)
+        return {"spa": spa, "owner": e.owner, "assigned": e.assigned, "validated": e.validated,
+                "asid": e.asid, "gpa": e.gpa, "vmsa": e.vmsa, "immutable": e.immutable}
+
     def to_dict(self) -> dict:
         return {"mode": "sev-snp", "policy": f"0x{self.policy:x}",
                 "launch_digest": self.digest.hex(), "pages": len(self.plan.pages),

@@ -1,0 +1,71 @@
+"""The lab's other scenarios under ``--mode sev-snp`` (simulator): what SNP changes.
+
+memview: the host's read of guest RAM is the same ciphertext as under SEV-ES, and the RMP
+(which a simulated host can read; KVM shows userspace none) records the secret and reply
+pages as the guest's -- ASID of the launch, validated at their own GPA -- and the shared
+buffer and GHCB as the hypervisor's.  The truth for the RMP is the firmware model's own
+table, read here independently of the scenario."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvmharness.lab import run_scenario
+from kvmharness.lab.scenarios import (
+    SECRET_TEXT,
+    SERVICE_REPLY_PAGE,
+    SERVICE_SECRET_PAGE,
+    SERVICE_SHARED_BUF,
+)
+
+pytest.importorskip("unicorn", reason="the simulator runs SNP guests on unicorn")
+
+
+def test_memview_under_snp_reads_ciphertext_and_names_the_rmp_owner(tmp_path):
+    r = run_scenario("memview", mode="sev-snp", backend="sim", out_dir=str(tmp_path))
+    assert r.outcome == "done" and r.mode == "sev-snp"
+    assert r.findings["secret_readable"] is False
+    pages = r.findings["pages"]
+    assert pages["secret page"]["category"] == "ciphertext"
+    assert pages["shared buffer"]["category"] == "shared"
+    assert r.findings["reply_readable_in_shared_buffer"] is True
+    rmp = r.findings["rmp"]
+    for name, gpa in (("secret page", SERVICE_SECRET_PAGE), ("reply page", SERVICE_REPLY_PAGE)):
+        e = rmp[name]
+        assert (e["owner"], e["assigned"], e["validated"], e["gpa"]) == ("guest", True, True, gpa)
+        assert e["asid"] > 0 and e["spa"] != gpa  # the guest_memfd page, not the GPA
+    assert rmp["shared buffer"]["owner"] == "hypervisor" and not rmp["shared buffer"]["assigned"]
+    assert "GHCB" in rmp and rmp["GHCB"]["owner"] == "hypervisor"
+    assert "RMP" in r.verdict and (tmp_path / "memview-sev-snp.png").stat().st_size > 0
+
+
+def test_memview_rmp_matches_the_firmware_table(tmp_path):
+    """The same guest launched by hand: the firmware model's RMP for each page, read directly."""
+    from kvmharness.machine import Machine
+
+    m = Machine.for_guest("snp-lab-service", "sim", sev="sev-snp")
+    try:
+        m.run()
+        model = m.launch_result.model
+        for gpa in (SERVICE_SECRET_PAGE, SERVICE_REPLY_PAGE, SERVICE_SHARED_BUF):
+            spa = model.kvm.spa_of(gpa) & ~0xFFF
+            e, _ = model.firmware.rmp.effective(spa >> 12)
+            assert m.launch_result.rmp_entry(gpa) == {
+                "spa": spa, "owner": e.owner, "assigned": e.assigned, "validated": e.validated,
+                "asid": e.asid, "gpa": e.gpa, "vmsa": e.vmsa, "immutable": e.immutable}
+        assert SECRET_TEXT not in m.vm.read(0, m.memory)
+    finally:
+        m.close()
+
+
+def test_lab_cli_memview_sev_snp_json(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "kvmharness", "lab", "memview", "--mode", "sev-snp",
+                        "--backend", "sim", "--json", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["mode"] == "sev-snp" and d["findings"]["rmp"]["secret page"]["owner"] == "guest"
