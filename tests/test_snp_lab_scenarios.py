@@ -1,5 +1,9 @@
 """The lab's other scenarios under ``--mode sev-snp`` (simulator): what SNP changes.
 
+regleak (snp-lab-regleak): as under SEV-ES no secret register reaches the host (KVM_GET_REGS
+refused, only GHCB fields visible); SNP adds that vCPU 0's VMSA page is guest-owned in the
+RMP with the VMSA bit set, so the host cannot write it back either.
+
 memview: the host's read of guest RAM is the same ciphertext as under SEV-ES, and the RMP
 (which a simulated host can read; KVM shows userspace none) records the secret and reply
 pages as the guest's -- ASID of the launch, validated at their own GPA -- and the shared
@@ -69,3 +73,35 @@ def test_lab_cli_memview_sev_snp_json(tmp_path):
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["mode"] == "sev-snp" and d["findings"]["rmp"]["secret page"]["owner"] == "guest"
+
+
+def test_regleak_under_snp_leaks_nothing_and_the_vmsa_page_is_the_guests():
+    r = run_scenario("regleak", mode="sev-snp", backend="sim")
+    assert r.outcome == "done" and r.findings["leaked"] == []
+    wheres = [s["where"] for s in r.findings["snapshots"]]
+    assert any(w.startswith("CPUID #VMEXIT") for w in wheres)
+    assert any(w.startswith("REPORT") for w in wheres)
+    for s in r.findings["snapshots"]:
+        assert s["regs"] is None and "EINVAL" in s["regs_error"]  # protected state
+        assert s["ghcb_gpa"]  # the GHCB the guest registered, read by the host
+    cpuid = next(s for s in r.findings["snapshots"] if s["where"].startswith("CPUID"))
+    assert cpuid["ghcb"]["sw_exit_code"] == 0x72  # SVM_EXIT_CPUID, through the GHCB
+    e = r.findings["vmsa_rmp"]
+    assert (e["owner"], e["vmsa"], e["assigned"]) == ("guest", True, True) and e["asid"] > 0
+    assert "RMP" in r.verdict
+
+
+def test_regleak_vmsa_entry_matches_the_firmware_table():
+    from kvmharness.machine import Machine
+
+    m = Machine.for_guest("snp-lab-regleak", "sim", sev="sev-snp")
+    try:
+        assert m.run().outcome == "done"
+        model = m.launch_result.model
+        pfn = model.kvm.vcpus[0].vmsa_pfn
+        e, _ = model.firmware.rmp.effective(pfn)
+        got = m.launch_result.vmsa_rmp_entry(0)
+        assert (got["spa"], got["vmsa"], got["asid"], got["gpa"]) == (pfn << 12, e.vmsa, e.asid, e.gpa)
+        assert e.vmsa and e.asid == model.kvm.asid
+    finally:
+        m.close()

@@ -42,6 +42,6 @@ def test_lab_cli_remap_sev_snp_json_and_other_scenarios_refuse():
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["mode"] == "sev-snp" and d["findings"]["leaked"] is False
-    q = subprocess.run([sys.executable, "-m", "kvmharness", "lab", "regleak", "--mode", "sev-snp",
+    q = subprocess.run([sys.executable, "-m", "kvmharness", "lab", "lying-hv", "--mode", "sev-snp",
                         "--backend", "sim"], capture_output=True, text=True)
     assert q.returncode == 3 and "no SEV-SNP guest yet" in q.stderr

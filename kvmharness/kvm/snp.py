@@ -194,6 +194,11 @@ class KvmSnpLaunch:
         raise FeatureUnavailable("the RMP is firmware-owned memory: KVM shows userspace no RMP "
                                  "entry (the simulator's host can read its own)")
 
+    def vmsa_rmp_entry(self, vcpu: int = 0) -> dict:
+        """The RMP entry of a vCPU's VMSA page: not for userspace to read through KVM."""
+        raise FeatureUnavailable("the RMP is firmware-owned memory: KVM shows userspace no RMP "
+                                 "entry (the simulator's host can read its own)")
+
     # -- the exits ----------------------------------------------------------------------
     def memory_fault(self, gpa: int, size: int, private: bool) -> None:
         """KVM_EXIT_MEMORY_FAULT: make the range what the guest accessed it as."""

@@ -33,7 +33,8 @@ from .scenarios import LabReport, LabUnavailable
 
 MODES = ("svm", "sev", "sev-es")
 #: scenarios with an SEV-SNP guest (``--mode sev-snp``, simulator only; not in ``--mode all`` yet)
-SNP_SCENARIOS = {"remap": "snp-lab-service", "memview": "snp-lab-service"}
+SNP_SCENARIOS = {"remap": "snp-lab-service", "memview": "snp-lab-service",
+                 "regleak": "snp-lab-regleak"}
 #: scenario -> (guest base name, one line)
 SCENARIOS = {
     "regleak": ("lab-regleak", "a secret in registers across a CPUID exit: who can read it"),

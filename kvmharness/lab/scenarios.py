@@ -139,7 +139,7 @@ def regleak(machine, mode: str) -> LabReport:
     def look(where: str):
         regs, err = _safe_regs(machine)
         vmcb = _vmcb(machine)
-        gpa, ghcb = _ghcb_page(machine) if mode == "sev-es" else (None, None)
+        gpa, ghcb = _ghcb_page(machine) if mode in ("sev-es", "sev-snp") else (None, None)
         snap = {"where": where, "regs": regs.to_dict() if regs is not None else None,
                 "regs_error": err,
                 "vmcb_save": ({"rax": vmcb.save.rax, "rip": vmcb.save.rip, "rsp": vmcb.save.rsp}
@@ -202,6 +202,19 @@ def regleak(machine, mode: str) -> LabReport:
                    "the GHCB (the VMSA is encrypted)")
     findings = {"leaked": leaked, "snapshots": snapshots, "secrets": {k: hex(v) for k, v in
                                                                        REGLEAK_SECRETS.items()}}
+    if mode == "sev-snp":  # what SNP adds: the VMSA page is the guest's in the RMP
+        try:
+            e = machine.launch_result.vmsa_rmp_entry(0)
+        except FeatureUnavailable as why:
+            lines.append(f"RMP not readable here: {why}")
+        else:
+            findings["vmsa_rmp"] = e
+            lines.append(f"RMP of vCPU 0's VMSA page (host page {e['spa']:#x}): {e['owner']}, "
+                         f"ASID {e['asid']}, VMSA bit {'set' if e['vmsa'] else 'clear'}"
+                         + (", immutable" if e["immutable"] else ""))
+            if e["owner"] == "guest" and e["vmsa"]:
+                verdict += ("; under SNP the RMP makes the VMSA page the guest's: the hypervisor "
+                            "cannot even write the ciphertext back (SEV-ES lets it)")
     return _finish(machine, "regleak", mode, result, verdict, findings, lines)
 
 

@@ -519,6 +519,15 @@ class SnpMachineLaunch:
         return {"spa": spa, "owner": e.owner, "assigned": e.assigned, "validated": e.validated,
                 "asid": e.asid, "gpa": e.gpa, "vmsa": e.vmsa, "immutable": e.immutable}
 
+    def vmsa_rmp_entry(self, vcpu: int = 0) -> dict:
+        """The RMP entry of vCPU ``vcpu``'s VMSA page (KVM's launch VMSA, or the page the
+        guest gave at AP creation)."""
+        pfn = self.model.kvm.vcpus[vcpu].vmsa_pfn
+        e, _ = self.model.firmware.rmp.effective(pfn)
+        return {"spa": pfn << 12, "owner": e.owner, "assigned": e.assigned,
+                "validated": e.validated, "asid": e.asid, "gpa": e.gpa, "vmsa": e.vmsa,
+                "immutable": e.immutable}
+
     def to_dict(self) -> dict:
         return {"mode": "sev-snp", "policy": f"0x{self.policy:x}",
                 "launch_digest": self.digest.hex(), "pages": len(self.plan.pages),
