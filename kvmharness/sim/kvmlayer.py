@@ -102,14 +102,13 @@ class KvmExitHandling:
 
     Each handler first records the #VMEXIT the hardware would take (``self.svm.vmexit``,
     only when KVM's VMCB intercepts it) and then does what the kvm_amd handler does:
-    resume the guest, inject an exception, or set ``self._exit`` for userspace.
+    resume the guest, inject an exception, or hand userspace an exit (``run_state.exit_to_user``).
     """
 
     nested = None  # sim/nested.py's NestedSvm once the guest executed VMRUN
 
     def _handle_event(self):
-        intno, rip = self._event
-        self._event = None
+        intno, rip = self.run_state.take_event()
         if (0x180 <= intno <= 0x185 or self.nested is not None) and _nested_event(self, intno, rip):
             return  # L1's VMRUN/VMLOAD/VMSAVE/STGI/CLGI, an L2 exit L1 intercepts (sim/nested.py)
         if intno == 0x100 + SVM_EXIT_VMMCALL and self.nested is not None and self.nested.guest_mode:
@@ -146,19 +145,18 @@ class KvmExitHandling:
             if self.single_step:
                 svm.vmexit(code, 0, 0, rip, rip + 1, "Debug")
                 core.set_reg(X.UC_X86_REG_RIP, rip + 1)
-                self._exit = exits.Debug(exception=1, pc=rip + 1, dr6=0xFFFF4FF0, dr7=0x400)
+                self.run_state.exit_to_user(exits.Debug(exception=1, pc=rip + 1, dr6=0xFFFF4FF0, dr7=0x400))
                 return
             svm.vmexit(code, 0, 0, rip, rip + 1, "Hlt")
             core.set_reg(X.UC_X86_REG_RIP, rip + 1)  # kvm_emulate_halt skips the instruction
-            self._exit = exits.Hlt()
+            self.run_state.exit_to_user(exits.Hlt())
             return
         if code == SVM_EXIT_MSR:
             self._msr(rip)
             return
         if code == SVM_EXIT_SHUTDOWN:  # the core escalated a fault to a triple fault itself
             svm.vmexit(code, 0, 0, rip, 0, "Shutdown")
-            self._shutdown = True
-            self._exit = exits.Shutdown()
+            self.run_state.shut_down(exits.Shutdown())
             self._shutdown_init()
             return
         if SVM_EXIT_EXCP_BASE <= code < SVM_EXIT_EXCP_BASE + 32:
@@ -181,10 +179,10 @@ class KvmExitHandling:
             self._inject_now(6 if action == "ud" else 13, 0 if action == "gp" else None)
         elif action == "emul":
             svm.vmexit(code, 0, 0, rip, rip + ilen, "InternalError")
-            self._exit = self._emulation_failure(rip)
+            self.run_state.exit_to_user(self._emulation_failure(rip))
         else:
             svm.vmexit(code, 0, 0, rip, rip + ilen, "InternalError")
-            self._exit = exits.InternalError(suberror=4, data=(code, 0))
+            self.run_state.exit_to_user(exits.InternalError(suberror=4, data=(code, 0)))
 
     def _msr(self, rip):
         core = self.core
@@ -249,8 +247,8 @@ class KvmExitHandling:
         if policy.user_exit(reason):
             kind = "MsrWrite" if write else "MsrRead"
             self.svm.vmexit(SVM_EXIT_MSR, int(write), 0, rip, rip + 2, kind)
-            self._exit = (exits.MsrWrite(index, value, reason) if write else exits.MsrRead(index, reason))
-            self._pending = ("wrmsr" if write else "rdmsr", rip, rip + 2, None)
+            self.run_state.exit_to_user(exits.MsrWrite(index, value, reason) if write else exits.MsrRead(index, reason))
+            self.run_state.owe("wrmsr" if write else "rdmsr", rip, rip + 2, None)
             return
         self.svm.vmexit(SVM_EXIT_MSR, int(write), 0, rip, rip + 2)
         self._inject_now(13, 0)
@@ -291,7 +289,7 @@ class KvmExitHandling:
         insn = self._insn(rip)
         core = self.core
         if insn is None:
-            self._exit = self._emulation_failure(rip)
+            self.run_state.exit_to_user(self._emulation_failure(rip))
             return
         mn = insn.mnemonic
         info1 = 0
@@ -317,10 +315,10 @@ class KvmExitHandling:
         elif mn == ix.Mnemonic.CLTS:
             core.set_cr(0, core.cr(0) & ~8)
         elif mn == ix.Mnemonic.LMSW:
-            self._exit = self._emulation_failure(rip)
+            self.run_state.exit_to_user(self._emulation_failure(rip))
             return
         else:
-            self._exit = self._emulation_failure(rip)
+            self.run_state.exit_to_user(self._emulation_failure(rip))
             return
         seen = self._cr_dr_exit_code(code, old_cr0)
         if seen is not None:
@@ -368,7 +366,7 @@ class KvmExitHandling:
             # int n / int3 / int1 at CPL0: the hosts' KVM fails to emulate them (docs/facts.md#kvm-pvm-cpl0)
             start = rip - (1 if vector in (1, 3) and self._code_bytes(rip - 1, 1) in (b"\xcc", b"\xf1") else 2)
             core.set_reg(X.UC_X86_REG_RIP, start)
-            self._exit = self._emulation_failure(start)
+            self.run_state.exit_to_user(self._emulation_failure(start))
             return
         if vector == 6 and not self.profile.vmmcall_ud:
             # the engine raises #UD for VMMCALL where the hardware takes KVM's VMMCALL
@@ -427,7 +425,7 @@ class KvmExitHandling:
         core.set_reg(X.UC_X86_REG_RAX, hypercall_result(nr, self._cpl(), long64))
         core.set_reg(X.UC_X86_REG_RIP, rip + ilen)  # kvm_skip_emulated_instruction
         if self.single_step:
-            self._exit = exits.Debug(exception=1, pc=rip + ilen, dr6=0xFFFF4FF0, dr7=0x400)
+            self.run_state.exit_to_user(exits.Debug(exception=1, pc=rip + ilen, dr6=0xFFFF4FF0, dr7=0x400))
 
     # -- what KVM's emulator finishes before an exit reaches userspace ---------------
     def _exit_to_user(self):
@@ -442,19 +440,19 @@ class KvmExitHandling:
           OUTS): x86_emulate_insn sets RFLAGS.RF while the string is not finished
           (emulate.c, ``ctxt->eflags |= X86_EFLAGS_RF`` for a restarted REP instruction).
         """
-        e = self._exit
-        p = self._pending
+        e = self.run_state.exit
+        p = self.run_state.pending
         if p is not None and p[0] == "mmio_r":
             e = self._far_pointer_read(e, p)
         if p is not None and p[0] == "mmio_w":
-            self._pending = None
+            self.run_state.pending = None
             gpa, _size, access = p[3]
-            self._replay = (gpa, b"", access)
-            self._exit = None
+            self.run_state.replay = (gpa, b"", access)
+            self.run_state.exit = None
             self._run_replay()
-            self._exit = e
+            self.run_state.exit_to_user(e)
             self._string_rf(p[1])
-        elif p is not None and p[0] == "out" and self._resume is None:
+        elif p is not None and p[0] == "out" and self.run_state.resume is None:
             if self.profile.outs_rip_from_emulator:
                 self._outs_from_emulator(p)
             else:
@@ -474,7 +472,7 @@ class KvmExitHandling:
         else:
             core.set_reg(X.UC_X86_REG_RIP, p[2])
             core.set_reg(X.UC_X86_REG_RFLAGS, core.reg(X.UC_X86_REG_RFLAGS) & ~RFLAGS_RF)
-        self._pending = ("outs", p[1], p[2], None)
+        self.run_state.owe("outs", p[1], p[2], None)
 
     # -- string IN (INS): KVM's emulator, emulate.c pio_in_emulated / em_in -----------
     @staticmethod
@@ -562,8 +560,9 @@ class KvmExitHandling:
         full = ix.MemorySizeExt.size(insn.memory_size)
         if full <= size or not isinstance(e, exits.MmioRead) or e.addr != gpa:
             return e
-        self._pending = (p[0], p[1], p[2], (gpa, full, access))
-        self._exit = e = exits.MmioRead(gpa, full)
+        self.run_state.owe(p[0], p[1], p[2], (gpa, full, access))
+        e = exits.MmioRead(gpa, full)
+        self.run_state.exit_to_user(e)
         return e
 
     def _string_rf(self, insn_rip):
@@ -602,7 +601,7 @@ class KvmExitHandling:
                 self.core.sync_msrpm()
         if self._rf_shown:
             self._rf_shown = False
-            if not self._need_entry:
+            if self.in_guest:
                 core = self.core
                 core.set_reg(X.UC_X86_REG_RFLAGS, core.reg(X.UC_X86_REG_RFLAGS) & ~RFLAGS_RF)
 
@@ -622,7 +621,7 @@ class KvmExitHandling:
                 value |= (v & ((1 << (8 * s_)) - 1)) << (8 * size)
                 size += s_
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        self._exit = exits.MmioWrite(addr, size, data)
+        self.run_state.exit_to_user(exits.MmioWrite(addr, size, data))
 
     def _cpl(self):
         core = self.core
@@ -645,8 +644,7 @@ class KvmExitHandling:
         self.svm.vmexit(SVM_EXIT_SHUTDOWN, 0, 0, rip, 0, "Shutdown")
         # KVM sets RFLAGS.RF when it queues a fault-class exception (x86.c kvm_deliver_exception)
         core.set_reg(X.UC_X86_REG_RFLAGS, core.reg(X.UC_X86_REG_RFLAGS) | (1 << 16))
-        self._shutdown = True
-        self._exit = exits.Shutdown()
+        self.run_state.shut_down(exits.Shutdown())
         self._shutdown_init()
 
     _xcr0 = 1  # XCR0 after reset (the model runs no XSETBV)

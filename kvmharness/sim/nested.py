@@ -363,7 +363,7 @@ class NestedSvm:
         v = self.vcpu
         core = v.core
         if intno < 0x100:
-            if intno >= 32 or v._is_soft_int(intno, rip):
+            if intno >= 32 or v.is_soft_int(intno, rip):
                 return False  # INTn: KVM's path (the SWINT intercept would arrive as 0x175)
             code = 0x40 + intno
         else:
@@ -375,13 +375,13 @@ class NestedSvm:
             core.reset_exception_state()
             info1 = info2 = 0
             if vector == 14:
-                info2, info1 = v._fault_address(rip)
+                info2, info1 = v.fault_address(rip)
             elif vector in EXC_WITH_ERROR_CODE:
-                info1 = v._error_code(vector, rip)
+                info1 = v.exception_error_code(vector, rip)
             self.reflect(code, info1, info2, rip, 0)
             return True
         if code == SVM_EXIT_MSR:
-            write = v._code_bytes(rip, 2) == b"\x0f\x30"
+            write = v.code_bytes(rip, 2) == b"\x0f\x30"
             if not self._l1_msr_intercepted(core.reg(X.UC_X86_REG_RCX) & 0xFFFFFFFF, write):
                 return False
             self.reflect(code, int(write), 0, rip, rip + 2)
@@ -391,7 +391,7 @@ class NestedSvm:
         if code == SVM_EXIT_SHUTDOWN:
             self.reflect(code, 0, 0, rip, 0)
             return True
-        insn = v._insn(rip)
+        insn = v.decode_insn(rip)
         self.reflect(code, 0, 0, rip, rip + (insn.len if insn is not None else 0))
         return True
 
@@ -428,7 +428,7 @@ class NestedSvm:
         """An IN/OUT of L2 in L1's IOPM: remember it; the vCPU stops the core and the run
         loop hands NESTED_IO_EVENT back here (``_reflect_io``)."""
         v = self.vcpu
-        info1, next_rip, _string = v._ioio_decode(rip, port, size, is_in)
+        info1, next_rip, _string = v.ioio_exit_info(rip, port, size, is_in)
         self._io_pending = (info1, next_rip, rip, v.core.reg(X.UC_X86_REG_RAX))
         v.post_event(NESTED_IO_EVENT, rip)
 
@@ -481,7 +481,7 @@ class NestedSvm:
             if real:
                 rec = struct.pack("<H", sel) + rec[2:8] + _Q.pack(sel << 4)
             elif sel != struct.unpack_from("<H", rec)[0]:
-                desc = v._gdt_descriptor(gdt_base, gdt_limit, sel)
+                desc = v.gdt_descriptor(gdt_base, gdt_limit, sel)
                 rec = _SEG.pack(*desc) if desc is not None else struct.pack("<H", sel) + rec[2:]
             buf[off:off + 16] = rec
         for name in ("gdtr", "idtr"):

@@ -341,7 +341,7 @@ class SevVcpu(SimVcpu):
         if mem is None:
             mem = vm._sev_memory = SevMemory(vm, self.sev_model.key)
         self.sev_memory = mem
-        if not self._need_entry:
+        if self.in_guest:
             self.load_vmcb_state()
         core = self.core
         self.mmu = self.mmu_class(core, mem, c_bit_of(vm.system))

@@ -130,7 +130,7 @@ class SevEsVcpu(SevVcpu):
                 vmsa_features=model.vmsa_features,
                 vcpu_ids=tuple(v.vcpu_id for v in self.vm.vcpus), vcpu_id=self.vcpu_id)
             self.ghcb_msr = self.ghcb.reset_ghcb_msr()
-            if self._need_entry:
+            if not self.in_guest:
                 self._sregs_at_launch = super().get_sregs()
         return self.ghcb
 
@@ -229,14 +229,14 @@ class SevEsVcpu(SevVcpu):
     def _handle_event(self):
         """VMGEXIT reaches the engine as #UD (invalid opcode / the #UD intercept) or as a
         VMMCALL intercept, RIP at the F3 prefix: either way it is the VMGEXIT exit."""
-        intno, rip = self._event
+        intno, rip = self.run_state.event
         if intno in _VMGEXIT_EVENTS and self._handler() is not None \
                 and self._code_bytes(rip, 4) == VMGEXIT_BYTES:
-            self._event = None
+            self.run_state.drop_event()
             self._vmgexit(self.ghcb, rip)
             return
         if intno in (VC_IO_EVENT, VC_MMIO_EVENT):
-            self._event = None
+            self.run_state.drop_event()
             if intno == VC_IO_EVENT and self._vc_io_undo is not None:
                 gprs, ins = self._vc_io_undo
                 self._vc_io_undo = None
@@ -274,12 +274,12 @@ class SevEsVcpu(SevVcpu):
         core.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_vc_site, begin=site, end=site)
 
     def _on_vc_site(self, _uc, address, _size, _ud):
-        if self._handler() is None or self._event is not None:
+        if self._handler() is None or self.run_state.event is not None:
             return
         insn = self._insn(address)  # the code may have changed since the scan
         if insn is not None and insn.mnemonic in _io_mnemonics(_decoder()):
             self._vc_io_undo = None
-            self._event = (VC_IO_EVENT, address)
+            self.run_state.post_event(VC_IO_EVENT, address)
             self.core.stop()  # takes effect before the instruction runs
 
     def _on_out(self, port, size, value):
@@ -307,14 +307,14 @@ class SevEsVcpu(SevVcpu):
             except DeliveryFault:
                 ins = None  # the store faults: nothing to restore
         self._vc_io_undo = (gprs, ins)
-        self._event = (VC_IO_EVENT, rip)
+        self.run_state.post_event(VC_IO_EVENT, rip)
         core.stop()
         return gprs[0] & ((1 << (8 * size)) - 1)
 
     def on_unmapped(self, access, addr, size, value):
         if access in (unicorn.UC_MEM_READ_UNMAPPED, unicorn.UC_MEM_WRITE_UNMAPPED) \
                 and self._handler() is not None:
-            self._event = (VC_MMIO_EVENT, self.core.rip())
+            self.run_state.post_event(VC_MMIO_EVENT, self.core.rip())
             return False
         return super().on_unmapped(access, addr, size, value)
 
@@ -355,7 +355,7 @@ class SevEsVcpu(SevVcpu):
         r = h.vmgexit(self.ghcb_msr)
         e = self._after(r, rip, in_run=True)
         if e is not None:
-            self._exit = e
+            self.run_state.exit_to_user(e)
 
     def _after(self, r, rip, *, in_run: bool):
         """Act on a VmgexitResult: trace it; resume / return the exit / raise.

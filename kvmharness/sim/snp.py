@@ -353,7 +353,7 @@ class SnpVcpu(SevEsVcpu):
                 user_msr_reasons=p.user_exit_reasons, vmsa_features=model.vmsa_features,
                 vcpu_ids=tuple(v.vcpu_id for v in self.vm.vcpus), vcpu_id=self.vcpu_id)
             self.ghcb_msr = self.ghcb.reset_ghcb_msr()
-            if self._need_entry:
+            if not self.in_guest:
                 self._sregs_at_launch = super(SevEsVcpu, self).get_sregs()
         return self.ghcb
 
@@ -374,15 +374,15 @@ class SnpVcpu(SevEsVcpu):
 
     # -- events ------------------------------------------------------------------------
     def _handle_event(self):
-        intno, rip = self._event
+        intno, rip = self.run_state.event
         if intno in _UD_EVENTS and self.sev_memory is not None:
             code = self._code_bytes(rip, 4)
             if code in (PVALIDATE_BYTES, RMPADJUST_BYTES):
-                self._event = None
+                self.run_state.drop_event()
                 self._rmp_instruction(rip, code == PVALIDATE_BYTES)
                 return
         if intno in (RMP_VC_EVENT, RMP_NPF_EVENT):
-            self._event = None
+            self.run_state.drop_event()
             self.fault_answered()
             kind, code, gpa, why = self._rmp_fault
             self._rmp_fault = None
@@ -422,7 +422,7 @@ class SnpVcpu(SevEsVcpu):
                 hit = mmu.poisoned.get(addr & ~0xFFF)
             if hit is not None:
                 self._rmp_fault = hit
-                self._event = (RMP_VC_EVENT if hit[0] == "vc" else RMP_NPF_EVENT, self.core.rip())
+                self.run_state.post_event(RMP_VC_EVENT if hit[0] == "vc" else RMP_NPF_EVENT, self.core.rip())
                 self.core.stop()
                 return False
         return super().on_unmapped(access, addr, size, value)

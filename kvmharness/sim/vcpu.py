@@ -40,6 +40,7 @@ from .events import DeliveryFault, read_linear
 from .profile import resolve as _resolve_profile
 from .svm import PASSTHROUGH_MSRS, SVM_EXIT_IOIO, SVM_EXIT_NPF, Svm, ioio_exit_info1
 from .ucbinding import pending_hook_exception
+from .vcpustate import Phase, SimVcpuState
 
 _M64 = 2**64 - 1
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
@@ -77,28 +78,17 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         self.cpuid = CpuidTable()
         self.msrs = K.KvmMsrs(self.profile)
         self.single_step = False
-        self._shadow = dict(rbx=0, rcx=0, rdx=0x600, rsi=0, rdi=0, rbp=0, r8=0, r9=0, r10=0,
-                            r11=0, r12=0, r13=0, r14=0, r15=0)
+        # KVM_RUN's state machine: where the guest state lives, the exit in flight, the
+        # completion owed (sim/vcpustate.py; ``run_state.phase`` names where it stands)
+        self.run_state = SimVcpuState()
         self._cr8 = 0
         self._apic_base = 0xFEE00900
-        self._need_entry = True
-        self._pending = None   # completion owed to the guest: (kind, insn_rip, next_rip, extra)
-        self._completion = None
-        self._exit = None
-        self._event = None
-        self._replay = None
-        self._shutdown = False
-        self._kicked = False
-        self._running = False
         self._insn_cache = {}
         self._ioio_cache = {}
         self._out_exits = {}
-        self._resume = None  # where the guest continues when known without reading RIP
         self._new_sites = []
         self._new_blocks = []
         self._vetted = set()
-        self._precise_retry = False
-        self._closed = False
         self.core = corem.Core(vm._map_list, self.svm, self)
         self.set_sregs(_reset_sregs())
         self.set_regs(Regs(rip=0xFFF0, rflags=2, rdx=0x600))
@@ -112,27 +102,34 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         hardware writes it at every #VMEXIT; nobody can tell the difference).  Edits to
         the save area take effect after :meth:`load_vmcb_state`, as at a VMRUN.
         """
-        if not self._need_entry and self._save_stale:
+        if not self.run_state.need_entry and self.run_state.save_stale:
             self._sync_save_area()
         return self.svm.vmcb
 
     def load_vmcb_state(self) -> None:
         """Make the next ``run()`` VMRUN from the VMCB save area (e.g. after a host edited it)."""
-        if self._save_stale and not self._need_entry:
+        if self.run_state.save_stale and not self.run_state.need_entry:
             self._sync_save_area()
         self._reenter_from_vmcb()
 
     # -- the entry state, as world switches move it -----------------------------------------
-    # Three values say where the guest state lives: ``_need_entry`` (the next run() enters
-    # from the VMCB save area, as VMRUN does), ``_save_stale`` (the core holds state the save
-    # area has not been given: a #VMEXIT's write is owed) and ``_shadow`` (the GPRs the VMCB
-    # has no room for).  Other modules (sim/nested.py's world switches) move them through
-    # these calls, never by writing the fields.
+    # ``run_state`` (sim/vcpustate.py) says where the guest state lives: ``need_entry`` (the
+    # next run() enters from the VMCB save area, as VMRUN does), ``save_stale`` (the core
+    # holds state the save area has not been given: a #VMEXIT's write is owed) and
+    # ``shadow`` (the GPRs the VMCB has no room for).  Other modules (sim/nested.py's world
+    # switches, the SEV-ES and SNP models) move it through these calls and run_state's
+    # transitions, never by writing the fields.
+
+    @property
+    def phase(self) -> Phase:
+        """Where KVM_RUN's state machine stands (entry, in-guest, pending-io/mmio/msr,
+        shutdown, closed)."""
+        return self.run_state.phase
 
     @property
     def in_guest(self) -> bool:
         """The core holds the live guest state (else the next run() enters from the VMCB)."""
-        return not self._need_entry
+        return not self.run_state.need_entry
 
     def write_save_area(self) -> None:
         """#VMEXIT's write of the core's state into the VMCB save area in force."""
@@ -147,13 +144,11 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         VMRUN into L2, a #VMEXIT to L1) into the VMCB in force: ``gprs`` are the (name,
         value) pairs the switch leaves in the registers; from here a #VMEXIT's write of the
         save area is owed again."""
-        for name, value in gprs:
-            if name in self._shadow:
-                self._shadow[name] = value
-        self._need_entry = False
-        self._resume = None
-        self._save_stale = True
-        self.core.enter(self._shadow, None, reuse=True)
+        st = self.run_state
+        st.reenter(gprs)  # the shadow takes the switch's registers ...
+        st.entered()  # ... and the core runs on from them
+        st.save_stale = True
+        self.core.enter(st.shadow, None, reuse=True)
 
     def deliver_exception(self, vector: int, error_code: int | None, rip: int) -> None:
         """Deliver an exception to the running guest at ``rip`` now, as the CPU does for a
@@ -163,24 +158,60 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
     def post_event(self, kind: int, rip: int) -> None:
         """Have the run loop hand event ``kind`` (at ``rip``) to the model once the core
         stops (sim/nested.py's NESTED_IO_EVENT)."""
-        self._event = (kind, rip)
+        self.run_state.post_event(kind, rip)
 
     def fault_answered(self) -> None:
         """An event handler answered the access the core stopped on (an SEV-ES MMIO #VC, an
         RMP fault): the core's error for it is then not a KVM_RUN result."""
-        self._fault_consumed = True
+        self.run_state.fault_answered()
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
         """Deliver an exception to the guest before it runs again (KVM_SET_VCPU_EVENTS'
         role; the SEV-ES model uses it for #VC).  A delivery that faults escalates to #DF,
         then to a triple fault (the next run() returns Shutdown)."""
-        if self._need_entry:
-            self._need_entry = False
+        st = self.run_state
+        if st.need_entry:
+            st.entered()
             self._insn_cache.clear()
             self._ioio_cache.clear()
-            self._resume = None
-            self.core.enter(self._shadow, None)
+            self.core.enter(st.shadow, None)
         self._inject_now(vector, error_code)
+
+    # -- the decode API: the guest's instructions as the exit handlers read them ------------
+    # sim/nested.py builds L1's #VMEXIT information from these (the private helpers behind
+    # them are the run loop's own and may change).
+
+    def decode_insn(self, rip: int):
+        """The instruction at guest RIP ``rip`` (an iced_x86 Instruction, decoded in the
+        current mode), or None where it cannot be fetched or is invalid."""
+        return self._insn(rip)
+
+    def code_bytes(self, rip: int, n: int) -> bytes:
+        """Up to ``n`` bytes at guest RIP ``rip`` (fewer where the page walk stops)."""
+        return self._code_bytes(rip, n)
+
+    def is_soft_int(self, vector: int, rip: int) -> bool:
+        """Whether ``vector`` raised with RIP ``rip`` past the instruction came from INT n,
+        INT3 or INT1 (a trap the guest asked for) rather than a fault."""
+        return self._is_soft_int(vector, rip)
+
+    def exception_error_code(self, vector: int, rip: int) -> int:
+        """The error code the CPU pushes for ``vector`` at ``rip`` (#PF's, else 0)."""
+        return self._error_code(vector, rip)
+
+    def fault_address(self, rip: int) -> tuple[int, int]:
+        """(faulting linear address, #PF error code) of the instruction at ``rip``."""
+        return self._fault_address(rip)
+
+    def ioio_exit_info(self, rip: int, port: int, size: int, is_in: bool) -> tuple[int, int, bool]:
+        """(EXITINFO1, next RIP, string instruction?) of the IN/OUT at ``rip``, as
+        #VMEXIT(IOIO) reports it."""
+        return self._ioio_decode(rip, port, size, is_in)
+
+    def gdt_descriptor(self, gdt_base: int, gdt_limit: int, sel: int):
+        """(selector, VMCB attrib, limit, base) of ``sel`` in the GDT at ``gdt_base``, or
+        None (null, beyond the limit, an LDT selector or unreadable)."""
+        return self._gdt_descriptor(gdt_base, gdt_limit, sel)
 
     @property
     def hw_trace(self):
@@ -216,42 +247,42 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
 
     # -- KVM_RUN ---------------------------------------------------------------
     def run(self):
-        if self._closed:
+        st = self.run_state
+        if st.closed:
             raise ValueError("vCPU is closed")
-        if self._kicked:
-            self._kicked = False
+        if st.kicked:
+            st.kicked = False
             raise InterruptedError(errno.EINTR, "KVM_RUN interrupted by kick()")
-        if self._shutdown:
+        if st.shutdown:
             return exits.Shutdown()
-        p = self._pending
+        p = st.pending
         if p is not None:
-            if p[0] == "out" and self._completion is None and not self._rip_moved:
-                self._pending = None  # OUT is complete in the core already (fast path)
+            if p[0] == "out" and st.completion is None and not st.rip_moved:
+                st.pending = None  # OUT is complete in the core already (fast path)
             else:
                 self._apply_completion()
         self._before_run()  # sim/kvmlayer.py: the profile's MSR intercepts; RF of a REP exit
         core = self.core
-        self._running = True
-        self._save_stale = True
+        st.running = True
+        st.save_stale = True
         try:
             while True:
-                self._exit = self._event = None
+                st.exit = st.event = None
                 retrying = False
-                if self._need_entry:
-                    self._need_entry = False
+                if st.need_entry:
+                    st.entered()
                     self._insn_cache.clear()
                     self._ioio_cache.clear()
                     self._vetted.clear()
-                    self._resume = None
-                    err = core.enter(self._shadow, None)
+                    err = core.enter(st.shadow, None)
                     if err == corem.UC_ERR_OK:
                         continue  # entered: run from the guest's first instruction below
-                elif self._replay is not None:
+                elif st.replay is not None:
                     err = self._run_replay()
                 else:
-                    resume, self._resume = self._resume, None
+                    resume, st.resume = st.resume, None
                     rip = core.rip() if resume is None else resume
-                    retrying, self._precise_retry = self._precise_retry, False
+                    retrying, st.precise_retry = st.precise_retry, False
                     if self.single_step or retrying:
                         count = 1
                     else:
@@ -264,41 +295,41 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                     err = core.start(rip, count) if count != 1 else core.start_counted(rip, 1)
                 if self._new_sites:
                     self._hook_new_sites()
-                    if self._exit is None and self._event is None:
+                    if st.exit is None and st.event is None:
                         continue
                 if core.hook_error is not None or pending_hook_exception(core.uc) is not None:
                     hook_error = core.take_hook_error()
                     raise SimulatorError(f"simulator hook failed: {hook_error!r}") from hook_error
-                if self._event is not None:
-                    if not retrying and self._fault_needs_precise_retry(self._event[0]):
+                if st.event is not None:
+                    if not retrying and self._fault_needs_precise_retry(st.event[0]):
                         continue
                     self._handle_event()
-                if self._exit is not None:
+                if st.exit is not None:
                     return self._exit_to_user()  # sim/kvmlayer.py: what KVM finishes first
                 if err != corem.UC_ERR_OK:
-                    if not self._fault_consumed:
+                    if not st.fault_consumed:
                         return self._core_error(err)
-                    self._fault_consumed = False  # the model turned the access into an event
-                if self._kicked:
-                    self._kicked = False
+                    st.fault_consumed = False  # the model turned the access into an event
+                if st.kicked:
+                    st.kicked = False
                     raise InterruptedError(errno.EINTR, "KVM_RUN interrupted by kick()")
-                if self.single_step and self._event is None and not self._need_entry:
+                if self.single_step and st.event is None and not st.need_entry:
                     rip = core.rip()
                     return exits.Debug(exception=1, pc=rip, dr6=0xFFFF4FF0, dr7=0x400)
         finally:
-            self._running = False
+            st.running = False
 
     def complete(self, value=0, *, error: bool = False) -> None:
-        if self._pending is None:
+        if self.run_state.pending is None:
             raise UsageError("complete() called but the last exit asked for no data")
-        self._completion = (value, error)
+        self.run_state.completion = (value, error)
 
     def kick(self) -> None:
-        self._kicked = True
+        self.run_state.kicked = True
         self.core.stop()
 
         def again():
-            if self._running and self._kicked:
+            if self.run_state.running and self.run_state.kicked:
                 self.core.stop()
 
         for delay in (0.005, 0.05):
@@ -337,10 +368,11 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             if len(self._out_exits) > 1024:
                 self._out_exits.clear()
             e = self._out_exits[ekey] = exits.IoOut(port, size, 1, value.to_bytes(size, "little"))
-        self._exit = e
-        self._pending = ("out", rip, next_rip, None)
+        st = self.run_state  # the hot path: exit_to_user and owe("out", ...) inlined
+        st.exit = e
+        st.pending = ("out", rip, next_rip, None)
         # a REP OUTS stops after one element with RIP still on it (one exit per element)
-        self._resume = None if string else next_rip
+        st.resume = None if string else next_rip
         _stop(core.uch)
 
     def _ioio_decode(self, rip, port, size, is_in):
@@ -378,10 +410,10 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             count = self._ins_count(size, rcx, rdi, rep, info1)  # sim/kvmlayer.py
             extra = (rcx, rdi, count, rep, info1)
         self.svm.vmexit(SVM_EXIT_IOIO, info1, next_rip, rip, next_rip, "IoIn")
-        self._in_old_rax = core.reg(X.UC_X86_REG_RAX)  # KVM_GET_REGS shows it until completed
-        self._exit = exits.IoIn(port, size, count)
-        self._pending = ("in", rip, next_rip, (size, extra))
-        self._resume = None if string else next_rip
+        self.run_state.in_old_rax = core.reg(X.UC_X86_REG_RAX)  # KVM_GET_REGS shows it until completed
+        self.run_state.exit_to_user(exits.IoIn(port, size, count))
+        self.run_state.owe("in", rip, next_rip, (size, extra))
+        self.run_state.resume = None if string else next_rip
         _stop(core.uch)
         return 0
 
@@ -434,7 +466,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         self._new_blocks.clear()
 
     def on_intr(self, intno):
-        self._event = (intno, self.core.rip())
+        self.run_state.post_event(intno, self.core.rip())
         self.core.stop()
 
     def _fault_needs_precise_retry(self, intno):
@@ -444,16 +476,16 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         under a count of 1, which reports the fault exactly."""
         if not _SITES or self.single_step:
             return False
-        if intno < 32 and self._is_soft_int(intno, self._event[1]):
+        if intno < 32 and self._is_soft_int(intno, self.run_state.event[1]):
             return False  # INT n / INT3 / INT1 are traps: the hook saw them exactly, RIP past
         if intno < 32 or intno == 0x100 + 0x7F:
             self.core.reset_exception_state()
-            self._precise_retry = True
+            self.run_state.precise_retry = True
             return True
         return False
 
     def on_invalid(self):
-        self._event = (6, self.core.rip())
+        self.run_state.post_event(6, self.core.rip())
         self.core.stop()
         return True
 
@@ -468,25 +500,25 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         if write:
             data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             self.svm.vmexit(SVM_EXIT_NPF, info1, gpa, rip, 0, "MmioWrite")
-            self._exit = exits.MmioWrite(gpa, size, data)
+            self.run_state.exit_to_user(exits.MmioWrite(gpa, size, data))
         else:
             self.svm.vmexit(SVM_EXIT_NPF, info1, gpa, rip, 0, "MmioRead")
-            self._exit = exits.MmioRead(gpa, size)
-        self._pending = ("mmio_w" if write else "mmio_r", rip, rip, (gpa, size, access))
+            self.run_state.exit_to_user(exits.MmioRead(gpa, size))
+        self.run_state.owe("mmio_w" if write else "mmio_r", rip, rip, (gpa, size, access))
         return False
 
     # -- completion of the previous exit (KVM's complete_userspace_io) -----------
     def _apply_completion(self):
-        pending, self._pending = self._pending, None
-        value, error = self._completion or (0, False)
-        self._completion = None
+        pending, self.run_state.pending = self.run_state.pending, None
+        value, error = self.run_state.completion or (0, False)
+        self.run_state.completion = None
         if pending is None:
             return
         kind, insn_rip, next_rip, extra = pending
         core = self.core
         if kind in ("out", "in"):
-            if self._rip_moved:
-                self._rip_moved = False
+            if self.run_state.rip_moved:
+                self.run_state.rip_moved = False
                 return
             if kind == "in":
                 size, string = extra
@@ -495,14 +527,14 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 else:
                     self._complete_ins(size, string, value, insn_rip, next_rip)
             return
-        if self._rip_moved:
-            self._rip_moved = False
+        if self.run_state.rip_moved:
+            self.run_state.rip_moved = False
             return
         if kind in ("mmio_r", "mmio_w"):
             gpa, size, access = extra
             data = value if isinstance(value, (bytes, bytearray)) else \
                 (int(value) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-            self._replay = (gpa, data if kind == "mmio_r" else b"", access)
+            self.run_state.replay = (gpa, data if kind == "mmio_r" else b"", access)
             return
         if kind == "rdmsr":
             if error:
@@ -518,17 +550,10 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 return
             core.set_reg(X.UC_X86_REG_RIP, next_rip)
 
-    _rip_moved = False
-    _in_old_rax = 0
-    _save_stale = True
-    # set by an event handler that answered the access the core stopped on (an SEV-ES
-    # MMIO #VC, sim/seves.py): the core's error for it is then not a KVM_RUN result
-    _fault_consumed = False
-
     def _run_replay(self):
         """Re-execute the MMIO instruction against a scratch page holding userspace's data."""
-        gpa, data, access = self._replay
-        self._replay = None
+        gpa, data, access = self.run_state.replay
+        self.run_state.replay = None
         core = self.core
         page = gpa & ~0xFFF
         scratch = bytearray(0x1000 + 8)
@@ -562,36 +587,38 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
 
     # -- state --------------------------------------------------------------------
     def get_regs(self) -> Regs:
-        if self._need_entry:
+        st = self.run_state
+        if st.need_entry:
             s = self.svm.vmcb.save
             return Regs(rax=s.rax, rsp=s.rsp, rip=s.rip, rflags=s.rflags,
-                        **{k: v for k, v in self._shadow.items()})
+                        **{k: v for k, v in st.shadow.items()})
         vals = self.core.gprs()
         regs = Regs(*vals)
-        if self._pending is not None and not self._rip_moved and self._pending[0] in self._rip_at_insn:
-            regs.rip = self._pending[1]
-        if self._pending is not None and self._pending[0] == "in" and self._pending[3][1] is None:
-            regs.rax = self._in_old_rax  # KVM writes the accumulator only when completing the IN
+        if st.pending is not None and not st.rip_moved and st.pending[0] in self._rip_at_insn:
+            regs.rip = st.pending[1]
+        if st.pending is not None and st.pending[0] == "in" and st.pending[3][1] is None:
+            regs.rax = st.in_old_rax  # KVM writes the accumulator only when completing the IN
         return regs
 
     def set_regs(self, regs: Regs) -> None:
-        self._resume = None
-        self._save_stale = True
-        if self._need_entry:
+        st = self.run_state
+        st.resume = None
+        st.save_stale = True
+        if st.need_entry:
             s = self.svm.vmcb.save
             s.rax, s.rsp, s.rip, s.rflags = regs.rax, regs.rsp, regs.rip, regs.rflags | 2
-            for k in self._shadow:
-                self._shadow[k] = getattr(regs, k) & _M64
+            for k in st.shadow:
+                st.shadow[k] = getattr(regs, k) & _M64
             return
-        if self._pending is not None:
+        if st.pending is not None:
             # MSR and MMIO exits keep RIP at the instruction until completed; IO exits too on
             # kvm_amd, while the hosts' kvm_pvm reports RIP past the IN/OUT (profile.io_rip_past)
-            shown = self._pending[1] if self._pending[0] in self._rip_at_insn else self.core.rip()
+            shown = st.pending[1] if st.pending[0] in self._rip_at_insn else self.core.rip()
             if regs.rip != shown:
-                self._rip_moved = True
+                st.rip_moved = True
         values = [getattr(regs, n) for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
                                              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")]
-        if self._pending is not None and not self._rip_moved and self._pending[0] in self._rip_at_insn:
+        if st.pending is not None and not st.rip_moved and st.pending[0] in self._rip_at_insn:
             values.append(self.core.rip())
         else:
             values.append(regs.rip)
@@ -599,7 +626,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         self.core.set_gprs(values)
 
     def get_sregs(self) -> Sregs:
-        if not self._need_entry:
+        if self.in_guest:
             self._sync_save_area()
         s = self.svm.vmcb.save
         segs = {n: getattr(s, n).to_segment() for n in ("cs", "ds", "es", "fs", "gs", "ss")}
@@ -610,7 +637,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
 
     def set_sregs(self, sregs: Sregs) -> None:
         """KVM_SET_SREGS: the state goes into the VMCB save area; the next run() VMRUNs from it."""
-        if not self._need_entry:
+        if self.in_guest:
             self._sync_save_area()
         s = self.svm.vmcb.save
         for name in ("cs", "ds", "es", "fs", "gs", "ss"):
@@ -627,18 +654,18 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         self._reenter_from_vmcb()
 
     def _reenter_from_vmcb(self):
-        if not self._need_entry:
+        if self.in_guest:
             vals = self.core.gprs()
             names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
                      "r12", "r13", "r14", "r15")
             for n, v in zip(names, vals):
-                if n in self._shadow:
-                    self._shadow[n] = v
-        self._need_entry = True
+                if n in self.run_state.shadow:
+                    self.run_state.shadow[n] = v
+        self.run_state.need_entry = True
 
     def _sync_save_area(self):
         """Write the guest state into the save area, as #VMEXIT does (done lazily here)."""
-        self._save_stale = False
+        self.run_state.save_stale = False
         core = self.core
         s = self.svm.vmcb.save
         real = not core.cr(0) & CR0_PE
@@ -697,7 +724,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         out = {}
         for i in indices:
             if i in PASSTHROUGH_MSRS:
-                out[i] = self.core.msr_read_native(i) if not self._need_entry else self._entry_msr(i)
+                out[i] = self.core.msr_read_native(i) if not self.run_state.need_entry else self._entry_msr(i)
             elif self.msrs.known(i):
                 out[i] = self.msrs.read(i)
         return out
@@ -706,7 +733,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         n = 0
         for i, v in values.items():
             if i in PASSTHROUGH_MSRS:
-                if self._need_entry:
+                if self.run_state.need_entry:
                     _vmcb_msr(self.svm.vmcb.save, i, v)  # VMRUN/VMLOAD load these from the VMCB
                 else:
                     self.core.msr_write_native(i, v)
@@ -725,7 +752,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         self.single_step = bool(enabled)
 
     def close(self) -> None:
-        self._closed = True
+        self.run_state.closed = True
         self.core.close()
 
 
