@@ -142,7 +142,10 @@ class Machine:
     """One VM, one vCPU, RAM at 0, a device bus; see the module docstring."""
 
     def __init__(self, backend: str | System = "auto", *, memory: int = DEFAULT_MEMORY,
-                 vm_type: int = 0, name: str = "machine", create_vcpu: bool = True):
+                 vm_type: int = 0, name: str = "machine", create_vcpu: bool = True,
+                 vcpus: int = 1):
+        if not 1 <= vcpus <= 255:
+            raise UsageError(f"vcpus={vcpus}: a Machine has 1 to 255 vCPUs")
         if isinstance(backend, System):
             self.system, self._owns_system = backend, False
         else:
@@ -151,11 +154,16 @@ class Machine:
         self.memory = memory
         self.vm: Vm | None = None
         self.vcpu: Vcpu | None = None
+        #: vCPUs 1.. (APs): created with the BSP; only the BSP runs (SNP: the guest starts
+        #: an AP with AP creation, NAE 0x80000013); ``vcpu_count`` counts them all
+        self.vcpu_count = vcpus
+        self.aps: list[Vcpu] = []
         try:
             self.vm = vm = _create_vm(self.system, vm_type)
             self.ram = vm.add_memory(0, memory)
             if create_vcpu:  # SEV launches create it after KVM_SEV_INIT, as KVM requires
                 self.vcpu = vm.create_vcpu(0)
+                self.aps = [vm.create_vcpu(i) for i in range(1, vcpus)]
         except BaseException:
             self.close()
             raise
@@ -229,6 +237,9 @@ class Machine:
         if mode == "sev-snp":  # KVM_SEV_INIT2 ... SNP_LAUNCH_FINISH (sim/snp.py)
             self._snp_launch(image, data, policy)
             return
+        if self.vcpu_count > 1:
+            raise UsageError(f"{mode} guests have one vCPU here (vcpus={self.vcpu_count} is for "
+                             "plain and SEV-SNP guests)")
         from .boot import sev_launch_blob
         from .sev.launch import SevLaunch, expected_vmsa_pages
 
@@ -261,7 +272,7 @@ class Machine:
             from .kvm.snp import launch_machine as kvm_snp_launch
 
             self.launch_result = self._snp_exits = kvm_snp_launch(
-                self, image, data, policy, c_bit=sev_c_bit(self.system))
+                self, image, data, policy, c_bit=sev_c_bit(self.system), vcpus=self.vcpu_count)
             self.state_protected = True
             self.fast_path = False  # KVM_EXIT_MEMORY_FAULT arrives as a failed KVM_RUN
             return

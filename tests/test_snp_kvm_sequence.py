@@ -596,3 +596,41 @@ def test_every_step_fails_here_with_the_kernels_errno(real_system):
     finally:
         vm.close()
     assert verdict_reason("sev-snp")  # info's verdict: not usable here, and why
+
+
+# -- the simulator's launch with APs, beside the kvm backend's ------------------------------------
+
+@pytest.mark.parametrize("vcpus", [1, 2, 3])
+def test_sim_launch_with_aps_digest_equals_sev_snp_measure_and_kvm(tmp_path, vcpus):
+    """Machine.for_guest(vcpus=N, sev='sev-snp') on the simulator: N vCPUs, one VMSA each at
+    LAUNCH_FINISH (the APs in the RESET state); its firmware digest equals sev-snp-measure's
+    over the plan and the kvm backend's launch of the same guest through the fake kernel."""
+    pytest.importorskip("unicorn", reason="the simulator runs on unicorn")
+    m = Machine.for_guest("snp-hello", "sim", sev="sev-snp", vcpus=vcpus)
+    try:
+        assert len(m.aps) == vcpus - 1 and m.vcpu_count == vcpus
+        launch = m.launch_result
+        assert len(launch.model.kvm.vcpu_vmsas) == vcpus
+        assert launch.launch_digest == _gctx_digest(launch.plan.pages)
+        sim_digest = launch.launch_digest
+        assert m.run().outcome == "done"  # the BSP runs; the APs wait for AP creation
+    finally:
+        m.close()
+    kernel = FakeSnpKernel()
+    rec, km, system = snp_machine(tmp_path, kernel, vcpus=vcpus) if vcpus > 1 else \
+        snp_machine(tmp_path, kernel)
+    try:
+        assert kernel.model.launch_digest == sim_digest
+    finally:
+        km.close()
+        rec.__exit__()
+        system.close()
+
+
+def test_vcpus_beyond_one_are_refused_for_sev_and_out_of_range():
+    from kvmharness.errors import UsageError
+
+    with pytest.raises(UsageError):
+        Machine.for_guest("hello64", "sim", vcpus=0)
+    with pytest.raises(UsageError, match="one vCPU"):
+        Machine.for_guest("cpuid", "sim", sev="sev", vcpus=2)

@@ -260,7 +260,7 @@ def launch_machine(machine, image, data: bytes, policy: int | None, *, c_bit: in
     if not 1 <= vcpus <= 255:
         raise UsageError(f"--vcpus {vcpus}: an SNP guest has 1 to 255 vCPUs here")
     machine.vcpu = vm.create_vcpu(0)
-    aps = [vm.create_vcpu(i) for i in range(1, vcpus)]
+    aps = machine.aps = [vm.create_vcpu(i) for i in range(1, vcpus)]
     machine.load(image, data, c_bit=c_bit)
     leaf1 = next((e for e in machine.cpuid.entries if e.function == 1), None)
     sig = leaf1.eax if leaf1 is not None and leaf1.eax else DEFAULT_VCPU_SIGNATURE

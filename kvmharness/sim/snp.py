@@ -555,9 +555,13 @@ def launch_machine(machine, image, data: bytes, policy: int | None) -> SnpMachin
     machine.vcpu = vm.create_vcpu(0)
     kvm = model.kvm
     kvm.create_vcpu()
+    machine.aps = []
+    for i in range(1, machine.vcpu_count):  # APs: KVM measures their RESET-state VMSAs
+        machine.aps.append(vm.create_vcpu(i))
+        kvm.create_vcpu()
     c_bit = c_bit_of(machine.system)  # CPUID 0x8000001F EBX[5:0] (the simulator never imports machine)
     machine.load(image, data, c_bit=c_bit)
-    plan = guest_launch_plan(data, image.mode, machine.memory,
+    plan = guest_launch_plan(data, image.mode, machine.memory, vcpus=machine.vcpu_count,
                              c_bit=c_bit if image.mode == "long64" else None,
                              source=f"guest {image.name}")
     kvm.launch_start(policy)
