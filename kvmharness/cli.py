@@ -149,6 +149,9 @@ def cmd_run(args) -> int:
 
         policy = GuestPolicy.parse(args.policy or DEFAULT_SEV_POLICY[args.mode])
         policy.validate()
+        if args.mode == "sev" and policy.es:  # refused before any VM, in the CLI's words
+            raise E.UsageError(f"--policy {policy} sets the ES bit, which is SEV-ES: use --mode "
+                               "sev-es (with a guest that declares it), or drop 'es'")
         owner = None if args.no_owner else GuestOwner(policy)
     system = open_backend(args.backend)
     if not args.json:
@@ -178,6 +181,12 @@ def cmd_run(args) -> int:
     try:  # the library's path: machine.run_guest (an expected timeout is a result there)
         result = run_guest(image, system, timeout=args.timeout, trace=args.trace, sev=args.mode,
                            policy=policy, owner=owner, on_launch=on_launch)
+    except E.FeatureUnavailable as e:  # this host's KVM cannot: say what to do instead
+        if system.name != "kvm" or "backend sim" in str(e):
+            raise
+        err = E.FeatureUnavailable(f"{e}; run it on the simulator with --backend sim")
+        err.host_verdict = e.host_verdict
+        raise err from e
     finally:
         system.close()
     if result.outcome == "timeout" and result.ok:  # the manifest expects this guest to time out
@@ -284,6 +293,13 @@ def cmd_suite(args) -> int:
         return None, f"kvm: {why}; sim: {sim_why}"
 
     rows, worst = [], E.EXIT_OK
+    width = max([16, *(len(n) for n in guests)])  # the name column fits the longest name
+
+    def progress(name: str, status: str, backend) -> None:  # --json: stdout is the document
+        if args.json:
+            print(f"... suite {len(rows)}/{len(guests)}: {name} {status}"
+                  + (f" on {backend}" if backend else ""), file=sys.stderr, flush=True)
+
     try:
         if not args.json:
             print(f"# {primary.chosen_because}", file=sys.stderr)
@@ -291,8 +307,9 @@ def cmd_suite(args) -> int:
             system, why = place(g)
             if system is None:
                 rows.append({"guest": g.name, "backend": None, "status": "skipped", "why": why})
+                progress(g.name, "skipped", None)
                 if not args.json:
-                    print(f"{g.name:<16} {'skipped':<8} {'-':<4} {why}", flush=True)
+                    print(f"{g.name:<{width}} {'skipped':<8} {'-':<4} {why}", flush=True)
                 continue
             t0 = time.perf_counter()
             try:
@@ -312,16 +329,18 @@ def cmd_suite(args) -> int:
                 _, kvm_why = _suite_probe(g, primary)
                 why = f"kvm: {kvm_why}; sim: {fallback[0]}"
                 rows.append({"guest": g.name, "backend": None, "status": "skipped", "why": why})
+                progress(g.name, "skipped", None)
                 if not args.json:
-                    print(f"{g.name:<16} {'skipped':<8} {'-':<4} {why}", flush=True)
+                    print(f"{g.name:<{width}} {'skipped':<8} {'-':<4} {why}", flush=True)
                 continue
             if status != "passed":
                 worst = E.EXIT_GUEST_FAILED
             row = {"guest": g.name, "backend": system.name, "status": status, "why": why,
                    "detail": detail, "exits": exits, "seconds": round(time.perf_counter() - t0, 4)}
             rows.append(row)
+            progress(g.name, status, system.name)
             if not args.json:
-                print(f"{g.name:<16} {status:<8} {system.name:<4} {detail} ({exits} exits, "
+                print(f"{g.name:<{width}} {status:<8} {system.name:<4} {detail} ({exits} exits, "
                       f"{row['seconds'] * 1e3:.1f} ms)  [{system.name}: {why}]", flush=True)
     finally:
         for system in [primary] + [f for f in fallback if not isinstance(f, str)]:
@@ -338,13 +357,23 @@ def cmd_suite(args) -> int:
 
 # -- bench ----------------------------------------------------------------------
 def cmd_bench(args) -> int:
+    # the two modes take different counts: one given to the other is refused, not ignored
+    rounds, lifecycles = getattr(args, "rounds", None), getattr(args, "lifecycles", None)
     if args.soak:  # kvmharness bench --soak: leaks, not speed
+        if rounds is not None or lifecycles is not None:
+            raise E.UsageError("--rounds and --lifecycles are for the speed benchmark; "
+                               "--soak takes --count N")
         from .soak import main as soak_main
 
         return soak_main(args)
+    if args.count is not None:
+        raise E.UsageError("--count goes with --soak (the speed benchmark takes --rounds and "
+                           "--lifecycles)")
     from .bench import run_bench
 
-    return run_bench(rounds=args.rounds, lifecycles=args.lifecycles, only=args.only, as_json=args.json)
+    return run_bench(rounds=3 if rounds is None else rounds,
+                     lifecycles=200 if lifecycles is None else lifecycles,
+                     only=args.only, as_json=args.json)
 
 
 def _positive_int(text: str) -> int:
@@ -401,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=lambda args: importlib.import_module("kvmharness.fuzz.cli").run_fuzz(args))
 
     s = sub.add_parser("bench", help="exits/s and lifecycle cost: harness vs a C reference, and the simulator")
-    s.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds (default 3)")
-    s.add_argument("--lifecycles", type=_positive_int, default=200,
+    s.add_argument("--rounds", type=_positive_int, default=None, help="interleaved rounds (default 3)")
+    s.add_argument("--lifecycles", type=_positive_int, default=None,
                    help="VM lifecycles per round (default 200)")
     s.add_argument("--only", choices=("kvm", "sim", "all"), default="all")
     s.add_argument("--soak", action="store_true",

@@ -27,7 +27,7 @@ PAIRS = ("kvm,sim", "sim,kvm")
 
 def add_arguments(p) -> None:
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="how many guests (default 100; 1 with --seed)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="first seed (default 0)")
     p.add_argument("--mode", default="long64,real", metavar="M[,M]",
                    help="guest kinds, each seed in each: long64, real, nested (L1 on SVM: needs a "
                         "kvm_amd with nested=1, e.g. --pair rig,sim) (default long64,real)")
@@ -52,9 +52,13 @@ def run_fuzz(args) -> int:
                            f"(a rig's kvm_amd, with --rig/--rig-inventory)")
     if "rig" not in pair and (args.rig or args.rig_inventory):
         raise E.UsageError("--rig and --rig-inventory go with --pair rig,sim")
-    n = args.seeds if args.seeds is not None else (1 if "--seed" in sys.argv else 100)
+    n = args.seeds if args.seeds is not None else (1 if args.seed is not None else 100)
     if n < 1:
         raise E.UsageError("--seeds must be at least 1")
+    if args.seed is None:
+        args.seed = 0
+    if args.seed < 0:  # random.seed(-s) is random.seed(s): a negative seed would repeat another
+        raise E.UsageError(f"--seed must be 0 or more, not {args.seed}")
     modes = tuple(m.strip() for m in args.mode.split(",") if m.strip())
     bad = [m for m in modes if m not in G.MODES]
     if bad or not modes:

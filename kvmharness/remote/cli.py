@@ -139,7 +139,8 @@ def cmd_rig_check(args) -> int:
         by_name = {r.name: r for r in rigs}
         for r in results:
             state, why = health(r, by_name.get(r.rig))
-            print(f"  {r.rig}: {state}: {why}")
+            why = str(why or "")  # the reason may already open with its state ("unreachable: ...")
+            print(f"  {r.rig}: {why}" if why.startswith(f"{state}:") else f"  {r.rig}: {state}: {why}")
     return EXIT_OK if all(r.info is not None for r in results) else EXIT_HOST
 
 

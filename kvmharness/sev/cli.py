@@ -41,7 +41,11 @@ def _print_json(obj) -> None:
 def _platform(args):
     from ..factory import open_sev_platform
 
-    return open_sev_platform(args.backend)
+    platform = open_sev_platform(args.backend)
+    if args.backend == "auto" and platform.backend == "sim":  # say which it picked, as run does
+        print("# auto: no /dev/sev, using the simulated SEV firmware (a fresh chip per command; "
+              "--backend kvm for /dev/sev)", file=sys.stderr)
+    return platform
 
 
 def _status_dict(st, backend: str) -> dict:
@@ -271,7 +275,10 @@ def cmd_verify(args) -> int:
                       for l in result.links)
         result = ChainVerification(links, result.certs)
     out = {"source": source, "roots": roots, "cek": cek_from,
-           "chip_id": bytes(chip_id).hex() if chip_id else None, **result.to_dict()}
+           "chip_id": bytes(chip_id).hex() if chip_id else None, **result.to_dict(),
+           # the exit status's answer: every link verified up to AMD's ARK ("ok" is only
+           # "no link failed"; an unverified ASK -> CEK leaves it true)
+           "verified": not (result.failed or result.unverified)}
     if args.json:
         _print_json(out)
     else:
@@ -341,6 +348,12 @@ def _vmsa_pages(args, guest) -> list[bytes]:
     return [build_vmsa(regs, sregs, sev_features=0, init2=not args.legacy_init)]
 
 
+def integer(text: str) -> int:
+    """An integer in any base Python reads (0x..., 0o..., decimal); argparse names the type
+    'integer' in its error."""
+    return int(text, 0)
+
+
 def _c_bit_arg(text: str) -> int:
     import argparse
 
@@ -386,6 +399,13 @@ def cmd_measure(args) -> int:
             if args.mode is None:
                 raise E.UsageError(f"guest {guest.name!r} runs only in svm mode (its manifest "
                                    "modes): it has no SEV launch to measure; give --mode")
+            if args.mode == "sev-snp":  # an SNP guest: its SNP launch digest, as `run` launches it
+                from ..snp.cli import measure_command
+
+                return measure_command(args)
+    if args.vcpus != 1:  # only the SNP digest covers one VMSA per vCPU here
+        raise E.UsageError(f"--vcpus applies to --mode sev-snp; an {args.mode} measurement here "
+                           "covers vCPU 0 only (for SEV-ES give every vCPU's VMSA with --vmsa FILE)")
     # the same default as `run`, so --tik/--nonce predict a default run's MEASURE
     from ..images import DEFAULT_SEV_POLICY
 
@@ -490,7 +510,7 @@ def register(subparsers) -> None:
     m.add_argument("--policy", default=None, help="guest policy: number or flags, e.g. nodbg,es "
                    "(default as for run: nodbg, plus es for sev-es)")
     m.add_argument("--api", default="1.55", help="firmware API MAJOR.MINOR (default 1.55)")
-    m.add_argument("--build", type=lambda s: int(s, 0), default=21,
+    m.add_argument("--build", type=integer, default=21,
                    help="firmware build id (default 21)")
     m.add_argument("--c-bit", type=_c_bit_arg, default=51,
                    help="encryption bit set in the harness's boot page tables of a long-mode "
@@ -500,9 +520,9 @@ def register(subparsers) -> None:
     m.add_argument("--mode", choices=("sev", "sev-es", "sev-snp"), default=None,
                    help="default as for run: the guest's first SEV mode in its manifest "
                         "(sev for --image); sev-snp: the SNP launch digest and its log")
-    m.add_argument("--vcpus", type=lambda s: int(s, 0), default=1,
+    m.add_argument("--vcpus", type=integer, default=1,
                    help="sev-snp: vCPUs, each measured as a VMSA page (default 1)")
-    m.add_argument("--vcpu-sig", type=lambda s: int(s, 0), default=0x00A00F11,
+    m.add_argument("--vcpu-sig", type=integer, default=0x00A00F11,
                    help="sev-snp: the APs' CPUID 1 EAX in their reset VMSA (default "
                         "0x00A00F11, EPYC Milan)")
     m.add_argument("--vmsa", metavar="FILE", help="SEV-ES: the initial VMSA pages (4096 bytes "

@@ -1,0 +1,205 @@
+"""The command line as a new user first meets it: each test pins one problem found by
+running the README's commands as written (a traceback, a flag silently ignored, a JSON
+field that says the opposite of the exit status, an error with no way forward)."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from kvmharness.cli import main
+from kvmharness.errors import EXIT_GUEST_FAILED, EXIT_HOST, EXIT_OK, EXIT_USAGE
+
+ROME = Path(__file__).parent / "data" / "sev" / "rome"
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# -- measure ---------------------------------------------------------------------------
+
+def test_measure_snp_guest_without_mode_is_its_snp_digest(capsys):
+    """`measure snp-hello` (mode defaulting to the guest's, as the README says) used to die
+    with a KeyError traceback; it gives the same digest as `--mode sev-snp`."""
+    rc, out, err = run(capsys, "measure", "snp-hello", "--json")
+    assert rc == EXIT_OK, err
+    default = json.loads(out)
+    rc, out, _ = run(capsys, "measure", "snp-hello", "--mode", "sev-snp", "--json")
+    assert rc == EXIT_OK
+    explicit = json.loads(out)
+    assert default["mode"] == "sev-snp"
+    assert default["launch_digest"] == explicit["launch_digest"]
+    assert len(bytes.fromhex(default["launch_digest"])) == 48  # SHA-384
+
+
+@pytest.mark.parametrize("guest", ["sev-hello", "es-io"])
+def test_measure_vcpus_outside_snp_is_refused_not_ignored(capsys, guest):
+    """--vcpus 2 used to be ignored for sev/sev-es, printing vCPU 0's digest as if for two."""
+    rc, _, err = run(capsys, "measure", guest, "--vcpus", "2")
+    assert rc == EXIT_USAGE
+    assert err.startswith("kvmharness: error: --vcpus applies to --mode sev-snp")
+    assert err.count("\n") == 1
+
+
+def test_measure_bad_integer_names_the_type_not_lambda(capsys):
+    with pytest.raises(SystemExit) as ex:
+        main(["measure", "sev-hello", "--build", "twenty"])
+    assert ex.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "invalid integer value: 'twenty'" in err and "lambda" not in err
+
+
+# -- sev ---------------------------------------------------------------------------------
+
+def test_sev_auto_says_it_picked_the_simulator(capsys):
+    if os.path.exists("/dev/sev"):
+        pytest.skip("/dev/sev exists here: auto picks the real platform")
+    rc, out, err = run(capsys, "sev", "status")
+    assert rc == EXIT_OK
+    assert out.startswith("SEV platform (sim)")
+    assert "# auto: no /dev/sev, using the simulated SEV firmware" in err
+    rc, out, err = run(capsys, "sev", "status", "--backend", "sim", "--json")
+    assert rc == EXIT_OK and json.loads(out)["backend"] == "sim"
+    assert "# auto" not in err  # asked for explicitly: nothing to explain
+
+
+def test_sev_verify_json_verified_follows_the_exit_status(capsys):
+    """The platform's unsigned CEK: exit 1 and "verified": false (its "ok" only means no link
+    failed, which a script read as success)."""
+    rc, out, _ = run(capsys, "sev", "verify", "--backend", "sim", "--json")
+    d = json.loads(out)
+    assert rc == EXIT_GUEST_FAILED
+    assert d["unverified"] == ["ASK -> CEK"] and d["verified"] is False
+    files = [f"--{n}={ROME / (n + '.cert')}" for n in ("pdh", "pek", "oca", "cek")]
+    rc, out, _ = run(capsys, "sev", "verify", *files, "--json")
+    d = json.loads(out)
+    assert rc == EXIT_OK and d["verified"] is True and d["complete"]
+
+
+# -- run -----------------------------------------------------------------------------------
+
+def test_run_sev_policy_with_es_bit_is_a_cli_usage_error(capsys):
+    """It said "use mode='sev-es'" (the Python API's words) after opening the backend."""
+    rc, out, err = run(capsys, "run", "sev-hello", "--backend", "sim", "--policy", "nodbg,es")
+    assert rc == EXIT_USAGE and out == ""
+    assert "use --mode sev-es" in err and "mode='" not in err
+
+
+def _kvm_system_or_skip():
+    from kvmharness.factory import open_backend
+
+    try:
+        return open_backend("kvm")
+    except Exception as e:  # noqa: BLE001 -- any reason /dev/kvm cannot be opened here
+        pytest.skip(f"the kvm backend cannot open here: {e}")
+
+
+@pytest.mark.requires_kvm
+def test_run_a_guest_kvm_cannot_run_says_use_the_simulator(capsys):
+    from kvmharness.images import get_guest
+
+    system = _kvm_system_or_skip()
+    try:
+        ok, _ = get_guest("sev-hello").runnable_on(system)
+    finally:
+        system.close()
+    if ok:
+        pytest.skip("this host's KVM runs SEV guests")
+    rc, _, err = run(capsys, "run", "sev-hello", "--backend", "kvm")
+    assert rc == EXIT_HOST
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("kvmharness: error: guest 'sev-hello' cannot run on the kvm backend")
+    assert line.endswith("run it on the simulator with --backend sim")
+
+
+@pytest.mark.requires_kvm
+def test_lab_mode_kvm_cannot_run_says_use_the_simulator(capsys):
+    from kvmharness.images import get_guest
+
+    system = _kvm_system_or_skip()
+    try:
+        ok, _ = get_guest("lab-counter-es").runnable_on(system)
+    finally:
+        system.close()
+    if ok:
+        pytest.skip("this host's KVM runs SEV-ES guests")
+    rc, out, err = run(capsys, "lab", "ciphertext", "--mode", "sev-es", "--backend", "kvm")
+    assert rc == EXIT_HOST and out == ""
+    assert err.count("\n") == 1 and err.rstrip().endswith("--backend sim")
+
+
+# -- bench -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--count", "3"], "--count goes with --soak"),
+    (["bench", "--soak", "--rounds", "2"], "--soak takes --count"),
+    (["bench", "--soak", "--lifecycles", "5", "--only", "sim"], "--soak takes --count"),
+])
+def test_bench_flags_of_the_other_mode_are_refused_not_ignored(capsys, argv, words):
+    """`bench --count 3` used to run the whole 80-second speed benchmark, ignoring --count."""
+    rc, out, err = run(capsys, *argv)
+    assert rc == EXIT_USAGE and out == ""
+    assert words in err and err.count("\n") == 1
+
+
+# -- fuzz ------------------------------------------------------------------------------
+
+def test_fuzz_negative_seed_is_refused(capsys):
+    rc, _, err = run(capsys, "fuzz", "--seed=-5")
+    assert rc == EXIT_USAGE and "--seed must be 0 or more" in err
+
+
+@pytest.mark.requires_kvm
+def test_fuzz_seed_in_equals_form_runs_one_seed(capsys):
+    """`--seed=7` was missed by a look at sys.argv for "--seed", so it ran 100 seeds."""
+    _kvm_system_or_skip().close()
+    rc, out, err = run(capsys, "fuzz", "--seed=7", "--mode", "long64", "--json")
+    assert rc in (EXIT_OK, EXIT_GUEST_FAILED), err
+    d = json.loads(out)
+    assert d["guests"] == 1 and d["first_seed"] == 7
+
+
+# -- suite -----------------------------------------------------------------------------
+
+def test_suite_json_progress_on_stderr_and_aligned_columns(capsys, monkeypatch):
+    """--json: stdout is one JSON document, progress goes to stderr; text: a name longer
+    than 16 characters no longer pushes its row out of line."""
+    import kvmharness.images as images
+
+    full = images.load_manifest()
+    few = {n: full[n] for n in ("hello64", "snp-double-validate")}
+    monkeypatch.setattr(images, "load_manifest", lambda path=None: few)
+    rc, out, err = run(capsys, "suite", "--backend", "sim", "--json")
+    assert rc == EXIT_OK
+    d = json.loads(out)
+    assert [g["guest"] for g in d["guests"]] == list(few)
+    assert "... suite 1/2: hello64 passed on sim" in err
+    assert "... suite 2/2: snp-double-validate passed on sim" in err
+    rc, out, _ = run(capsys, "suite", "--backend", "sim")
+    rows = [line for line in out.splitlines() if " passed " in line]
+    assert len(rows) == 2
+    assert len({row.index(" passed ") for row in rows}) == 1  # one status column
+
+
+# -- rig -------------------------------------------------------------------------------
+
+def test_rig_check_reason_is_not_repeated(capsys, tmp_path):
+    pytest.importorskip("paramiko", reason="the rig commands need paramiko (the [rig] extra)")
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        key = tmp_path / "key"
+        key.write_text("")
+        inv = tmp_path / "rigs.toml"
+        inv.write_text(f'[rigs.a]\nhost = "127.0.0.1"\nport = {port}\nuser = "x"\n'
+                       f'key_file = "{key}"\n')
+        rc, out, _ = run(capsys, "rig", "check", "--inventory", str(inv), "--timeout", "10")
+    assert rc == EXIT_HOST
+    line = [x for x in out.splitlines() if x.startswith("  a: ")]
+    assert line and line[0].startswith("  a: unreachable: ")
+    assert "unreachable: unreachable" not in out
