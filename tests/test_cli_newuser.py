@@ -203,3 +203,22 @@ def test_rig_check_reason_is_not_repeated(capsys, tmp_path):
     line = [x for x in out.splitlines() if x.startswith("  a: ")]
     assert line and line[0].startswith("  a: unreachable: ")
     assert "unreachable: unreachable" not in out
+
+
+@pytest.mark.requires_kvm
+def test_fuzz_nested_says_when_no_nested_vmrun_was_compared(capsys):
+    """On a KVM that offers guests no SVM, `fuzz --mode nested` reported "0 mismatches" as if
+    nested SVM had been compared; it now says that only L1's SVM check ran."""
+    system = _kvm_system_or_skip()
+    try:
+        svm = system.capabilities.svm
+    finally:
+        system.close()
+    rc, out, err = run(capsys, "fuzz", "--mode", "nested", "--seeds", "1", "--json")
+    assert rc in (EXIT_OK, EXIT_GUEST_FAILED), err
+    notes = json.loads(out)["notes"]
+    if svm:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and "no nested VMRUN is compared" in notes[0]
+        assert "fuzz: note: this host's KVM offers guests no SVM" in err
