@@ -225,3 +225,63 @@ def test_nested_guest_l1_reports_every_vmexit_on_the_simulator():
             assert keys == [(n << 8) | f for n in range(len(keys) // 7) for f in range(7)], seed
             exits_seen |= {r["rcx"] for r in reports if r["rbx"] < 0xF000 and r["rbx"] & 0xFF == 0}
         assert {0x72, 0x78, 0x7B} & exits_seen  # CPUID, HLT, IOIO among them
+
+
+def _nested_guest(lines, prologue):
+    return G.Guest(0, [G.Op("probe", list(lines))], list(prologue), 0, mode="nested")
+
+
+def _first_l1_report(rec):
+    first: dict = {}
+    for e, r in rec.steps:
+        if e["exit"] == "IoOut" and e["port"] == 0xEB and e["data"] == "01" and r["rbx"] < 0x100:
+            first[r["rbx"]] = r["rcx"]
+    return first
+
+
+@needs_as
+@pytest.mark.parametrize("profile", ["kvm_amd", "kvm_amd@qemu-tcg"])
+def test_nested_profile_declares_the_rig_cpu(profile):
+    """The two nested classes the rig pair found, on the simulator: AMD silicon (kvm_amd) sets
+    IOIO EXITINFO1's address size and delivers an EVENTINJ #BP; the rig's CPU (kvm_amd@qemu-tcg,
+    sim/profile.py) leaves A64 clear and, with kvm_amd at nrips=0, loses the #BP (L2 runs to
+    its HLT) while #UD as an exception is delivered either way.  tests/test_fuzz_rig.py checks
+    the same guests on the rig's real kvm_amd."""
+    if not all(shutil.which(t) for t in ("cpp", "ld")):
+        pytest.skip("nested fuzz guests are preprocessed and linked: cpp and ld needed")
+    from kvmharness.sim.profile import resolve
+    from kvmharness.sim.system import SimSystem
+
+    silicon = resolve(profile).cpu == "amd"
+    hlt = ["orl $0x1000000, VMCB(VMCB_INTERCEPT_W3)"]
+    io = _nested_guest(["mov $0x5a, %al", "outb %al, $0x7a"],
+                       ["orl $0x8000000, VMCB(VMCB_INTERCEPT_W3)", "orb $0x4, IOPM_PA + 0xf"])
+    bp = _nested_guest(["nop", "hlt"], hlt + ["movl $0x80000303, VMCB(VMCB_EVENT_INJ)"])
+    ud = _nested_guest(["nop", "hlt"], hlt + ["movl $0x80000306, VMCB(VMCB_EVENT_INJ)"])
+    with SimSystem(profile=profile) as system:
+        t = R.Target("sim", system, system.capabilities.supported_cpuid)
+        rec = R.run(t, io)
+        first = _first_l1_report(rec)
+        assert first[0] == 0x7B and first[1] == (0x7A0210 if silicon else 0x7A0010), hex(first[1])
+        rec = R.run(t, bp)
+        nop = R.op_ranges(bp)[0][0]
+        if silicon:
+            assert rec.outcome == "exception" and rec.detail == f"vector 3 at {nop:#x}", rec.detail
+        else:
+            first = _first_l1_report(rec)
+            assert rec.outcome == "end" and first[0] == 0x78 and first[4] == nop + 1 and first[5] == 0, first
+        rec = R.run(t, ud)
+        assert rec.outcome == "exception" and rec.detail == f"vector 6 at {nop:#x}", rec.detail
+
+
+def test_rig_profile_follows_the_rigs_cpu():
+    from types import SimpleNamespace
+
+    from kvmharness.fuzz import rigpair as RP
+    from kvmharness.sim.profile import resolve
+
+    assert RP.rig_profile(SimpleNamespace(labels=("svm", "tcg", "rig-in-a-box"))) == "kvm_amd@qemu-tcg"
+    assert RP.rig_profile(SimpleNamespace(labels=("milan", "sev-es"))) == "kvm_amd"
+    tcg = resolve("kvm_amd@qemu-tcg")
+    assert tcg.cpu == "qemu-tcg" and not tcg.ioio_addr_size_bits and not tcg.host_nrips
+    assert resolve("kvm_amd").ioio_addr_size_bits and resolve("kvm_amd").host_nrips

@@ -145,19 +145,21 @@ def _select_rig(args):
 
 def _run_rig_pair(args, jobs, modes) -> int:
     """The rig pair: the whole batch on the rig in one trip, then each guest on the simulator
-    here (kvm_amd profile, the rig's CPUID table); mismatches reported, not shrunk."""
+    here (kvm_amd profile, or kvm_amd@qemu-tcg for a TCG rig; the rig's CPUID table); mismatches
+    reported, not shrunk."""
     from . import rigpair as RP
 
     rig = _select_rig(args)
     guests = [G.generate(seed, mode=mode) for seed, mode in jobs]
-    print(f"fuzz: {len(guests)} guests to {rig.name} ({rig.address}) and the simulator ({RP.RIG_PROFILE})",
+    profile = args.profile or RP.rig_profile(rig)
+    print(f"fuzz: {len(guests)} guests to {rig.name} ({rig.address}) and the simulator ({profile})",
           file=sys.stderr, flush=True)
     batch = RP.run_on_rig(rig, guests, timeout=args.rig_timeout)  # a RigError: exit 3 (4: timed out)
     if batch.host.get("module") != "kvm_amd":
         print(f"fuzz: note: the rig's KVM is {batch.host.get('module')!r}, compared with the "
-              f"{RP.RIG_PROFILE} profile", file=sys.stderr)
+              f"{profile} profile", file=sys.stderr)
     t0 = time.perf_counter()
-    results = RP.compare_batch(guests, batch, profile=args.profile or RP.RIG_PROFILE)
+    results = RP.compare_batch(guests, batch, profile=profile)
     sim_seconds = time.perf_counter() - t0
     found, classes, exits = [], Counter(), 0
     for (seed, mode), (g, a, b, m) in zip(jobs, results, strict=True):
@@ -171,7 +173,7 @@ def _run_rig_pair(args, jobs, modes) -> int:
             rec["written"] = str(write_regression(args.out, g, m, [a.backend, b.backend]))
         found.append(rec)
     n = len(guests)
-    names = [f"rig:{rig.name}", f"sim[{args.profile or RP.RIG_PROFILE}]"]
+    names = [f"rig:{rig.name}", f"sim[{profile}]"]
     summary = {"pair": names, "guests": n, "modes": list(modes), "first_seed": args.seed,
                "exits_compared": exits, "mismatches": len(found), "classes": dict(classes),
                "rig": {"name": rig.name, **batch.host, "round_trip_seconds": round(batch.round_trip, 1)},

@@ -1,5 +1,6 @@
 """The rig pair: each guest on a rig's KVM (kvm_amd) over SSH, and on the simulator here
-with the ``kvm_amd`` profile, compared exit by exit.
+with the ``kvm_amd`` profile (``kvm_amd@qemu-tcg`` for a rig labelled "tcg": kvm_amd on QEMU
+TCG's CPU, sim/profile.py), compared exit by exit.
 
 The guests are generated and assembled here; one batch (JSON: each guest and its image)
 goes to the rig with the project's wheel (installed in a fresh venv, as ``rig run``
@@ -24,6 +25,14 @@ from pathlib import Path
 from . import runner as R
 
 RIG_PROFILE = "kvm_amd"
+#: a rig labelled "tcg" runs kvm_amd on QEMU TCG's CPU (the SVM rig in a box): its profile
+#: declares what that CPU shows L1 differently from AMD silicon (sim/profile.py)
+TCG_RIG_PROFILE = "kvm_amd@qemu-tcg"
+
+
+def rig_profile(rig) -> str:
+    """The simulator profile a rig's kvm_amd is compared with: by the rig's CPU (its labels)."""
+    return TCG_RIG_PROFILE if "tcg" in rig.labels else RIG_PROFILE
 
 
 @dataclass

@@ -43,7 +43,11 @@ gives the silicon value, as it does for L1's own exits -- an IOIO EXITINFO1 with
 the address-size bits (0x7A0210 for ``out %al, $0x7A`` in 64-bit code; the rig
 shows 0x7A0010) and the architectural #NP error code of a not-present IDT gate
 reached by an external interrupt, (vector << 3) | IDT | EXT (0x10B for vector
-0x21; the rig shows 0x212).  ``tests/test_nested_kvm.comparable`` equates both.
+0x21; the rig shows 0x212).  ``tests/test_nested_kvm.comparable`` equates both.  The
+profile ``kvm_amd@qemu-tcg`` (sim/profile.py) gives the rig's values where they are
+declared: IOIO EXITINFO1 without the address size (``ioio_addr_size_bits``), and a soft
+EVENTINJ (type 4, or #BP/#OF as type 3) lost, as kvm_amd with nrips=0 loses it
+(``host_nrips``).
 
 Design: why a model-level VMRUN and not unicorn's own nested SVM.  The core runs
 every guest inside QEMU's emulated SVM (core.py), and unicorn diverts each
@@ -325,6 +329,9 @@ class NestedSvm:
         v = self.vcpu
         core = v.core
         vector, etype = event & 0xFF, (event >> 8) & 7
+        soft = etype == EVTINJ_TYPE_SOFT or (etype == EVTINJ_TYPE_EXEPT and vector in (3, 4))
+        if soft and not v.profile.host_nrips:
+            return  # kvm_amd with nrips=0 loses it (nested.c is_evtinj_soft; sim/profile.py host_nrips)
         rip = core.rip()
         err = error if event & EVTINJ_VALID_ERR else None
         try:
@@ -429,6 +436,8 @@ class NestedSvm:
         loop hands NESTED_IO_EVENT back here (``_reflect_io``)."""
         v = self.vcpu
         info1, next_rip, _string = v.ioio_exit_info(rip, port, size, is_in)
+        if not v.profile.ioio_addr_size_bits:
+            info1 &= ~0x380  # A16/A32/A64: the CPU's value, passed through (sim/profile.py)
         self._io_pending = (info1, next_rip, rip, v.core.reg(X.UC_X86_REG_RAX))
         v.post_event(NESTED_IO_EVENT, rip)
 

@@ -30,12 +30,17 @@ real-mode IVT limit    checked by the CPU (#GP, #DF,           not checked (__em
 
 ``SimSystem(profile=...)`` takes a name or a :class:`KvmProfile`; without one the
 environment variable ``KVMHARNESS_SIM_PROFILE`` decides, else ``kvm_amd``.
+
+A third profile, ``kvm_amd@qemu-tcg``, is kvm_amd on the CPU of the SVM rig in a box
+(QEMU TCG's emulated EPYC): what L1 sees of nested SVM there differs from AMD silicon in
+two declared ways (``ioio_addr_size_bits``, ``host_nrips``), each with its source line and
+measurement below.  Only the rig pair of ``kvmharness fuzz`` uses it.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import UsageError
 
@@ -96,6 +101,34 @@ class KvmProfile:
     # kvm_amd by kvmharness fuzz); kvm_pvm leaves the registers of the fault.
     shutdown_inits_vcpu: bool = True
 
+    # The CPU under KVM, for what L1 sees of nested SVM (sim/nested.py): "amd" (AMD silicon as
+    # the APM describes it) or "qemu-tcg" (QEMU's emulated SVM: the SVM rig in a box,
+    # ci/rig/, runs kvm_amd on `-accel tcg -cpu EPYC,+svm`).  Two fields follow from it:
+    cpu: str = "amd"
+    # IOIO #VMEXIT EXITINFO1 carries the address size (A16/A32/A64, bits 7-9; APM vol 2
+    # 15.10.2).  kvm_amd does not build it for a hardware exit: nested.c nested_svm_vmexit
+    # copies vmcb02's exit_info_1 into vmcb12 as the CPU wrote it (svm.c svm_check_intercept
+    # builds it with the address size, `ad_bytes << (SVM_IOIO_ASIZE_SHIFT - 1)`, only for an
+    # instruction KVM's emulator runs).  QEMU TCG never sets those bits: target/i386/tcg/
+    # translate.c gen_check_io passes TYPE/STR/REP/SIZE only, and sysemu/svm_helper.c
+    # helper_svm_check_io exits with `param | (port << 16)` (QEMU 7.2, as the rig runs).
+    # Measured by kvmharness fuzz --mode nested --pair rig,sim: `out %al, $0x7a` in 64-bit
+    # L2 gave 0x7a0010 on the rig, 16 of 100 seeds.
+    ioio_addr_size_bits: bool = True
+    # The host CPU offers NRIPS (kvm_amd's `nrips` parameter follows it).  Without it kvm_amd
+    # loses an EVENTINJ of vmcb12 that it counts as soft -- a software interrupt (type 4) or
+    # #BP/#OF as an exception (type 3, vector 3 or 4): nested.c nested_vmcb02_prepare_control
+    # marks these (is_evtinj_soft -> soft_int_injected, soft_int_next_rip = vmcb12's RIP, as
+    # no next_rip can be trusted) and svm.c's soft-event re-injection path (svm_complete_soft_
+    # interrupt / svm_update_soft_interrupt_rip, which must skip the instruction itself when
+    # nrips=0) never delivers them to L2.  Measured on the rig (QEMU TCG has no NRIPS, the rig's
+    # kvm_amd loads with nrips=0): types 3/vector 3, 3/4, 4/3, 4/4 and 4/0x21 never reach L2
+    # (L2 runs its first instruction, EXITINTINFO 0 at the next #VMEXIT), while 3/1 and 3/6
+    # are delivered; QEMU's own svm_helper.c helper_vmrun treats every type-3 vector alike,
+    # so the loss is kvm_amd's nrips=0 path, not QEMU's injection.  The exact kernel line
+    # is not pinned; on AMD silicon (NRIPS present) the events are delivered (APM 15.20).
+    host_nrips: bool = True
+
     def __str__(self) -> str:
         return self.name
 
@@ -118,7 +151,12 @@ KVM_PVM = KvmProfile(
     fetch_failure_exit_info=(0x1000, 0, 0, 0, 0),
     real_ivt_limit_checked=False, misc_enable_reset=0x1, xsave_size_follows_xcr0=False,
     shutdown_inits_vcpu=False)
-PROFILES = {p.name: p for p in (KVM_AMD, KVM_PVM)}
+# kvm_amd on the SVM rig in a box: the same kernel code, on QEMU TCG's emulated EPYC
+# (no address size in IOIO EXITINFO1, no NRIPS).  Used for the rig pair of kvmharness fuzz
+# (fuzz/rigpair.py picks it for a rig labelled "tcg"), never for AMD hardware.
+KVM_AMD_QEMU_TCG = replace(KVM_AMD, name="kvm_amd@qemu-tcg", cpu="qemu-tcg", ioio_addr_size_bits=False,
+                           host_nrips=False)
+PROFILES = {p.name: p for p in (KVM_AMD, KVM_PVM, KVM_AMD_QEMU_TCG)}
 
 
 def resolve(profile: str | KvmProfile | None = None) -> KvmProfile:
