@@ -117,16 +117,21 @@ class KvmProfile:
     ioio_addr_size_bits: bool = True
     # The host CPU offers NRIPS (kvm_amd's `nrips` parameter follows it).  Without it kvm_amd
     # loses an EVENTINJ of vmcb12 that it counts as soft -- a software interrupt (type 4) or
-    # #BP/#OF as an exception (type 3, vector 3 or 4): nested.c nested_vmcb02_prepare_control
-    # marks these (is_evtinj_soft -> soft_int_injected, soft_int_next_rip = vmcb12's RIP, as
-    # no next_rip can be trusted) and svm.c's soft-event re-injection path (svm_complete_soft_
-    # interrupt / svm_update_soft_interrupt_rip, which must skip the instruction itself when
-    # nrips=0) never delivers them to L2.  Measured on the rig (QEMU TCG has no NRIPS, the rig's
-    # kvm_amd loads with nrips=0): types 3/vector 3, 3/4, 4/3, 4/4 and 4/0x21 never reach L2
-    # (L2 runs its first instruction, EXITINTINFO 0 at the next #VMEXIT), while 3/1 and 3/6
-    # are delivered; QEMU's own svm_helper.c helper_vmrun treats every type-3 vector alike,
-    # so the loss is kvm_amd's nrips=0 path, not QEMU's injection.  The exact kernel line
-    # is not pinned; on AMD silicon (NRIPS present) the events are delivered (APM 15.20).
+    # #BP/#OF as an exception (type 3, vector 3 or 4; nested.c is_evtinj_soft): when the
+    # CPU's delivery of the event exits to KVM (on the rig always: L2's first VMRUN walks its
+    # page tables through a fresh NPT root, an #NPF with EXITINTINFO = the event), svm.c
+    # svm_complete_interrupts requeues it and svm_inject_exception re-injects it through
+    # svm_update_soft_interrupt_rip, which without NRIPS must skip the instruction at L2's RIP
+    # by emulation and drops the event when that does not work ("Drop the exception/interrupt
+    # if emulation fails and effectively retry the instruction").  Traced on the rig's 6.1
+    # kvm_amd (nrips=0; tracefs events kvm, EVENTINJ 0x80000303, L2 = nop; hlt):
+    #   kvm_nested_vmenter event_inj 0x80000303 -> kvm_exit npf rip 0x807d info2 0x1000
+    #   intr_info 0x80000303 -> kvm_inj_exception #BP [reinjected] -> kvm_emulate_insn 807d:90
+    #   -> kvm_entry rip 0x807d, and no later exit carries the event; L2's HLT exits at 0x807e.
+    # Measured by kvmharness fuzz on the rig: types 3/vector 3, 3/4, 4/3, 4/4 and 4/0x21 never
+    # reach L2, 3/1 and 3/6 are delivered.  With NRIPS KVM re-injects with next_rip and skips
+    # nothing, so on AMD silicon the events reach L2 (APM 15.20).  The model drops every soft
+    # EVENTINJ when this is False (the rig's case: every first delivery exits).
     host_nrips: bool = True
 
     def __str__(self) -> str:
