@@ -50,7 +50,8 @@ def _runnable(image, backend, mode=None):
         if met and mode not in (None, "svm") and mode not in image.needs:
             met, why = needs_met(system, [mode])
     if not met:
-        pytest.skip(f"{image.name} on {backend} (probed here): {why}")
+        as_mode = f" as an {mode.upper()} guest" if mode not in (None, "svm") else ""
+        pytest.skip(f"{image.name}{as_mode} on {backend} (probed here): {why}")
 
 
 @pytest.mark.skipif(not KVM_OK, reason=f"no usable /dev/kvm: {KVM_WHY}")
