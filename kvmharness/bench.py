@@ -317,9 +317,8 @@ def bench_sim(progress) -> dict | None:
 def run_bench(*, rounds: int = 3, lifecycles: int = 200, only: str = "all", as_json: bool = False) -> int:
     """``kvmharness bench``: measure, then print the figures (``as_json``: one JSON object)
     with each beside its goal; ``only`` is kvm, sim or all."""
-    def progress(msg):
-        if not as_json:
-            print(f"... {msg}", file=sys.stderr, flush=True)
+    def progress(msg):  # on stderr, with --json too: stdout holds only the document
+        print(f"... {msg}", file=sys.stderr, flush=True)
 
     out: dict = {}
     if only in ("kvm", "all"):

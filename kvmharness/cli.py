@@ -371,9 +371,19 @@ def cmd_bench(args) -> int:
                            "--lifecycles)")
     from .bench import run_bench
 
-    return run_bench(rounds=3 if rounds is None else rounds,
-                     lifecycles=200 if lifecycles is None else lifecycles,
-                     only=args.only, as_json=args.json)
+    try:
+        return run_bench(rounds=3 if rounds is None else rounds,
+                         lifecycles=200 if lifecycles is None else lifecycles,
+                         only=args.only, as_json=args.json)
+    except (E.DeviceMissing, E.PermissionDenied) as e:  # no usable /dev/kvm: bench has no --backend
+        why = str(e)
+        if "--backend sim" in why:
+            why = why.replace("use --backend sim", "run bench --only sim (the simulator alone)")
+        else:
+            why += "; bench --only sim measures the simulator alone"
+        err = type(e)(why)
+        err.host_verdict = e.host_verdict
+        raise err from e
 
 
 def _positive_int(text: str) -> int:

@@ -131,6 +131,10 @@ def test_lab_mode_kvm_cannot_run_says_use_the_simulator(capsys):
     rc, out, err = run(capsys, "lab", "ciphertext", "--mode", "sev-es", "--backend", "kvm")
     assert rc == EXIT_HOST and out == ""
     assert err.count("\n") == 1 and err.rstrip().endswith("--backend sim")
+    # lab all gives the same reason in its summary row
+    rc, out, _ = run(capsys, "lab", "ciphertext", "--mode", "all", "--backend", "kvm", "--json")
+    row = next(r for r in json.loads(out)["summary"] if r["mode"] == "sev-es")
+    assert row["status"] == "unavailable" and row["why"].endswith("--backend sim")
 
 
 # -- bench -----------------------------------------------------------------------------
@@ -222,3 +226,32 @@ def test_fuzz_nested_says_when_no_nested_vmrun_was_compared(capsys):
     else:
         assert len(notes) == 1 and "no nested VMRUN is compared" in notes[0]
         assert "fuzz: note: this host's KVM offers guests no SVM" in err
+
+
+def test_bench_without_kvm_points_at_only_sim_not_a_missing_flag(tmp_path):
+    """bench has no --backend; without /dev/kvm it told the user to use one."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVMHARNESS_KVM_DEVICE=str(tmp_path / "no-kvm"))
+    r = subprocess.run([sys.executable, "-m", "kvmharness", "bench", "--rounds", "1",
+                        "--lifecycles", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == EXIT_HOST and r.stdout == ""
+    assert "bench --only sim" in r.stderr and "--backend sim" not in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_bench_json_progress_goes_to_stderr(capsys):
+    """bench --json ran for minutes with no sign of life; stdout stays the JSON document."""
+    rc, out, err = run(capsys, "bench", "--only", "sim", "--json")
+    assert rc == EXIT_OK
+    assert "sim" in json.loads(out)
+    assert err.startswith("... sim: ")
+
+
+def test_lab_single_scenario_says_which_backend_auto_picked(capsys):
+    rc, out, err = run(capsys, "lab", "regleak", "--mode", "svm")
+    assert rc in (EXIT_OK, EXIT_HOST)
+    assert err.startswith("# auto: ")
+    rc, out, err = run(capsys, "lab", "regleak", "--mode", "svm", "--backend", "sim", "--json")
+    assert rc == EXIT_OK and json.loads(out) and err == ""

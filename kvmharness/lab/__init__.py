@@ -73,6 +73,8 @@ def launch(guest: str, mode: str, system):
         why = str(e)
         if f"on the {system.name} backend" not in why:  # Machine.for_guest's own reasons say so already
             why = f"{mode} guests cannot run on the {system.name} backend here: {why}"
+        if system.name != "sim" and "backend sim" not in why:  # what to do instead
+            why += "; every scenario runs on the simulator: --backend sim"
         raise LabUnavailable(why) from e
 
 

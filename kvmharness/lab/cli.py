@@ -73,15 +73,13 @@ def cmd_lab(args) -> int:
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     modes = list(MODES) if args.mode == "all" else [args.mode]
     if len(names) * len(modes) == 1:  # one combination: its errors are the command's
+        system = open_backend(args.backend)
         try:
-            r = run_scenario(names[0], modes[0], args.backend, out_dir=args.out)
-        except E.FeatureUnavailable as e:  # KVM here cannot: say what to do instead
-            why = str(e)
-            if args.backend == "sim" or "simulator" in why or "backend sim" in why:
-                raise
-            err = E.FeatureUnavailable(f"{why}; every scenario runs on the simulator: --backend sim")
-            err.host_verdict = e.host_verdict
-            raise err from e
+            if args.backend == "auto" and not args.json:  # which backend auto picked, as run says
+                print(f"# {system.chosen_because}", file=sys.stderr)
+            r = run_scenario(names[0], modes[0], system, out_dir=args.out)
+        finally:
+            system.close()
         if args.json:
             json.dump(r.to_dict(), sys.stdout, indent=2, default=str)
             sys.stdout.write("\n")
