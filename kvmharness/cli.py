@@ -187,6 +187,11 @@ def cmd_run(args) -> int:
         err = E.FeatureUnavailable(f"{e}; run it on the simulator with --backend sim")
         err.host_verdict = e.host_verdict
         raise err from e
+    except E.GuestTimeout as e:  # --json: the same document as an expected timeout, ok false
+        if args.json:
+            _print_json({"guest": image.name, "backend": system.name, "outcome": "timeout",
+                         "expected": image.expect, "ok": False, "message": str(e)})
+        raise
     finally:
         system.close()
     if result.outcome == "timeout" and result.ok:  # the manifest expects this guest to time out

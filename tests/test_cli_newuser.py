@@ -255,3 +255,14 @@ def test_lab_single_scenario_says_which_backend_auto_picked(capsys):
     assert err.startswith("# auto: ")
     rc, out, err = run(capsys, "lab", "regleak", "--mode", "svm", "--backend", "sim", "--json")
     assert rc == EXIT_OK and json.loads(out) and err == ""
+
+
+def test_run_json_on_an_unexpected_timeout_is_still_a_document(capsys):
+    """An expected timeout printed JSON and an unexpected one printed nothing on stdout: a
+    script reading `run --json` now gets outcome "timeout", ok false, with exit 4."""
+    rc, out, err = run(capsys, "run", "ioloop", "--backend", "sim", "--timeout", "0.05", "--json")
+    assert rc == 4
+    d = json.loads(out)
+    assert d["outcome"] == "timeout" and d["ok"] is False and d["expected"] == "hlt"
+    assert "did not finish within 0.05 s" in d["message"]
+    assert err.startswith("kvmharness: error: guest 'ioloop' did not finish") and err.count("\n") == 1
