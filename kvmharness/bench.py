@@ -335,7 +335,9 @@ def run_bench(*, rounds: int = 3, lifecycles: int = 200, only: str = "all", as_j
         return EXIT_OK
     k = out.get("kvm")
     if k:
-        print(f"kvm, {k['exits_per_run']} IO exits per run, medians of {k['rounds']} interleaved rounds")
+        print(f"kvm, {k['exits_per_run']} IO exits per run, medians of {k['rounds']} interleaved rounds "
+              "(each ratio is the median of the rounds' own ratios to their C run, so on a busy "
+              "host it need not equal the ratio of the medians)")
         print(f"  exit path: {k['exit_path']}")
         print(f"  {'':34} {'exits/s':>9} {'x C':>7} {'user us/exit':>13}   goal")
         _row("C loop", k["c_exits_per_s"], 1.0, k["c_user_cpu_us_per_exit"], "")
