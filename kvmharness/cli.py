@@ -119,6 +119,9 @@ def cmd_guests(args) -> int:
         print(f"{'':<{width}}  needs: {', '.join(d['needs']) or 'nothing'}")
         for line in here:
             print(f"{'':<{width}}    {line}")
+    # "svm" names the unencrypted run mode, not a claim that this host has SVM (info says that)
+    print("mode svm: the guest unencrypted, on any KVM (with or without SVM: `kvmharness info` "
+          "says whether this host has it); sev, sev-es, sev-snp: launched encrypted")
     return E.EXIT_OK
 
 

@@ -266,3 +266,15 @@ def test_run_json_on_an_unexpected_timeout_is_still_a_document(capsys):
     assert d["outcome"] == "timeout" and d["ok"] is False and d["expected"] == "hlt"
     assert "did not finish within 0.05 s" in d["message"]
     assert err.startswith("kvmharness: error: guest 'ioloop' did not finish") and err.count("\n") == 1
+
+
+def test_guests_explains_that_mode_svm_is_no_claim_of_svm(capsys):
+    """`guests` said "kvm: runs it in: svm" on a host whose `info` says "svm NOT usable"; the
+    listing now says what the mode name means and where the host's SVM verdict is."""
+    rc, out, _ = run(capsys, "guests")
+    assert rc == EXIT_OK
+    last = out.rstrip("\n").splitlines()[-1]
+    assert last.startswith("mode svm: the guest unencrypted, on any KVM")
+    assert "kvmharness info" in last
+    rc, out, _ = run(capsys, "guests", "--json")
+    assert rc == EXIT_OK and isinstance(json.loads(out), list)  # the legend is text-only
