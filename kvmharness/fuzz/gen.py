@@ -112,16 +112,20 @@ class Guest:
     def source(self) -> str:
         if self.mode != "long64":
             return SOURCES[self.mode](self)
-        out = [f"# kvmharness fuzz guest, seed {self.seed}", ".code64", ".text", ".globl _start",
-               "_start:"]
+        return "\n".join(self.body_lines("# kvmharness fuzz guest", ".code64")) + "\n"
+
+    def body_lines(self, title: str, code: str) -> list:
+        """The source's lines up to the end port's loop (``fz_end``): a header (``title``,
+        the seed; the ``code`` directive), the prologue, each op between its labels."""
+        out = [f"{title}, seed {self.seed}", code, ".text", ".globl _start", "_start:"]
         out += ["    " + line for line in self.prologue]
         for i, op in enumerate(self.ops):
             out.append(f"op{i}_start:   # {op.kind}")
             out += ["    " + line for line in op.lines]
             out.append(f"op{i}_end:")
-        out += ["fz_end:", f"    movb $0x5a, %al", f"    outb %al, ${END_PORT:#x}", "    hlt",
+        out += ["fz_end:", "    movb $0x5a, %al", f"    outb %al, ${END_PORT:#x}", "    hlt",
                 "    jmp fz_end"]
-        return "\n".join(out) + "\n"
+        return out
 
     def with_ops(self, ops) -> "Guest":
         return Guest(self.seed, list(ops), list(self.prologue), self.msr_user_reasons, self.mode)
@@ -145,6 +149,13 @@ def mmio_init(seed: int) -> bytes:
 
 
 class _Gen:
+    #: the mode's general registers (the 64-bit names; gen_real.py's 32-bit ones), the
+    #: accumulator's name and the width of a random register value
+    GPRS = GPRS
+    ACC = "rax"
+    WIDTH = 64
+    KERNEL_MSR_RW = KERNEL_MSR_RW   # the kernel MSRs op_rdmsr reads (with KERNEL_MSR_RO)
+
     def __init__(self, seed: int):
         self.r = random.Random(seed)
 
@@ -168,8 +179,19 @@ class _Gen:
         return self.r.choice([g for g in GPRS if g not in avoid and g not in ("rsp",)])
 
     def normalize(self):
-        a, b = self.r.sample(GPRS, 2)
+        a, b = self.r.sample(self.GPRS, 2)
         return f"cmp %{a}, %{b}"
+
+    def guest(self, seed: int, n: int, prologue: list, weights, mode: str = "long64") -> Guest:
+        """After the prologue: ``n`` ops drawn by ``weights`` ((method name, weight), ...),
+        sometimes a terminal exception, then the MSR exit reasons sent to userspace."""
+        r = self.r
+        names = [w[0] for w in weights]
+        ops = [getattr(self, r.choices(names, [w[1] for w in weights])[0])() for _ in range(n)]
+        if r.random() < 0.15:
+            ops.append(self.op_exception())
+        reasons = r.choice((0, 4, 4 | 2, 4 | 2 | 1, 1 | 2, 4 | 1))
+        return Guest(seed, ops, prologue, reasons, mode)
 
     # -- ops --------------------------------------------------------------------
     def op_out(self):
@@ -325,10 +347,10 @@ class _Gen:
         return Op("mmio_" + kind, lines)
 
     def op_alu(self):
-        a, b = self.r.sample(GPRS, 2)
+        a, b = self.r.sample(self.GPRS, 2)
         mn = self.r.choice(("add", "sub", "cmp", "adc", "sbb", "imul", "mov"))
         if mn == "mov":
-            return Op("alu_mov", [f"mov ${self.r.getrandbits(64):#x}, %{a}"])
+            return Op("alu_mov", [f"mov ${self.r.getrandbits(self.WIDTH):#x}, %{a}"])
         if mn == "imul":
             return Op("alu_imul", [f"imul %{b}, %{a}", self.normalize()],
                       undef_flags=FL_SF | FL_ZF | FL_AF | FL_PF)
@@ -354,8 +376,8 @@ class _Gen:
         elif kind < 0.45:
             msr = UNKNOWN_MSR
         else:
-            msr = self.r.choice(KERNEL_MSR_RW + KERNEL_MSR_RO)
-        return Op("rdmsr", [f"mov ${msr:#x}, %ecx", f"mov ${self.r.getrandbits(64):#x}, %rax",
+            msr = self.r.choice(self.KERNEL_MSR_RW + KERNEL_MSR_RO)
+        return Op("rdmsr", [f"mov ${msr:#x}, %ecx", f"mov ${self.r.getrandbits(self.WIDTH):#x}, %{self.ACC}",
                             "rdmsr"], terminal=False)
 
     def op_wrmsr(self):
@@ -463,10 +485,4 @@ def generate(seed: int, n_ops: int | None = None, mode: str = "long64") -> Guest
         prologue.append(f"mov ${r.getrandbits(64):#x}, %{name}")
     if r.random() < 0.5:
         prologue.append(f"cmp %{r.choice(GPRS)}, %{r.choice(GPRS)}")
-    names = [w[0] for w in WEIGHTS]
-    weights = [w[1] for w in WEIGHTS]
-    ops = [getattr(g, r.choices(names, weights)[0])() for _ in range(n)]
-    if r.random() < 0.15:
-        ops.append(g.op_exception())
-    reasons = r.choice((0, 4, 4 | 2, 4 | 2 | 1, 1 | 2, 4 | 1))
-    return Guest(seed, ops, prologue, reasons)
+    return g.guest(seed, n, prologue, WEIGHTS)

@@ -42,15 +42,7 @@ def _abs(label: str) -> str:
 
 
 def source_real(g: Guest) -> str:
-    out = [f"# kvmharness fuzz guest (real mode), seed {g.seed}", ".code16", ".text", ".globl _start",
-           "_start:"]
-    out += ["    " + line for line in g.prologue]
-    for i, op in enumerate(g.ops):
-        out.append(f"op{i}_start:   # {op.kind}")
-        out += ["    " + line for line in op.lines]
-        out.append(f"op{i}_end:")
-    out += ["fz_end:", "    movb $0x5a, %al", f"    outb %al, ${G.END_PORT:#x}", "    hlt",
-            "    jmp fz_end"]
+    out = g.body_lines("# kvmharness fuzz guest (real mode)", ".code16")
     # the IVT's handlers: exceptions report (BX = vector, CX = pushed IP) and stop; the
     # software-interrupt vectors report on a port and return
     for v in range(N_VECTORS):
@@ -94,6 +86,11 @@ def reg(name: str, size: int, high: bool = False) -> str:
 
 
 class _Gen16(G._Gen):
+    GPRS = GPR32
+    ACC = "eax"
+    WIDTH = 32
+    KERNEL_MSR_RW = KERNEL_MSR_RW
+
     # -- helpers ------------------------------------------------------------------
     def size(self, sizes=(1, 2, 4)):
         return self.r.choice(sizes)
@@ -103,10 +100,6 @@ class _Gen16(G._Gen):
         pool = [g for g in GPR32 if g not in avoid and (size > 1 or g in _R8)]
         name = self.r.choice(pool)
         return name, reg(name, size, high=size == 1 and self.r.random() < 0.3)
-
-    def normalize(self):
-        a, b = self.r.sample(GPR32, 2)
-        return f"cmp %{a}, %{b}"
 
     def mem(self, size, span=1, seg="%fs"):
         """(setup lines, operand, 32-bit registers used for the address) of a device operand."""
@@ -285,35 +278,8 @@ class _Gen16(G._Gen):
                          f"{'rep ' if rep else ''}{insn}{SUFFIX[s]}", "cld"]
         return Op("mmio_" + kind, lines)
 
-    def op_alu(self):
-        a, b = self.r.sample(GPR32, 2)
-        mn = self.r.choice(("add", "sub", "cmp", "adc", "sbb", "imul", "mov"))
-        if mn == "mov":
-            return Op("alu_mov", [f"mov ${self.r.getrandbits(32):#x}, %{a}"])
-        if mn == "imul":
-            return Op("alu_imul", [f"imul %{b}, %{a}", self.normalize()],
-                      undef_flags=FL_SF | FL_ZF | FL_AF | FL_PF)
-        return Op("alu_" + mn, [f"{mn} %{b}, %{a}"])
-
-    def op_flags_branch(self):
-        cc = self.r.choice(("z", "nz", "c", "nc", "s", "ns", "o", "no", "p", "np", "a", "be",
-                            "l", "ge"))
-        inner = self.r.choice((self.op_out, self.op_mmio_store, self.op_in))()
-        label = f"fzb{self.r.getrandbits(32):08x}"
-        return Op("branch_" + inner.kind, [f"j{cc} {label}", *inner.lines, f"{label}:"])
-
     def op_pushf_out(self):
         return Op("pushf_out", ["pushfl", "pop %eax", "and $0x8d5, %eax", "outl %eax, $0x70"])
-
-    def op_rdmsr(self):
-        kind = self.r.random()
-        if kind < 0.35:
-            msr = self.r.choice(G.USER_MSRS)
-        elif kind < 0.45:
-            msr = G.UNKNOWN_MSR
-        else:
-            msr = self.r.choice(KERNEL_MSR_RW + G.KERNEL_MSR_RO)
-        return Op("rdmsr", [f"mov ${msr:#x}, %ecx", f"mov ${self.r.getrandbits(32):#x}, %eax", "rdmsr"])
 
     def op_wrmsr(self):
         op = super().op_wrmsr()
@@ -365,14 +331,7 @@ def generate_real(seed: int, n_ops: int | None = None) -> Guest:
     g = _Gen16(seed)
     r = g.r
     n = n_ops if n_ops is not None else r.randint(4, 24)
-    pro = prologue(r)
-    names = [w[0] for w in WEIGHTS]
-    weights = [w[1] for w in WEIGHTS]
-    ops = [getattr(g, r.choices(names, weights)[0])() for _ in range(n)]
-    if r.random() < 0.15:
-        ops.append(g.op_exception())
-    reasons = r.choice((0, 4, 4 | 2, 4 | 2 | 1, 1 | 2, 4 | 1))
-    return Guest(seed, ops, pro, reasons, mode="real")
+    return g.guest(seed, n, prologue(r), WEIGHTS, mode="real")
 
 
 G.SOURCES["real"] = source_real
