@@ -278,3 +278,35 @@ def test_guests_explains_that_mode_svm_is_no_claim_of_svm(capsys):
     assert "kvmharness info" in last
     rc, out, _ = run(capsys, "guests", "--json")
     assert rc == EXIT_OK and isinstance(json.loads(out), list)  # the legend is text-only
+
+
+@pytest.mark.parametrize("argv", [
+    ["snp", "simulate"],
+    ["snp", "report", "snp-attest", "--backend", "sim"],
+])
+def test_snp_out_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, argv):
+    """--out naming a file was found only after the guest ran / the keys were made
+    ("cannot use ...: File exists"); it is now refused first, naming the flag."""
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    rc, out, err = run(capsys, *argv, "--out", str(f))
+    assert rc == EXIT_USAGE and out == ""
+    assert err == f"kvmharness: error: --out {f}: not a directory\n"
+
+
+@pytest.mark.requires_kvm
+def test_snp_report_kvm_cannot_run_says_use_the_simulator(capsys, tmp_path):
+    from kvmharness.images import get_guest
+
+    system = _kvm_system_or_skip()
+    try:
+        ok, _ = get_guest("snp-attest").runnable_on(system)
+    finally:
+        system.close()
+    if ok:
+        pytest.skip("this host's KVM runs SEV-SNP guests")
+    rc, out, err = run(capsys, "snp", "report", "snp-attest", "--backend", "kvm",
+                       "--out", str(tmp_path / "r"))
+    assert rc == EXIT_HOST and out == ""
+    assert err.count("\n") == 1 and err.rstrip().endswith("run it on the simulator with --backend sim")
+    assert not (tmp_path / "r").exists()

@@ -157,6 +157,8 @@ def cmd_simulate(args) -> int:
         chip_id = parse_hex(args.chip_id, "--chip-id", 64).ljust(64, b"\0")
     if not 0 <= args.vmpl <= 3:
         raise E.UsageError("--vmpl: 0 to 3")
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # before the keys are made
+        raise E.UsageError(f"--out {args.out}: not a directory")
     try:
         chip = SimulatedSnpChip(gen, chip_id=chip_id)
     except ValueError as e:
@@ -259,8 +261,17 @@ def cmd_report(args) -> int:
         from ..watchdog import check_timeout
 
         args.timeout = check_timeout(args.timeout, "--timeout")
-    got = guest_report(args.guest, args.backend, report_data, args.vmpl, args.timeout)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():  # refused before the guest runs, not after
+        raise E.UsageError(f"--out {args.out}: not a directory")
+    try:
+        got = guest_report(args.guest, args.backend, report_data, args.vmpl, args.timeout)
+    except E.FeatureUnavailable as e:  # this host's KVM cannot: say what to do instead
+        if args.backend == "sim" or "backend sim" in str(e):
+            raise
+        err = E.FeatureUnavailable(f"{e}; run it on the simulator with --backend sim")
+        err.host_verdict = e.host_verdict
+        raise err from e
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.bin").write_bytes(got["report"])
     files = ["report.bin"]
