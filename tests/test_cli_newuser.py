@@ -310,3 +310,11 @@ def test_snp_report_kvm_cannot_run_says_use_the_simulator(capsys, tmp_path):
     assert rc == EXIT_HOST and out == ""
     assert err.count("\n") == 1 and err.rstrip().endswith("run it on the simulator with --backend sim")
     assert not (tmp_path / "r").exists()
+
+
+def test_fuzz_out_that_is_a_file_is_refused_before_the_run(capsys, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    rc, out, err = run(capsys, "fuzz", "--seeds", "1", "--out", str(f))
+    assert rc == EXIT_USAGE and out == ""
+    assert err == f"kvmharness: error: --out {f}: not a directory\n"

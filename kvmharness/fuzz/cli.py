@@ -13,6 +13,7 @@ written there as ``fuzz-<seed>.S`` + ``fuzz-<seed>.json``.  Exit status: 0 no mi
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -59,6 +60,8 @@ def run_fuzz(args) -> int:
         args.seed = 0
     if args.seed < 0:  # random.seed(-s) is random.seed(s): a negative seed would repeat another
         raise E.UsageError(f"--seed must be 0 or more, not {args.seed}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):  # not after the run
+        raise E.UsageError(f"--out {args.out}: not a directory")
     modes = tuple(m.strip() for m in args.mode.split(",") if m.strip())
     bad = [m for m in modes if m not in G.MODES]
     if bad or not modes:
