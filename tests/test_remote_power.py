@@ -111,13 +111,16 @@ def test_power_cycle_on_hang_recovers_the_rig_and_the_others_finish(two_rigs, pr
 
 def test_hang_without_power_cycle_is_reported_with_the_hint(two_rigs, project_wheel, tmp_path):
     inv, hung, frozen, new_pid = two_rigs
-    status, lines, by, t_freeze, t_end, _ = _run_and_freeze(inv, project_wheel, tmp_path / "r", hung, frozen)
+    status, lines, by, t_freeze, t_end, run_dir = _run_and_freeze(inv, project_wheel, tmp_path / "r", hung, frozen)
+    # Nobody could clean up on the frozen "rig" (this machine): its run directory stays.
+    subprocess.run(["rm", "-rf", f"/tmp/kvmharness-run-{run_dir.name}-hung",
+                    f"/tmp/kvmharness-run-{run_dir.name}-hung.pgid"], check=False)
     out = "\n".join(lines)
     assert t_freeze is not None, out
     assert status == 3 and by["steady"]["status"] == 0, out
     h = by["hung"]
     assert "stopped answering" in h["reason"] and "--power-cycle-on-hang would" in h["reason"], h
-    assert h["hang"] and not h["hang"]["power_cycled"]
+    assert h["hang"] and not h["hang"]["power_cycled"] and not h["remote_dir_removed"]
     assert not new_pid.exists()  # nothing was power-cycled
     # Found by the ping, long before the run's own timeout (1800 s).
     assert t_end - t_freeze < 120
