@@ -41,6 +41,7 @@ import enum
 import struct
 
 from .. import errors as E
+from .policy import SnpPolicyBit  # the guest POLICY bits above ABI_MINOR/ABI_MAJOR
 
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0  # the signature covers bytes [0, SIGNED_SIZE)
@@ -153,21 +154,6 @@ class TcbVersion:
         return " ".join(parts)
 
 
-class PolicyBit(enum.IntFlag):
-    """SNP guest POLICY bits above ABI_MINOR (7:0) and ABI_MAJOR (15:8)."""
-
-    SMT = 1 << 16
-    RESERVED_MBO = 1 << 17  # must be one
-    MIGRATE_MA = 1 << 18
-    DEBUG = 1 << 19
-    SINGLE_SOCKET = 1 << 20
-    CXL_ALLOW = 1 << 21
-    MEM_AES_256_XTS = 1 << 22
-    RAPL_DIS = 1 << 23
-    CIPHERTEXT_HIDING = 1 << 24
-    PAGE_SWAP_DISABLE = 1 << 25
-
-
 class PlatformInfoBit(enum.IntFlag):
     """PLATFORM_INFO bits."""
 
@@ -192,7 +178,7 @@ def _flag_names(value: int, flags) -> list[str]:
 
 def policy_summary(policy: int) -> dict:
     return {"value": f"0x{policy:x}", "abi": f"{(policy >> 8) & 0xFF}.{policy & 0xFF}",
-            "flags": _flag_names(policy, PolicyBit)}
+            "flags": _flag_names(policy, SnpPolicyBit)}
 
 
 @dataclasses.dataclass
