@@ -116,13 +116,6 @@ VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
 
 from ..sim import kvmpolicy as _kvm_policy  # noqa: E402 - KVM's policy, one model for both paths
 
-# KVM hypercall numbers and return codes (include/uapi/linux/kvm_para.h)
-KVM_HC_VAPIC_POLL_IRQ = 1
-KVM_HC_KICK_CPU = 5
-KVM_HC_SCHED_YIELD = 11
-KVM_ENOSYS = 1000
-KVM_EPERM = 1
-
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 

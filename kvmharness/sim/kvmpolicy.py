@@ -12,18 +12,24 @@ from __future__ import annotations
 import time
 
 from .. import exits
+from ..abi import (  # noqa: F401 - the hypercall numbers and results (kvm_para.h), re-exported
+    KVM_E2BIG,
+    KVM_EFAULT,
+    KVM_EINVAL,
+    KVM_ENOSYS,
+    KVM_EOPNOTSUPP,
+    KVM_EPERM,
+    KVM_HC_CLOCK_PAIRING,
+    KVM_HC_KICK_CPU,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_HC_SCHED_YIELD,
+    KVM_HC_SEND_IPI,
+    KVM_HC_VAPIC_POLL_IRQ,
+)
 
 _M64 = 2**64 - 1
 
 # -- hypercalls ---------------------------------------------------------------------------
-# include/uapi/linux/kvm_para.h
-KVM_HC_VAPIC_POLL_IRQ = 1
-KVM_HC_KICK_CPU = 5
-KVM_HC_CLOCK_PAIRING = 9
-KVM_HC_SEND_IPI = 10
-KVM_HC_SCHED_YIELD = 11
-KVM_HC_MAP_GPA_RANGE = 12
-KVM_ENOSYS, KVM_EFAULT, KVM_EINVAL, KVM_E2BIG, KVM_EPERM, KVM_EOPNOTSUPP = 1000, 14, 22, 7, 1, 95
 
 #: x86.c ``____kvm_emulate_hypercall`` (KVM_CAP_ENFORCE_PV_FEATURE_CPUID off, so
 #: guest_pv_has() is true for every feature; no in-kernel APIC):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+from ..abi import KVM_HC_MAP_GPA_RANGE
+
 # GHCB MSR protocol (sev-common.h)
 GHCB_MSR_INFO_MASK = 0xFFF
 GHCB_MSR_PSC_REQ = 0x014
@@ -51,8 +53,7 @@ GHCB_SHARED_BUFFER_END = 0xFF0  # offsetof(struct ghcb, reserved_0xff0)
 GHCB_ERR_INVALID_SCRATCH_AREA = 3
 GHCB_ERR_MISSING_INPUT = 4
 
-# KVM_HC_MAP_GPA_RANGE (kvm_para.h)
-KVM_HC_MAP_GPA_RANGE = 12
+# KVM_HC_MAP_GPA_RANGE's attributes (kvm_para.h; the number is abi.KVM_HC_MAP_GPA_RANGE)
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1 << 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 1 << 1
