@@ -318,3 +318,50 @@ def test_fuzz_out_that_is_a_file_is_refused_before_the_run(capsys, tmp_path):
     rc, out, err = run(capsys, "fuzz", "--seeds", "1", "--out", str(f))
     assert rc == EXIT_USAGE and out == ""
     assert err == f"kvmharness: error: --out {f}: not a directory\n"
+
+
+def test_the_wheel_carries_its_data_and_runs_outside_the_tree(tmp_path):
+    """What `pip install kvmharness-*.whl` gets: every tracked data file (guest images and
+    sources, the manifest, cdefs, AMD roots, the simulated keys, the C sources compiled at run
+    time) is in the wheel, and the unpacked wheel runs a guest and the suite's manifest with
+    no checkout on its path."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from kvmharness.remote.rig import build_wheel
+
+    root = Path(__file__).resolve().parent.parent
+    if not shutil.which("git") or not (root / ".git").exists():
+        pytest.skip("needs the git checkout to list the tracked files")
+    whl = build_wheel(root, tmp_path / "wheel", lambda msg: None)
+    names = set(zipfile.ZipFile(whl).namelist())
+    tracked = subprocess.run(["git", "ls-files", "kvmharness", "cdefs", "guests"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.split()
+    missing = []
+    for f in tracked:
+        if "/__pycache__/" in f or not (root / f).exists():
+            continue
+        inside = f if f.startswith("kvmharness/") else f"kvmharness/{f}"
+        if inside not in names:
+            missing.append(f)
+    assert missing == [], f"tracked files missing from the wheel: {missing}"
+    for needed in ("kvmharness/guests/manifest.toml", "kvmharness/kvm/fastpath.c",
+                   "kvmharness/bench_ref.c", "kvmharness/cdefs/kvm.h"):
+        assert needed in names
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(whl).extractall(unpacked)
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(unpacked))
+    r = subprocess.run([sys.executable, "-c", "import kvmharness, kvmharness.datafiles as d; "
+                        "print(kvmharness.__file__); print(d.data_path('guests')); "
+                        "print(d.data_path('cdefs'))"],
+                       capture_output=True, text=True, env=env, cwd=away, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert all(line.startswith(str(unpacked)) for line in r.stdout.split()), r.stdout
+    r = subprocess.run([sys.executable, "-m", "kvmharness", "run", "hello64", "--backend", "sim",
+                        "--json"], capture_output=True, text=True, env=env, cwd=away, timeout=120)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert json.loads(r.stdout)["console"].startswith("Hello from a 64-bit long-mode guest")
