@@ -123,7 +123,7 @@ class SevEsVcpu(SevVcpu):
             for base, n, read_ok, write_ok in p.filter_ranges:
                 if not (read_ok and write_ok) and n <= 0x10000:
                     user_msrs.update(range(base, base + n))
-            self.ghcb = SevEsVmgexitHandler(
+            self.ghcb = self._make_handler(
                 cpuid=self.cpuid, read_guest=self.vm.read, write_guest=self._write_shared,
                 ghcb_version=model.ghcb_version, c_bit=c_bit_of(self.vm.system),
                 user_msrs=user_msrs, user_msr_reasons=p.user_exit_reasons,
@@ -133,6 +133,10 @@ class SevEsVcpu(SevVcpu):
             if not self.in_guest:
                 self._sregs_at_launch = super().get_sregs()
         return self.ghcb
+
+    def _make_handler(self, **kw):
+        """The VMGEXIT handler of this vCPU's mode (SNP's: sim/snp.py)."""
+        return SevEsVmgexitHandler(**kw)
 
     def _write_shared(self, gpa: int, data: bytes) -> None:
         """kvm_write_guest: host-view memory (the GHCB and its scratch area are shared)."""

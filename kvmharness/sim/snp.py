@@ -338,24 +338,8 @@ class SnpVcpu(SevEsVcpu):
     def mmu_class(self, core, mem, c_bit):
         return SnpMmu(core, mem, c_bit, self)
 
-    def _handler(self):
-        if self.ghcb is None and self.protected:
-            model = self.sev_model
-            p = self.vm.msr_policy
-            user_msrs = set()
-            for base, n, read_ok, write_ok in p.filter_ranges:
-                if not (read_ok and write_ok) and n <= 0x10000:
-                    user_msrs.update(range(base, base + n))
-            self.ghcb = SnpVmgexitHandler(
-                vcpu=self, cpuid=self.cpuid, read_guest=self.vm.read,
-                write_guest=self._write_shared, ghcb_version=model.ghcb_version,
-                c_bit=c_bit_of(self.vm.system), user_msrs=user_msrs,
-                user_msr_reasons=p.user_exit_reasons, vmsa_features=model.vmsa_features,
-                vcpu_ids=tuple(v.vcpu_id for v in self.vm.vcpus), vcpu_id=self.vcpu_id)
-            self.ghcb_msr = self.ghcb.reset_ghcb_msr()
-            if not self.in_guest:
-                self._sregs_at_launch = super(SevEsVcpu, self).get_sregs()
-        return self.ghcb
+    def _make_handler(self, **kw):
+        return SnpVmgexitHandler(vcpu=self, **kw)
 
     # -- RMP changes: the engine's TLB must forget what it checked ---------------------
     def _flush_tlb(self) -> None:
