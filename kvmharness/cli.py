@@ -140,6 +140,12 @@ def cmd_run(args) -> int:
     if args.mode is None:  # the manifest's first mode (from what the guest needs)
         args.mode = image.default_mode
     image.check_mode(args.mode)  # a mode the guest does not declare: exit 2, before any VM
+    if args.mode == "svm" and args.policy is not None:  # refused, not ignored
+        raise E.UsageError(f"--policy is a guest policy for an encrypted launch (--mode sev, "
+                           f"sev-es or sev-snp); {image.name} runs here in svm mode")
+    if args.no_owner and args.mode not in ("sev", "sev-es"):
+        raise E.UsageError(f"--no-owner drops the guest owner of an SEV/SEV-ES launch; "
+                           f"{image.name} runs here in {args.mode} mode, which has none")
     owner = policy = None
     if args.mode == "sev-snp":  # an SNP guest policy (snp/policy.py), no owner session
         from .snp.policy import SnpPolicy

@@ -365,3 +365,19 @@ def test_the_wheel_carries_its_data_and_runs_outside_the_tree(tmp_path):
                         "--json"], capture_output=True, text=True, env=env, cwd=away, timeout=120)
     assert r.returncode == EXIT_OK, r.stderr
     assert json.loads(r.stdout)["console"].startswith("Hello from a 64-bit long-mode guest")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "hello64", "--backend", "sim", "--policy", "nodbg"], "--policy is a guest policy"),
+    (["run", "hello64", "--backend", "sim", "--no-owner"], "--no-owner drops the guest owner"),
+    (["run", "snp-hello", "--backend", "sim", "--no-owner"], "runs here in sev-snp mode"),
+])
+def test_run_flags_that_do_not_apply_are_refused_not_ignored(capsys, argv, words):
+    rc, out, err = run(capsys, *argv)
+    assert rc == EXIT_USAGE and out == ""
+    assert words in err and err.count("\n") == 1
+
+
+def test_run_no_owner_still_launches_an_sev_guest(capsys):
+    rc, _, err = run(capsys, "run", "sev-hello", "--backend", "sim", "--no-owner")
+    assert rc == EXIT_OK and "measurement not verified (no owner)" in err
