@@ -228,6 +228,20 @@ SECRET_TEXT = b"TOP-SECRET guest key"
 REPLY_TEXT = b"GUEST SERVICE v1"
 
 
+def _service_reply(m, e, replies: list) -> int | None:
+    """At the service's reply REPORT: the reply in the shared buffer appended to ``replies``,
+    its number returned; None at any other exit."""
+    if not _is_report(e):
+        return None
+    rbx, n = m.ucall_args()  # SEV-ES/SNP: from the GHCB (the registers are protected)
+    if rbx != SERVICE_KEY_REPLY:
+        return None
+    buf = m.vm.read(SERVICE_SHARED_BUF, 4096)
+    replies.append({"request": n, "text": _printable(buf, 64),
+                    "secret": SECRET_TEXT in buf, "public": REPLY_TEXT in buf})
+    return n
+
+
 def memview(machine, mode: str, out_dir: str) -> LabReport:
     """At the service's first reply the hypervisor reads all of guest RAM and maps it."""
     seen: dict = {}
@@ -472,14 +486,7 @@ def remap(machine, mode: str) -> LabReport:
     direct = {}
 
     def at_exit(m, e):
-        if not _is_report(e):
-            return
-        rbx, n = m.ucall_args()  # SEV-ES: from the GHCB (the registers are protected)
-        if rbx != SERVICE_KEY_REPLY:
-            return
-        buf = m.vm.read(SERVICE_SHARED_BUF, 4096)
-        replies.append({"request": n, "text": _printable(buf, 64),
-                        "secret": SECRET_TEXT in buf, "public": REPLY_TEXT in buf})
+        n = _service_reply(m, e, replies)
         if n == 0:
             direct["secret_page"] = m.vm.read(SERVICE_SECRET_PAGE, 4096)
             m.vm.remap_page(SERVICE_REPLY_PAGE, SERVICE_SECRET_PAGE)
@@ -526,15 +533,7 @@ def _remap_snp(machine) -> LabReport:
     state = {"remapped": False}
 
     def at_exit(m, e):
-        if not _is_report(e):
-            return
-        rbx, n = m.ucall_args()
-        if rbx != SERVICE_KEY_REPLY:
-            return
-        buf = m.vm.read(SERVICE_SHARED_BUF, 4096)
-        replies.append({"request": n, "text": _printable(buf, 64),
-                        "secret": SECRET_TEXT in buf, "public": REPLY_TEXT in buf})
-        if n == 0:
+        if _service_reply(m, e, replies) == 0:
             direct["secret_page"] = m.vm.read(SERVICE_SECRET_PAGE, 4096)
             m.vm.remap_page(SERVICE_REPLY_PAGE, SERVICE_SECRET_PAGE)
             state["remapped"] = True
