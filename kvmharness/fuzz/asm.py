@@ -91,34 +91,33 @@ def _assemble_linked(source: str) -> tuple[bytes, dict]:
                  ["ld", "-T", str(gdir / "flat.ld"), "-z", "noexecstack", "--build-id=none", "-o", str(elf),
                   str(obj)],
                  ["objcopy", "-O", "binary", str(elf), str(out)])
-        for argv in steps:
-            r = subprocess.run(argv, capture_output=True, text=True)
-            if r.returncode:
-                raise AsmError(f"{argv[0]} failed: {r.stderr.strip()[:2000]}")
-        r = subprocess.run(["nm", str(elf)], capture_output=True, text=True)
-        syms = {}
-        for line in r.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 3:
-                syms[parts[2]] = int(parts[0], 16) - P.GUEST_LOAD_ADDR
-        return out.read_bytes(), syms
+        _run_steps(steps)
+        return out.read_bytes(), _symbols(elf, P.GUEST_LOAD_ADDR)
 
 
 def _assemble_flat(source: str) -> tuple[bytes, dict]:
     with tempfile.TemporaryDirectory(prefix="kvmh-fuzz-") as tmp:
         src, obj, out = Path(tmp, "g.S"), Path(tmp, "g.o"), Path(tmp, "g.bin")
         src.write_text(source)
-        r = subprocess.run(["as", "--64", "-o", str(obj), str(src)], capture_output=True, text=True)
+        _run_steps((["as", "--64", "-o", str(obj), str(src)],
+                    ["objcopy", "-O", "binary", "-j", ".text", str(obj), str(out)]))
+        return out.read_bytes(), _symbols(obj)
+
+
+def _run_steps(steps) -> None:
+    """Run each tool in turn; the first that fails: AsmError with its stderr."""
+    for argv in steps:
+        r = subprocess.run(argv, capture_output=True, text=True)
         if r.returncode:
-            raise AsmError(f"as failed: {r.stderr.strip()[:2000]}")
-        r = subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(out)],
-                           capture_output=True, text=True)
-        if r.returncode:
-            raise AsmError(f"objcopy failed: {r.stderr.strip()}")
-        r = subprocess.run(["nm", str(obj)], capture_output=True, text=True)
-        syms = {}
-        for line in r.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 3:
-                syms[parts[2]] = int(parts[0], 16)
-        return out.read_bytes(), syms
+            raise AsmError(f"{argv[0]} failed: {r.stderr.strip()[:2000]}")
+
+
+def _symbols(path: Path, base: int = 0) -> dict:
+    """{label: address - base} of ``nm path``."""
+    r = subprocess.run(["nm", str(path)], capture_output=True, text=True)
+    syms = {}
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            syms[parts[2]] = int(parts[0], 16) - base
+    return syms
