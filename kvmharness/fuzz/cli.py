@@ -113,21 +113,27 @@ def run_fuzz(args) -> int:
                "exits_compared": exits, "mismatches": len(found), "classes": dict(classes),
                "guests_per_second": {k: round(len(jobs) / v, 1) if v else None for k, v in seconds.items()},
                "found": found, "notes": notes}
+    _report(args, summary,
+            f"{len(jobs)} guests (seeds {args.seed}..{args.seed + n - 1}, {'+'.join(modes)}), {exits} exits compared "
+            f"between {summary['pair'][0]} and {summary['pair'][1]}: {len(found)} mismatches",
+            [f"  note: {note}" for note in notes]
+            + [f"  seed {f['seed']} ({f['mode']}): {f['mismatch']['kind']} at exit {f['mismatch']['step']} "
+               f"({f['ops']} -> {f['shrunk_ops']} ops: {', '.join(f['op_kinds'])}): {f['mismatch']['detail'][:200]}"
+               + (f" -> {f['written']}" if 'written' in f else "") for f in found])
+    return E.EXIT_OK if not found else 1
+
+
+def _report(args, summary: dict, head: str, lines: list) -> None:
+    """``summary`` as JSON (--json), else as text: ``head``, each backend's guests/s, ``lines``."""
     if args.json:
         json.dump(summary, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
-        print(f"{len(jobs)} guests (seeds {args.seed}..{args.seed + n - 1}, {'+'.join(modes)}), {exits} exits compared "
-              f"between {summary['pair'][0]} and {summary['pair'][1]}: {len(found)} mismatches")
-        for k, v in summary["guests_per_second"].items():
-            print(f"  {k}: {v} guests/s")
-        for note in notes:
-            print(f"  note: {note}")
-        for f in found:
-            m = f["mismatch"]
-            print(f"  seed {f['seed']} ({f['mode']}): {m['kind']} at exit {m['step']} ({f['ops']} -> {f['shrunk_ops']} ops: "
-                  f"{', '.join(f['op_kinds'])}): {m['detail'][:200]}" + (f" -> {f['written']}" if 'written' in f else ""))
-    return E.EXIT_OK if not found else 1
+        return
+    print(head)
+    for k, v in summary["guests_per_second"].items():
+        print(f"  {k}: {v} guests/s")
+    for line in lines:
+        print(line)
 
 
 def _select_rig(args):
@@ -183,18 +189,12 @@ def _run_rig_pair(args, jobs, modes) -> int:
                "guests_per_second": {names[0]: round(n / batch.seconds, 2) if batch.seconds else None,
                                      names[1]: round(n / sim_seconds, 1) if sim_seconds else None},
                "found": found}
-    if args.json:
-        json.dump(summary, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(f"{n} guests (seeds {args.seed}..{args.seed + len(jobs) // len(modes) - 1}, {'+'.join(modes)}), "
-              f"{exits} exits compared between {names[0]} ({batch.host.get('module')}, "
-              f"{batch.host.get('kernel')}) and {names[1]}: {len(found)} mismatches "
-              f"(rig round trip {batch.round_trip:.0f}s)")
-        for k, v in summary["guests_per_second"].items():
-            print(f"  {k}: {v} guests/s")
-        for f in found:
-            m = f["mismatch"]
-            print(f"  seed {f['seed']} ({f['mode']}): {m['kind']} at exit {m['step']} (op {m['op']}): "
-                  f"{m['detail'][:200]}" + (f" -> {f['written']}" if "written" in f else ""))
+    _report(args, summary,
+            f"{n} guests (seeds {args.seed}..{args.seed + len(jobs) // len(modes) - 1}, {'+'.join(modes)}), "
+            f"{exits} exits compared between {names[0]} ({batch.host.get('module')}, "
+            f"{batch.host.get('kernel')}) and {names[1]}: {len(found)} mismatches "
+            f"(rig round trip {batch.round_trip:.0f}s)",
+            [f"  seed {f['seed']} ({f['mode']}): {f['mismatch']['kind']} at exit {f['mismatch']['step']} "
+             f"(op {f['mismatch']['op']}): {f['mismatch']['detail'][:200]}"
+             + (f" -> {f['written']}" if "written" in f else "") for f in found])
     return E.EXIT_OK if not found else 1
