@@ -103,8 +103,9 @@ def bare_cffi_ioloop(system) -> dict:
 
 
 def harness_lifecycle(system, image: bytes, n: int) -> dict:
-    """The same ioctls as the C lifecycle, through the harness's objects."""
-    from .boot import real_mode_state
+    """The same ioctls as the C lifecycle, through the harness's objects (the entry state as
+    Machine gives it: boot.entry_state, built once and packed once)."""
+    from .boot import entry_state
     from .exits import Hlt
     from .protocol import GUEST_LOAD_ADDR
 
@@ -115,7 +116,7 @@ def harness_lifecycle(system, image: bytes, n: int) -> dict:
         vm.add_memory(0, 4 << 20)
         vcpu = vm.create_vcpu()
         vm.write(GUEST_LOAD_ADDR, image)
-        regs, sregs = real_mode_state()
+        regs, sregs = entry_state("real")
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
         e = vcpu.run()

@@ -16,6 +16,7 @@ EFER bits against the guest's CPUID: without SCE/NX in 0x80000001 it refuses).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ from .x86 import (
     Regs,
     Segment,
     Sregs,
+    frozen,
 )
 
 if TYPE_CHECKING:
@@ -92,7 +94,8 @@ def _idt_gate(handler: int, selector: int = P.KERNEL_CS) -> bytes:
 
 
 def long_mode_tables(c_bit: int | None = None) -> dict[int, bytes]:
-    """The boot structures as {guest-physical address: bytes}.
+    """The boot structures as {guest-physical address: bytes} (a fresh dict; the bytes are
+    built once per ``c_bit``).
 
     ``c_bit``: for SEV/SEV-ES guests, the encryption bit position (CPUID
     0x8000001F EBX[5:0]).  It is set in every entry that maps RAM (GiB 0) and
@@ -100,6 +103,11 @@ def long_mode_tables(c_bit: int | None = None) -> dict[int, bytes]:
     private memory from the first instruction; the MMIO window (GiB 3) stays
     shared (C=0), as MMIO must.
     """
+    return dict(_long_mode_tables(c_bit))
+
+
+@functools.lru_cache(maxsize=16)
+def _long_mode_tables(c_bit: int | None) -> tuple[tuple[int, bytes], ...]:
     enc = (1 << c_bit) if c_bit is not None else 0
     pml4 = struct.pack("<Q", P.BOOT_PDPT | PTE_P | PTE_RW | enc) + bytes(4096 - 8)
     pdpt = bytearray(4096)
@@ -111,8 +119,8 @@ def long_mode_tables(c_bit: int | None = None) -> dict[int, bytes]:
     gdt = b"".join(struct.pack("<Q", d) for d in GDT_ENTRIES) + _tss_descriptor(TSS_BASE, TSS_LIMIT)
     idt = b"".join(_idt_gate(P.BOOT_STUBS + 16 * v) for v in range(256))
     stubs = b"".join(_stub(v) for v in range(256))
-    return {P.BOOT_PML4: pml4, P.BOOT_PDPT: bytes(pdpt), P.BOOT_PD0: pd0, P.BOOT_PD3: pd3,
-            P.BOOT_GDT: gdt, TSS_BASE: bytes(TSS_LIMIT + 1), P.BOOT_IDT: idt, P.BOOT_STUBS: stubs}
+    return ((P.BOOT_PML4, pml4), (P.BOOT_PDPT, bytes(pdpt)), (P.BOOT_PD0, pd0), (P.BOOT_PD3, pd3),
+            (P.BOOT_GDT, gdt), (TSS_BASE, bytes(TSS_LIMIT + 1)), (P.BOOT_IDT, idt), (P.BOOT_STUBS, stubs))
 
 
 def long_mode_state(memory_size: int) -> tuple[Regs, Sregs]:
@@ -145,6 +153,21 @@ def real_mode_state() -> tuple[Regs, Sregs]:
     return Regs(rip=P.GUEST_LOAD_ADDR, rsp=REAL_SP, rflags=0x2), sregs
 
 
+@functools.lru_cache(maxsize=16)
+def entry_state(mode: str, memory_size: int = 0) -> tuple[Regs, Sregs]:
+    """The entry state of a ``long64`` or ``real`` guest, built once and shared: frozen
+    copies (x86.frozen) of long_mode_state(memory_size) / real_mode_state(), so no caller
+    can change another VM's, and a backend may cache what it derives from them (the kvm
+    backend packs each once).  For a state to modify, call those two functions instead."""
+    if mode == "long64":
+        regs, sregs = long_mode_state(memory_size)
+    elif mode == "real":
+        regs, sregs = real_mode_state()
+    else:  # images.py validated this already
+        raise ValueError(f"unknown entry mode {mode!r}")
+    return frozen(regs), frozen(sregs)
+
+
 def sev_launch_blob(image: bytes, mode: str, c_bit: int | None) -> tuple[int, bytes]:
     """What an SEV launch measures for a harness guest: (guest-physical start, bytes).
 
@@ -170,13 +193,9 @@ def load_image(vm: Vm, vcpu: Vcpu, image: bytes, mode: str, memory_size: int,
     """Write the image (and for long mode the boot tables) and set the entry state."""
     vm.write(P.GUEST_LOAD_ADDR, image)
     vcpu.set_cpuid(cpuid)
+    regs, sregs = entry_state(mode, memory_size if mode == "long64" else 0)
     if mode == "long64":
-        for gpa, blob in long_mode_tables(c_bit).items():
+        for gpa, blob in _long_mode_tables(c_bit):
             vm.write(gpa, blob)
-        regs, sregs = long_mode_state(memory_size)
-    elif mode == "real":
-        regs, sregs = real_mode_state()
-    else:  # images.py validated this already
-        raise ValueError(f"unknown entry mode {mode!r}")
     vcpu.set_sregs(sregs)
     vcpu.set_regs(regs)

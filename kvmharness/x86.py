@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -147,6 +147,53 @@ class Sregs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+# -- shared, immutable states --------------------------------------------------------------
+# The harness's entry states (boot.py) are built once and given to every vCPU; they are
+# frozen copies, so no one can change them under another VM, and a backend may cache what
+# it derives from one (the kvm backend keeps the packed kvm_sregs/kvm_regs bytes).
+class _Frozen:
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}: a shared, immutable state")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}: a shared, immutable state")
+
+
+class FrozenRegs(_Frozen, Regs):
+    __slots__ = ()
+
+
+class FrozenSegment(_Frozen, Segment):
+    __slots__ = ()
+
+
+class FrozenDTable(_Frozen, DTable):
+    __slots__ = ()
+
+
+class FrozenSregs(_Frozen, Sregs):
+    __slots__ = ()
+
+
+_FROZEN: dict[type, type] = {Regs: FrozenRegs, Segment: FrozenSegment, DTable: FrozenDTable,
+                             Sregs: FrozenSregs}
+
+_S = TypeVar("_S")
+
+
+def frozen(state: _S) -> _S:
+    """An immutable copy of a Regs or Sregs (its Segments and DTables frozen too)."""
+    cls = _FROZEN.get(type(state))
+    if cls is None:
+        return state  # already frozen (or not a state type)
+    new: Any = object.__new__(cls)
+    for f in fields(state):  # type: ignore[arg-type]
+        value = getattr(state, f.name)
+        object.__setattr__(new, f.name, frozen(value) if type(value) in _FROZEN else value)
+    return new  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 from ..abi import KVM_X86_DEFAULT_VM, VM_TYPE_NAMES
 from ..backend import KVM_DEVICE, Capabilities, System
@@ -16,6 +17,7 @@ from ._ffi import ffi, ioctl, ioctl_raw
 from .vm import KvmVm
 
 KVM_API_VERSION = 12
+_KVM_CREATE_VM = K.KVM_CREATE_VM
 
 #: capabilities reported by ``info`` and kept in Capabilities.extensions
 REPORTED_CAPS = (
@@ -58,6 +60,10 @@ class KvmSystem(System):
             os.close(self.fd)
             raise
         self._caps: Capabilities | None = None
+        #: per VM type: the kvm_enable_cap that turns the hypercall-patching quirk off there
+        #: (None: this kernel offers no way), found on the first VM of that type (kvm/vm.py)
+        self.quirk_caps: dict[int, Any] = {}
+        self._vm_type_args: dict[int, Any] = {}  # VM type -> KVM_CREATE_VM's argument, cast once
         self._supported_cpuid: CpuidTable | None = None
         if not ensure_kick_signal():
             os.close(self.fd)
@@ -131,7 +137,10 @@ class KvmSystem(System):
     # -- VMs --------------------------------------------------------------------
     def create_vm(self, vm_type: int = KVM_X86_DEFAULT_VM) -> KvmVm:
         """KVM_CREATE_VM(type)."""
-        ret, err = ioctl_raw(self.fd, K.KVM_CREATE_VM, ffi.cast("void *", vm_type))
+        arg = self._vm_type_args.get(vm_type)
+        if arg is None:
+            arg = self._vm_type_args[vm_type] = ffi.cast("void *", vm_type)
+        ret, err = ioctl_raw(self.fd, _KVM_CREATE_VM, arg)
         if ret < 0:
             if err == errno.EINVAL and vm_type != KVM_X86_DEFAULT_VM:
                 mask = self.check_extension(K.KVM_CAP_VM_TYPES)

@@ -23,7 +23,7 @@ from .. import exits as X
 from ..backend import Vcpu
 from ..errors import FeatureUnavailable, KvmError, UsageError
 from ..watchdog import KICK_SIGNAL
-from ..x86 import CpuidEntry, DTable, Regs, Segment, Sregs
+from ..x86 import CpuidEntry, DTable, FrozenRegs, FrozenSregs, Regs, Segment, Sregs
 from . import _ffi as K
 from . import fastpath
 from ._ffi import ffi, ioctl, ioctl_raw, libc
@@ -78,6 +78,10 @@ _REG_FIELDS = operator.attrgetter("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp
                                   "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 _U64_MASK = 0xFFFFFFFFFFFFFFFF
 _KVM_SET_REGS = K.KVM_SET_REGS
+#: kvm_regs/kvm_sregs bytes of shared immutable states (x86.frozen; boot.entry_state), packed once:
+#: id -> (the state, kept alive so its id stays its own; the bytes)
+_PACKED: dict[int, tuple[object, bytes]] = {}
+_PACKED_MAX = 64
 _KVM_SET_SREGS = K.KVM_SET_SREGS
 assert _IO.size <= 16 and ffi.offsetof(_RUN, "mmio") == _OFF_UNION
 
@@ -387,7 +391,15 @@ class KvmVcpu(Vcpu):
     def set_regs(self, regs: Regs) -> None:
         """KVM_SET_REGS."""
         buf, view = self._set_bufs()[0]
+        if type(regs) is FrozenRegs:  # a shared immutable state: its bytes packed once
+            hit = _PACKED.get(id(regs))
+            if hit is not None:
+                view[:] = hit[1]
+                ioctl(self.fd, _KVM_SET_REGS, buf)
+                return
         _REGS.pack_into(view, 0, *[v & _U64_MASK for v in _REG_FIELDS(regs)])
+        if type(regs) is FrozenRegs:
+            _remember_packed(regs, view)
         ioctl(self.fd, _KVM_SET_REGS, buf)
 
     def _set_bufs(self) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
@@ -413,9 +425,15 @@ class KvmVcpu(Vcpu):
         """KVM_SET_SREGS (interrupt_bitmap cleared: no pending interrupt)."""
         f = _SEG_FIELDS
         buf, view = self._set_bufs()[1]
-        _SREGS_SET.pack_into(view, 0, *f(s.cs), *f(s.ds), *f(s.es), *f(s.fs), *f(s.gs), *f(s.ss), *f(s.tr),
-                             *f(s.ldt), s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit,
-                             s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base)
+        hit = _PACKED.get(id(s)) if type(s) is FrozenSregs else None
+        if hit is not None:  # a shared immutable state (boot.entry_state): packed once
+            view[:] = hit[1]
+        else:
+            _SREGS_SET.pack_into(view, 0, *f(s.cs), *f(s.ds), *f(s.es), *f(s.fs), *f(s.gs), *f(s.ss),
+                                 *f(s.tr), *f(s.ldt), s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit,
+                                 s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base)
+            if type(s) is FrozenSregs:
+                _remember_packed(s, view)
         ret, err = ioctl_raw(self.fd, _KVM_SET_SREGS, buf)
         if ret < 0:
             raise KvmError("KVM_SET_SREGS", err,
@@ -532,3 +550,10 @@ class KvmVcpu(Vcpu):
 
     def __repr__(self) -> str:
         return f"KvmVcpu(id={self.vcpu_id}, fd={self.fd})"
+
+
+def _remember_packed(state: object, view: Any) -> None:
+    """Keep a frozen state's packed bytes (a bounded cache: cleared when full)."""
+    if len(_PACKED) >= _PACKED_MAX:
+        _PACKED.clear()
+    _PACKED[id(state)] = (state, bytes(view))

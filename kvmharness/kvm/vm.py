@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from .system import KvmSystem
 
 PAGE = 4096
+_UNKNOWN = object()
+_KVM_ENABLE_CAP = K.KVM_ENABLE_CAP
+_KVM_CREATE_VCPU = K.KVM_CREATE_VCPU
+_KVM_SET_USER_MEMORY_REGION = K.KVM_SET_USER_MEMORY_REGION
+_MAP_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value
+_REGION = ffi.typeof("struct kvm_userspace_memory_region *")
+_UINTPTR = ffi.typeof("uintptr_t")
+_VOIDP = ffi.typeof("void *")
 
 
 class KvmVm(Vm):
@@ -60,13 +68,30 @@ class KvmVm(Vm):
         inside KVM_RUN forever and corrupts VMGEXIT (F3 0F 01 D9 -> 0F 01 C1 D9).
         Off, both raise a clean #UD in the guest, as on SVM hardware without
         an intercept (measured on kvm_pvm; docs/facts.md#kvm-pvm-cpl0).
+
+        The kernel's answer is asked on the first VM of each type and kept on the System
+        with the kvm_enable_cap it calls for (both hold for every VM of a type).
         """
+        caps = self.system.quirk_caps
+        c = caps.get(self.vm_type, _UNKNOWN)
+        if c is _UNKNOWN:
+            c = caps[self.vm_type] = self._fix_hypercall_quirk_cap()
+        if c is not None:
+            ioctl(self.fd, _KVM_ENABLE_CAP, c)
+
+    def _fix_hypercall_quirk_cap(self) -> Any:
+        """The kvm_enable_cap disabling the quirk on this VM type, or None where none exists."""
         quirk = K.KVM_X86_QUIRK_FIX_HYPERCALL_INSN
-        supported = self.check_extension(K.KVM_CAP_DISABLE_QUIRKS2)
-        if supported & quirk:
-            self.enable_cap(K.KVM_CAP_DISABLE_QUIRKS2, quirk)
+        if self.check_extension(K.KVM_CAP_DISABLE_QUIRKS2) & quirk:
+            cap = K.KVM_CAP_DISABLE_QUIRKS2
         elif self.check_extension(K.KVM_CAP_DISABLE_QUIRKS):
-            self.enable_cap(K.KVM_CAP_DISABLE_QUIRKS, quirk)
+            cap = K.KVM_CAP_DISABLE_QUIRKS
+        else:
+            return None
+        c = ffi.new("struct kvm_enable_cap *")
+        c.cap = cap
+        c.args[0] = quirk
+        return c
 
     def open_sev_interface(self) -> KvmSev:
         """KVM_MEMORY_ENCRYPT_OP on this VM (kvm/sev.py; /dev/sev is opened for its fd)."""
@@ -117,14 +142,14 @@ class KvmVm(Vm):
         for r in self.regions:
             if gpa < r.gpa + r.size and r.gpa < gpa + size:
                 raise UsageError(f"memory slot {gpa:#x}+{size:#x} overlaps {r}")
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        mm = mmap.mmap(-1, size, flags=_MAP_ANON)
         ptr = ffi.from_buffer(mm)
-        region = ffi.new("struct kvm_userspace_memory_region *")
+        region = ffi.new(_REGION)
         region.slot = self._next_slot
         region.flags = K.KVM_MEM_READONLY if readonly else 0
         region.guest_phys_addr = gpa
         region.memory_size = size
-        region.userspace_addr = int(ffi.cast("uintptr_t", ptr))
+        region.userspace_addr = int(ffi.cast(_UINTPTR, ptr))
         if self.vm_type == KVM_X86_SNP_VM and not readonly:
             ret, err, name = self._set_private_slot(region)
         else:
@@ -180,7 +205,7 @@ class KvmVm(Vm):
     # -- vCPUs --------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0) -> KvmVcpu:
         """KVM_CREATE_VCPU(id) and mmap of its kvm_run."""
-        ret, err = ioctl_raw(self.fd, K.KVM_CREATE_VCPU, ffi.cast("void *", vcpu_id))
+        ret, err = ioctl_raw(self.fd, _KVM_CREATE_VCPU, ffi.cast(_VOIDP, vcpu_id))
         if ret < 0:
             raise KvmError("KVM_CREATE_VCPU", err, f"vcpu id {vcpu_id}")
         vcpu = KvmVcpu(self, ret, vcpu_id, self.system.vcpu_mmap_size)
