@@ -381,3 +381,34 @@ def test_run_flags_that_do_not_apply_are_refused_not_ignored(capsys, argv, words
 def test_run_no_owner_still_launches_an_sev_guest(capsys):
     rc, _, err = run(capsys, "run", "sev-hello", "--backend", "sim", "--no-owner")
     assert rc == EXIT_OK and "measurement not verified (no owner)" in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["measure", "sev-hello", "--legacy-init"], "--legacy-init"),
+    (["measure", "sev-hello", "--vmsa", __file__], "--vmsa"),
+    (["measure", "sev-hello", "--vcpu-sig", "0x1"], "--vcpu-sig"),
+    (["measure", "--image", __file__, "--c-bit", "47"], "--c-bit"),
+    (["measure", "hello", "--c-bit", "47"], "--c-bit"),  # real mode: no page tables
+    (["measure", "snp-hello", "--legacy-init"], "--legacy-init"),
+    (["measure", "snp-hello", "--api", "1.2"], "--api"),
+    (["measure", "hello64", "--mode", "sev-snp", "--build", "3"], "--build"),
+])
+def test_measure_options_that_do_not_enter_the_digest_are_refused(capsys, argv, flag):
+    """Each was silently ignored: the printed digest looked as if it covered the option."""
+    rc, out, err = run(capsys, *argv)
+    assert rc == EXIT_USAGE and out == ""
+    assert err.startswith(f"kvmharness: error: {flag} does not apply to this ") and err.count("\n") == 1
+
+
+def test_measure_options_that_do_enter_the_digest_still_change_it(capsys):
+    def digest(*argv, field="launch_digest"):
+        rc, out, err = run(capsys, "measure", *argv, "--json")
+        assert rc == EXIT_OK, err
+        return json.loads(out)[field]
+
+    assert digest("hello64", "--c-bit", "47") != digest("hello64")
+    assert digest("es-io", "--legacy-init") != digest("es-io")
+    assert digest("snp-hello", "--vcpus", "2", "--vcpu-sig", "0x1") != digest("snp-hello", "--vcpus", "2")
+    owner = ("--tik", "00" * 16, "--nonce", "11" * 16)  # the build enters SEV's MEASURE
+    assert digest("hello64", "--build", "22", *owner, field="measure") != \
+        digest("hello64", *owner, field="measure")

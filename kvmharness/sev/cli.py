@@ -366,11 +366,57 @@ def _c_bit_arg(text: str) -> int:
     return bit
 
 
+# measure's options that default to a value, and the value (None in the parser: given or not)
+_MEASURE_DEFAULTS = {"api": "1.55", "build": 21, "c_bit": 51, "vcpu_sig": 0x00A00F11}
+
+
+def _measure_defaults(args) -> set:
+    """Fill measure's defaults; the options the user gave, as flags (``--c-bit``)."""
+    given = set()
+    for name, default in _MEASURE_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+        else:
+            given.add("--" + name.replace("_", "-"))
+    return given
+
+
+def _refuse_unused(args, given: set, mode: str) -> None:
+    """An option that does not enter this measurement is refused: it was silently ignored,
+    so a digest looked as if it covered it."""
+    unused = []
+    if args.image and "--c-bit" in given:
+        unused.append(("--c-bit", "the C-bit goes into the boot page tables the harness builds "
+                                  "for a manifest guest; a raw --image has none"))
+    elif args.guest and "--c-bit" in given:
+        from ..images import get_guest
+
+        if get_guest(args.guest).mode != "long64":
+            unused.append(("--c-bit", f"{args.guest} starts in real mode: the harness builds it "
+                                      "no page tables to carry the C-bit"))
+    if mode == "sev-snp":
+        unused += [(f, "an SNP launch digest has no firmware API/build in it")
+                   for f in ("--api", "--build") if f in given]
+        if args.legacy_init:
+            unused.append(("--legacy-init", "SNP launches through KVM_SEV_INIT2 only"))
+    else:
+        if "--vcpu-sig" in given:
+            unused.append(("--vcpu-sig", "it is the SNP APs' reset signature (--mode sev-snp)"))
+        if mode == "sev" and (args.vmsa or args.legacy_init):
+            unused.append(("--vmsa" if args.vmsa else "--legacy-init",
+                           "an SEV (not SEV-ES) launch measures no VMSA (--mode sev-es)"))
+    if unused:
+        flag, why = unused[0]
+        raise E.UsageError(f"{flag} does not apply to this {mode} measurement: {why}")
+
+
 def cmd_measure(args) -> int:
     """The expected launch digest and MEASURE, computed offline."""
+    given = _measure_defaults(args)
     if args.mode == "sev-snp":  # SHA-384 PAGE_INFO chain and its log (kvmharness.snp.launch)
         from ..snp.cli import measure_command
 
+        _refuse_unused(args, given, "sev-snp")
         return measure_command(args)
     from .launch import pad_image
     from .measurement import compute_measure, launch_digest
@@ -402,7 +448,9 @@ def cmd_measure(args) -> int:
             if args.mode == "sev-snp":  # an SNP guest: its SNP launch digest, as `run` launches it
                 from ..snp.cli import measure_command
 
+                _refuse_unused(args, given, "sev-snp")
                 return measure_command(args)
+    _refuse_unused(args, given, args.mode)
     if args.vcpus != 1:  # only the SNP digest covers one VMSA per vCPU here
         raise E.UsageError(f"--vcpus applies to --mode sev-snp; an {args.mode} measurement here "
                            "covers vCPU 0 only (for SEV-ES give every vCPU's VMSA with --vmsa FILE)")
@@ -509,10 +557,10 @@ def register(subparsers) -> None:
     m.add_argument("--image", metavar="FILE", help="a raw guest image instead of a manifest guest")
     m.add_argument("--policy", default=None, help="guest policy: number or flags, e.g. nodbg,es "
                    "(default as for run: nodbg, plus es for sev-es)")
-    m.add_argument("--api", default="1.55", help="firmware API MAJOR.MINOR (default 1.55)")
-    m.add_argument("--build", type=integer, default=21,
+    m.add_argument("--api", default=None, help="firmware API MAJOR.MINOR (default 1.55)")
+    m.add_argument("--build", type=integer, default=None,
                    help="firmware build id (default 21)")
-    m.add_argument("--c-bit", type=_c_bit_arg, default=51,
+    m.add_argument("--c-bit", type=_c_bit_arg, default=None,
                    help="encryption bit set in the harness's boot page tables of a long-mode "
                         "guest (CPUID 0x8000001F EBX[5:0] of the host; default 51)")
     m.add_argument("--nonce", metavar="HEX", help="the firmware's MNONCE (16 bytes)")
@@ -522,7 +570,7 @@ def register(subparsers) -> None:
                         "(sev for --image); sev-snp: the SNP launch digest and its log")
     m.add_argument("--vcpus", type=integer, default=1,
                    help="sev-snp: vCPUs, each measured as a VMSA page (default 1)")
-    m.add_argument("--vcpu-sig", type=integer, default=0x00A00F11,
+    m.add_argument("--vcpu-sig", type=integer, default=None,
                    help="sev-snp: the APs' CPUID 1 EAX in their reset VMSA (default "
                         "0x00A00F11, EPYC Milan)")
     m.add_argument("--vmsa", metavar="FILE", help="SEV-ES: the initial VMSA pages (4096 bytes "
