@@ -80,6 +80,18 @@
 
 /* Write the 64-bit interrupt gate for the handler whose address is in %rax to \lo and \hi
  * (offset 15:0, selector, 0x8E00, offset 31:16, offset 63:32).  Clobbers %rax, %rcx, %rdx. */
+/* One GHCB MSR protocol round trip: the request in RAX written to the GHCB MSR,
+ * VMGEXIT, the response read back into EDX:EAX.  Clobbers RCX. */
+.macro ghcb_msr_call
+        mov     %rax, %rdx
+        shr     $32, %rdx
+        mov     $MSR_SEV_ES_GHCB, %ecx
+        wrmsr
+        VMGEXIT
+        mov     $MSR_SEV_ES_GHCB, %ecx
+        rdmsr
+.endm
+
 .macro write_idt_gate lo, hi
         mov     %rax, %rdx
         and     $0xFFFF, %edx
@@ -381,13 +393,7 @@ es_cpuid_msr:
         shl     $30, %rdx
         or      %rdx, %rax
         or      $GHCB_MSR_CPUID_REQ, %rax
-        mov     %rax, %rdx
-        shr     $32, %rdx
-        mov     $MSR_SEV_ES_GHCB, %ecx
-        wrmsr
-        VMGEXIT
-        mov     $MSR_SEV_ES_GHCB, %ecx
-        rdmsr                           /* EDX = the value, EAX = code | register echo */
+        ghcb_msr_call                   /* EDX = the value, EAX = code | register echo */
         mov     %eax, %r9d
         and     $0xFFF, %r9d
         cmp     $GHCB_MSR_CPUID_RESP, %r9d

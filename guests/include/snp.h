@@ -93,14 +93,13 @@
         shl     $52, %rcx
         or      %rcx, %rax
         or      $GHCB_MSR_PSC_REQ, %rax
-        mov     %rax, %rdx
-        shr     $32, %rdx
-        mov     $MSR_SEV_ES_GHCB, %ecx
-        wrmsr
-        VMGEXIT
-        mov     $MSR_SEV_ES_GHCB, %ecx
-        rdmsr
+        ghcb_msr_call
 .endm
+
+/* GHCB page-state change of the descriptor at label `desc` (it ends at `desc`_end):
+ * snp_psc_ghcb's result in RAX. */
+#define SNP_PSC_GHCB(desc) \
+        lea desc(%rip), %rsi ; mov $(desc##_end - desc), %ecx ; call snp_psc_ghcb
 
         .text
 /* ---- snp_validate_range: PVALIDATE (validate) every 4 KiB page in [RSI, RDI).

@@ -54,9 +54,7 @@ GUEST_ENTRY
         SNP_START
         call    snp_init
         /* eight shared pages: one page-state change, then C=0 in the page table */
-        lea     psc_desc(%rip), %rsi
-        mov     $(psc_desc_end - psc_desc), %ecx
-        call    snp_psc_ghcb
+        SNP_PSC_GHCB(psc_desc)
         test    %rax, %rax
         jz      1f
         ES_FAIL(0x50)

@@ -20,13 +20,9 @@
 GUEST_ENTRY
         SNP_START
         call    snp_init
-        lea     bad_hdr(%rip), %rsi
-        mov     $(bad_hdr_end - bad_hdr), %ecx
-        call    snp_psc_ghcb
+        SNP_PSC_GHCB(bad_hdr)
         ES_REPORT($KEY(1), %rax)
-        lea     bad_entry(%rip), %rsi
-        mov     $(bad_entry_end - bad_entry), %ecx
-        call    snp_psc_ghcb
+        SNP_PSC_GHCB(bad_entry)
         ES_REPORT($KEY(2), %rax)
         movzwl  bad_entry(%rip), %eax
         ES_REPORT($KEY(3), %rax)

@@ -92,9 +92,7 @@ GUEST_ENTRY
         shl     $8, %ecx
         or      %rcx, %rax
         ES_REPORT($KEY(0xA), %rax)
-        lea     psc_desc(%rip), %rsi
-        mov     $(psc_desc_end - psc_desc), %ecx
-        call    snp_psc_ghcb
+        SNP_PSC_GHCB(psc_desc)
         ES_REPORT($KEY(0xB), %rax)
         movzwl  psc_desc(%rip), %eax
         ES_REPORT($KEY(0xC), %rax)
