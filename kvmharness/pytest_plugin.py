@@ -162,8 +162,40 @@ def pytest_collection_finish(session):
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames:
+    if "backend" in metafunc.fixturenames and "exit_path" in metafunc.fixturenames:
+        # each kvm item twice, once per exit path (the simulator has one): kvm-compiled,
+        # kvm-python, sim
+        pairs = [(b, p) for b in backends_for(metafunc.config)
+                 for p in (EXIT_PATHS if b == "kvm" else ("",))]
+        metafunc.parametrize(("backend", "exit_path"), pairs, scope="function", indirect=["exit_path"],
+                             ids=[f"{b}-{p}" if p else b for b, p in pairs])
+    elif "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", backends_for(metafunc.config), scope="function")
+
+
+#: The kvm backend's exit paths a test using the ``exit_path`` fixture runs on.
+EXIT_PATHS = ("compiled", "python")
+
+
+@pytest.fixture
+def exit_path(request, monkeypatch):
+    """The kvm exit path this item runs on: ``compiled`` (KVMHARNESS_FASTPATH=1; skips, naming
+    why, where the library cannot be had), ``python`` (=0), or "" on the simulator.  A test
+    (or an autouse fixture of its module) asking for it runs each kvm item on both paths,
+    so one test run covers both (``KVMHARNESS_FASTPATH=0`` in the environment skips the
+    compiled items)."""
+    path = getattr(request, "param", "")
+    if path:
+        from .kvm import fastpath
+
+        if path == "compiled" and os.environ.get(fastpath.ENV, "").strip().lower() in ("0", "off", "no", "false"):
+            pytest.skip(f"compiled exit path: {fastpath.ENV}=0 in the environment")
+        monkeypatch.setenv(fastpath.ENV, "0" if path == "python" else "1")
+        if path == "compiled":
+            active, why = fastpath.status()
+            if not active:
+                pytest.skip(f"compiled exit path: {why}")
+    return path
 
 
 def _item_backend(item) -> str | None:

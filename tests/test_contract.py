@@ -10,12 +10,14 @@ the KVM module behind it (kvm_pvm here, else kvm_amd: kvmharness/sim/profile.py)
 """
 
 import difflib
+import os
 
 import pytest
 
 from kvmharness.backend import kvm_usable, open_backend
 from kvmharness.hostinfo import cpuid_deviations, kvm_device_info
 from kvmharness.images import load_manifest
+from kvmharness.kvm import fastpath
 from kvmharness.machine import needs_met, run_guest
 from kvmharness.sim.profile import for_kvm_module
 from kvmharness.sim.system import SimSystem
@@ -56,7 +58,7 @@ def _runnable(image, backend, mode=None):
 
 @pytest.mark.skipif(not KVM_OK, reason=f"no usable /dev/kvm: {KVM_WHY}")
 @pytest.mark.parametrize("name", sorted(MANIFEST))
-def test_same_behaviour_on_sim_and_kvm(name):
+def test_same_behaviour_on_sim_and_kvm(name, monkeypatch):
     image = MANIFEST[name]
     _runnable(image, "sim")
     _runnable(image, "kvm")
@@ -68,12 +70,16 @@ def test_same_behaviour_on_sim_and_kvm(name):
     profile = for_kvm_module(kvm_device_info()["module"])
     with SimSystem(supported_cpuid=host_cpuid, profile=profile) as sim_system:
         sim = run_guest(image, backend=sim_system)
-    kvm = run_guest(image, backend="kvm")
     exempt = _exempt_keys() if name == "cpuid" else frozenset()
-    a, b = _lines(sim, exempt), _lines(kvm, exempt)
-    if a != b:
-        diff = "\n".join(difflib.unified_diff(b, a, "kvm", "sim", lineterm="", n=2))
-        pytest.fail(f"guest {name}: sim and kvm differ:\n{diff[:20000]}")
+    a = _lines(sim, exempt)
+    # kvm on each exit path this host has (the compiled loop where it loads, and pure Python)
+    paths = ("compiled", "python") if fastpath.status()[0] or os.environ.get(fastpath.ENV) == "1" else ("python",)
+    for path in paths:
+        monkeypatch.setenv(fastpath.ENV, "1" if path == "compiled" else "0")
+        b = _lines(run_guest(image, backend="kvm"), exempt)
+        if a != b:
+            diff = "\n".join(difflib.unified_diff(b, a, f"kvm ({path} exit path)", "sim", lineterm="", n=2))
+            pytest.fail(f"guest {name}: sim and kvm ({path} exit path) differ:\n{diff[:20000]}")
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))
@@ -90,9 +96,10 @@ DECLARED = [(name, mode) for name in sorted(MANIFEST) for mode in MANIFEST[name]
 
 
 @pytest.mark.parametrize("name, mode", DECLARED, ids=[f"{n}-{m}" for n, m in DECLARED])
-def test_every_declared_mode_runs(name, mode, backend):
+def test_every_declared_mode_runs(name, mode, backend, exit_path):
     """Every guest in every run mode its manifest declares ends as the manifest expects, on
-    every backend that can run it here (SEV/SEV-ES on kvm wherever the host offers them)."""
+    every backend that can run it here (SEV/SEV-ES on kvm wherever the host offers them; on
+    kvm on both exit paths)."""
     image = MANIFEST[name]
     _runnable(image, backend, mode)
     result = run_guest(image, backend=backend, sev=None if mode == "svm" else mode)

@@ -1,5 +1,6 @@
 """Every manifest guest on every backend usable here (the `backend` fixture:
-kvm where /dev/kvm works, and always sim), checked against what the harness set up."""
+kvm where /dev/kvm works, and always sim), checked against what the harness set up; on
+kvm once per exit path (compiled and pure Python)."""
 
 import pytest
 
@@ -11,6 +12,20 @@ from kvmharness.images import load_manifest
 from kvmharness.machine import Machine, run_guest
 
 REG_NAMES = ("eax", "ebx", "ecx", "edx")
+
+
+@pytest.fixture(autouse=True)
+def _on_each_exit_path(exit_path):
+    """Every kvm item here runs twice, on the compiled and on the pure-Python exit path
+    (kvm-compiled, kvm-python; the plugin's ``exit_path`` fixture), so one test run covers
+    both; the simulator's items run once."""
+    return exit_path
+
+
+def test_each_kvm_item_runs_on_its_exit_path(backend, exit_path, machine_factory):
+    m = machine_factory("hello")
+    assert m.run().ok
+    assert m.exit_path == (exit_path or "python")  # the simulator's loop is the Python one
 
 
 def test_hello_prints_through_the_console_port(backend):
