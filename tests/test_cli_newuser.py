@@ -412,3 +412,21 @@ def test_measure_options_that_do_enter_the_digest_still_change_it(capsys):
     owner = ("--tik", "00" * 16, "--nonce", "11" * 16)  # the build enters SEV's MEASURE
     assert digest("hello64", "--build", "22", *owner, field="measure") != \
         digest("hello64", *owner, field="measure")
+
+
+@pytest.mark.parametrize("argv", [
+    ["rig", "check", "--timeout", "nan"],
+    ["rig", "run", "--timeout", "inf", "--", "true"],
+    ["rig", "run", "--timeout", "-1", "--", "true"],
+])
+def test_rig_timeouts_follow_the_timeout_rule(capsys, argv):
+    """Every timeout is finite, > 0 and at most a day; rig's --timeout took nan and inf."""
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    assert ex.value.code == EXIT_USAGE
+    assert "give seconds > 0 and at most 86400" in capsys.readouterr().err
+
+
+def test_fuzz_rig_timeout_follows_the_timeout_rule(capsys):
+    rc, _, err = run(capsys, "fuzz", "--rig-timeout", "nan")
+    assert rc == EXIT_USAGE and "--rig-timeout must be a positive number of seconds" in err

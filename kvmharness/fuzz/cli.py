@@ -62,6 +62,9 @@ def run_fuzz(args) -> int:
         raise E.UsageError(f"--seed must be 0 or more, not {args.seed}")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):  # not after the run
         raise E.UsageError(f"--out {args.out}: not a directory")
+    from ..watchdog import check_timeout  # nan, inf, 0 and negatives: exit 2, as every timeout
+
+    args.rig_timeout = check_timeout(args.rig_timeout, "--rig-timeout")
     modes = tuple(m.strip() for m in args.mode.split(",") if m.strip())
     bad = [m for m in modes if m not in G.MODES]
     if bad or not modes:

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--ship", action="store_true",
                    help="always run the current project's kvmharness (shipped), not the rig's own")
-    c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per rig (default 300)")
+    c.add_argument("--timeout", type=_seconds, default=300.0, metavar="S", help="per rig (default 300)")
     c.set_defaults(func=cmd_rig_check)
 
     r = sub.add_parser("run", help="run a command (e.g. pytest) on rigs and bring the results home",
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     _common(r)
     r.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto",
                    help="KVMHARNESS_BACKEND on the rig (default auto)")
-    r.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+    r.add_argument("--timeout", type=_seconds, default=1800.0, metavar="S",
                    help="per rig, setup included (default 1800)")
     r.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
                    help="local results folder (default ./results)")
