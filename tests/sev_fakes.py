@@ -1,5 +1,6 @@
 """A VM that is only memory and a vCPU list: all the KVM SEV model (kvmharness.sev.kvm_model)
-needs, so the launch flow and its error paths are tested without a CPU."""
+needs, so the launch flow and its error paths are tested without a CPU; and the guest
+owner's attested LAUNCH_START on a simulated firmware (:func:`start_guest`)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,18 @@ class MemoryOnlyVm(Vm):
 
     def close(self):
         pass
+
+
+def start_guest(fw, policy=0, *, owner=None, activate=True):
+    """An attested LAUNCH_START on firmware ``fw`` (INITed the kernel's way first) by
+    ``owner`` (default: a GuestOwner with ``policy``), optionally ACTIVATEd on a fresh
+    ASID of its kind: (handle, owner)."""
+    from kvmharness.sev.session import GuestOwner
+
+    fw.ensure_init()
+    owner = owner or GuestOwner(policy)
+    start = owner.start(*fw.pdh_cert_export())
+    handle = fw.launch_start(start.policy, start.dh_cert, start.session)
+    if activate:
+        fw.activate(handle, fw.asids.allocate(es=owner.policy.es))
+    return handle, owner

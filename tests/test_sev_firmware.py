@@ -4,6 +4,7 @@ import errno
 import os
 
 import pytest
+from sev_fakes import start_guest
 
 from kvmharness.errors import SevError
 from kvmharness.sev.certs import (
@@ -35,16 +36,6 @@ def fw_error(excinfo, status):
     assert isinstance(err, SevError)
     assert (err.errno, err.fw_error) == (errno.EIO, status), str(err)
     return err
-
-
-def start_guest(fw, policy=0, owner=None, activate=True):
-    fw.ensure_init()
-    owner = owner or GuestOwner(policy)
-    start = owner.start(*fw.pdh_cert_export())
-    handle = fw.launch_start(start.policy, start.dh_cert, start.session)
-    if activate:
-        fw.activate(handle, fw.asids.allocate(es=owner.policy.es))
-    return handle, owner
 
 
 def update(fw, handle, owner, gpa, data):

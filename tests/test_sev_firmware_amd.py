@@ -16,6 +16,7 @@ import errno
 from pathlib import Path
 
 import pytest
+from sev_fakes import start_guest
 
 from kvmharness.errors import SevError
 from kvmharness.sev.certs import CERT_SIZE, CertAlgo, CertUsage, SevCertificate, generate_key
@@ -47,19 +48,8 @@ def new_fw(**kw) -> SimulatedSevFirmware:
     return SimulatedSevFirmware(num_asids=NUM_ASIDS, min_sev_asid=MIN_SEV_ASID, **kw)
 
 
-def launch(fw, policy=0, *, activate=True, owner=None):
-    """An attested LAUNCH_START (the platform INITed the kernel's way), optionally ACTIVATEd."""
-    fw.ensure_init()
-    owner = owner or GuestOwner(policy)
-    start = owner.start(*fw.pdh_cert_export())
-    handle = fw.launch_start(start.policy, start.dh_cert, start.session)
-    if activate:
-        fw.activate(handle, fw.asids.allocate(es=owner.policy.es))
-    return handle, owner
-
-
 def measured(fw, policy=0, *, activate=True):
-    handle, owner = launch(fw, policy, activate=activate)
+    handle, owner = start_guest(fw, policy, activate=activate)
     s = fw.platform_status()
     owner.verify(fw.launch_measure(handle), api_major=s.api_major, api_minor=s.api_minor,
                  build=s.build)
@@ -117,7 +107,7 @@ def _(fw):
 @trigger("PLATFORM_STATUS", "uninit-fields")
 def _(fw):
     fw.ensure_init()
-    launch(fw)
+    start_guest(fw)
     assert fw.platform_status().config_es and fw.platform_status().guest_count == 1
     fw.shutdown()
     st = fw.platform_status()
@@ -128,7 +118,7 @@ def _(fw):
 
 @trigger("PEK_GEN", "platform-state")
 def _(fw):
-    launch(fw)
+    start_guest(fw)
     fw.pek_gen()
 
 
@@ -139,7 +129,7 @@ def _(fw):
 
 @trigger("PEK_CSR", "length")
 def _(fw):
-    launch(fw)  # WORKING is fine for PEK_CSR
+    start_guest(fw)  # WORKING is fine for PEK_CSR
     fw.pek_csr(CERT_SIZE - 1)
 
 
@@ -191,7 +181,7 @@ def _csr(fw):
 
 @trigger("PEK_CERT_IMPORT", "platform-state")
 def _(fw):
-    launch(fw)
+    start_guest(fw)
     fw.pek_cert_import(b"", b"")
 
 
@@ -313,32 +303,32 @@ def call_with_handle(fw, command, handle, **kw):
 @trigger("DBG_DECRYPT", "handle")
 @trigger("DBG_ENCRYPT", "handle")
 def _unknown_handle(fw, command):
-    launch(fw)  # WORKING, guest 1
+    start_guest(fw)  # WORKING, guest 1
     call_with_handle(fw, command, 99)
 
 
 @trigger("DECOMMISSION", "guest-active")
 def _(fw):
-    handle, _ = launch(fw)
+    handle, _ = start_guest(fw)
     fw.decommission(handle)
 
 
 @trigger("ACTIVATE", "asid-range")
 def _(fw):
-    handle, _ = launch(fw, activate=False)
+    handle, _ = start_guest(fw, activate=False)
     fw.activate(handle, NUM_ASIDS + 1)
 
 
 @trigger("ACTIVATE", "asid-owned")
 def _(fw):
-    a, _ = launch(fw)
-    b, _ = launch(fw, GuestPolicy.parse("es"))  # active too, and an ES guest on an SEV ASID
+    a, _ = start_guest(fw)
+    b, _ = start_guest(fw, GuestPolicy.parse("es"))  # active too, and an ES guest on an SEV ASID
     fw.activate(b, fw.guest_status(a).asid)
 
 
 @trigger("ACTIVATE", "guest-active")
 def _(fw):
-    handle, _ = launch(fw)
+    handle, _ = start_guest(fw)
     fw.activate(handle, 1)  # also the wrong kind of ASID: ACTIVE comes first
 
 
@@ -347,7 +337,7 @@ def _(fw):
     first = ran(fw)
     asid = fw.guest_status(first).asid
     fw.deactivate(first)  # it ran: the ASID is dirty
-    es, _ = launch(fw, GuestPolicy.parse("es"), activate=False)
+    es, _ = start_guest(fw, GuestPolicy.parse("es"), activate=False)
     fw.activate(es, asid)  # also the wrong kind: the dirty check comes first
 
 
@@ -364,16 +354,16 @@ def test_init_leaves_every_asid_dirty():
 
 @trigger("ACTIVATE", "asid-kind")
 def _(fw):
-    handle, _ = launch(fw, activate=False)
+    handle, _ = start_guest(fw, activate=False)
     fw.activate(handle, 1)  # an ES ASID for a plain SEV guest
 
 
 @trigger("ACTIVATE", "asid-clean")
 def _(fw):
-    handle, _ = launch(fw)  # activated, never ran
+    handle, _ = start_guest(fw)  # activated, never ran
     asid = fw.guest_status(handle).asid
     fw.deactivate(handle)
-    other, _ = launch(fw, activate=False)
+    other, _ = start_guest(fw, activate=False)
     fw.activate(other, asid)  # clean: no DF_FLUSH needed
     assert fw.guest_status(other).asid == asid
 
@@ -382,7 +372,7 @@ def _(fw):
 @trigger("LAUNCH_UPDATE_DATA", "inactive")
 @trigger("LAUNCH_MEASURE", "length")
 def _not_active(fw, command):
-    handle, _ = launch(fw, activate=False)
+    handle, _ = start_guest(fw, activate=False)
     if command == "LAUNCH_MEASURE":  # needs no ASID: the length query works unactivated
         fw.launch_measure(handle, 0)
     call_with_handle(fw, command, handle, gpa=8, length=8)  # also misaligned: later checks
@@ -467,13 +457,13 @@ def _(fw):
 
 @trigger("LAUNCH_START", "share-handle")
 def _(fw):
-    launch(fw)
+    start_guest(fw)
     fw.launch_start(0, handle=5)
 
 
 @trigger("LAUNCH_START", "share-policy")
 def _(fw):
-    a, _ = launch(fw, 0)
+    a, _ = start_guest(fw, 0)
     b = fw.launch_start(0, handle=a)  # equal policy: the key is shared
     assert fw.guest_key(b) is fw.guest_key(a)
     fw.launch_start(GuestPolicy.parse("nodbg"), handle=a)
@@ -481,7 +471,7 @@ def _(fw):
 
 def test_key_sharing_with_a_noks_guest_is_policy_failure():
     fw = new_fw()
-    a, _ = launch(fw, GuestPolicy.parse("noks"))
+    a, _ = start_guest(fw, GuestPolicy.parse("noks"))
     with pytest.raises(SevError) as ei:
         fw.launch_start(GuestPolicy.parse("noks"), handle=a)  # equal, but NOKS
     assert (ei.value.fw_error, ei.value.fw_check) == (SevStatus.POLICY_FAILURE, "share-policy")
@@ -517,13 +507,13 @@ def _measured_already(fw, command):
 
 @trigger("LAUNCH_UPDATE_DATA", "address")
 def _(fw):
-    handle, _ = launch(fw)
+    handle, _ = start_guest(fw)
     fw.launch_update_data(handle, 8, bytearray(8))  # length bad too: address first
 
 
 @trigger("LAUNCH_UPDATE_DATA", "length")
 def _(fw):
-    handle, _ = launch(fw)
+    handle, _ = start_guest(fw)
     fw.launch_update_data(handle, 0, bytearray())
 
 
@@ -540,25 +530,25 @@ def _(fw):
 
 @trigger("LAUNCH_UPDATE_VMSA", "es-guest")
 def _(fw):
-    handle, _ = launch(fw, activate=False)  # plain SEV, and inactive: ES first
+    handle, _ = start_guest(fw, activate=False)  # plain SEV, and inactive: ES first
     fw.launch_update_vmsa(handle, 0, bytearray(PAGE))
 
 
 @trigger("LAUNCH_UPDATE_VMSA", "inactive")
 def _(fw):
-    handle, _ = launch(fw, GuestPolicy.parse("es"), activate=False)
+    handle, _ = start_guest(fw, GuestPolicy.parse("es"), activate=False)
     fw.launch_update_vmsa(handle, 8, bytearray(PAGE))
 
 
 @trigger("LAUNCH_UPDATE_VMSA", "address")
 def _(fw):
-    handle, _ = launch(fw, GuestPolicy.parse("es"))
+    handle, _ = start_guest(fw, GuestPolicy.parse("es"))
     fw.launch_update_vmsa(handle, 0x1008, bytearray(PAGE))
 
 
 def test_vmsa_address_needs_only_16_byte_alignment():
     fw = new_fw()
-    handle, _ = launch(fw, GuestPolicy.parse("es"))
+    handle, _ = start_guest(fw, GuestPolicy.parse("es"))
     fw.launch_update_vmsa(handle, 0x1010, bytearray(PAGE))  # not page aligned: accepted
 
 
@@ -581,7 +571,7 @@ def _(fw):
 
 @trigger("LAUNCH_SECRET", "length")
 def _(fw):
-    handle, owner = launch(fw, activate=False)  # LUPDATE and inactive too: lengths first
+    handle, owner = start_guest(fw, activate=False)  # LUPDATE and inactive too: lengths first
     fw.launch_secret(handle, bytes(52), bytes(32), 0, bytearray(16))
 
 
@@ -598,7 +588,7 @@ def test_launch_secret_length_rules():
 
 @trigger("LAUNCH_SECRET", "guest-state")
 def _(fw):
-    handle, _ = launch(fw, activate=False)  # LUPDATE and inactive: the state first
+    handle, _ = start_guest(fw, activate=False)  # LUPDATE and inactive: the state first
     fw.launch_secret(handle, bytes(52), bytes(16), 0, bytearray(16))
 
 
@@ -626,13 +616,13 @@ def _(fw):
 
 @trigger("LAUNCH_FINISH", "guest-state")
 def _(fw):
-    handle, _ = launch(fw)
+    handle, _ = start_guest(fw)
     fw.launch_finish(handle)
 
 
 @trigger("ATTESTATION_REPORT", "guest-state")
 def _(fw):
-    handle, _ = launch(fw)
+    handle, _ = start_guest(fw)
     fw.attestation_report(handle, bytes(16), 0)  # short buffer too: state first
 
 
@@ -647,14 +637,14 @@ def _(fw):
 @trigger("DBG_DECRYPT", "address")
 @trigger("DBG_ENCRYPT", "address")
 def _dbg_address(fw, command):
-    launch(fw, GuestPolicy.parse("nodbg"))
+    start_guest(fw, GuestPolicy.parse("nodbg"))
     call_with_handle(fw, command, 99, gpa=8)  # unknown handle, NODBG: the address first
 
 
 @trigger("DBG_DECRYPT", "length")
 @trigger("DBG_ENCRYPT", "length")
 def _dbg_length(fw, command):
-    launch(fw)
+    start_guest(fw)
     call = fw.dbg_decrypt if command == "DBG_DECRYPT" else fw.dbg_encrypt
     call(99, 0, bytes(8))  # unknown handle too: the length first
 
@@ -662,14 +652,14 @@ def _dbg_length(fw, command):
 @trigger("DBG_DECRYPT", "nodbg")
 @trigger("DBG_ENCRYPT", "nodbg")
 def _dbg_nodbg(fw, command):
-    handle, _ = launch(fw, GuestPolicy.parse("nodbg"), activate=False)  # inactive too
+    handle, _ = start_guest(fw, GuestPolicy.parse("nodbg"), activate=False)  # inactive too
     call_with_handle(fw, command, handle)
 
 
 @trigger("DBG_DECRYPT", "inactive")
 @trigger("DBG_ENCRYPT", "inactive")
 def _dbg_inactive(fw, command):
-    handle, _ = launch(fw, activate=False)
+    handle, _ = start_guest(fw, activate=False)
     call_with_handle(fw, command, handle)
 
 
@@ -716,7 +706,7 @@ def test_the_issues_four_cases():
         fw.launch_start(GuestPolicy.parse("es"))
     assert ei.value.fw_error == SevStatus.UNSUPPORTED  # was POLICY_FAILURE
     fw = new_fw()
-    a, _ = launch(fw, GuestPolicy.parse("nodbg"))
+    a, _ = start_guest(fw, GuestPolicy.parse("nodbg"))
     with pytest.raises(SevError) as ei:
         fw.launch_start(0, handle=a)  # different policy, neither has NOKS
     assert ei.value.fw_error == SevStatus.POLICY_FAILURE  # was SUCCESS
