@@ -178,6 +178,22 @@ class _Gen:
     def scratch_reg(self, avoid=()):
         return self.r.choice([g for g in GPRS if g not in avoid and g not in ("rsp",)])
 
+    # the mode's operand helpers (gen_real.py has its own): registers, a device operand
+    reg = staticmethod(reg)
+
+    def data_reg(self, size, avoid=()):
+        """(name, %register of ``size`` bytes) for data, not one of ``avoid``."""
+        name = self.scratch_reg(avoid)
+        return name, reg(name, size)
+
+    def mem(self, size, span=1):
+        """(setup lines, operand, registers the address uses) of a device operand."""
+        return [], f"{self.mmio_off(size, span):#x}(%r15)", ()
+
+    def rmw_imm_size(self, size):
+        """The immediate op_mmio_rmw draws for a ``size``-byte operand (32 bits for a word)."""
+        return 1 if size == 1 else 4
+
     def normalize(self):
         a, b = self.r.sample(self.GPRS, 2)
         return f"cmp %{a}, %{b}"
@@ -255,54 +271,52 @@ class _Gen:
 
     def op_mmio_rmw(self):
         s = self.size()
-        off = self.mmio_off(s)
+        setup, m, used = self.mem(s)
         mn = self.r.choice(("add", "sub", "and", "or", "xor", "adc", "sbb", "inc", "dec", "neg",
                             "not", "shl1", "shr1", "sar1", "rol1", "ror1"))
         undef = FL_AF if mn in ("and", "or", "xor") else 0
         if mn in ("inc", "dec", "neg", "not"):
-            lines = [f"{mn}{SUFFIX[s]} {off:#x}(%r15)"]
+            lines = [f"{mn}{SUFFIX[s]} {m}"]
         elif mn.endswith("1"):
-            lines = [f"{mn[:-1]}{SUFFIX[s]} $1, {off:#x}(%r15)"]
+            lines = [f"{mn[:-1]}{SUFFIX[s]} $1, {m}"]
             undef = FL_AF if mn in ("shl1", "shr1", "sar1") else 0
         elif self.r.random() < 0.5:
-            r = self.scratch_reg()
-            lines = [f"{mn}{SUFFIX[s]} {reg(r, s)}, {off:#x}(%r15)"]
+            _n, r = self.data_reg(s)
+            lines = [f"{mn}{SUFFIX[s]} {r}, {m}"]
         else:
-            v = self.imm(1 if s == 1 else 4) & (0x7F if self.r.random() < 0.5 else 0xFFFFFFFF)
+            v = self.imm(self.rmw_imm_size(s)) & (0x7F if self.r.random() < 0.5 else 0xFFFFFFFF)
             if s in (2,):
                 v &= 0xFFFF
             if s == 8:
                 v &= 0x7FFFFFFF
-            lines = [f"{mn}{SUFFIX[s]} ${v:#x}, {off:#x}(%r15)"]
+            lines = [f"{mn}{SUFFIX[s]} ${v:#x}, {m}"]
         if undef:
             lines.append(self.normalize())
-        return Op("mmio_rmw_" + mn, lines, undef_flags=undef)
+        return Op("mmio_rmw_" + mn, setup + lines, undef_flags=undef)
 
     def op_mmio_test_cmp(self):
         s = self.size()
-        off = self.mmio_off(s)
-        r = self.scratch_reg()
+        setup, m, used = self.mem(s)
+        _n, r = self.data_reg(s)
         mn = self.r.choice(("cmp", "test"))
         undef = FL_AF if mn == "test" else 0
-        lines = [f"{mn}{SUFFIX[s]} {reg(r, s)}, {off:#x}(%r15)"]
+        lines = setup + [f"{mn}{SUFFIX[s]} {r}, {m}"]
         if undef:
             lines.append(self.normalize())
         return Op("mmio_" + mn, lines, undef_flags=undef)
 
     def op_mmio_xchg(self):
         s = self.size()
-        off = self.mmio_off(s)
-        r = self.scratch_reg(avoid=("rax",))
+        setup, m, used = self.mem(s)
+        _n, r = self.data_reg(s, avoid=(self.ACC,) + used)
         kind = self.r.choice(("xchg", "cmpxchg", "cmpxchg_hit", "xadd"))
-        if kind == "xchg":
-            return Op("mmio_xchg", [f"xchg{SUFFIX[s]} {reg(r, s)}, {off:#x}(%r15)"])
-        if kind == "xadd":
-            return Op("mmio_xadd", [f"xadd{SUFFIX[s]} {reg(r, s)}, {off:#x}(%r15)"])
-        lines = []
-        if kind == "cmpxchg_hit":  # make the comparison succeed: RAX = the current value
-            lines.append(f"mov{SUFFIX[s]} {off:#x}(%r15), {reg('rax', s)}")
+        if kind in ("xchg", "xadd"):
+            return Op("mmio_" + kind, setup + [f"{kind}{SUFFIX[s]} {r}, {m}"])
+        lines = list(setup)
+        if kind == "cmpxchg_hit":  # make the comparison succeed: the accumulator = the current value
+            lines.append(f"mov{SUFFIX[s]} {m}, {self.reg(self.ACC, s)}")
         lock = "lock " if self.r.random() < 0.5 else ""
-        lines.append(f"{lock}cmpxchg{SUFFIX[s]} {reg(r, s)}, {off:#x}(%r15)")
+        lines.append(f"{lock}cmpxchg{SUFFIX[s]} {r}, {m}")
         return Op("mmio_" + kind, lines)
 
     def op_mmio_bit(self):

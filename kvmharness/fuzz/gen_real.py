@@ -90,6 +90,10 @@ class _Gen16(G._Gen):
     ACC = "eax"
     WIDTH = 32
     KERNEL_MSR_RW = KERNEL_MSR_RW
+    reg = staticmethod(reg)
+
+    def rmw_imm_size(self, size):
+        return size
 
     # -- helpers ------------------------------------------------------------------
     def size(self, sizes=(1, 2, 4)):
@@ -183,52 +187,6 @@ class _Gen16(G._Gen):
             _n, r = self.data_reg(s)
             return Op("mmio_store", setup + [f"mov{SUFFIX[s]} {r}, {m}"])
         return Op("mmio_store_imm", setup + [f"mov{SUFFIX[s]} ${self.imm(s):#x}, {m}"])
-
-    def op_mmio_rmw(self):
-        s = self.size()
-        setup, m, used = self.mem(s)
-        mn = self.r.choice(("add", "sub", "and", "or", "xor", "adc", "sbb", "inc", "dec", "neg",
-                            "not", "shl1", "shr1", "sar1", "rol1", "ror1"))
-        undef = FL_AF if mn in ("and", "or", "xor") else 0
-        if mn in ("inc", "dec", "neg", "not"):
-            lines = [f"{mn}{SUFFIX[s]} {m}"]
-        elif mn.endswith("1"):
-            lines = [f"{mn[:-1]}{SUFFIX[s]} $1, {m}"]
-            undef = FL_AF if mn in ("shl1", "shr1", "sar1") else 0
-        elif self.r.random() < 0.5:
-            _n, r = self.data_reg(s)
-            lines = [f"{mn}{SUFFIX[s]} {r}, {m}"]
-        else:
-            v = self.imm(s) & (0x7F if self.r.random() < 0.5 else 0xFFFFFFFF)
-            lines = [f"{mn}{SUFFIX[s]} ${v:#x}, {m}"]
-        if undef:
-            lines.append(self.normalize())
-        return Op("mmio_rmw_" + mn, setup + lines, undef_flags=undef)
-
-    def op_mmio_test_cmp(self):
-        s = self.size()
-        setup, m, used = self.mem(s)
-        _n, r = self.data_reg(s)
-        mn = self.r.choice(("cmp", "test"))
-        undef = FL_AF if mn == "test" else 0
-        lines = setup + [f"{mn}{SUFFIX[s]} {r}, {m}"]
-        if undef:
-            lines.append(self.normalize())
-        return Op("mmio_" + mn, lines, undef_flags=undef)
-
-    def op_mmio_xchg(self):
-        s = self.size()
-        setup, m, used = self.mem(s)
-        _n, r = self.data_reg(s, avoid=("eax",) + used)
-        kind = self.r.choice(("xchg", "cmpxchg", "cmpxchg_hit", "xadd"))
-        if kind in ("xchg", "xadd"):
-            return Op("mmio_" + kind, setup + [f"{kind}{SUFFIX[s]} {r}, {m}"])
-        lines = list(setup)
-        if kind == "cmpxchg_hit":
-            lines.append(f"mov{SUFFIX[s]} {m}, {reg('eax', s)}")
-        lock = "lock " if self.r.random() < 0.5 else ""
-        lines.append(f"{lock}cmpxchg{SUFFIX[s]} {r}, {m}")
-        return Op("mmio_" + kind, lines)
 
     def op_mmio_bit(self):
         s = self.size((2, 4))
