@@ -155,6 +155,7 @@ class _Gen:
     ACC = "rax"
     WIDTH = 64
     KERNEL_MSR_RW = KERNEL_MSR_RW   # the kernel MSRs op_rdmsr reads (with KERNEL_MSR_RO)
+    PORT_REG = "%edx"               # where op_out/op_in load a port number above 0xFF
 
     def __init__(self, seed: int):
         self.r = random.Random(seed)
@@ -194,6 +195,10 @@ class _Gen:
         """The immediate op_mmio_rmw draws for a ``size``-byte operand (32 bits for a word)."""
         return 1 if size == 1 else 4
 
+    def out_value(self):
+        """The accumulator's value before an OUT (when op_out sets one)."""
+        return self.imm(8)
+
     def normalize(self):
         a, b = self.r.sample(self.GPRS, 2)
         return f"cmp %{a}, %{b}"
@@ -213,21 +218,23 @@ class _Gen:
     def op_out(self):
         s = self.size((1, 2, 4))
         port = self.r.choice(PORTS)
-        lines = [f"mov ${self.imm(8):#x}, %rax" if self.r.random() < 0.5 else "nop"]
+        acc = self.reg(self.ACC, s)
+        lines = [f"mov ${self.out_value():#x}, %{self.ACC}" if self.r.random() < 0.5 else "nop"]
         if port < 0x100 and self.r.random() < 0.5:
-            lines.append(f"out{SUFFIX[s]} {reg('rax', s)}, ${port:#x}")
+            lines.append(f"out{SUFFIX[s]} {acc}, ${port:#x}")
         else:
-            lines += [f"mov ${port:#x}, %edx", f"out{SUFFIX[s]} {reg('rax', s)}, %dx"]
+            lines += [f"mov ${port:#x}, {self.PORT_REG}", f"out{SUFFIX[s]} {acc}, %dx"]
         return Op("out", lines)
 
     def op_in(self):
         s = self.size((1, 2, 4))
         port = self.r.choice(PORTS)
-        lines = [f"mov ${self.r.getrandbits(64):#x}, %rax"]
+        acc = self.reg(self.ACC, s)
+        lines = [f"mov ${self.r.getrandbits(self.WIDTH):#x}, %{self.ACC}"]
         if port < 0x100 and self.r.random() < 0.5:
-            lines.append(f"in{SUFFIX[s]} ${port:#x}, {reg('rax', s)}")
+            lines.append(f"in{SUFFIX[s]} ${port:#x}, {acc}")
         else:
-            lines += [f"mov ${port:#x}, %edx", f"in{SUFFIX[s]} %dx, {reg('rax', s)}"]
+            lines += [f"mov ${port:#x}, {self.PORT_REG}", f"in{SUFFIX[s]} %dx, {acc}"]
         return Op("in", lines)
 
     def op_string_io(self):

@@ -90,10 +90,14 @@ class _Gen16(G._Gen):
     ACC = "eax"
     WIDTH = 32
     KERNEL_MSR_RW = KERNEL_MSR_RW
+    PORT_REG = "%dx"
     reg = staticmethod(reg)
 
     def rmw_imm_size(self, size):
         return size
+
+    def out_value(self):
+        return self.r.getrandbits(32)
 
     # -- helpers ------------------------------------------------------------------
     def size(self, sizes=(1, 2, 4)):
@@ -122,26 +126,6 @@ class _Gen16(G._Gen):
                 ("e" + b1, "e" + b2))
 
     # -- ops --------------------------------------------------------------------
-    def op_out(self):
-        s = self.size()
-        port = self.r.choice(G.PORTS)
-        lines = [f"mov ${self.r.getrandbits(32):#x}, %eax" if self.r.random() < 0.5 else "nop"]
-        if port < 0x100 and self.r.random() < 0.5:
-            lines.append(f"out{SUFFIX[s]} {reg('eax', s)}, ${port:#x}")
-        else:
-            lines += [f"mov ${port:#x}, %dx", f"out{SUFFIX[s]} {reg('eax', s)}, %dx"]
-        return Op("out", lines)
-
-    def op_in(self):
-        s = self.size()
-        port = self.r.choice(G.PORTS)
-        lines = [f"mov ${self.r.getrandbits(32):#x}, %eax"]
-        if port < 0x100 and self.r.random() < 0.5:
-            lines.append(f"in{SUFFIX[s]} ${port:#x}, {reg('eax', s)}")
-        else:
-            lines += [f"mov ${port:#x}, %dx", f"in{SUFFIX[s]} %dx, {reg('eax', s)}"]
-        return Op("in", lines)
-
     def _count(self, n):
         """Load CX with ``n``; sometimes with ECX's upper half set (real mode counts in CX)."""
         if self.r.random() < 0.3:
