@@ -354,7 +354,8 @@ def cmd_suite(args) -> int:
             rows.append(row)
             progress(g.name, status, system.name)
             if not args.json:
-                print(f"{g.name:<{width}} {status:<8} {system.name:<4} {detail} ({exits} exits, "
+                counted = "" if exits is None else f"{exits} exits, "  # None: it never ran
+                print(f"{g.name:<{width}} {status:<8} {system.name:<4} {detail} ({counted}"
                       f"{row['seconds'] * 1e3:.1f} ms)  [{system.name}: {why}]", flush=True)
     finally:
         for system in [primary] + [f for f in fallback if not isinstance(f, str)]:

@@ -325,6 +325,7 @@ def test_the_wheel_carries_its_data_and_runs_outside_the_tree(tmp_path):
     sources, the manifest, cdefs, AMD roots, the simulated keys, the C sources compiled at run
     time) is in the wheel, and the unpacked wheel runs a guest and the suite's manifest with
     no checkout on its path."""
+    import re
     import shutil
     import subprocess
     import sys
@@ -336,7 +337,9 @@ def test_the_wheel_carries_its_data_and_runs_outside_the_tree(tmp_path):
     if not shutil.which("git") or not (root / ".git").exists():
         pytest.skip("needs the git checkout to list the tracked files")
     whl = build_wheel(root, tmp_path / "wheel", lambda msg: None)
-    names = set(zipfile.ZipFile(whl).namelist())
+    # a platform wheel (the compiled exit path inside) keeps the package under
+    # kvmharness-<v>.data/purelib|platlib/; pip installs both layouts to the same place
+    names = {re.sub(r"^[^/]+\.data/(purelib|platlib)/", "", n) for n in zipfile.ZipFile(whl).namelist()}
     tracked = subprocess.run(["git", "ls-files", "kvmharness", "cdefs", "guests"], cwd=root,
                              capture_output=True, text=True, check=True).stdout.split()
     missing = []
@@ -350,8 +353,13 @@ def test_the_wheel_carries_its_data_and_runs_outside_the_tree(tmp_path):
     for needed in ("kvmharness/guests/manifest.toml", "kvmharness/kvm/fastpath.c",
                    "kvmharness/bench_ref.c", "kvmharness/cdefs/kvm.h"):
         assert needed in names
-    unpacked = tmp_path / "site"
-    zipfile.ZipFile(whl).extractall(unpacked)
+    unpacked = tmp_path / "site"  # installed by pip itself, no index, no dependencies
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                        "--target", str(unpacked), str(whl)], capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode and "No module named pip" in r.stderr:
+        pytest.skip("this interpreter has no pip to install the wheel with")
+    assert r.returncode == 0, r.stderr
     away = tmp_path / "elsewhere"
     away.mkdir()
     env = dict(os.environ, PYTHONPATH=str(unpacked))
@@ -430,3 +438,41 @@ def test_rig_timeouts_follow_the_timeout_rule(capsys, argv):
 def test_fuzz_rig_timeout_follows_the_timeout_rule(capsys):
     rc, _, err = run(capsys, "fuzz", "--rig-timeout", "nan")
     assert rc == EXIT_USAGE and "--rig-timeout must be a positive number of seconds" in err
+
+
+def test_bad_sim_precision_is_a_usage_error_not_a_wrong_run(tmp_path):
+    """KVMHARNESS_SIM_PRECISION=bogus put the simulator in neither mode: hello64 "ended with
+    hlt, expected done" (exit 1), as if the guest were wrong.  And a suite row of a guest that
+    never ran said "(None exits, ...)"."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVMHARNESS_SIM_PRECISION="bogus")
+    r = subprocess.run([sys.executable, "-m", "kvmharness", "run", "hello64", "--backend", "sim"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == EXIT_USAGE and r.stdout == ""
+    assert r.stderr.splitlines()[-1] == ("kvmharness: error: KVMHARNESS_SIM_PRECISION='bogus': "
+                                         "choose sites (the default) or count")
+    for mode in ("count", "sites"):
+        env["KVMHARNESS_SIM_PRECISION"] = mode
+        r = subprocess.run([sys.executable, "-m", "kvmharness", "run", "hello64", "--backend",
+                            "sim"], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == EXIT_OK, r.stderr
+
+
+def test_suite_row_of_a_guest_that_never_ran_has_no_none(capsys, monkeypatch):
+    import kvmharness.images as images
+    import kvmharness.machine as machine
+
+    full = images.load_manifest()
+    monkeypatch.setattr(images, "load_manifest", lambda path=None: {"hello64": full["hello64"]})
+
+    def refuse(*a, **k):
+        from kvmharness.errors import FeatureUnavailable
+        raise FeatureUnavailable("stand-in refusal")
+
+    monkeypatch.setattr(machine, "run_guest", refuse)
+    rc, out, _ = run(capsys, "suite", "--backend", "sim")
+    assert rc == EXIT_GUEST_FAILED
+    row = out.splitlines()[0]
+    assert "FAILED" in row and "stand-in refusal (" in row and "None" not in row

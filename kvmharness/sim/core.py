@@ -80,6 +80,10 @@ UNTIL = 0xFFFF_8000_DEAD_0000 & ~0xF  # never reached: all stops are requested
 # How exits after IN/OUT are made precise (see the module docstring): "sites" (default)
 # or "count" (the simpler, ~10x slower straight-line mode).
 PRECISION = os.environ.get("KVMHARNESS_SIM_PRECISION", "sites")
+if PRECISION not in ("sites", "count"):  # any other value ran guests in neither mode, wrongly
+    from ..errors import UsageError
+
+    raise UsageError(f"KVMHARNESS_SIM_PRECISION={PRECISION!r}: choose sites (the default) or count")
 RUN_COUNT = (1 << 62) if PRECISION == "count" else 0
 PRECISE_COUNT = 1 << 62
 
