@@ -445,8 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("suite", help="run every guest the backend can run (the main job)")
-    s.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto",
+                   help="auto (default): each guest on kvm where this host's KVM can run it, "
+                        "else on the simulator; kvm / sim: only there, skipping (with the "
+                        "reason) what that backend cannot run")
+    s.add_argument("--json", action="store_true",
+                   help="one JSON document on stdout (each guest's backend); progress on stderr")
     s.set_defaults(func=cmd_suite)
 
     s = sub.add_parser("fuzz", help="random guests on kvm and the simulator, compared exit by exit")
@@ -458,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=_positive_int, default=None, help="interleaved rounds (default 3)")
     s.add_argument("--lifecycles", type=_positive_int, default=None,
                    help="VM lifecycles per round (default 200)")
-    s.add_argument("--only", choices=("kvm", "sim", "all"), default="all")
+    s.add_argument("--only", choices=("kvm", "sim", "all"), default="all",
+                   help="which backends to measure (default all; without /dev/kvm use sim)")
     s.add_argument("--soak", action="store_true",
                    help="instead: run --count machines of each kind (plain, SEV, SEV-ES, triple fault, "
                         "timeout) on each backend that can, and print fds, threads and RSS before "

@@ -129,8 +129,9 @@ def register(subparsers) -> None:
                       "unavailable 3 over ran 0).")
     s.add_argument("scenario", choices=(*SCENARIOS, "all"))
     s.add_argument("--mode", choices=(*MODES, "sev-snp", "all"), default="svm",
-                   help="svm (default), sev, sev-es, or all")
-    s.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto")
+                   help="svm (default), sev, sev-es, sev-snp, or all")
+    s.add_argument("--backend", choices=("auto", "kvm", "sim"), default="auto",
+                   help="auto (default): kvm if /dev/kvm exists; every scenario runs on sim")
     s.add_argument("--out", default=None, help="directory for pictures (default: "
                                                "$TMPDIR/kvmharness-lab)")
     s.add_argument("--json", action="store_true")
