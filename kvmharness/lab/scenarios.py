@@ -26,12 +26,10 @@ from dataclasses import dataclass, field
 
 from .. import exits as X
 from .. import protocol as P
+from ..abi import SVM_EXIT_CPUID, SVM_EXIT_VMGEXIT
 from ..errors import FeatureUnavailable, HarnessError
-from ..x86 import CpuidEntry
+from ..x86 import CPUID_SEV, CpuidEntry
 from . import pagemap
-
-SVM_EXIT_CPUID = 0x72
-SVM_EXIT_VMGEXIT = 0x403
 
 
 @dataclass
@@ -317,7 +315,6 @@ def memview(machine, mode: str, out_dir: str) -> LabReport:
 # -- 3. lying hypervisor ----------------------------------------------------------------------
 
 CPUID_FEATURES = 0x80000001
-CPUID_SEV = 0x8000001F
 RDTSCP_BIT = 27  # CPUID 0x80000001 EDX
 
 

@@ -22,8 +22,23 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ..abi import (  # noqa: F401 - the exit codes the GHCB names too, defined once in abi
+    SVM_EXIT_CPUID,
+    SVM_EXIT_INVD,
+    SVM_EXIT_IOIO,
+    SVM_EXIT_MONITOR,
+    SVM_EXIT_MSR,
+    SVM_EXIT_MWAIT,
+    SVM_EXIT_NPF,
+    SVM_EXIT_RDPMC,
+    SVM_EXIT_RDTSCP,
+    SVM_EXIT_VMGEXIT,
+    SVM_EXIT_VMMCALL,
+    SVM_EXIT_WBINVD,
+)
+from ..x86 import MSR_SEV_ES_GHCB  # noqa: F401
+
 GHCB_SIZE = 4096
-MSR_SEV_ES_GHCB = 0xC0010130
 
 # ---------------------------------------------------------------------------
 # Page layout (struct ghcb / struct ghcb_save_area; docs/facts.md#facts-4, #facts-4a)
@@ -206,22 +221,12 @@ class Ghcb:
 # SW_EXIT_CODE values (docs/facts.md#facts-6, #facts-6a; asm/svm.h SVM_EXIT_* / SVM_VMGEXIT_*)
 # ---------------------------------------------------------------------------
 
+# (the codes abi.py also names -- RDPMC, CPUID, INVD, IOIO, MSR, VMMCALL, RDTSCP, WBINVD,
+# MONITOR, MWAIT, NPF, VMGEXIT -- are imported from there, above)
 SVM_EXIT_READ_DR7 = 0x027
 SVM_EXIT_WRITE_DR7 = 0x037
 SVM_EXIT_EXCP_AC = 0x051
 SVM_EXIT_RDTSC = 0x06E
-SVM_EXIT_RDPMC = 0x06F
-SVM_EXIT_CPUID = 0x072
-SVM_EXIT_INVD = 0x076
-SVM_EXIT_IOIO = 0x07B
-SVM_EXIT_MSR = 0x07C
-SVM_EXIT_VMMCALL = 0x081
-SVM_EXIT_RDTSCP = 0x087
-SVM_EXIT_WBINVD = 0x089
-SVM_EXIT_MONITOR = 0x08A
-SVM_EXIT_MWAIT = 0x08B
-SVM_EXIT_NPF = 0x400
-SVM_EXIT_VMGEXIT = 0x403
 
 SVM_VMGEXIT_MMIO_READ = 0x80000001
 SVM_VMGEXIT_MMIO_WRITE = 0x80000002

@@ -53,6 +53,12 @@ import unicorn
 from unicorn import x86_const as X
 
 from ..errors import SevError, UsageError
+from ..sev.ghcb import (
+    SVM_VMGEXIT_AP_CREATION,
+    SVM_VMGEXIT_EXT_GUEST_REQUEST,
+    SVM_VMGEXIT_GUEST_REQUEST,
+    SVM_VMGEXIT_PSC,
+)
 from ..sev.memcrypt import GuestKey
 from ..sev.vmgexit import SevEsVmgexitHandler
 from ..snp import rmp as R
@@ -85,10 +91,6 @@ POISON_BASE = 0xC0_0000_0000
 POISON_SIZE = 0x10_0000_0000
 PVALIDATE_BYTES = b"\xF2\x0F\x01\xFF"
 RMPADJUST_BYTES = b"\xF3\x0F\x01\xFE"
-SVM_VMGEXIT_PSC = 0x80000010
-SVM_VMGEXIT_AP_CREATION = 0x80000013
-SVM_VMGEXIT_GUEST_REQUEST = 0x80000011
-SVM_VMGEXIT_EXT_GUEST_REQUEST = 0x80000012
 RMP_VC_EVENT = 0x3000  # run-loop event: #VC 0x404 owed (sim/seves.py uses 0x2000 + code)
 RMP_NPF_EVENT = 0x3001  # run-loop event: an RMP #NPF KVM could not fix
 RFLAGS_CF = 1

@@ -27,17 +27,22 @@ import dataclasses
 import struct
 
 from ..abi import KVM_HC_MAP_GPA_RANGE
+from ..sev.ghcb import (  # the GHCB's own numbers, defined once there
+    GHCB_ERR_INVALID_SCRATCH_AREA,
+    GHCB_ERR_MISSING_INPUT,
+    GHCB_MSR_INFO_MASK,
+)
+from ..sev.ghcb import SHARED_BUFFER_END as GHCB_SHARED_BUFFER_END
+from ..sev.ghcb import SHARED_BUFFER_OFFSET as GHCB_SHARED_BUFFER
 
 # GHCB MSR protocol (sev-common.h)
-GHCB_MSR_INFO_MASK = 0xFFF
 GHCB_MSR_PSC_REQ = 0x014
 GHCB_MSR_PSC_RESP = 0x015
 GHCB_MSR_PSC_RESP_ERROR = (1 << 63) | GHCB_MSR_PSC_RESP
 SNP_PAGE_STATE_PRIVATE = 1
 SNP_PAGE_STATE_SHARED = 2
 
-# The NAE event (sev-common.h)
-SVM_VMGEXIT_PSC = 0x80000010
+# The NAE event (sev-common.h; its exit code is sev.ghcb.SVM_VMGEXIT_PSC)
 VMGEXIT_PSC_MAX_COUNT = 253
 VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
 VMGEXIT_PSC_ERROR_INVALID_HDR = (1 << 32) | 1
@@ -46,12 +51,6 @@ VMGEXIT_PSC_OP_PRIVATE = 1
 VMGEXIT_PSC_OP_SHARED = 2
 PSC_HDR = struct.Struct("<HHI")
 PSC_ENTRY_SIZE = 8
-
-# GHCB layout and bad-input codes (docs/facts.md#facts-4c)
-GHCB_SHARED_BUFFER = 0x800
-GHCB_SHARED_BUFFER_END = 0xFF0  # offsetof(struct ghcb, reserved_0xff0)
-GHCB_ERR_INVALID_SCRATCH_AREA = 3
-GHCB_ERR_MISSING_INPUT = 4
 
 # KVM_HC_MAP_GPA_RANGE's attributes (kvm_para.h; the number is abi.KVM_HC_MAP_GPA_RANGE)
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0

@@ -31,6 +31,8 @@ import dataclasses
 import enum
 import struct
 
+from ..abi import SVM_EXIT_NPF
+
 PAGE_SIZE = 4096
 PAGES_PER_2M = 512
 SIZE_2M = PAGE_SIZE * PAGES_PER_2M
@@ -79,7 +81,6 @@ PFERR_GUEST_ENC = 1 << 34
 PFERR_GUEST_SIZEM = 1 << 35
 PFERR_GUEST_VMPL = 1 << 36
 
-SVM_EXIT_NPF = 0x400
 SVM_EXIT_PAGE_NOT_VALIDATED = 0x404  # the #VC error code (APM §15.36.10)
 
 
