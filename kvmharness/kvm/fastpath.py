@@ -6,8 +6,10 @@ runs ``KVM_RUN`` in a loop and handles the exits the device bus declared it may
 the Machine replays in order), returning to Python for every other exit.  cffi's
 ABI-mode calls release the GIL, so other threads run while a vCPU is in the loop.
 
-It is never required.  :func:`load` compiles ``fastpath.c`` with ``cc -O2
--shared -fPIC`` into a per-user cache (``$XDG_CACHE_HOME/kvmharness``, else
+It is never required.  An install with a C compiler builds it into the package
+(setup.py: ``_fastpath-<source hash>.so``, also in the ``py3-none-<platform>``
+wheel), and :func:`load` takes that one first.  Otherwise it compiles ``fastpath.c``
+with ``cc -O2 -shared -fPIC`` into a per-user cache (``$XDG_CACHE_HOME/kvmharness``, else
 ``~/.cache/kvmharness``; one file per source version and machine) the first time
 it is wanted; with no compiler, or a failed build, the pure-Python exit path
 runs and :func:`status` says why.  ``KVMHARNESS_FASTPATH=0`` forces the
@@ -120,13 +122,31 @@ def _compiler() -> str | None:
     return None
 
 
+def _installed(path: Path) -> bool:
+    """Whether a library shipped in the package may be loaded: a file no one but its owner
+    (this user or root, who installed the package) can write, in such a directory."""
+    try:
+        for p in (path.parent, path):
+            st = p.lstat()
+            if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return path.is_file()
+
+
 def library_path() -> tuple[Path | None, str]:
-    """Build (once per source version) and return the shared library's path, or None and why not."""
+    """The shared library's path, or None and why not: the one built into the package at
+    install time (setup.py) where present, else the per-user cache's, built on first use
+    (once per source version)."""
     try:
         src = SOURCE.read_bytes()
     except OSError as e:
         return None, f"fastpath.c is not installed ({e.strerror})"
     tag = hashlib.sha256(src).hexdigest()[:16]
+    packaged = SOURCE.with_name(f"_fastpath-{tag}.so")  # setup.py's library_name()
+    if _installed(packaged):
+        return packaged, "installed"
     name = f"fastpath-{tag}-{platform.machine()}.so"
     for d in _cache_dirs():
         if (d / name).is_file() and _ours(d) and _ours(d / name):
