@@ -351,21 +351,26 @@ class _Gen:
         n = self.r.randint(1, 4) if rep else 1
         moff = self.mmio_off(s, span=n) + (s * n if down else 0)
         roff = self.r.randrange(128, RAM_SIZE - 128) & ~(s - 1)
-        if kind == "movs_to":
-            setup = [f"lea {roff:#x}(%r14), %rsi", f"lea {moff:#x}(%r15), %rdi"]
-            insn = f"movs{SUFFIX[s]}"
-        elif kind == "movs_from":
-            setup = [f"lea {moff:#x}(%r15), %rsi", f"lea {roff:#x}(%r14), %rdi"]
-            insn = f"movs{SUFFIX[s]}"
-        elif kind == "stos":
-            setup = [f"lea {moff:#x}(%r15), %rdi", f"mov ${self.r.getrandbits(64):#x}, %rax"]
-            insn = f"stos{SUFFIX[s]}"
-        else:
-            setup = [f"lea {moff:#x}(%r15), %rsi"]
-            insn = f"lods{SUFFIX[s]}"
-        lines = setup + [f"mov ${n}, %ecx", "std" if down else "cld",
-                         f"{'rep ' if rep else ''}{insn}", "cld"]
+        setup = self.string_setup(kind, moff, roff)
+        insn = {"movs_to": "movs", "movs_from": "movs", "stos": "stos", "lods": "lods"}[kind]
+        lines = setup + [self._count(n), "std" if down else "cld",
+                         f"{'rep ' if rep else ''}{insn}{SUFFIX[s]}", "cld"]
         return Op("mmio_" + kind, lines)
+
+    def string_setup(self, kind, moff, roff):
+        """op_mmio_string's pointers (and STOS's value): the device at ``moff``, the scratch
+        page at ``roff``."""
+        if kind == "movs_to":
+            return [f"lea {roff:#x}(%r14), %rsi", f"lea {moff:#x}(%r15), %rdi"]
+        if kind == "movs_from":
+            return [f"lea {moff:#x}(%r15), %rsi", f"lea {roff:#x}(%r14), %rdi"]
+        if kind == "stos":
+            return [f"lea {moff:#x}(%r15), %rdi", f"mov ${self.r.getrandbits(64):#x}, %rax"]
+        return [f"lea {moff:#x}(%r15), %rsi"]
+
+    def _count(self, n):
+        """The element count's register (ECX) loaded with ``n``."""
+        return f"mov ${n}, %ecx"
 
     def op_alu(self):
         a, b = self.r.sample(self.GPRS, 2)

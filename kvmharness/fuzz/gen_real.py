@@ -196,29 +196,16 @@ class _Gen16(G._Gen):
         _n, r = self.data_reg(s, avoid=used)
         return Op("mmio_" + mn, setup + [f"{mn}{SUFFIX[s]} {m}, {r}"])
 
-    def op_mmio_string(self):
-        s = self.size()
-        kind = self.r.choice(("movs_to", "movs_from", "stos", "lods"))
-        rep = self.r.random() < 0.6 and kind != "lods"
-        down = self.r.random() < 0.3
-        n = self.r.randint(1, 4) if rep else 1
-        moff = self.mmio_off(s, span=n) + (s * n if down else 0)
-        roff = self.r.randrange(128, G.RAM_SIZE - 128) & ~(s - 1)
-
+    def string_setup(self, kind, moff, roff):
         def seg(sreg, value):
             return [f"mov ${value:#x}, %ax", f"mov %ax, %{sreg}"]
         if kind == "movs_to":
-            setup = seg("ds", RAM_SEG) + seg("es", MMIO_SEG) + [f"mov ${roff:#x}, %si", f"mov ${moff:#x}, %di"]
-        elif kind == "movs_from":
-            setup = seg("ds", MMIO_SEG) + seg("es", RAM_SEG) + [f"mov ${moff:#x}, %si", f"mov ${roff:#x}, %di"]
-        elif kind == "stos":
-            setup = seg("es", MMIO_SEG) + [f"mov ${moff:#x}, %di", f"mov ${self.r.getrandbits(32):#x}, %eax"]
-        else:
-            setup = seg("ds", MMIO_SEG) + [f"mov ${moff:#x}, %si"]
-        insn = {"movs_to": "movs", "movs_from": "movs", "stos": "stos", "lods": "lods"}[kind]
-        lines = setup + [self._count(n), "std" if down else "cld",
-                         f"{'rep ' if rep else ''}{insn}{SUFFIX[s]}", "cld"]
-        return Op("mmio_" + kind, lines)
+            return seg("ds", RAM_SEG) + seg("es", MMIO_SEG) + [f"mov ${roff:#x}, %si", f"mov ${moff:#x}, %di"]
+        if kind == "movs_from":
+            return seg("ds", MMIO_SEG) + seg("es", RAM_SEG) + [f"mov ${moff:#x}, %si", f"mov ${roff:#x}, %di"]
+        if kind == "stos":
+            return seg("es", MMIO_SEG) + [f"mov ${moff:#x}, %di", f"mov ${self.r.getrandbits(32):#x}, %eax"]
+        return seg("ds", MMIO_SEG) + [f"mov ${moff:#x}, %si"]
 
     def op_pushf_out(self):
         return Op("pushf_out", ["pushfl", "pop %eax", "and $0x8d5, %eax", "outl %eax, $0x70"])
