@@ -115,6 +115,7 @@ class _Exporting:
     """A /dev/sev stand-in answering PDH_CERT_EXPORT as that platform's firmware did."""
 
     backend = "kvm"
+    firmware = None  # SevPlatformInterface.firmware: the simulated model, None for /dev/sev
 
     def __init__(self, gen: str, chip_id: bytes = bytes(range(64))):
         self.c = capture(gen)
