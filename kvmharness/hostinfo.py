@@ -318,7 +318,7 @@ def snp_checks(cpu: dict, host_leaf: dict | None, params: dict | None, details: 
                                                                for t in sorted(types)) or "nothing")),
                 "fix": None if listed else (
                     "KVM offers no KVM_X86_SNP_VM: it needs all of the above, and Linux 6.11 or "
-                    "later" if types is not None else "make /dev/kvm accessible to probe it")})
+                    "later" if types is not None else f"make {kvm_device_path()} accessible to probe it")})
     return out
 
 
@@ -345,6 +345,12 @@ def host_report() -> dict:
     kvm["api_version"] = details.get("api_version")
     params = kvm_amd_params()
     raw_leaf = host_cpuid(CPUID_SEV)
+    leaf_source = "/dev/cpu/0/cpuid"
+    top = host_cpuid(0x8000_0000)  # a leaf above the highest extended leaf is not this leaf
+    if raw_leaf and top and top[0] < CPUID_SEV:  # (Intel answers it with a basic leaf's data)
+        raw_leaf = (0, 0, 0, 0)
+        leaf_source = (f"/dev/cpu/0/cpuid: the CPU's highest extended leaf is {top[0]:#x}, so it "
+                       "has no 0x8000001F (no SME/SEV): read as zeros")
     sev_present = os.path.exists(sev_device_path())
     mem = psutil.virtual_memory()
     report = {
@@ -353,7 +359,7 @@ def host_report() -> dict:
         "cpu": cpu,
         "kernel": platform.release(),
         "host_sev_leaf": decode_sev_leaf(*raw_leaf) if raw_leaf else None,
-        "host_sev_leaf_source": "/dev/cpu/0/cpuid" if raw_leaf else
+        "host_sev_leaf_source": leaf_source if raw_leaf else
         "unavailable (load the 'cpuid' module to read the host's raw CPUID)",
         "kvm_amd": params,
         "nested": _flag(params.get("nested")) if params else None,
@@ -410,7 +416,8 @@ def format_report(r: dict) -> str:
     hl = r.get("host_sev_leaf")
     lines.append("host CPUID 0x8000001F: " + (
         f"{hl['raw']} sev={hl['sev']} sev_es={hl['sev_es']} sev_snp={hl['sev_snp']} c_bit={hl['c_bit']} "
-        f"guests={hl['encrypted_guests']} min_asid={hl['min_sev_asid']}" if hl else r["host_sev_leaf_source"]))
+        f"guests={hl['encrypted_guests']} min_asid={hl['min_sev_asid']}" if hl else r["host_sev_leaf_source"])
+        + (f" ({r['host_sev_leaf_source']})" if hl and ":" in r["host_sev_leaf_source"] else ""))
     p = r["kvm_amd"]
     lines.append("kvm_amd: " + (", ".join(f"{n}={v}" for n, v in p.items()
                                           if n in ("sev", "sev_es", "sev_snp", "nested", "npt", "nrips", "avic"))

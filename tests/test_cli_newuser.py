@@ -476,3 +476,22 @@ def test_suite_row_of_a_guest_that_never_ran_has_no_none(capsys, monkeypatch):
     assert rc == EXIT_GUEST_FAILED
     row = out.splitlines()[0]
     assert "FAILED" in row and "stand-in refusal (" in row and "None" not in row
+
+
+@pytest.mark.parametrize("top, expect_cbit", [(0x8000_0008, 0), (0x8000_0028, 51)])
+def test_info_decodes_0x8000001f_only_where_the_cpu_has_it(monkeypatch, top, expect_cbit):
+    """On an Intel CPU (highest extended leaf 0x80000008) leaf 0x8000001F answers with a basic
+    leaf's data; `info` decoded it as "c_bit=1".  Above the top leaf it now reads as zeros and
+    says why; an AMD part's real leaf is decoded as before."""
+    import kvmharness.hostinfo as H
+
+    leaves = {0x8000_0000: (top, 0, 0, 0), 0x8000_001F: (0x1003, 0x70001 | 51, 509, 1)}
+    monkeypatch.setattr(H, "host_cpuid", lambda leaf, subleaf=0: leaves.get(leaf))
+    r = H.host_report()
+    assert r["host_sev_leaf"]["c_bit"] == expect_cbit
+    if top < 0x8000_001F:
+        assert r["host_sev_leaf"]["sev"] is False and r["host_sev_leaf"]["encrypted_guests"] == 0
+        assert "highest extended leaf is 0x80000008" in r["host_sev_leaf_source"]
+        assert "highest extended leaf is 0x80000008" in H.format_report(r)
+    else:
+        assert r["host_sev_leaf"]["sev"] is True and r["host_sev_leaf_source"] == "/dev/cpu/0/cpuid"
