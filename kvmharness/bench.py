@@ -170,6 +170,21 @@ def harness_threads(system, threads: int, fast: bool = True) -> dict:
     return {"threads": threads, "exits": exits, "seconds": t, "exits_per_s": exits / t}
 
 
+def harness_vcpus(system, vcpus: int, fast: bool = True) -> dict:
+    """One Machine with ``vcpus`` vCPUs on ``ioloop``, each vCPU on its own thread
+    (kvmharness/smp.py): aggregate exits/s of the VM."""
+    from .machine import Machine
+    from .smp import run_vcpus
+
+    with Machine.for_guest("ioloop", system, vcpus=vcpus) as m:
+        m.fast_path = fast
+        t0 = time.perf_counter()
+        results = run_vcpus(m, 120)
+        t = time.perf_counter() - t0
+        exits = sum(r.exit_count for r in results)
+        return {"vcpus": vcpus, "exits": exits, "seconds": t, "exits_per_s": exits / t, "path": m.exit_path}
+
+
 def machine_lifecycle(system, n: int) -> dict:
     """One-line common case per VM: Machine.for_guest('halt') + run + close."""
     from .machine import Machine
@@ -235,8 +250,12 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
             h_lc.append(harness_lifecycle(system, halt_bytes, lifecycles))
             m_lc.append(machine_lifecycle(system, max(1, lifecycles // 4)))
         scaling: dict = {}
+        vcpu_scaling: dict = {}
         for path in (["compiled"] if compiled else []) + ["python"]:
             for n in SCALING_THREADS:
+                progress(f"kvm scaling: 1 VM with {n} vCPU thread(s), {path} exit path")
+                vcpu_scaling.setdefault(path, {})[str(n)] = round(
+                    harness_vcpus(system, n, fast=path == "compiled")["exits_per_s"])
                 progress(f"kvm scaling: {n} thread(s), {path} exit path")
                 scaling.setdefault(path, {})[str(n)] = round(
                     harness_threads(system, n, fast=path == "compiled")["exits_per_s"])
@@ -292,6 +311,8 @@ def bench_kvm(rounds: int, lifecycles: int, progress) -> dict:
         "machine_for_guest_lifecycle_us": round(m_vm * 1e6, 1),
         # aggregate exits/s of N Machines on ioloop in N threads (one run each, not interleaved)
         "scaling_exits_per_s": scaling,
+        # aggregate exits/s of one Machine with N vCPUs on ioloop, one thread per vCPU
+        "vcpu_scaling_exits_per_s": vcpu_scaling,
         "host_cpus": os.cpu_count(),
     }
     out["goals"] = {k: _goal(k, out[k]) for k in GOALS if k in out}
@@ -362,6 +383,9 @@ def run_bench(*, rounds: int = 3, lifecycles: int = 200, only: str = "all", as_j
         for path, by_n in k["scaling_exits_per_s"].items():
             row = ", ".join(f"{n} thread{'s' if n != '1' else ''} {v:,}" for n, v in by_n.items())
             print(f"  threads, {path} exit path (aggregate exits/s, {k['host_cpus']} CPUs): {row}")
+        for path, by_n in k["vcpu_scaling_exits_per_s"].items():
+            row = ", ".join(f"{n} vCPU{'s' if n != '1' else ''} {v:,}" for n, v in by_n.items())
+            print(f"  one VM, a thread per vCPU, {path} exit path (aggregate exits/s): {row}")
     s = out.get("sim")
     if s:
         print("sim:")

@@ -61,6 +61,20 @@ class DeviceBus:
             if inp:
                 self._port_in[p] = inp
 
+    def clone(self, replace: dict | None = None) -> DeviceBus:
+        """A bus with the same devices on the same ports and ranges (shared, not copied),
+        except the ports in ``replace`` ({port: device}), which the given devices take over
+        (one Machine's vCPUs each answer their own ucall port: kvmharness/smp.py)."""
+        bus = DeviceBus()
+        bus._port_out, bus._port_in = dict(self._port_out), dict(self._port_in)
+        bus._port_owner = dict(self._port_owner)
+        bus._mmio, bus._mmio_starts = list(self._mmio), list(self._mmio_starts)
+        for port, device in (replace or {}).items():
+            for table in (bus._port_out, bus._port_in, bus._port_owner):
+                table.pop(port, None)
+            bus.add_ports(port, 1, device)
+        return bus
+
     def add_mmio(self, start: int, size: int, device) -> None:
         """Claim guest-physical [start, start+size) for ``device``."""
         if size <= 0 or start < 0:

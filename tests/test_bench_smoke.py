@@ -29,3 +29,12 @@ def test_kvm_benchmark_paths_run():
     with open_backend("kvm") as system:
         assert harness_lifecycle(system, get_guest("halt").load(), 3)["count"] == 3
         assert bare_cffi_ioloop(system)["exits"] == 200_001
+
+
+@pytest.mark.requires_kvm
+def test_kvm_benchmark_runs_one_vm_with_a_thread_per_vcpu():
+    from kvmharness.bench import harness_vcpus
+
+    with open_backend("kvm") as system:
+        r = harness_vcpus(system, 2)
+    assert r["vcpus"] == 2 and r["exits"] == 2 * 200_001 and r["exits_per_s"] > 0
