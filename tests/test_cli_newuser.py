@@ -4,6 +4,7 @@ field that says the opposite of the exit status, an error with no way forward)."
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -90,6 +91,12 @@ def test_run_sev_policy_with_es_bit_is_a_cli_usage_error(capsys):
     assert "use --mode sev-es" in err and "mode='" not in err
 
 
+# fuzz guests are assembled here: GNU as, objcopy and nm (absent on the rig in a box)
+needs_binutils = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("as", "objcopy", "nm")),
+    reason="assembling fuzz guests needs binutils (as, objcopy, nm)")
+
+
 def _kvm_system_or_skip():
     from kvmharness.factory import open_backend
 
@@ -159,6 +166,7 @@ def test_fuzz_negative_seed_is_refused(capsys):
 
 
 @pytest.mark.requires_kvm
+@needs_binutils
 def test_fuzz_seed_in_equals_form_runs_one_seed(capsys):
     """`--seed=7` was missed by a look at sys.argv for "--seed", so it ran 100 seeds."""
     _kvm_system_or_skip().close()
@@ -210,6 +218,7 @@ def test_rig_check_reason_is_not_repeated(capsys, tmp_path):
 
 
 @pytest.mark.requires_kvm
+@needs_binutils
 def test_fuzz_nested_says_when_no_nested_vmrun_was_compared(capsys):
     """On a KVM that offers guests no SVM, `fuzz --mode nested` reported "0 mismatches" as if
     nested SVM had been compared; it now says that only L1's SVM check ran."""
