@@ -84,3 +84,19 @@ def test_the_hypercall_quirk_is_asked_once_per_vm_type_and_disabled_on_every_vm(
             assert names.count("KVM_ENABLE_CAP") == 3
     finally:
         system.close()
+
+
+def test_the_manifest_is_parsed_once_per_text(tmp_path):
+    from kvmharness.images import load_manifest
+
+    src = load_manifest()  # the shipped one, parsed (or cached) once
+    again = load_manifest()
+    assert again == src and again is not src  # a fresh dict of the same frozen images
+    assert again["halt"] is src["halt"]
+    path = tmp_path / "manifest.toml"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "g.S").write_text("")
+    path.write_text('[guest.g]\nmode = "real"\nexpect = "hlt"\n')
+    assert load_manifest(path)["g"].expect == "hlt"
+    path.write_text('[guest.g]\nmode = "real"\nexpect = "done"\n')  # edited: parsed again
+    assert load_manifest(path)["g"].expect == "done"
