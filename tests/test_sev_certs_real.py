@@ -28,9 +28,8 @@ from kvmharness.sev.certs import (
     CertUsage,
     PlatformCertChain,
     SevCertificate,
-    verify_platform_chain,
 )
-from kvmharness.sev.chain import LINK_NAMES, verify_chain
+from kvmharness.sev.chain import LINK_NAMES, verify_chain, verify_platform_chain
 from kvmharness.sev.policy import GuestPolicy
 from kvmharness.sev.session import GuestOwner
 

@@ -1,5 +1,6 @@
 """SimulatedSevFirmware: launches, state rules and every error path (no device)."""
 
+import dataclasses
 import errno
 import os
 
@@ -13,8 +14,8 @@ from kvmharness.sev.certs import (
     PlatformCertChain,
     SevCertificate,
     generate_key,
-    verify_platform_chain,
 )
+from kvmharness.sev.chain import verify_platform_chain
 from kvmharness.sev.firmware import SimulatedSevFirmware
 from kvmharness.sev.measurement import LaunchMeasurement, MeasurementMismatch
 from kvmharness.sev.policy import GuestPolicy
@@ -215,7 +216,8 @@ def test_pek_csr_and_cert_import_take_ownership(fw):
     pdh, chain = fw.pdh_cert_export()
     parsed = PlatformCertChain.from_bytes(chain)
     assert parsed.oca == oca
-    verify_platform_chain(SevCertificate.from_bytes(pdh), parsed, ask=fw.ask_cert)
+    signed = dataclasses.replace(parsed, cek=SevCertificate.from_bytes(fw.kds_cek()))
+    verify_platform_chain(SevCertificate.from_bytes(pdh), signed, ask=fw.ask_cert)
     with pytest.raises(SevError) as ei:
         fw.pek_cert_import(pek.to_bytes(), oca.to_bytes())
     fw_error(ei, SevStatus.ALREADY_OWNED)

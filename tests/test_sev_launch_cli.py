@@ -17,8 +17,8 @@ from kvmharness.sev.certs import (
     CERT_SIZE,
     PlatformCertChain,
     SevCertificate,
-    verify_platform_chain,
 )
+from kvmharness.sev.chain import verify_platform_chain
 from kvmharness.sev.launch import pad_image
 from kvmharness.sev.measurement import compute_measure, launch_digest
 from kvmharness.sev.vmsa import build_vmsa

@@ -375,20 +375,3 @@ class PlatformCertChain:
         for cert, usage in zip(certs, (CertUsage.PEK, CertUsage.OCA, CertUsage.CEK)):
             cert.expect_usage(usage)
         return cls(*certs)
-
-
-def verify_platform_chain(pdh: SevCertificate, chain: PlatformCertChain, ask=None,
-                          ark=None) -> ec.EllipticCurvePublicKey:
-    """Verify PDH <- PEK <- (OCA, CEK) [<- ASK [<- ARK]]; return the PDH public key.
-
-    The guest owner does this before trusting the PDH for LAUNCH_START (as
-    sevctl does): OCA self-signed, PEK signed by the OCA and by the CEK, PDH
-    signed by the PEK, and, if ``ask`` (AMD's ASK, an
-    :class:`~kvmharness.sev.amd_ca.AmdCaCertificate`) is given, the CEK signed
-    by it; with ``ark`` too, the ASK signed by the ARK and the ARK by itself.
-    Raises :class:`CertificateError` naming the first link that fails.
-    """
-    from .chain import verify_chain
-
-    return verify_chain(pdh, chain.pek, chain.oca, chain.cek, ask=ask, ark=ark) \
-        .raise_for_failure().pdh_key

@@ -30,7 +30,7 @@ import dataclasses
 
 from ..errors import CertificateError
 from .amd_ca import AmdCaCertificate
-from .certs import _ECDH, CertUsage, SevCertificate
+from .certs import _ECDH, CertUsage, PlatformCertChain, SevCertificate
 
 LINKS = (
     ("ARK self-signed", "ark", "ark"),
@@ -226,3 +226,20 @@ def verify_chain(pdh, pek, oca, cek, *, ask=None, ark=None, kds_cek=None,
                 why = str(exc)
             links.append(LinkResult(name, signer, subject, "failed" if why else "ok", why or ""))
     return ChainVerification(tuple(links), {r: c for r, c in certs.items() if c is not None})
+
+
+def verify_platform_chain(pdh: SevCertificate, chain: PlatformCertChain, ask=None, ark=None):
+    """Verify PDH <- PEK <- (OCA, CEK) [<- ASK [<- ARK]]; return the PDH public key.
+
+    The guest owner's check before trusting the PDH for LAUNCH_START (as sevctl
+    does): OCA self-signed, PEK signed by the OCA and by the CEK, PDH signed by the
+    PEK; with ``ask`` (AMD's ASK, an :class:`~kvmharness.sev.amd_ca.AmdCaCertificate`)
+    the CEK must be signed by it (an unsigned CEK, as PDH_CERT_EXPORT gives it, is
+    refused: fetch the signed one from AMD's KDS); with ``ark`` too, the ASK signed
+    by the ARK and the ARK by itself.  Raises :class:`CertificateError` naming the
+    first link that fails.
+    """
+    result = verify_chain(pdh, chain.pek, chain.oca, chain.cek, ask=ask, ark=ark)
+    if ask is not None:
+        result.require_amd()
+    return result.raise_for_failure().pdh_key
