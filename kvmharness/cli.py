@@ -188,8 +188,15 @@ def cmd_run(args) -> int:
                   "see kvmharness sev verify)", file=sys.stderr)
 
     try:  # the library's path: machine.run_guest (an expected timeout is a result there)
-        result = run_guest(image, system, timeout=args.timeout, trace=args.trace, sev=args.mode,
-                           policy=policy, owner=owner, on_launch=on_launch)
+        if args.vcpus != 1:  # every vCPU on its own thread (smp.py)
+            from .smp import run_guest_vcpus
+
+            result = run_guest_vcpus(image, system, vcpus=args.vcpus, timeout=args.timeout,
+                                     sev=args.mode, policy=policy, owner=owner,
+                                     on_launch=on_launch)
+        else:
+            result = run_guest(image, system, timeout=args.timeout, trace=args.trace,
+                               sev=args.mode, policy=policy, owner=owner, on_launch=on_launch)
     except E.FeatureUnavailable as e:  # this host's KVM cannot: say what to do instead
         if system.name != "kvm" or "backend sim" in str(e):
             raise
@@ -217,6 +224,10 @@ def cmd_run(args) -> int:
         _print_json(d)
     else:
         _print_result(result, args.trace)
+        for i, ap in enumerate(result.aps, 1):  # --vcpus N: each AP (the BSP's outcome decides)
+            print(f"vcpu {i}: {ap.outcome}" + (f" ({ap.message})" if ap.message else ""))
+            for k, v in ap.reports:
+                print(f"  {k:#018x} = {v:#018x}")
     if not result.ok:
         print(f"kvmharness: guest {result.guest!r}: {result.describe()}", file=sys.stderr)
         return E.EXIT_GUEST_FAILED
@@ -441,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "nodbg, plus es for sev-es)")
     s.add_argument("--no-owner", action="store_true",
                    help="launch without a guest owner session (the measurement is not verified)")
+    s.add_argument("--vcpus", type=int, default=1,
+                   help="vCPUs (1-255, default 1): each runs on its own thread; an SEV-SNP "
+                        "guest's APs wait for its AP creation request (--backend sim); the "
+                        "BSP's outcome is the run's, each AP's is shown (in --json under 'aps')")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_run)
 

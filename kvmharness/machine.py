@@ -85,6 +85,7 @@ class RunResult:
     kernel_trace: list[Any] = field(default_factory=list)  # kvm: the kernel's KVM tracepoints
     kernel_trace_error: str | None = None
     regs_unavailable: str | None = None  # why ``regs`` is None (an SEV-ES guest's state is protected)
+    aps: list["RunResult"] = field(default_factory=list)  # smp.run_guest_vcpus: each AP's result
 
     @property
     def ok(self) -> bool:
@@ -135,6 +136,7 @@ class RunResult:
             "kernel_trace": [{"event": e.event, "timestamp": e.timestamp, "fields": e.fields, "text": e.text}
                              for e in self.kernel_trace],
             "kernel_trace_error": self.kernel_trace_error,
+            **({"aps": [ap.to_dict() for ap in self.aps]} if self.aps else {}),
         }
 
 
@@ -605,7 +607,9 @@ class Machine:
             return regs.rbx, regs.rcx
         from .sev.ghcb import Ghcb
 
-        ghcb = Ghcb(bytearray(self._open_vm().read(_ghcb_gpa(), 4096)))
+        # an SNP vCPU's own GHCB, as it registered it (MSR protocol 0x012): each AP has one
+        gpa = getattr(getattr(self.vcpu, "ghcb", None), "registered_ghcb_gpa", None)
+        ghcb = Ghcb(bytearray(self._open_vm().read(gpa or _ghcb_gpa(), 4096)))
         return int(ghcb.get("rbx")), int(ghcb.get("rcx"))
 
     # -- teardown ---------------------------------------------------------------
@@ -724,7 +728,7 @@ def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeou
     ``sev`` names one (``"svm"``: no SEV launch); ``policy`` and ``owner`` are the
     launch's (see :meth:`Machine.for_guest`).  ``on_launch(machine)`` is called once
     the Machine is made (launched, for an SEV mode) and before it runs: ``kvmharness
-    run`` prints the launch there.
+    run`` prints the launch there.  (Several vCPUs: ``smp.run_guest_vcpus``.)
     """
     image = guest if isinstance(guest, GuestImage) else get_guest(guest)
     timeout = _run_timeout(timeout, image)  # refused before any VM exists

@@ -34,7 +34,9 @@ encrypted memory: sim/seves.py, sim/sev.py) with, in addition:
   page-state change (0x014 -> 0x015) and the PSC NAE event (0x80000010)
   through ``snp.psc`` (``KVM_HC_MAP_GPA_RANGE`` answered by the VMM with
   ``KVM_SET_MEMORY_ATTRIBUTES``, then KVM's RMP update: ``apply_map_gpa_range``);
-  AP creation (0x80000013) through ``KvmSnpVm.ap_creation``; GHCB GPA
+  AP creation (0x80000013) through ``KvmSnpVm.ap_creation`` (an accepted AP_CREATE
+  starts the AP ``smp.run_vcpus`` holds: :func:`start_ap`, VMRUN's VMSA checks, then the
+  registers and segments of the guest's VMSA page; each vCPU its own GHCB); GHCB GPA
   registration (0x012) and the preferred-GPA request (0x010) as the SEV-ES
   handler already answers them for an SNP VM.  SEV_STATUS reads 7 (SEV, SEV-ES, SNP).
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -76,7 +79,7 @@ from ..snp.psc import (
     handle_psc,
     scratch_area,
 )
-from .sev import SevMmu, c_bit_of
+from .sev import SHADOW_BASE, SevMemory, SevMmu, c_bit_of
 from .seves import SevEsVcpu
 from .svm import SVM_EXIT_NPF
 
@@ -126,6 +129,16 @@ class SimSnpModel:
         self._messages = None  # snp.guestreq.GuestMessageFirmware, made on first use
         self._certificate_blob = None  # what KVM hands an extended guest request
         self._attestation = None  # (system, policy) once launched
+        #: AP creation (NAE 0x80000013) as the held APs see it: APIC ID -> the VMSA GPA of
+        #: the last accepted AP_CREATE / AP_CREATE_ON_INIT (None after AP_DESTROY), and
+        #: every request (APIC ID, request, VMSA GPA, (SW_EXITINFO1, SW_EXITINFO2), seconds)
+        self.ap_vmsa_gpa: dict = {}
+        self.ap_requests: list = []
+        self.ap_events: dict = {}  # APIC ID -> threading.Event, set on an accepted AP_CREATE
+        #: APIC ID -> callable() -> None or why VMRUN failed: prepares the held AP to enter
+        #: (smp.run_vcpus), called on the creating vCPU's thread while the AP is idle
+        self.ap_starters: dict = {}
+        self.ap_started: dict = {}  # APIC ID -> what its starter returned
 
     # the attestation side is made on first use: the simulated chip's RSA keys take seconds
     @property
@@ -139,6 +152,29 @@ class SimSnpModel:
         if self._certificate_blob is None and self._attestation is not None:
             _attestation_setup(*self._attestation, self)
         return self._certificate_blob or b""
+
+    def ap_event(self, apic_id: int):
+        """The event an AP held by ``smp.run_vcpus`` waits on (set by its AP_CREATE)."""
+        import threading
+
+        return self.ap_events.setdefault(apic_id, threading.Event())
+
+    def ap_created(self, info1: int, info2: int, result: tuple, seconds: float) -> None:
+        """After ``KvmSnpVm.ap_creation``: remember the VMSA GPA of an accepted request and
+        wake the AP (AP_CREATE; AP_CREATE_ON_INIT waits for an INIT this model never sends)."""
+        from ..snp.launch import SVM_VMGEXIT_AP_CREATE, SVM_VMGEXIT_AP_DESTROY
+
+        request, apic_id = info1 & 0xFFFFFFFF, info1 >> 32
+        self.ap_requests.append((apic_id, request, info2, result, seconds))
+        self.stats["ap_creation"] = self.stats.get("ap_creation", 0) + 1
+        if result[0]:
+            return
+        self.ap_vmsa_gpa[apic_id] = None if request == SVM_VMGEXIT_AP_DESTROY else info2
+        if request == SVM_VMGEXIT_AP_CREATE:
+            starter = self.ap_starters.pop(apic_id, None)
+            if starter is not None:
+                self.ap_started[apic_id] = starter()
+            self.ap_event(apic_id).set()
 
     # KVM_SEV_INIT2 on an SNP VM
     def init2(self, memory: int) -> None:
@@ -197,6 +233,73 @@ class SimSnpModel:
                 if self.firmware.rmp.lookup(kvm.spa_of(gpa) >> 12) == before:
                     return last  # KVM changed nothing: the guest faults again
         return last
+
+
+_vcpu_thread = threading.local()  # .core: the engine the current thread's vCPU runs
+
+
+class SnpMemory(SevMemory):
+    """SevMemory for an SNP VM whose vCPUs run on threads of their own (``smp.run_vcpus``).
+
+    The syncs at a vCPU's run boundaries touch the engines: the TLB re-arm after an exit
+    sync (a CR3 reload) and the code flush after an enter sync.  An engine may be touched
+    only from the thread that runs it, so another vCPU's engine is not reloaded: the
+    pages just synced stay in ``guest_dirty`` (re-compared, cheaply, at the next sync:
+    the other vCPU may still write them through the write permission its TLB holds), and
+    its code flushes wait in ``pending_flush`` until it next enters (:meth:`SnpVcpu.run`).
+    With one vCPU, or from a thread that runs no vCPU, it behaves as SevMemory."""
+
+    def __init__(self, vm, key):
+        super().__init__(vm, key)
+        self.pending_flush: dict = {}  # engine -> page GPAs whose translated code is stale
+
+    def _mine(self, core) -> bool:
+        mine = getattr(_vcpu_thread, "core", None)
+        return mine is None or core is mine
+
+    def exit_sync(self) -> None:
+        if not self.guest_dirty:
+            return
+        pages, self.guest_dirty = self.guest_dirty, set()
+        self.bytes_encrypted += self._copy_changed(pages, to_host=True)
+        others = False
+        for core in self.cores:
+            if core.uc is None or not core.in_guest:
+                continue
+            if self._mine(core):
+                core.set_reg(X.UC_X86_REG_CR3, core.reg(X.UC_X86_REG_CR3))
+            else:
+                others = True
+        if others:
+            self.guest_dirty |= pages
+
+    def _copy_changed(self, pages, to_host: bool) -> int:
+        if to_host:
+            return super()._copy_changed(pages, True)
+        vcpus = self.vm.vcpus
+        flush = [v for v in vcpus if self._mine(v.core)]
+        if len(flush) == len(vcpus):
+            return super()._copy_changed(pages, False)
+        # SevMemory flushes every vCPU's engine: only this thread's here, the rest later
+        saved = self.vm.vcpus
+        self.vm.vcpus = flush
+        try:
+            moved = super()._copy_changed(pages, False)
+        finally:
+            self.vm.vcpus = saved
+        if moved:
+            for v in vcpus:
+                if v not in flush:
+                    self.pending_flush.setdefault(v.core, set()).update(pages)
+        return moved
+
+    def enter(self, vcpu) -> None:
+        """``vcpu``'s thread is about to run it: apply the code flushes it was owed."""
+        stale = self.pending_flush.pop(vcpu.core, None)
+        if stale:
+            for page in stale:
+                vcpu.core.flush_code(SHADOW_BASE + page, PAGE_SIZE)
+            vcpu.code_changed()
 
 
 class SnpMmu(SevMmu):
@@ -282,8 +385,10 @@ class SnpVmgexitHandler(SevEsVmgexitHandler):
         if code in (SVM_VMGEXIT_GUEST_REQUEST, SVM_VMGEXIT_EXT_GUEST_REQUEST):
             return self._guest_request(gpa, trace, code, info1, info2)
         if code == SVM_VMGEXIT_AP_CREATION:
-            kvm = self.vcpu.snp_model.kvm
-            e1, e2 = kvm.ap_creation(info1, info2, self._mapped.regs["rax"])
+            model = self.vcpu.snp_model
+            t0 = time.perf_counter()
+            e1, e2 = model.kvm.ap_creation(info1, info2, self._mapped.regs["rax"])
+            model.ap_created(info1, info2, (e1, e2), time.perf_counter() - t0)
             self._set_response(e1, e2)
             return self._unmap_resume(gpa, trace, "AP creation " + ("accepted" if not e1
                                                                       else "refused"))
@@ -339,6 +444,22 @@ class SnpVcpu(SevEsVcpu):
 
     def mmu_class(self, core, mem, c_bit):
         return SnpMmu(core, mem, c_bit, self)
+
+    def _sev_setup(self) -> None:
+        vm = self.vm
+        if vm._sev_memory is None:  # the VM's memory state, safe for vCPU threads
+            vm._sev_memory = SnpMemory(vm, self.sev_model.key)
+        super()._sev_setup()
+
+    def run(self):
+        _vcpu_thread.core = self.core  # this thread runs this engine (SnpMemory)
+        try:
+            mem = self.vm._sev_memory
+            if isinstance(mem, SnpMemory):
+                mem.enter(self)
+            return super().run()
+        finally:
+            _vcpu_thread.core = None
 
     def _make_handler(self, **kw):
         return SnpVmgexitHandler(vcpu=self, **kw)
@@ -572,6 +693,40 @@ def launch_machine(machine, image, data: bytes, policy: int | None) -> SnpMachin
     return SnpMachineLaunch(model, plan, policy)
 
 
+def start_ap(machine, ap, apic_id: int) -> str | None:
+    """The first KVM_RUN of an AP after the guest's AP_CREATE for it: VMRUN's VMSA checks
+    (``KvmSnpVm.vmrun_check``: APM Table 15-41) on the page the guest chose, then the vCPU
+    enters with the state that page holds (the CPU loads the whole VMSA at VMRUN; here its
+    registers, segments, descriptor tables, CR0/CR3/CR4 and EFER become the engine's) and
+    is protected from then on.  Returns None when it entered, else why VMRUN failed
+    (VMEXIT_INVALID: KVM reports KVM_EXIT_FAIL_ENTRY and the AP runs no instruction).
+    ``smp.run_vcpus`` calls it on the creating vCPU's thread at the AP_CREATE (the AP's
+    thread is idle then: an engine is touched by one thread at a time), so the check sees
+    the RMP as it is at the request."""
+    from ..sev.vmsa import Vmsa
+
+    model = machine.vm._sev_model
+    kvm = model.kvm
+    try:
+        why = kvm.vmrun_check(apic_id)
+    except SevError as e:
+        return str(e)
+    if why is not None:
+        return f"VMRUN: VMEXIT_INVALID: {why}"
+    gpa = model.ap_vmsa_gpa.get(apic_id)
+    mem = machine.vm._sev_memory
+    if gpa is None or mem is None:
+        return "VMRUN: VMEXIT_INVALID: no VMSA"
+    page = bytes(mem.read_private(gpa, PAGE_SIZE))  # the guest's private page, in plaintext
+    v = Vmsa(page)
+    ap.set_sregs(v.sregs())
+    ap.set_regs(v.regs())
+    model.vmsa_pages[apic_id] = (kvm.vcpus[apic_id].vmsa_pfn << 12, model.key.encrypt(gpa, page))
+    if ap.sev_memory is None:  # its engine with the SEV MMU, made while it is idle
+        ap._sev_setup()
+    return None
+
+
 def snp_chip_for(system):
     """The simulated chip behind a SimSystem's SNP guests (one per host): CHIP_ID, TCBs,
     VCEK, the reports' signer (snp/attest.py), Milan as the firmware's CPUID says."""
@@ -646,5 +801,5 @@ def secrets_page(machine) -> bytes:
 __all__ = [
     "POISON_BASE", "SimSnpModel", "SnpMachineLaunch", "SnpMmu", "SnpVcpu", "SnpVmgexitHandler",
     "create_snp_vm", "launch_machine", "platform_status", "secrets_page", "set_config",
-    "snp_chip_for",
+    "snp_chip_for", "start_ap",
 ]
