@@ -99,3 +99,10 @@ def test_cli_run_vcpus_2_and_the_launch_digest_is_sev_snp_measures(capsys):
         contents = bytes.fromhex(e["contents_sha384"]) if e["contents_sha384"] else bytes(48)
         g._update(types[e["page_type"]], int(e["gpa"], 16), contents)
     assert out["launch"]["launch_digest"] == g.ld().hex()  # the simulated firmware's digest
+
+
+def test_cli_run_vcpus_out_of_range_is_a_usage_error(capsys):
+    from kvmharness.errors import EXIT_USAGE
+
+    assert main(["run", "hello64", "--backend", "sim", "--vcpus", "0"]) == EXIT_USAGE
+    assert "1 to 255 vCPUs" in capsys.readouterr().err
