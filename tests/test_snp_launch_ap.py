@@ -42,7 +42,7 @@ def _guest_prepares_vmsa(vm, guest, gpa=VMSA_GPA, *, set_vmsa_bit=True):
     vm.fw.memory.write_page(spa >> 12, build_vmsa(*reset_state(0x00A00F11), sev_features=1,
                                                   init2=True))
     if set_vmsa_bit:
-        assert vm.fw.rmp.rmpadjust(guest, gpa, spa, 1 << 8 | RMPADJUST_VMSA_PAGE_BIT).rax == 0
+        assert vm.fw.rmp.rmpadjust(guest, gpa, spa, 1 | RMPADJUST_VMSA_PAGE_BIT).rax == 0
     return spa
 
 

@@ -168,7 +168,20 @@ def test_pvalidate_context_rules():
 # -- RMPADJUST (§15.36.7) -------------------------------------------------------------------------
 
 def _attrs(perms, vmpl, vmsa=False):
-    return perms | vmpl << 8 | (R.RMPADJUST_VMSA_PAGE_BIT if vmsa else 0)
+    """RMPADJUST's RDX: [7:0] target VMPL, [15:8] permission mask, bit 16 VMSA."""
+    return vmpl | perms << 8 | (R.RMPADJUST_VMSA_PAGE_BIT if vmsa else 0)
+
+
+def test_rmpadjust_takes_rdx_as_linux_passes_it():
+    """RDX [7:0] is the target VMPL, [15:8] the permissions: Linux's snp_set_vmsa marks a
+    VMSA page from VMPL0 with RDX = 1 | RMPADJUST_VMSA_PAGE_BIT (VMPL1, no permissions)."""
+    rmp = _rmp()
+    spa, gpa = _private(rmp, validated=True)
+    assert rmp.rmpadjust(G, gpa, spa, 1 | R.RMPADJUST_VMSA_PAGE_BIT).rax == R.SUCCESS
+    entry = rmp.raw(spa >> 12)
+    assert entry.vmsa and entry.perms[1] == 0
+    assert rmp.rmpadjust(G, gpa, spa, 0x03 << 8 | 1).rax == R.SUCCESS  # read+write to VMPL1
+    assert rmp.raw(spa >> 12).perms[1] == 0x03
 
 
 def test_rmpadjust_grants_a_higher_vmpl():

@@ -16,7 +16,7 @@
 #define SVM_VMGEXIT_AP_CREATION 0x80000013
 #define SVM_VMGEXIT_AP_CREATE   1
 #ifndef SNP_AP_VMSA_ATTRS
-#define SNP_AP_VMSA_ATTRS       0x10101     /* VMSA bit | target VMPL 1 | read */
+#define SNP_AP_VMSA_ATTRS       0x10101     /* VMSA bit | read (perms << 8) | target VMPL 1 */
 #endif
 #define SPIN_LIMIT              0x2000000
 #define AP_EFER                 0x1D01      /* SVME | NXE | LMA | LME | SCE */

@@ -11,7 +11,7 @@
  *   4 rescind    -> 0x100  (no change again)
  *   5 validate a 2 MiB page at 0x200000-aligned GPA 0 the RMP holds as 4 KiB
  *                -> 6      (FAIL_SIZEMISMATCH)
- * and of RMPADJUST on the same page (RDX = target VMPL << 8 | permissions):
+ * and of RMPADJUST on the same page (RDX = permissions << 8 | target VMPL):
  *   6 VMPL1 read+write               -> 0
  *   7 VMPL0 (not above the caller's) -> 2 (FAIL_PERMISSION)
  *   8 VMPL1 with reserved bit 5      -> 1 (FAIL_INPUT)
@@ -51,19 +51,19 @@ GUEST_ENTRY
         ES_REPORT($KEY(5), %r9)
         mov     $PAGE, %eax
         xor     %ecx, %ecx
-        mov     $((1 << 8) | 3), %edx
+        mov     $((3 << 8) | 1), %edx
         RMPADJUST
         RESULT
         ES_REPORT($KEY(6), %r9)
         mov     $PAGE, %eax
         xor     %ecx, %ecx
-        mov     $1, %edx
+        mov     $(1 << 8), %edx
         RMPADJUST
         RESULT
         ES_REPORT($KEY(7), %r9)
         mov     $PAGE, %eax
         xor     %ecx, %ecx
-        mov     $((1 << 8) | 0x20), %edx
+        mov     $((0x20 << 8) | 1), %edx
         RMPADJUST
         RESULT
         ES_REPORT($KEY(8), %r9)

@@ -395,14 +395,16 @@ class Rmp:
                   size_2m: bool = False, npt_2m: bool | None = None) -> InstrResult:
         """RMPADJUST (F3 0F 01 FE): set a higher VMPL's permissions (and the VMSA bit).
 
-        ``attrs`` is RDX: [7:0] permissions, [15:8] target VMPL, bit 16 VMSA.
+        ``attrs`` is RDX: [7:0] target VMPL, [15:8] permission mask, bit 16 VMSA (APM
+        vol 3 RMPADJUST; Linux's snp_set_vmsa passes ``1 | RMPADJUST_VMSA_PAGE_BIT``:
+        target VMPL1, no permissions, the VMSA bit).
         FAIL_INPUT: misaligned 2 MiB request, target VMPL beyond 3, reserved
         permission bits.  FAIL_PERMISSION: target VMPL not numerically higher
         than the current one, permissions the current VMPL lacks, the VMSA bit
         from a VMPL other than 0 (§15.36.7, §15.36.12).
         """
         self._instr_prologue(ctx, "RMPADJUST")
-        perms, target, vmsa = attrs & 0xFF, (attrs >> 8) & 0xFF, bool(attrs & RMPADJUST_VMSA_PAGE_BIT)
+        target, perms, vmsa = attrs & 0xFF, (attrs >> 8) & 0xFF, bool(attrs & RMPADJUST_VMSA_PAGE_BIT)
         if (size_2m and gpa & (SIZE_2M - 1)) or target >= NUM_VMPLS or perms & PERM_RESERVED:
             return InstrResult(FAIL_INPUT)
         if target <= ctx.vmpl:
