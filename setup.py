@@ -31,6 +31,13 @@ except ImportError:  # pragma: no cover - depends on the build environment
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kvmharness" / "kvm" / "fastpath.c"
+# the simulator's IN/OUT hooks (issue 15 item 4): plain C too, loaded by kvmharness/sim/simhooks.py
+SIM_SOURCE = HERE / "kvmharness" / "sim" / "simhooks.c"
+
+
+def sim_library_name(source: bytes) -> str:
+    """The packaged hook library's file name: sim/simhooks.py looks for exactly this one."""
+    return f"_simhooks-{hashlib.sha256(source).hexdigest()[:16]}.so"
 
 
 def library_name(source: bytes) -> str:
@@ -51,6 +58,33 @@ class BuildPyWithFastPath(build_py):
     def run(self) -> None:
         super().run()
         self.built_fastpath = self._compile_fastpath()
+        self.built_simhooks = self._compile_simhooks()
+
+    def _compile_simhooks(self) -> bool:
+        """sim/simhooks.c beside simhooks.py; like the fast path, never a build failure."""
+        if os.environ.get("KVMHARNESS_NO_FASTPATH_BUILD") or not sys.platform.startswith("linux"):
+            return False
+        cc = _compiler()
+        try:
+            src = SIM_SOURCE.read_bytes()
+        except OSError:
+            return False
+        if cc is None:
+            return False
+        out = Path(self.build_lib) / "kvmharness" / "sim" / sim_library_name(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(SIM_SOURCE)],
+                               capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            self.warn(f"kvmharness: compiling simhooks.c with {cc} failed ({e}); Python hooks run")
+            return False
+        if r.returncode:
+            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            self.warn(f"kvmharness: compiling simhooks.c with {cc} failed ({last}); Python hooks run")
+            out.unlink(missing_ok=True)
+            return False
+        return True
 
     def _compile_fastpath(self) -> bool:
         if os.environ.get("KVMHARNESS_NO_FASTPATH_BUILD"):
@@ -88,6 +122,9 @@ class BuildPyWithFastPath(build_py):
         lib = Path(self.build_lib) / "kvmharness" / "kvm" / library_name(SOURCE.read_bytes())
         if lib.is_file():
             outs.append(str(lib))
+        sim = Path(self.build_lib) / "kvmharness" / "sim" / sim_library_name(SIM_SOURCE.read_bytes())
+        if sim.is_file():
+            outs.append(str(sim))
         return outs
 
 

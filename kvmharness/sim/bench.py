@@ -9,6 +9,7 @@ ones.  The guest is pre-assembled bytes, so no binutils are needed.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 
@@ -26,6 +27,7 @@ def bench_guest(n_exits: int, n_loop: int) -> bytes:
 
 def bench_sim(n_exits: int = 200_000, n_loop: int = 20_000_000) -> dict:
     """Exits/s and us/exit on the ``out`` loop; guest instructions/s straight-line."""
+    from . import simhooks
     from .system import SimSystem
     from .testing import long_mode_setup
 
@@ -34,13 +36,14 @@ def bench_sim(n_exits: int = 200_000, n_loop: int = 20_000_000) -> dict:
         long_mode_setup(vm, vcpu, bench_guest(n_exits, n_loop))
         e = vcpu.run()  # the first exit includes engine creation and VMRUN
         n = 1
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, u0 = time.perf_counter(), time.process_time(), os.times().user
         while True:
             e = vcpu.run()
             if e.port != 0x80:
                 break
             n += 1
-        t1, c1 = time.perf_counter(), time.process_time()
+        t1, c1, u1 = time.perf_counter(), time.process_time(), os.times().user
+        chooks = vcpu.core.chooks
         e = vcpu.run()
         t2, c2 = time.perf_counter(), time.process_time()
         if not isinstance(e, exits.Hlt) or n != n_exits:
@@ -52,6 +55,10 @@ def bench_sim(n_exits: int = 200_000, n_loop: int = 20_000_000) -> dict:
         "exits_per_s": round((n - 1) / (t1 - t0)),
         "us_per_exit": round(wall_exit * 1e6, 3),
         "cpu_us_per_exit": round((c1 - c0) / (n - 1) * 1e6, 3),
+        "user_cpu_us_per_exit": round((u1 - u0) / (n - 1) * 1e6, 3),
+        # which IN/OUT hooks ran (sim/simhooks.py: KVMHARNESS_SIM_CHOOKS)
+        "io_hooks": "C" if chooks else "Python",
+        "io_hooks_status": simhooks.status(),
         "straight_line_insns": insns,
         "insn_per_s": round(insns / (t2 - t1)),
         "cpu_insn_per_s": round(insns / max(c2 - c1, 1e-9)),

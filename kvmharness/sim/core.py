@@ -34,8 +34,15 @@ Why this shape (measured with unicorn 2.1.4 on a 2-core EPYC VM; the numbers are
   re-executes the instruction under a count of 1 (``start_counted``) and gets the
   real one.  UC_HOOK_CODE on every instruction from Python runs at ~2 M/s and
   ``ctl_set_exits`` needs the addresses before translation, hence neither.
-* **Hot path in raw ctypes.**  The IN/OUT hooks and RIP reads bypass the
-  binding's wrappers (register access through the binding costs 2-3 us).
+* **Hot path in C and cffi.**  The IN/OUT hooks are C functions (``simhooks.c``):
+  one records the access and the registers the model reads at the instruction,
+  and stops the engine; ``start`` hands the record to the model once
+  ``uc_emu_start`` returns (``_dispatch_io``), with the engine's registers shown
+  as they stood in the hook, so the model sees exactly what a Python hook saw.
+  ``uc_emu_start`` and register access go through cffi, not the binding's
+  wrappers (2-3 us per register) nor ctypes.  Without a C compiler, or with
+  ``KVMHARNESS_SIM_CHOOKS=0``, the hooks are Python (ctypes callbacks) and run
+  the same model inside the engine.
 * **No real #VMEXIT.**  unicorn diverts intercepts to the hook before QEMU's
   ``do_vmexit``, so the guest stays in guest mode; the model (``svm.Svm``) writes
   the exit into the VMCB itself.  Changing segment state wholesale (set_sregs,
@@ -65,6 +72,7 @@ import unicorn
 from unicorn import x86_const as X
 
 from ..errors import SimulatorError
+from . import simhooks
 from .ucbinding import raw_handle, release_engine, take_hook_exception
 from .ucbinding import uclib as _uclib
 
@@ -144,6 +152,17 @@ _IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, cty
 # arguments are ignored, the int return value is discarded by unicorn's void call).
 _NOOP_CODE_HOOK = ctypes.cast(ctypes.CDLL(None).abs, ctypes.c_void_p)
 
+# the C IN/OUT hooks (None: Python hooks) and libunicorn through cffi, for the per-exit calls
+_CHOOKS = simhooks.load()
+_CHOOK_ADDRS = simhooks.hook_addresses(_CHOOKS) if _CHOOKS is not None else None
+_cffi = simhooks.ffi
+_uc = simhooks.uc
+_uc_emu_start = _uc.uc_emu_start
+_uc_reg_read = _uc.uc_reg_read
+_uc_reg_write = _uc.uc_reg_write
+_REG_RIP = X.UC_X86_REG_RIP
+_SH_OUT = simhooks.SH_OUT
+
 UC_ERR_OK = unicorn.UC_ERR_OK
 UC_ERR_READ_UNMAPPED = unicorn.UC_ERR_READ_UNMAPPED
 UC_ERR_WRITE_UNMAPPED = unicorn.UC_ERR_WRITE_UNMAPPED
@@ -173,6 +192,11 @@ class Core:
         ctypes.memmove(ctypes.addressof(self._host), HOST_STUB_CODE, len(HOST_STUB_CODE))
         self._buf = ctypes.c_uint64()
         self._bufp = ctypes.byref(self._buf)
+        self._cbuf = _cffi.new("uint64_t[1]")  # for the cffi register calls
+        self._cuch = _cffi.NULL  # the engine handle as cffi sees it
+        # the C hooks' record of the last IN/OUT (None: Python hooks)
+        self._io = simhooks.new_io_record() if _CHOOKS is not None else None
+        self.chooks = self._io is not None
         self.in_guest = False
         self._ctx = None
         self.hook_error = None
@@ -201,27 +225,52 @@ class Core:
             uc.mem_map_ptr(HOST_BASE, HOST_SIZE, unicorn.UC_PROT_ALL, ctypes.addressof(self._host))
             self.uc = uc
             self.uch = raw_handle(uc)
+            self._cuch = _cffi.cast("void *", self.uch.value)
         self._keep = []
         # The SVM pages live in the model's bytearrays; the page-aligned host window holds
         # copies refreshed before each VMRUN / consulted by the core (see enter()).
         for gpa, size, addr, readonly in self.regions:
             self.map_region(gpa, size, addr, readonly)
         h = self.handler
-        self._out_cb = _OUT_CB(h.on_out)
-        self._in_cb = _IN_CB(h.on_in)
         hh = ctypes.c_size_t()
-        for cb, insn in ((self._out_cb, X.UC_X86_INS_OUT), (self._in_cb, X.UC_X86_INS_IN)):
-            rc = _lib.uc_hook_add(self.uch, ctypes.byref(hh), unicorn.UC_HOOK_INSN,
-                                  ctypes.cast(cb, ctypes.c_void_p), None, 1, 0, insn)
+        if self._io is not None:  # C hooks: record and stop, the model runs after the stop
+            self._io.pending = 0
+            user_data = int(_cffi.cast("uintptr_t", self._io))
+            hooks = tuple(zip(_CHOOK_ADDRS, (X.UC_X86_INS_OUT, X.UC_X86_INS_IN)))
+        else:
+            self._out_cb = _OUT_CB(h.on_out)
+            self._in_cb = _IN_CB(h.on_in)
+            user_data = None
+            hooks = ((ctypes.cast(self._out_cb, ctypes.c_void_p), X.UC_X86_INS_OUT),
+                     (ctypes.cast(self._in_cb, ctypes.c_void_p), X.UC_X86_INS_IN))
+        for cb, insn in hooks:
+            rc = _lib.uc_hook_add(self.uch, ctypes.byref(hh), unicorn.UC_HOOK_INSN, cb, user_data,
+                                  1, 0, insn)
             if rc:
                 raise SimulatorError(f"uc_hook_add(INSN {insn}) failed: {rc}")
-        uc.hook_add(unicorn.UC_HOOK_INTR, lambda _uc, intno, _ud: h.on_intr(intno))
-        uc.hook_add(unicorn.UC_HOOK_INSN_INVALID, lambda _uc, _ud: h.on_invalid())
+        io = self._io
+
+        def first(fn):
+            """A Python hook runs after any IN/OUT the C hooks recorded (never expected: the
+            stop lands right after the IN/OUT), as it would after a Python IN/OUT hook."""
+            if io is None:
+                return fn
+
+            def hook(*args):
+                if io.pending:
+                    self._dispatch_io()
+                return fn(*args)
+            return hook
+
+        on_intr, on_invalid = first(h.on_intr), first(h.on_invalid)
+        on_unmapped, on_new_block = first(h.on_unmapped), first(h.on_new_block)
+        uc.hook_add(unicorn.UC_HOOK_INTR, lambda _uc, intno, _ud: on_intr(intno))
+        uc.hook_add(unicorn.UC_HOOK_INSN_INVALID, lambda _uc, _ud: on_invalid())
         uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_WRITE_PROT,
-                    lambda _uc, acc, addr, size, val, _ud: h.on_unmapped(acc, addr, size, val))
+                    lambda _uc, acc, addr, size, val, _ud: on_unmapped(acc, addr, size, val))
         if PRECISION == "sites":
             uc.hook_add(unicorn.UC_HOOK_EDGE_GENERATED,
-                        lambda _uc, cur, _prev, _ud: h.on_new_block(cur.pc, cur.size))
+                        lambda _uc, cur, _prev, _ud: on_new_block(cur.pc, cur.size))
             for site, end in list(self.io_sites.items()):
                 self._hook_site(site, end)
         for fn in self.build_hooks:
@@ -424,7 +473,26 @@ class Core:
 
     # -- running -------------------------------------------------------------
     def start(self, begin: int, count: int = RUN_COUNT) -> int:
-        return _lib.uc_emu_start(self.uch, begin, UNTIL, 0, count)
+        err = _uc_emu_start(self._cuch, begin, UNTIL, 0, count)
+        io = self._io
+        if io is not None and io.pending:
+            self._dispatch_io()
+        return err
+
+    def _dispatch_io(self) -> None:
+        """Hand the IN/OUT the C hook recorded to the model, as a Python hook would have seen
+        it: the engine's RIP on the instruction (for an IN also the RAX/RCX/RSI/RDI it had:
+        an INS moves RDI and RCX, the IN's 0 lands in AX) while the model runs, then the
+        registers as the stop left them."""
+        io, uch = self._io, self._cuch
+        _CHOOKS.sh_show_hook(uch, io)
+        try:
+            if io.pending == _SH_OUT:
+                self.handler.on_out(None, io.port, io.size, io.value, None)
+            else:
+                self.handler.on_in(None, io.port, io.size, None)
+        finally:
+            _CHOOKS.sh_show_stop(uch, io)  # clears io.pending
 
     def start_counted(self, begin: int, count: int) -> int:
         """Run exactly ``count`` instructions.  unicorn honours a count only in blocks
@@ -432,7 +500,7 @@ class Core:
         the translated code is dropped first."""
         if PRECISION == "sites":
             self.uc.ctl_flush_tb()
-        return _lib.uc_emu_start(self.uch, begin, UNTIL, 0, count)
+        return self.start(begin, count)
 
     def stop(self) -> None:
         with self._engine_lock:
@@ -441,16 +509,16 @@ class Core:
 
     # -- registers -----------------------------------------------------------
     def rip(self) -> int:
-        _lib.uc_reg_read(self.uch, X.UC_X86_REG_RIP, self._bufp)
-        return self._buf.value
+        _uc_reg_read(self._cuch, _REG_RIP, self._cbuf)
+        return self._cbuf[0]
 
     def reg(self, rid: int) -> int:
-        _lib.uc_reg_read(self.uch, rid, self._bufp)
-        return self._buf.value
+        _uc_reg_read(self._cuch, rid, self._cbuf)
+        return self._cbuf[0]
 
     def set_reg(self, rid: int, value: int) -> None:
-        self._buf.value = value & (2**64 - 1)
-        _lib.uc_reg_write(self.uch, rid, self._bufp)
+        self._cbuf[0] = value & (2**64 - 1)
+        _uc_reg_write(self._cuch, rid, self._cbuf)
 
     def gprs(self) -> list[int]:
         n = len(GPR_IDS)

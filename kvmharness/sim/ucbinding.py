@@ -51,6 +51,13 @@ check_version()
 from unicorn.unicorn_py3.unicorn import uclib  # noqa: E402
 
 
+def library_path() -> str:
+    """The file of the ``libunicorn`` the binding loaded, for a second handle on the same
+    engine (cffi's dlopen of it: sim/simhooks.py)."""
+    path: str = uclib._name
+    return path
+
+
 def raw_handle(uc: unicorn.Uc) -> ctypes.c_void_p:
     """The ``uc_engine *`` of ``uc``, for the raw C calls of ``uclib``."""
     handle: ctypes.c_void_p = uc._uch
@@ -86,5 +93,5 @@ def release_engine(uc: unicorn.Uc) -> None:
         finalizer()
 
 
-__all__ = ["SUPPORTED_VERSIONS", "check_version", "pending_hook_exception", "raw_handle",
+__all__ = ["SUPPORTED_VERSIONS", "check_version", "library_path", "pending_hook_exception", "raw_handle",
            "release_engine", "take_hook_exception", "uclib"]
