@@ -19,7 +19,7 @@ library is an error).  They are off by default because, measured on ``ioloop``, 
 not pay yet: the model's IO exit handler (sim/vcpu.py ``_on_out``/``_on_in``) reads RIP
 (and for IN, RAX/RCX/RDI) from the engine, so the record is shown to it by writing those
 registers back and forth around the call (``sh_show_hook``/``sh_show_stop``), two cffi
-calls that cost more than the Python callback they replace (4.4-4.6 vs 3.7-3.8 us of CPU
+calls that cost more than the Python callback they replace (4.1-4.2 vs 3.25-3.35 us of CPU
 per exit).  A handler that takes the record's fields as arguments needs neither.
 The library is built into the package at install time where a C compiler is present
 (setup.py: ``_simhooks-<source hash>.so``), else into the per-user cache on first use;
