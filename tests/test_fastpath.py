@@ -63,11 +63,20 @@ def _run(system, guest: str, how: str, **kw):
         return result, m.bench_port.writes, list(m.mmio_scratch.log), dict(m.msrs.values)
 
 
+# KVM's tracepoints the guest's own instructions determine.  kvm_exit (and kvm_inj_*) also
+# record exits KVM handles itself for reasons of the host's: on kvm_amd a nested page fault
+# on a page's first touch (guest RAM is MAP_NORESERVE) or a host interrupt, which differ from
+# one run to the next whatever loop issues KVM_RUN (seen on the rig: one extra NPF exit).
+GUEST_DETERMINED = {"kvm_cpuid", "kvm_msr", "kvm_pio", "kvm_mmio", "kvm_userspace_exit",
+                    "kvm_hypercall"}
+
+
 def _same(a, b):
     da, db = a[0].to_dict(), b[0].to_dict()
     for d in (da, db):
         d.pop("elapsed_s")
-        for event in d["kernel_trace"]:  # KVM's tracepoints, in the same order, at other times
+        d["kernel_trace"] = [e for e in d["kernel_trace"] if e["event"] in GUEST_DETERMINED]
+        for event in d["kernel_trace"]:  # in the same order, at other times
             event.pop("timestamp")
     assert da == db
     assert a[1:] == b[1:]
@@ -214,6 +223,8 @@ def test_no_compiler_falls_back_to_python_and_says_why(kvm, monkeypatch, tmp_pat
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("CC", "false")
     monkeypatch.delenv(fastpath.ENV, raising=False)
+    # an installed wheel carries the library built at install time (setup.py): hide it
+    monkeypatch.setattr(fastpath, "_installed", lambda path: False)
     fastpath.reset()
     try:
         active, why = fastpath.status()
