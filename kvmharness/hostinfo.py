@@ -304,6 +304,9 @@ def snp_checks(cpu: dict, host_leaf: dict | None, params: dict | None, details: 
                     "(RMP) in the firmware setup, with SME and SEV, on a kernel built with "
                     "CONFIG_KVM_AMD_SEV")})
     advice = _param_advice("SEV-SNP", "sev_snp", params, kernel)
+    if advice is not None and bit is False:
+        # a module parameter cannot give a CPU SNP: no reload advice for a CPU without it
+        advice = "not applicable: this CPU has no SEV-SNP (see rmp_cpuid)"
     value = (params or {}).get("sev_snp")
     out.append({"check": "kvm_amd", "ok": advice is None,
                 "saw": (f"{KVM_AMD_PARAMS}/sev_snp = {value}" if value is not None else

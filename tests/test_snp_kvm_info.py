@@ -52,6 +52,15 @@ def test_a_kvm_amd_without_the_parameter_is_never_told_to_set_it():
     assert c["kvm_amd"]["saw"] == "kvm_amd has no sev_snp parameter"
 
 
+def test_a_cpu_without_snp_is_never_told_to_reload_kvm_amd():
+    """No module parameter gives a CPU SNP (an Intel host, or a pre-Milan EPYC)."""
+    no_snp = {**MILAN, "sev_snp": False}
+    c = _by(H.snp_checks({"sev_flags": [], "svm_flag": False}, no_snp, None, {"vm_type_numbers": [0]},
+                         "6.11.0"))
+    assert c["kvm_amd"]["ok"] is False and "modprobe" not in c["kvm_amd"]["fix"]
+    assert "this CPU has no SEV-SNP" in c["kvm_amd"]["fix"]
+
+
 def test_the_sev_snp_verdict_needs_the_vm_type():
     kvm = {"present": True, "accessible": True, "module": "kvm_amd", "path": "/dev/kvm"}
     details = {"vm_type_numbers": [0, 2, 3], "memory_encrypt_op": "supported"}
