@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from kvmharness import clib
 from kvmharness import exits as X
 from kvmharness import protocol as P
 from kvmharness.backend import open_backend
@@ -224,7 +225,7 @@ def test_no_compiler_falls_back_to_python_and_says_why(kvm, monkeypatch, tmp_pat
     monkeypatch.setenv("CC", "false")
     monkeypatch.delenv(fastpath.ENV, raising=False)
     # an installed wheel carries the library built at install time (setup.py): hide it
-    monkeypatch.setattr(fastpath, "_installed", lambda path: False)
+    monkeypatch.setattr(clib, "installed", lambda path: False)
     fastpath.reset()
     try:
         active, why = fastpath.status()
@@ -345,6 +346,6 @@ def test_a_library_in_a_directory_others_can_write_is_never_loaded(monkeypatch, 
     monkeypatch.delenv("CC", raising=False)
     path, why = fastpath.library_path()
     assert path != planted
-    if fastpath._compiler() is not None:  # built afresh in the private fallback directory
+    if clib.compiler() is not None:  # built afresh in the private fallback directory
         assert why == "built" and path.parent == tmp_path / "tmp" / f"kvmharness-{os.getuid()}"
         assert path.parent.stat().st_mode & 0o077 == 0

@@ -5,6 +5,7 @@ loads the packaged library before its per-user cache."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ def test_the_wheel_carries_the_library_and_is_py3_none_platform(tmp_path):
     assert tag[:2] == ["py3", "none"] and tag[2].startswith(("linux_", "manylinux")), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     libs = [n for n in names if n.endswith(".so")]
-    want = f"_fastpath-{fastpath.hashlib.sha256(fastpath.SOURCE.read_bytes()).hexdigest()[:16]}.so"
+    want = f"_fastpath-{hashlib.sha256(fastpath.SOURCE.read_bytes()).hexdigest()[:16]}.so"
     assert [Path(n).name for n in libs] == [want]  # the only binary, named for its source
     assert libs == [f"kvmharness/kvm/{want}"]  # in the wheel's root, platlib (auditwheel wants it there)
     assert any(n.endswith("kvmharness/kvm/fastpath.c") for n in names)
@@ -93,7 +94,7 @@ def test_the_packaged_library_is_loaded_before_the_user_cache(tmp_path, monkeypa
     pkg.mkdir(mode=0o755)
     source = pkg / "fastpath.c"
     shutil.copy2(fastpath.SOURCE, source)
-    tag = fastpath.hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    tag = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     lib = pkg / f"_fastpath-{tag}.so"
     subprocess.run([COMPILER, "-O2", "-shared", "-fPIC", "-o", str(lib), str(source)], check=True)
     lib.chmod(0o755)

@@ -25,13 +25,8 @@ from __future__ import annotations
 
 import errno as _errno
 import functools
-import hashlib
 import os
-import platform
-import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -39,6 +34,7 @@ from typing import Any
 
 import cffi
 
+from .. import clib
 from .. import exits as X
 from ..errors import FeatureUnavailable, KvmError
 from . import _ffi as K
@@ -98,88 +94,11 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "lib": the loaded library or None, "status": why
 
 
-def _cache_dirs() -> list[Path]:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return [Path(base) / "kvmharness", Path(tempfile.gettempdir()) / f"kvmharness-{os.getuid()}"]
-
-
-def _ours(path: Path) -> bool:
-    """Whether ``path`` belongs to this user and no one else can write it: a library loaded
-    from a directory another user controls (a shared /tmp) would run their code here."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name:
-            path = shutil.which(name)
-            if path:
-                return path
-    return None
-
-
-def _installed(path: Path) -> bool:
-    """Whether a library shipped in the package may be loaded: a file no one but its owner
-    (this user or root, who installed the package) can write, in such a directory."""
-    try:
-        for p in (path.parent, path):
-            st = p.lstat()
-            if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
-                return False
-    except OSError:
-        return False
-    return path.is_file()
-
-
 def library_path() -> tuple[Path | None, str]:
     """The shared library's path, or None and why not: the one built into the package at
     install time (setup.py) where present, else the per-user cache's, built on first use
-    (once per source version)."""
-    try:
-        src = SOURCE.read_bytes()
-    except OSError as e:
-        return None, f"fastpath.c is not installed ({e.strerror})"
-    tag = hashlib.sha256(src).hexdigest()[:16]
-    packaged = SOURCE.with_name(f"_fastpath-{tag}.so")  # setup.py's library_name()
-    if _installed(packaged):
-        return packaged, "installed"
-    name = f"fastpath-{tag}-{platform.machine()}.so"
-    for d in _cache_dirs():
-        if (d / name).is_file() and _ours(d) and _ours(d / name):
-            return d / name, "cached"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler (cc/gcc/clang; set CC)"
-    last = ""
-    for d in _cache_dirs():
-        try:
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not _ours(d):
-                last = f"{d} is not this user's alone (owner or group/other write)"
-                continue
-            fd, tmp = tempfile.mkstemp(prefix=".fastpath-", suffix=".so", dir=d)
-            os.close(fd)
-        except OSError as e:
-            last = f"cannot write {d}: {e.strerror}"
-            continue
-        try:
-            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                               capture_output=True, text=True, timeout=120)
-            if r.returncode:
-                err = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-                return None, f"building fastpath.c with {cc} failed: {err}"
-            os.replace(tmp, d / name)  # atomic: a concurrent build of the same source is harmless
-            return d / name, "built"
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"building fastpath.c with {cc} failed: {e}"
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return None, last or "no writable cache directory"
+    (once per source version): :func:`kvmharness.clib.library_path`."""
+    return clib.library_path(SOURCE)
 
 
 def _mode() -> str:

@@ -29,12 +29,7 @@ Either way the exits and the hardware trace are the same.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -42,6 +37,7 @@ from typing import Any
 import cffi
 from unicorn import x86_const as X
 
+from .. import clib
 from ..errors import FeatureUnavailable
 from .ucbinding import library_path as _unicorn_path
 
@@ -91,88 +87,15 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def _cache_dirs() -> list[Path]:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return [Path(base) / "kvmharness", Path(tempfile.gettempdir()) / f"kvmharness-{os.getuid()}"]
-
-
-def _ours(path: Path) -> bool:
-    """This user's alone (a library from a directory others can write would run their code)."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
-def _installed(path: Path) -> bool:
-    try:
-        for p in (path.parent, path):
-            st = p.lstat()
-            if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
-                return False
-    except OSError:
-        return False
-    return path.is_file()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name:
-            path = shutil.which(name)
-            if path:
-                return path
-    return None
-
-
 def library_name(source: bytes) -> str:
     """The packaged library's file name (setup.py builds exactly this one)."""
-    return f"_simhooks-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    return clib.packaged_name("simhooks", source)
 
 
 def library_path() -> tuple[Path | None, str]:
     """The hook library's path, or None and why not: the packaged one, else the per-user
-    cache's, built there on first use."""
-    try:
-        src = SOURCE.read_bytes()
-    except OSError as e:
-        return None, f"simhooks.c is not installed ({e.strerror})"
-    packaged = SOURCE.with_name(library_name(src))
-    if _installed(packaged):
-        return packaged, "installed"
-    name = f"simhooks-{hashlib.sha256(src).hexdigest()[:16]}-{platform.machine()}.so"
-    for d in _cache_dirs():
-        if (d / name).is_file() and _ours(d) and _ours(d / name):
-            return d / name, "cached"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler (cc/gcc/clang; set CC)"
-    last = ""
-    for d in _cache_dirs():
-        try:
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not _ours(d):
-                last = f"{d} is not this user's alone (owner or group/other write)"
-                continue
-            fd, tmp = tempfile.mkstemp(prefix=".simhooks-", suffix=".so", dir=d)
-            os.close(fd)
-        except OSError as e:
-            last = f"cannot write {d}: {e.strerror}"
-            continue
-        try:
-            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                               capture_output=True, text=True, timeout=120)
-            if r.returncode:
-                err = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-                return None, f"building simhooks.c with {cc} failed: {err}"
-            os.replace(tmp, d / name)
-            return d / name, "built"
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"building simhooks.c with {cc} failed: {e}"
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return None, last or "no writable cache directory"
+    cache's, built there on first use (:func:`kvmharness.clib.library_path`)."""
+    return clib.library_path(SOURCE)
 
 
 def _mode() -> str:
