@@ -71,20 +71,7 @@ class BuildPyWithFastPath(build_py):
             return False
         if cc is None:
             return False
-        out = Path(self.build_lib) / "kvmharness" / "sim" / sim_library_name(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(SIM_SOURCE)],
-                               capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            self.warn(f"kvmharness: compiling simhooks.c with {cc} failed ({e}); Python hooks run")
-            return False
-        if r.returncode:
-            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-            self.warn(f"kvmharness: compiling simhooks.c with {cc} failed ({last}); Python hooks run")
-            out.unlink(missing_ok=True)
-            return False
-        return True
+        return self._compile(cc, SIM_SOURCE, Path("sim") / sim_library_name(src), "Python hooks run")
 
     def _compile_fastpath(self) -> bool:
         if os.environ.get("KVMHARNESS_NO_FASTPATH_BUILD"):
@@ -102,17 +89,22 @@ class BuildPyWithFastPath(build_py):
             self.warn("kvmharness: no C compiler (cc/gcc/clang; CC): the compiled exit path is "
                       "built on first use where one appears, else pure Python runs")
             return False
-        out = Path(self.build_lib) / "kvmharness" / "kvm" / library_name(src)
+        return self._compile(cc, SOURCE, Path("kvm") / library_name(src), "pure Python runs")
+
+    def _compile(self, cc: str, source: Path, lib: Path, fallback: str) -> bool:
+        """``cc -O2 -shared -fPIC`` of ``source`` into ``kvmharness/<lib>`` in the build tree;
+        a failure is a warning ending in ``fallback`` (what runs instead), never a build failure."""
+        out = Path(self.build_lib) / "kvmharness" / lib
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(SOURCE)],
+            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(source)],
                                capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
-            self.warn(f"kvmharness: compiling fastpath.c with {cc} failed ({e}); pure Python runs")
+            self.warn(f"kvmharness: compiling {source.name} with {cc} failed ({e}); {fallback}")
             return False
         if r.returncode:
             last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-            self.warn(f"kvmharness: compiling fastpath.c with {cc} failed ({last}); pure Python runs")
+            self.warn(f"kvmharness: compiling {source.name} with {cc} failed ({last}); {fallback}")
             out.unlink(missing_ok=True)
             return False
         return True

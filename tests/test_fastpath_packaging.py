@@ -68,15 +68,19 @@ def test_the_wheel_carries_the_library_and_is_py3_none_platform(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     libs = [n for n in names if n.endswith(".so")]
     want = f"_fastpath-{hashlib.sha256(fastpath.SOURCE.read_bytes()).hexdigest()[:16]}.so"
-    assert [Path(n).name for n in libs] == [want]  # the only binary, named for its source
-    assert libs == [f"kvmharness/kvm/{want}"]  # in the wheel's root, platlib (auditwheel wants it there)
+    sim = ROOT / "kvmharness" / "sim" / "simhooks.c"
+    want_sim = f"_simhooks-{hashlib.sha256(sim.read_bytes()).hexdigest()[:16]}.so"
+    # the only binaries, each named for its source, in the wheel's root, platlib (auditwheel wants it there):
+    # the compiled exit path and the simulator's IN/OUT hooks
+    assert sorted(libs) == [f"kvmharness/kvm/{want}", f"kvmharness/sim/{want_sim}"]
     assert any(n.endswith("kvmharness/kvm/fastpath.c") for n in names)
     (meta,) = [n for n in names if n.endswith(".dist-info/WHEEL")]
     assert "Root-Is-Purelib: false" in zipfile.ZipFile(wheel).read(meta).decode()
     # plain C: no Python symbols needed (ABI-mode dlopen), so one wheel fits every Python 3
     with zipfile.ZipFile(wheel) as z:
-        data = z.read(libs[0])
-    assert b"Py_" not in data and b"PyInit" not in data
+        for lib in libs:
+            data = z.read(lib)
+            assert b"Py_" not in data and b"PyInit" not in data, lib
 
 
 def test_without_a_compiler_the_install_goes_on_and_the_wheel_is_pure(tmp_path):
