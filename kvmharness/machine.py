@@ -196,12 +196,15 @@ class Machine:
     # -- set-up ------------------------------------------------------------------
     @classmethod
     def for_guest(cls, guest: str | GuestImage, backend: str | System = "auto", *,
-                  sev: str | None = None, policy: Any = None, owner: Any = None, **kw: Any) -> Machine:
+                  sev: str | None = None, policy: Any = None, owner: Any = None,
+                  snp_cpuid: Any = None, **kw: Any) -> Machine:
         """A Machine with a manifest guest loaded, its devices and MSR routing set up.
 
         ``sev="sev"|"sev-es"`` launches it as an SEV / SEV-ES guest first (see
         :meth:`_sev_launch`); ``owner`` (a ``sev.session.GuestOwner``) makes the
         launch verify the firmware's measurement and fail loudly on a mismatch.
+        ``snp_cpuid`` (sev-snp on the simulator): the CPUID page entries the VMM offers
+        (``snp.firmware.CpuidEntry``), checked by the firmware at SNP_LAUNCH_UPDATE.
         """
         image = guest if isinstance(guest, GuestImage) else get_guest(guest)
         if sev is not None:  # an SEV mode the manifest does not declare: refused before any VM
@@ -225,19 +228,20 @@ class Machine:
             if sev is None:
                 m.load(image, data)
             else:
-                m._sev_launch(image, data, sev, policy, owner)
+                m._sev_launch(image, data, sev, policy, owner, snp_cpuid)
         except BaseException:
             m.close()
             raise
         return m
 
-    def _sev_launch(self, image: GuestImage, data: bytes, mode: str, policy: Any, owner: Any) -> None:
+    def _sev_launch(self, image: GuestImage, data: bytes, mode: str, policy: Any, owner: Any,
+                    snp_cpuid: Any = None) -> None:
         """The KVM SEV launch order: INIT before any vCPU, then the vCPU and its state,
         REG_REGION, LAUNCH_START, UPDATE_DATA over the boot tables and image, (SEV-ES)
         UPDATE_VMSA, MEASURE (verified with the owner's TIK), FINISH -- GUEST_STATUS
         checked after each state change."""
         if mode == "sev-snp":  # KVM_SEV_INIT2 ... SNP_LAUNCH_FINISH (sim/snp.py)
-            self._snp_launch(image, data, policy)
+            self._snp_launch(image, data, policy, snp_cpuid)
             return
         if self.vcpu_count > 1:
             raise UsageError(f"{mode} guests have one vCPU here (vcpus={self.vcpu_count} is for "
@@ -264,7 +268,7 @@ class Machine:
         self.sev_launch = launch
         self.launch_result = launch
 
-    def _snp_launch(self, image: GuestImage, data: bytes, policy: Any) -> None:
+    def _snp_launch(self, image: GuestImage, data: bytes, policy: Any, snp_cpuid: Any = None) -> None:
         """The SEV-SNP launch (sim/snp.py ``launch_machine``: INIT2, the vCPU, memory
         attributes, SNP_LAUNCH_START/UPDATE/FINISH); ``launch_result.launch_digest`` is the
         firmware's.  On kvm, kvm/snp.py drives the same steps through /dev/kvm (guest_memfd
@@ -273,6 +277,9 @@ class Machine:
         if self.system.name == "kvm":  # guest_memfd, KVM_SEV_SNP_LAUNCH_* (kvm/snp.py)
             from .kvm.snp import launch_machine as kvm_snp_launch
 
+            if snp_cpuid is not None:
+                raise FeatureUnavailable("a CPUID page of the caller's choosing in an SNP launch "
+                                         "through KVM (the simulator takes one)")
             self.launch_result = self._snp_exits = kvm_snp_launch(
                 self, image, data, policy, c_bit=sev_c_bit(self.system), vcpus=self.vcpu_count)
             self.state_protected = True
@@ -282,7 +289,7 @@ class Machine:
             raise FeatureUnavailable(f"the SEV-SNP launch on the {self.system.name} backend")
         from .sim.snp import launch_machine
 
-        self.launch_result = launch_machine(self, image, data, policy)
+        self.launch_result = launch_machine(self, image, data, policy, cpuid_entries=snp_cpuid)
         self.state_protected = True
 
     def load(self, image: GuestImage, data: bytes | None = None, *, c_bit: int | None = None) -> None:

@@ -613,6 +613,7 @@ class SnpMachineLaunch:
         self.policy = policy
         self.digest = model.launch_digest
         self.seconds = model.launch_seconds
+        self.cpuid_corrections: list = []  # (offered, corrected) CPUID entries, if refused
 
     @property
     def launch_digest(self) -> bytes:
@@ -641,12 +642,17 @@ class SnpMachineLaunch:
                 "launch_seconds": round(self.seconds, 6)}
 
 
-def launch_machine(machine, image, data: bytes, policy: int | None) -> SnpMachineLaunch:
+def launch_machine(machine, image, data: bytes, policy: int | None, *,
+                   cpuid_entries: list | None = None) -> SnpMachineLaunch:
     """An SEV-SNP launch of a Machine on the simulator, in the order a VMM uses KVM:
     KVM_SEV_INIT2, the vCPU, KVM_SET_MEMORY_ATTRIBUTES (all RAM private), SNP_LAUNCH_START,
     SNP_LAUNCH_UPDATE of the boot tables and image (NORMAL), the SECRETS and CPUID pages,
     SNP_LAUNCH_FINISH with the vCPU's VMSA.  The pages are those ``measure --mode
-    sev-snp`` lists, so the firmware's digest equals the offline one."""
+    sev-snp`` lists, so the firmware's digest equals the offline one.  ``cpuid_entries``:
+    the CPUID page the VMM offers instead of the default one; a page the firmware refuses
+    comes back corrected and is offered once more, as KVM and QEMU do
+    (``SnpMachineLaunch.cpuid_corrections``: (offered, corrected) entry pairs)."""
+    from ..snp.firmware import parse_cpuid_page
     from ..snp.policy import DEFAULT_POLICY, SnpPolicy
 
     vm = machine.vm
@@ -670,27 +676,41 @@ def launch_machine(machine, image, data: bytes, policy: int | None) -> SnpMachin
     machine.load(image, data, c_bit=c_bit)
     plan = guest_launch_plan(data, image.mode, machine.memory, vcpus=machine.vcpu_count,
                              c_bit=c_bit if image.mode == "long64" else None,
-                             source=f"guest {image.name}")
+                             source=f"guest {image.name}", cpuid_entries=cpuid_entries)
     kvm.launch_start(policy)
+    corrections: list = []
     kvm.set_memory_attributes(0, kvm.npages * PAGE_SIZE, True)
     pages = plan.memory_pages()
     for p in pages:
         if p.page_type == PageType.NORMAL and vm.read(p.gpa, PAGE_SIZE) != p.data:
             raise SevError("KVM_SEV_SNP_LAUNCH_UPDATE", errno.EINVAL, None,
                            f"guest memory at {p.gpa:#x} differs from the launch plan")
-        kvm.launch_update(p.gpa >> 12, p.data, PAGE_SIZE, int(p.page_type))
+        try:
+            kvm.launch_update(p.gpa >> 12, p.data, PAGE_SIZE, int(p.page_type))
+        except SevError as e:
+            copyback = getattr(kvm, "cpuid_copyback", None)  # SEV_RET_INVALID_PARAM: corrected
+            if p.page_type != PageType.CPUID or e.fw_error != 0x16 or copyback is None:
+                raise
+            fixed = copyback[:PAGE_SIZE]  # the firmware's table, written into the source page
+            corrections = [(a, b) for a, b in zip(parse_cpuid_page(p.data)[1],
+                                                  parse_cpuid_page(fixed)[1], strict=False) if a != b]
+            kvm.launch_update(p.gpa >> 12, fixed, PAGE_SIZE, int(p.page_type))
+            plan.pages[plan.pages.index(p)] = type(p)(p.gpa, p.page_type, fixed)
+    pages = plan.memory_pages()
     kvm.launch_finish([p.data for p in plan.vmsa_pages()])
     # the launched pages, as the firmware left them (secrets filled), encrypted in guest RAM
     for p in pages:
         plain = model.firmware.memory.read_page(kvm.gmem_pfn(p.gpa >> 12))
         vm.write(p.gpa, model.key.encrypt(p.gpa, plain))
     vmsa = plan.vmsa_pages()[0].data
-    model.vmsa_pages = {0: (kvm.vcpu_vmsas[0] << 12, model.key.encrypt(0, vmsa))}
+    model.vmsa_pages = {0: (kvm.vcpu_vmsas[0] << 12, bytearray(model.key.encrypt(0, vmsa)))}
     model.handle = kvm.gctx_spa
     model.launch_digest = kvm.launch_digest
     model._attestation = (machine.system, policy)
     model.launch_seconds = time.perf_counter() - t0
-    return SnpMachineLaunch(model, plan, policy)
+    result = SnpMachineLaunch(model, plan, policy)
+    result.cpuid_corrections = corrections
+    return result
 
 
 def start_ap(machine, ap, apic_id: int) -> str | None:
@@ -721,7 +741,7 @@ def start_ap(machine, ap, apic_id: int) -> str | None:
     v = Vmsa(page)
     ap.set_sregs(v.sregs())
     ap.set_regs(v.regs())
-    model.vmsa_pages[apic_id] = (kvm.vcpus[apic_id].vmsa_pfn << 12, model.key.encrypt(gpa, page))
+    model.vmsa_pages[apic_id] = (kvm.vcpus[apic_id].vmsa_pfn << 12, bytearray(model.key.encrypt(gpa, page)))
     if ap.sev_memory is None:  # its engine with the SEV MMU, made while it is idle
         ap._sev_setup()
     return None

@@ -89,8 +89,9 @@ def _pages_of(start: int, blob: bytes):
 
 def guest_launch_plan(image: bytes, entry_mode: str, memory: int, *, vcpus: int = 1,
                       c_bit: int | None = 51, vcpu_sig: int = 0x00A00F11,
-                      source: str = "") -> SnpLaunchPlan:
-    """The pages an SNP launch of this image measures, in KVM's order."""
+                      source: str = "", cpuid_entries: list | None = None) -> SnpLaunchPlan:
+    """The pages an SNP launch of this image measures, in KVM's order.  ``cpuid_entries``:
+    the CPUID page the VMM offers (default: :func:`default_cpuid_entries`)."""
     from ..boot import long_mode_state, real_mode_state, sev_launch_blob
     from ..sev.vmsa import build_vmsa, reset_state
 
@@ -107,7 +108,8 @@ def guest_launch_plan(image: bytes, entry_mode: str, memory: int, *, vcpus: int 
                          "SNP secrets and CPUID pages")
     pages.append(LaunchPage(SNP_SECRETS_GPA, PageType.SECRETS, bytes(PAGE_SIZE)))
     pages.append(LaunchPage(SNP_CPUID_GPA, PageType.CPUID,
-                            cpuid_page(default_cpuid_entries(vcpu_sig))))
+                            cpuid_page(default_cpuid_entries(vcpu_sig) if cpuid_entries is None
+                                       else cpuid_entries)))
     for cpu in range(vcpus):
         if cpu == 0:
             regs, sregs = (long_mode_state(memory) if entry_mode == "long64"
