@@ -32,9 +32,10 @@ from ..errors import FeatureUnavailable, SevError, UsageError
 from .scenarios import LabReport, LabUnavailable
 
 MODES = ("svm", "sev", "sev-es")
-#: scenarios with an SEV-SNP guest (``--mode sev-snp``, simulator only; not in ``--mode all`` yet)
+#: the scenarios' SEV-SNP guests (``--mode sev-snp``, simulator only; not in ``--mode all`` yet)
 SNP_SCENARIOS = {"remap": "snp-lab-service", "memview": "snp-lab-service",
-                 "regleak": "snp-lab-regleak"}
+                 "regleak": "snp-lab-regleak", "ciphertext": "snp-lab-counter",
+                 "lying-hv": "snp-lab-cpuid"}
 #: scenario -> (guest base name, one line)
 SCENARIOS = {
     "regleak": ("lab-regleak", "a secret in registers across a CPUID exit: who can read it"),
@@ -54,16 +55,17 @@ def guest_for(scenario: str, mode: str) -> str:
     return base + "-es" if mode == "sev-es" else base
 
 
-def launch(guest: str, mode: str, system):
+def launch(guest: str, mode: str, system, *, snp_cpuid=None):
     """A Machine with ``guest`` loaded; for sev/sev-es launched encrypted with a guest owner
-    (the measurement is verified).  Raises LabUnavailable when the backend cannot."""
+    (the measurement is verified); for sev-snp with ``snp_cpuid`` as the CPUID page the VMM
+    offers, if given.  Raises LabUnavailable when the backend cannot."""
     from ..machine import Machine
 
     try:
         if mode == "svm":
             return Machine.for_guest(guest, system)
         if mode == "sev-snp":  # the SNP launch (sim/snp.py); its digest is the firmware's
-            return Machine.for_guest(guest, system, sev="sev-snp")
+            return Machine.for_guest(guest, system, sev="sev-snp", snp_cpuid=snp_cpuid)
         from ..sev.policy import GuestPolicy
         from ..sev.session import GuestOwner
 
@@ -94,7 +96,8 @@ def run_scenario(name: str, mode: str = "svm", backend="auto", *, out_dir: str |
     own = not isinstance(backend, System)
     system = open_backend(backend) if own else backend
     try:
-        machine = launch(guest_for(name, mode), mode, system)
+        lies = S.snp_cpuid_lies()[1] if (name, mode) == ("lying-hv", "sev-snp") else None
+        machine = launch(guest_for(name, mode), mode, system, snp_cpuid=lies)
         try:
             if name == "regleak":
                 return S.regleak(machine, mode)

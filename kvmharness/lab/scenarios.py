@@ -356,7 +356,10 @@ def lying_hv(machine, mode: str) -> LabReport:
     """The hypervisor answers CPUID with values of its choosing: RDTSCP hidden, the C-bit
     moved.  Under SVM/SEV through the CPUID table KVM answers from; under SEV-ES by
     rewriting KVM's answer in the (shared) GHCB page before the guest reads it.  The
-    report names only what was actually changed, and says what could not be."""
+    report names only what was actually changed, and says what could not be.  Under
+    SEV-SNP the lies go into the CPUID page instead (:func:`_lying_hv_snp`)."""
+    if mode == "sev-snp":
+        return _lying_hv_snp(machine)
     table = machine.cpuid
     real_sev = table.lookup(CPUID_SEV)
     real_c_bit = real_sev.ebx & 0x3F if real_sev is not None else 0
@@ -464,6 +467,109 @@ def lying_hv(machine, mode: str) -> LabReport:
                 "fake_c_bit": fake_c_bit if "c-bit" in changed else None, "real_c_bit": real_c_bit,
                 "ghcb_rewrites": tampered}
     return _finish(machine, "lying-hv", mode, result, verdict, findings, lines)
+
+
+AVX512F_BIT = 16  # CPUID 7 EBX
+
+
+def snp_cpuid_lies() -> tuple[list, list, list]:
+    """(the CPUID page a VMM offers an SNP guest, the same page with the hypervisor's lies,
+    the lies) -- each lie (name, leaf, register, what it says): RDTSCP hidden (less than the
+    part has), the C-bit moved, AVX512F claimed (more than the part has)."""
+    import dataclasses
+
+    from ..snp.firmware import MILAN_SIG
+    from ..snp.launch import default_cpuid_entries
+
+    honest = default_cpuid_entries(MILAN_SIG)  # the page guest_launch_plan offers by default
+    by_leaf = {e.eax_in: e for e in honest}
+    real_c_bit = by_leaf[CPUID_SEV].ebx & 0x3F
+    fake_c_bit = real_c_bit - 4 if real_c_bit > 36 else 47
+    changes = {CPUID_FEATURES: {"edx": by_leaf[CPUID_FEATURES].edx & ~(1 << RDTSCP_BIT)},
+               CPUID_SEV: {"ebx": (by_leaf[CPUID_SEV].ebx & ~0x3F) | fake_c_bit},
+               0x7: {"ebx": by_leaf[0x7].ebx | 1 << AVX512F_BIT}}
+    lied = [dataclasses.replace(e, **changes.get(e.eax_in, {})) if e.ecx_in == 0 else e
+            for e in honest]
+    lies = [("rdtscp", CPUID_FEATURES, "edx", "RDTSCP hidden (0x80000001 EDX bit 27 cleared)"),
+            ("c-bit", CPUID_SEV, "ebx",
+             f"C-bit moved from {real_c_bit} to {fake_c_bit} (0x8000001F EBX[5:0])"),
+            ("avx512f", 0x7, "ebx", "AVX512F claimed (7 EBX bit 16 set)")]
+    return honest, lied, lies
+
+
+def _lying_hv_snp(machine) -> LabReport:
+    """lying-hv under SEV-SNP: the guest's CPUID values come from the CPUID page, which the
+    VMM builds from its table and the firmware checks at SNP_LAUNCH_UPDATE (the model's
+    policy: snp.firmware.FEATURE_MASKED -- the feature registers of leaves 1, 7, 0x80000001
+    and 0x8000001F EAX may say less than the part has, never more; a refused page comes back
+    corrected and the VMM offers it again).  The lab launched the guest with the lied page
+    (run_scenario); this reads what became of each lie."""
+    from ..snp.firmware import FEATURE_MASKED
+
+    honest, lied, lies = snp_cpuid_lies()
+    corrections = list(getattr(machine.launch_result, "cpuid_corrections", []))
+    result = machine.run()
+    v = result.values
+    seen = {("rdtscp", CPUID_FEATURES, "edx"): v.get(3, 0),
+            ("c-bit", CPUID_SEV, "ebx"): v.get(2, 0), ("avx512f", 0x7, "ebx"): v.get(8, 0)}
+    by_leaf = {e.eax_in: e for e in lied}
+    honest_by_leaf = {e.eax_in: e for e in honest}
+    pt_c_bit, sev_info_c_bit, verdict_bits = v.get(4, 0), v.get(6, 0), v.get(5, 0)
+    fate, caught, believed, detected = {}, [], [], []
+    for name, leaf, reg, what in lies:
+        told = getattr(by_leaf[leaf], reg)
+        got = seen[(name, leaf, reg)]
+        checked = (leaf, reg) in FEATURE_MASKED
+        fixed = next((getattr(b, reg) for a, b in corrections if a.eax_in == leaf and a.ecx_in == 0
+                      and getattr(a, reg) != getattr(b, reg)), None)
+        if fixed is not None:
+            status = "caught"
+            caught.append(f"{what}: the firmware refused the page and wrote back "
+                          f"{reg.upper()}={fixed:#x}; the guest saw {got:#x}")
+        elif name == "c-bit" and verdict_bits & 1:
+            status = "detected"
+            detected.append(f"{what}: not checked by the model's firmware policy; the guest saw "
+                            f"C-bit {got & 0x3F} in the CPUID page and {pt_c_bit} in the measured "
+                            "boot page tables")
+        else:
+            status = "believed"
+            believed.append(f"{what}: " + ("allowed by the firmware (less than the part has)"
+                                           if checked else "not checked by the model's firmware "
+                                           "policy") + f"; the guest saw {reg.upper()}={got:#x}")
+        fate[name] = {"leaf": hex(leaf), "register": reg, "honest": hex(getattr(honest_by_leaf[leaf], reg)),
+                      "told": hex(told), "seen": hex(got), "checked_by_firmware": checked,
+                      "corrected_to": hex(fixed) if fixed is not None else None, "status": status}
+    if verdict_bits & 4:
+        detected.append(f"C-bit: the SEV information response says {sev_info_c_bit}, the page "
+                        f"tables {pt_c_bit}")
+    lines = ["the hypervisor put its lies into the CPUID page it offered at SNP_LAUNCH_UPDATE: "
+             + "; ".join(what for _, _, _, what in lies),
+             (f"the firmware refused the page and wrote back the corrected table "
+              f"({len(corrections)} entries changed); the VMM offered it again (as KVM and QEMU do)"
+              if corrections else "the firmware accepted the page as offered"),
+             "the model's firmware policy (its subset of AMD's per-leaf CPUID policy): the feature "
+             "registers " + ", ".join(f"{leaf:#x} {reg.upper()}" for leaf, reg in sorted(FEATURE_MASKED))
+             + " may say less than the part has, never more (and at most 64 entries); other "
+             "registers are not checked"]
+    lines += [f"CAUGHT: {c}" for c in caught] + [f"DETECTED: {d}" for d in detected]
+    lines += [f"believed: {b}" for b in believed]
+    lines.append(f"the guest's checks: CPUID page C-bit {seen[('c-bit', CPUID_SEV, 'ebx')] & 0x3F}, "
+                 f"boot page tables {pt_c_bit}, SEV information {sev_info_c_bit}; RDTSCP path "
+                 f"{'taken' if v.get(7) else 'not taken'}, AVX512F path "
+                 f"{'taken' if v.get(9) else 'not taken'}")
+    verdict = (f"the hypervisor told {len(lies)} lies in the CPUID page; the firmware caught "
+               f"{len(caught)}, the guest detected {len([f for f in fate.values() if f['status'] == 'detected'])}"
+               f", {len(believed)} believed")
+    findings = {"lies": fate, "caught": caught, "detected": detected, "believed": believed,
+                "cpuid_corrections": [{"leaf": hex(a.eax_in), "offered": [hex(a.eax), hex(a.ebx),
+                                                                         hex(a.ecx), hex(a.edx)],
+                                       "corrected": [hex(b.eax), hex(b.ebx), hex(b.ecx), hex(b.edx)]}
+                                      for a, b in corrections],
+                "verdict_bits": verdict_bits, "page_table_c_bit": pt_c_bit,
+                "sev_info_c_bit": sev_info_c_bit, "rdtscp_path": v.get(7), "avx512f_path": v.get(9),
+                "firmware_policy": "model subset: " + ", ".join(f"{leaf:#x}.{reg}" for leaf, reg
+                                                                in sorted(FEATURE_MASKED))}
+    return _finish(machine, "lying-hv", "sev-snp", result, verdict, findings, lines)
 
 
 # -- 4. page remapping (SEVered) -------------------------------------------------------------
@@ -585,7 +691,8 @@ def ciphertext(machine, mode: str) -> LabReport:
     """At every tick the hypervisor records the counter's value if it can read registers,
     else the ciphertext of the VMSA block holding it, and decodes phase 2 with phase 1."""
     observations: list = []
-    if mode == "sev-es":
+    vmsa_mode = mode in ("sev-es", "sev-snp")  # the registers are in the encrypted VMSA
+    if vmsa_mode:
         try:  # the CPU's part: the guest state written into the encrypted VMSA at each #VMEXIT
             machine.vcpu.save_vmsa_at_exit()
         except FeatureUnavailable:
@@ -597,7 +704,7 @@ def ciphertext(machine, mode: str) -> LabReport:
             return
         if m.ucall_args()[0] != COUNTER_KEY_TICK:  # SEV-ES: from the GHCB
             return
-        if mode == "sev-es":
+        if vmsa_mode:
             vmsa = _vmsa(m) or b""
             observations.append(vmsa[VMSA_R12_BLOCK:VMSA_R12_BLOCK + 16].hex())
         else:
@@ -614,7 +721,7 @@ def ciphertext(machine, mode: str) -> LabReport:
     if len(nibbles) == 16 and None not in nibbles:
         decoded = bytes(nibbles[2 * i] | nibbles[2 * i + 1] << 4 for i in range(8))
     distinct = len(set(observations))
-    how = ("the VMSA ciphertext of the 16-byte block holding R12 (offset 0x360)" if mode == "sev-es"
+    how = ("the VMSA ciphertext of the 16-byte block holding R12 (offset 0x360)" if vmsa_mode
            else "R12 itself (KVM_GET_REGS)")
     lines = [f"observed at each of {len(observations)} ticks: {how}",
              f"{distinct} distinct observations; phase 1 (counter 0..15) gives the codebook",
@@ -625,9 +732,57 @@ def ciphertext(machine, mode: str) -> LabReport:
                      "address only): repeats are visible without the key.  The mitigations shipped "
                      "after CipherLeaks (SEV-SNP-era firmware; ciphertext hiding on newer parts) "
                      "take this view away from the hypervisor; SEV-ES as modelled here has none")
+    snp = None
+    if mode == "sev-snp":  # what SNP changes: the RMP stops host writes, not host reads
+        snp = _ciphertext_snp(machine)
+        lines += snp.pop("lines")
     verdict = (f"the hypervisor recovered the secret the loop walked: {decoded!r}" if decoded
                else "the hypervisor could not decode the loop")
     findings = {"decoded": decoded.decode("latin-1") if decoded else None, "ticks": len(observations),
                 "distinct": distinct, "nibbles": nibbles,
-                "vmsa_writeback_model": mode == "sev-es"}  # the VMSA written at each #VMEXIT
+                "vmsa_writeback_model": vmsa_mode}  # the VMSA written at each #VMEXIT
+    if snp is not None:
+        findings["snp"] = snp
     return _finish(machine, "ciphertext", mode, result, verdict, findings, lines)
+
+
+def _ciphertext_snp(machine) -> dict:
+    """What SEV-SNP changes for CipherLeaks, as the host finds it after the run: the VMSA is a
+    guest-owned VMSA page in the RMP, so a host write faults, but a host read is not an RMP
+    check (APM vol. 2, "RMP checks": only writes by the hypervisor to guest-owned pages
+    fault) and returns the ciphertext.  What takes the read away is ciphertext hiding
+    (SNP_INIT_EX's CIPHERTEXT_HIDING_EN on parts that have it; an SNP guest can require it
+    with policy bit 24): the model's platform does not have it."""
+    from ..snp.policy import SnpPolicyBit
+    from ..snp.rmp import HostRmpFault
+
+    model = machine.vm._sev_model
+    fw = model.firmware
+    spa = model.vmsa_pages[0][0]
+    entry = fw.rmp.effective(spa >> 12)[0]
+    vmsa_page = bool(entry.assigned and entry.vmsa)
+
+    def host(write: bool) -> str:  # a host access to the VMSA page, as the RMP checks it
+        try:
+            fw.rmp.check_host_access(spa, write)
+        except HostRmpFault as e:
+            return f"refused ({e})"
+        return "allowed"
+
+    write, read = host(True), host(False)
+    hiding = bool(fw.platform.ciphertext_hiding)
+    lines = [f"SEV-SNP: the VMSA (SPA {spa:#x}) is "
+             f"{'a ' + entry.owner + '-owned VMSA page' if vmsa_page else 'not a VMSA page'} in the "
+             f"RMP; a host write to it: {write}; a host read: {read} (the RMP checks host writes, "
+             "not reads) and returns the ciphertext, so the repeats above were read under SNP "
+             "as under SEV-ES",
+             "ciphertext hiding (SNP_INIT_EX CIPHERTEXT_HIDING_EN; guest policy bit 24 "
+             f"requires it) would take the read away: the model's platform "
+             f"{'has' if hiding else 'does not have'} it"
+             + ("" if hiding else " (a policy with bit 24 is refused at SNP_LAUNCH_START)")]
+    return {"vmsa_rmp_vmsa_page": vmsa_page, "vmsa_owner": entry.owner, "host_write": write,
+            "host_read": read,
+            "ciphertext_hiding": hiding,
+            "policy_requires_hiding": bool(machine.vm._sev_model._attestation[1]
+                                           & SnpPolicyBit.CIPHERTEXT_HIDING),
+            "lines": lines}
