@@ -137,7 +137,12 @@ def _vcpu_view(machine: Machine, vcpu: Any) -> Machine:
 
 
 def _snp_sim_model(machine: Machine) -> Any:
-    """The SEV-SNP model of a Machine launched on the simulator, else None."""
+    """The SEV-SNP model of a Machine launched on the simulator, else None.
+
+    Only a simulator machine can have one: the simulator (and unicorn) is not imported for a
+    kvm machine, so several vCPUs run on a host without unicorn (the rig in a box)."""
+    if machine.launch_result is None or machine.system is None or machine.system.name != "sim":
+        return None
     from .sim.snp import SimSnpModel
 
     model = getattr(machine.vm, "_sev_model", None)

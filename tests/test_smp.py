@@ -37,3 +37,25 @@ def test_refused_without_a_loaded_guest(backend, machine_factory):
     m = machine_factory(None, vcpus=2)
     with pytest.raises(UsageError, match="loaded guest"):
         run_vcpus(m)
+
+
+_NO_UNICORN = r"""
+import sys
+sys.modules["unicorn"] = None  # as on the rig in a box: kvm only, no simulator
+from kvmharness.machine import Machine
+from kvmharness.smp import run_vcpus
+with Machine.for_guest("cpuid", "kvm", vcpus=2) as m:
+    print(sorted(r.outcome for r in run_vcpus(m, 30)))
+"""
+
+
+@pytest.mark.requires_kvm
+def test_several_kvm_vcpus_run_without_the_simulator_installed():
+    """run_vcpus on a kvm machine must not import the simulator (it failed the rig tier)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _NO_UNICORN], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "['done', 'done']"
