@@ -83,6 +83,40 @@ class Sshd:
         self.proc.wait(10)
 
 
+def _sweep_stale_labs(netns, IPRoute) -> None:
+    """Remove the labs of test processes that died without closing theirs (killed runs):
+    their host-side veth still holds HOST_ADDR, which would collide with this lab's.  A lab
+    is named after its process's pid (mod 100000), so a live process keeps its lab."""
+    for name in netns.listnetns():
+        if not name.startswith("kvmh-test-"):
+            continue
+        tag = name[len("kvmh-test-"):]
+        try:
+            pid = int(tag[:-2])
+            os.kill(pid, 0)
+            continue  # its process is alive: not stale
+        except ValueError:
+            continue  # not one of ours
+        except PermissionError:
+            continue
+        except ProcessLookupError:
+            pass
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for line in pids.stdout.split():
+            try:
+                os.kill(int(line), signal.SIGKILL)  # its orphaned sshd instances
+            except (ValueError, ProcessLookupError):
+                pass
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=f"kvh{tag}a")
+            if idx:
+                ipr.link("del", index=idx[0])
+        try:
+            netns.remove(name)
+        except OSError:
+            pass
+
+
 class SshLab:
     """The namespace, its keys and the sshd instances started in it."""
 
@@ -96,6 +130,7 @@ class SshLab:
         self._netns = netns
         self._ports = itertools.count(2200)
         self.servers: list[Sshd] = []
+        _sweep_stale_labs(netns, IPRoute)
         netns.create(self.ns)
         try:
             with IPRoute() as ipr:
