@@ -145,7 +145,7 @@ def _snp_sim_model(machine: Machine) -> Any:
         return None
     from .sim.snp import SimSnpModel
 
-    model = getattr(machine.vm, "_sev_model", None)
+    model = machine.vm.sev_interface() if machine.vm is not None else None  # made at launch
     return model if isinstance(model, SimSnpModel) and machine.launch_result is not None else None
 
 

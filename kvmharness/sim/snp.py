@@ -235,7 +235,11 @@ class SimSnpModel:
         return last
 
 
-_vcpu_thread = threading.local()  # .core: the engine the current thread's vCPU runs
+class _VcpuThread(threading.local):
+    core = None  # the engine the current thread's vCPU runs (None: this thread runs none)
+
+
+_vcpu_thread = _VcpuThread()
 
 
 class SnpMemory(SevMemory):
@@ -254,7 +258,7 @@ class SnpMemory(SevMemory):
         self.pending_flush: dict = {}  # engine -> page GPAs whose translated code is stale
 
     def _mine(self, core) -> bool:
-        mine = getattr(_vcpu_thread, "core", None)
+        mine = _vcpu_thread.core
         return mine is None or core is mine
 
     def exit_sync(self) -> None:
