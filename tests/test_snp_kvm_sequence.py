@@ -508,7 +508,7 @@ def test_memory_fault_and_map_gpa_range_are_answered_by_the_machine(launched):
     (KVM_SET_MEMORY_ATTRIBUTES) and runs again; KVM_EXIT_HYPERCALL nr 12 (the guest's
     page-state change): attributes flipped, hypercall.ret = 0; a range outside RAM: -EINVAL."""
     kernel, rec, m = launched
-    run = ffi.cast("struct kvm_run *", m.vcpu._run_ptr)
+    run = m.vcpu.kvm_run
     seen = {}
 
     def memory_fault(k, fd):

@@ -78,9 +78,11 @@ _REG_FIELDS = operator.attrgetter("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp
                                   "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 _U64_MASK = 0xFFFFFFFFFFFFFFFF
 _KVM_SET_REGS = K.KVM_SET_REGS
-#: kvm_regs/kvm_sregs bytes of shared immutable states (x86.frozen; boot.entry_state), packed once:
-#: id -> (the state, kept alive so its id stays its own; the bytes)
-_PACKED: dict[int, tuple[object, bytes]] = {}
+#: kvm_regs/kvm_sregs of shared immutable states (x86.frozen; boot.entry_state), packed once:
+#: id -> (the state, kept alive so its id stays its own; a struct pointer over its bytes)
+_PACKED: dict[int, tuple[object, Any]] = {}
+_REGS_PTR = ffi.typeof("struct kvm_regs *")
+_SREGS_PTR = ffi.typeof("struct kvm_sregs *")
 _PACKED_MAX = 64
 _KVM_SET_SREGS = K.KVM_SET_SREGS
 assert _IO.size <= 16 and ffi.offsetof(_RUN, "mmio") == _OFF_UNION
@@ -95,6 +97,7 @@ _KVM_RUN = K.KVM_RUN
 _NULL = ffi.NULL
 _EINTR = _errno.EINTR
 _get_ident = threading.get_ident
+_HLT, _SHUTDOWN = X.Hlt(), X.Shutdown()  # immutable and fieldless: one value each
 
 
 class KvmVcpu(Vcpu):
@@ -103,19 +106,31 @@ class KvmVcpu(Vcpu):
         self.fd = fd
         self.vcpu_id = vcpu_id
         self._mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._run_ptr = ffi.from_buffer(self._mm)
-        self.kvm_run: Any = ffi.cast("struct kvm_run *", self._run_ptr)
-        self._mv = memoryview(self._mm)
-        self._pending: X.Exit | None = None  # the exit awaiting complete(), with where its data goes
-        self._pending_off = 0
-        self._thread = 0
-        self._ioctl = libc.ioctl
-        self._single_step = False
         self._io_heads: dict[bytes, _IoHead] = {}  # raw kvm_run.io header -> decoded head (see decode_exit)
-        self.cpuid: tuple[CpuidEntry, ...] = ()
-        self._fast: FastLoop | None = None  # the compiled exit loop, made on first fast_loop()
-        self._bufs: tuple[tuple[Any, Any], tuple[Any, Any]] | None = None  # see _set_bufs
-        self._words: tuple[memoryview, memoryview, memoryview] | None = None  # see _word_views
+
+    # Per-vCPU state with its initial value on the class: set on the instance when it first
+    # changes, so creating a vCPU (a VM lifecycle's Python work, issue 15) sets two attributes.
+    _pending: X.Exit | None = None  # the exit awaiting complete(), with where its data goes
+    _pending_off = 0
+    _thread = 0
+    _ioctl = staticmethod(libc.ioctl)
+    _single_step = False
+    cpuid: tuple[CpuidEntry, ...] = ()
+    _fast: FastLoop | None = None  # the compiled exit loop, made on first fast_loop()
+    _bufs: tuple[tuple[Any, Any], tuple[Any, Any]] | None = None  # see _set_bufs
+    _words: tuple[memoryview, memoryview, memoryview, memoryview] | None = None  # see _word_views
+    _run_ptr: Any = None  # cffi's view of the kvm_run mapping, made on first use of kvm_run
+    _run_struct: Any = None  # and the struct kvm_run * over it
+
+    @property
+    def kvm_run(self) -> Any:
+        """``struct kvm_run *`` over the mapping (cffi), made on first use."""
+        if self._run_ptr is None:
+            if self.fd < 0:
+                return None
+            self._run_ptr = ffi.from_buffer(self._mm)
+            self._run_struct = ffi.cast("struct kvm_run *", self._run_ptr)
+        return self._run_struct
 
     # -- running -------------------------------------------------------------
     def run(self) -> X.Exit:
@@ -135,7 +150,7 @@ class KvmVcpu(Vcpu):
             if err == _EFAULT_ and _U32.unpack_from(self._mm, _OFF_EXIT_REASON)[0] == _MEMORY_FAULT:
                 return self.decode_exit()
             if err == _EINTR:
-                self._mv[_OFF_IMMEDIATE_EXIT] = 0
+                self._mm[_OFF_IMMEDIATE_EXIT] = 0
                 raise InterruptedError(_EINTR, "KVM_RUN interrupted")
             raise KvmError("KVM_RUN", err, self.run_failure_hint(err))
         return self.decode_exit()
@@ -210,9 +225,11 @@ class KvmVcpu(Vcpu):
 
     def _word_views(self) -> tuple[memoryview, memoryview, memoryview]:
         """kvm_run as u16/u32/u64 words (made on the first runner(): the lean runner reads no slices)."""
-        if self._words is None:
-            self._words = (self._mv.cast("H"), self._mv.cast("I"), self._mv.cast("Q"))
-        return self._words
+        words = self._words
+        if words is None:
+            mv = memoryview(self._mm)
+            words = self._words = (mv.cast("H"), mv.cast("I"), mv.cast("Q"), mv)
+        return words[0], words[1], words[2]
 
     @staticmethod
     def _intern_out(outs: dict[int, tuple[int, Any, int, dict[int, X.IoOut]]], word: int, off: int,
@@ -234,7 +251,7 @@ class KvmVcpu(Vcpu):
         if err == _EFAULT_ and _U32.unpack_from(self._mm, _OFF_EXIT_REASON)[0] == _MEMORY_FAULT:
             return self.decode_exit()
         if err == _EINTR:
-            self._mv[_OFF_IMMEDIATE_EXIT] = 0
+            self._mm[_OFF_IMMEDIATE_EXIT] = 0
             raise InterruptedError(_EINTR, "KVM_RUN interrupted")
         raise KvmError("KVM_RUN", err, self.run_failure_hint(err))
 
@@ -289,9 +306,9 @@ class KvmVcpu(Vcpu):
             self._pending, self._pending_off = mmio_read, _OFF_UNION + 8
             return mmio_read
         if reason == 5:
-            return X.Hlt()
+            return _HLT
         if reason == 8:
-            return X.Shutdown()
+            return _SHUTDOWN
         if reason == 29 or reason == 30:  # X86_RDMSR / X86_WRMSR
             _, msr_reason, index, data = _MSR.unpack_from(mm, _OFF_UNION)
             msr: X.Exit = X.MsrRead(index, msr_reason) if reason == 29 else X.MsrWrite(index, data, msr_reason)
@@ -344,7 +361,7 @@ class KvmVcpu(Vcpu):
         p = self._pending
         if p is None:
             raise UsageError("complete() called but the last exit asked for no data")
-        mv, off = self._mv, self._pending_off
+        mv, off = self._mm, self._pending_off
         if isinstance(p, X.IoIn):
             n = p.size * p.count
             data = value if isinstance(value, (bytes, bytearray)) else int(value).to_bytes(n, "little")
@@ -362,7 +379,7 @@ class KvmVcpu(Vcpu):
 
     def kick(self) -> None:
         """Make KVM_RUN return EINTR now (or immediately on its next entry)."""
-        self._mv[_OFF_IMMEDIATE_EXIT] = 1
+        self._mm[_OFF_IMMEDIATE_EXIT] = 1
         if self._thread:
             with contextlib.suppress(ProcessLookupError, OSError):  # the thread has exited
                 signal.pthread_kill(self._thread, KICK_SIGNAL)
@@ -390,16 +407,14 @@ class KvmVcpu(Vcpu):
 
     def set_regs(self, regs: Regs) -> None:
         """KVM_SET_REGS."""
-        buf, view = self._set_bufs()[0]
-        if type(regs) is FrozenRegs:  # a shared immutable state: its bytes packed once
+        if type(regs) is FrozenRegs:  # a shared immutable state: packed once, its kvm_regs kept
             hit = _PACKED.get(id(regs))
-            if hit is not None:
-                view[:] = hit[1]
-                ioctl(self.fd, _KVM_SET_REGS, buf)
-                return
+            if hit is None:
+                hit = _remember_packed(regs, _REGS_PTR, _REGS.pack(*[v & _U64_MASK for v in _REG_FIELDS(regs)]))
+            ioctl(self.fd, _KVM_SET_REGS, hit[1])
+            return
+        buf, view = self._set_bufs()[0]
         _REGS.pack_into(view, 0, *[v & _U64_MASK for v in _REG_FIELDS(regs)])
-        if type(regs) is FrozenRegs:
-            _remember_packed(regs, view)
         ioctl(self.fd, _KVM_SET_REGS, buf)
 
     def _set_bufs(self) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
@@ -423,17 +438,12 @@ class KvmVcpu(Vcpu):
 
     def set_sregs(self, s: Sregs) -> None:
         """KVM_SET_SREGS (interrupt_bitmap cleared: no pending interrupt)."""
-        f = _SEG_FIELDS
-        buf, view = self._set_bufs()[1]
-        hit = _PACKED.get(id(s)) if type(s) is FrozenSregs else None
-        if hit is not None:  # a shared immutable state (boot.entry_state): packed once
-            view[:] = hit[1]
+        if type(s) is FrozenSregs:  # a shared immutable state (boot.entry_state): packed once
+            hit = _PACKED.get(id(s))
+            buf = (hit or _remember_packed(s, _SREGS_PTR, _pack_sregs(s)))[1]
         else:
-            _SREGS_SET.pack_into(view, 0, *f(s.cs), *f(s.ds), *f(s.es), *f(s.fs), *f(s.gs), *f(s.ss),
-                                 *f(s.tr), *f(s.ldt), s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit,
-                                 s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base)
-            if type(s) is FrozenSregs:
-                _remember_packed(s, view)
+            buf, view = self._set_bufs()[1]
+            view[:] = _pack_sregs(s)
         ret, err = ioctl_raw(self.fd, _KVM_SET_SREGS, buf)
         if ret < 0:
             raise KvmError("KVM_SET_SREGS", err,
@@ -538,13 +548,16 @@ class KvmVcpu(Vcpu):
             return
         if self._fast is not None:  # a thread still in the C loop keeps kvm_run mapped until GC
             self._fast.release()
-        for view in self._words or ():
-            view.release()
-        self._mv.release()
-        ffi.release(self._run_ptr)
-        self.kvm_run = None
-        with contextlib.suppress(BufferError):  # a caller still holds a view of kvm_run
+        if self._words is not None:
+            for view in self._words:
+                view.release()
+        if self._run_ptr is not None:
+            ffi.release(self._run_ptr)
+            self._run_ptr = self._run_struct = None
+        try:  # noqa: SIM105 (not contextlib.suppress: an object and two calls per close, issue 15)
             self._mm.close()
+        except BufferError:  # a caller still holds a view of kvm_run: GC unmaps it
+            pass
         os.close(self.fd)
         self.fd = -1
 
@@ -552,8 +565,18 @@ class KvmVcpu(Vcpu):
         return f"KvmVcpu(id={self.vcpu_id}, fd={self.fd})"
 
 
-def _remember_packed(state: object, view: Any) -> None:
-    """Keep a frozen state's packed bytes (a bounded cache: cleared when full)."""
+def _pack_sregs(s: Sregs) -> bytes:
+    """kvm_sregs bytes of ``s`` (the interrupt bitmap zero)."""
+    f = _SEG_FIELDS
+    return _SREGS_SET.pack(*f(s.cs), *f(s.ds), *f(s.es), *f(s.fs), *f(s.gs), *f(s.ss), *f(s.tr), *f(s.ldt),
+                           s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit,
+                           s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base)
+
+
+def _remember_packed(state: object, ctype: Any, packed: bytes) -> tuple[object, Any]:
+    """Keep a frozen state's packed struct (a bounded cache: cleared when full) as a typed
+    pointer over the bytes, which the ioctl reads and nothing writes, and return the entry."""
     if len(_PACKED) >= _PACKED_MAX:
         _PACKED.clear()
-    _PACKED[id(state)] = (state, bytes(view))
+    entry = _PACKED[id(state)] = (state, ffi.from_buffer(ctype, packed))
+    return entry

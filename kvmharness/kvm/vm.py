@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
+import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -26,25 +26,35 @@ _KVM_CREATE_VCPU = K.KVM_CREATE_VCPU
 _KVM_SET_USER_MEMORY_REGION = K.KVM_SET_USER_MEMORY_REGION
 _MAP_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value
 _REGION = ffi.typeof("struct kvm_userspace_memory_region *")
+_REGION_S = struct.Struct("=IIQQQ")  # slot, flags, guest_phys_addr, memory_size, userspace_addr
+assert _REGION_S.size == ffi.sizeof("struct kvm_userspace_memory_region")
+assert ffi.offsetof("struct kvm_userspace_memory_region", "userspace_addr") == 24
+_KVM_MEM_READONLY = K.KVM_MEM_READONLY
 _UINTPTR = ffi.typeof("uintptr_t")
 _VOIDP = ffi.typeof("void *")
+_VCPU_ID_ARGS = tuple(ffi.cast(_VOIDP, i) for i in range(64))  # KVM_CREATE_VCPU's argument, cast once
 
 
 class KvmVm(Vm):
     """Owns the VM fd and the host memory of its slots."""
 
     def __init__(self, system: KvmSystem, fd: int, vm_type: int, *,
-                 disable_hypercall_patching: bool = True) -> None:
+                 disable_hypercall_patching: bool = True, quirk_disabled: bool = False) -> None:
+        """``quirk_disabled``: the caller has already turned the hypercall-patching quirk off
+        (KvmSystem.create_vm's one C call for both ioctls)."""
         self.system: KvmSystem = system
         self.fd = fd
         self.vm_type = vm_type
         self.regions: list[MemoryRegion] = []
         self.vcpus: list[KvmVcpu] = []
-        self._next_slot = 0
-        self._pins: list[Any] = []  # cffi buffers that must stay alive while KVM uses them
-        self._gmem_fds: list[int] = []  # guest_memfd of each private slot (SNP VM type)
-        if disable_hypercall_patching:
+        if disable_hypercall_patching and not quirk_disabled:
             self.disable_fix_hypercall_quirk()
+
+    # State with its initial value on the class, set on the instance when it first changes
+    # (a VM lifecycle's Python work is part of what issue 15 measures).
+    _next_slot = 0
+    _pins: tuple[Any, ...] = ()  # cffi buffers that must stay alive while KVM uses them
+    _gmem_fds: tuple[int, ...] = ()  # guest_memfd of each private slot (SNP VM type)
 
     # -- capabilities and quirks ---------------------------------------------
     def check_extension(self, cap: int) -> int:
@@ -122,7 +132,7 @@ class KvmVm(Vm):
                 bitmap = ffi.new("__u8[]", (nmsrs + 7) // 8)
                 if allowed:
                     ffi.memmove(bitmap, b"\xff" * len(bitmap), len(bitmap))
-                self._pins.append(bitmap)
+                self._pins += (bitmap,)
                 r = f.ranges[i]
                 r.flags, r.nmsrs, r.base, r.bitmap = flag, nmsrs, base, bitmap
                 i += 1
@@ -142,27 +152,27 @@ class KvmVm(Vm):
         for r in self.regions:
             if gpa < r.gpa + r.size and r.gpa < gpa + size:
                 raise UsageError(f"memory slot {gpa:#x}+{size:#x} overlaps {r}")
+        slot = self._next_slot
         mm = mmap.mmap(-1, size, flags=_MAP_ANON)
         ptr = ffi.from_buffer(mm)
-        region = ffi.new(_REGION)
-        region.slot = self._next_slot
-        region.flags = K.KVM_MEM_READONLY if readonly else 0
-        region.guest_phys_addr = gpa
-        region.memory_size = size
-        region.userspace_addr = int(ffi.cast(_UINTPTR, ptr))
-        if self.vm_type == KVM_X86_SNP_VM and not readonly:
+        private = self.vm_type == KVM_X86_SNP_VM and not readonly
+        # struct kvm_userspace_memory_region packed in one call (layout: the asserts at the
+        # top of this module and tests/test_cdefs_layout.py)
+        region = ffi.from_buffer(_REGION, _REGION_S.pack(slot, _KVM_MEM_READONLY if readonly else 0, gpa, size,
+                                                int(ffi.cast(_UINTPTR, ptr))))
+        if private:
             ret, err, name = self._set_private_slot(region)
         else:
-            ret, err = ioctl_raw(self.fd, K.KVM_SET_USER_MEMORY_REGION, region)
-            name = "KVM_SET_USER_MEMORY_REGION"
+            ret, err = ioctl_raw(self.fd, _KVM_SET_USER_MEMORY_REGION, region)
         if ret < 0:
             ffi.release(ptr)
             mm.close()
-            raise KvmError(name, err, f"slot {region.slot} at {gpa:#x}+{size:#x}")
-        mr = MemoryRegion(self._next_slot, gpa, size, memoryview(mm), readonly, owner=(mm, ptr))
-        self._next_slot += 1
+            raise KvmError(name if private else "KVM_SET_USER_MEMORY_REGION", err,
+                           f"slot {slot} at {gpa:#x}+{size:#x}")
+        mr = MemoryRegion(slot, gpa, size, memoryview(mm), readonly, (mm, ptr))
+        self._next_slot = slot + 1
         self.regions.append(mr)
-        if self.vm_type == KVM_X86_SNP_VM and not readonly:
+        if private:
             self.set_memory_attributes(gpa, size, private=True)
         return mr
 
@@ -184,7 +194,7 @@ class KvmVm(Vm):
         if ret < 0:
             os.close(fd)
             return ret, err, "KVM_SET_USER_MEMORY_REGION2"
-        self._gmem_fds.append(fd)
+        self._gmem_fds += (fd,)
         return ret, 0, "KVM_SET_USER_MEMORY_REGION2"
 
     def set_memory_attributes(self, gpa: int, size: int, *, private: bool) -> None:
@@ -205,7 +215,8 @@ class KvmVm(Vm):
     # -- vCPUs --------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0) -> KvmVcpu:
         """KVM_CREATE_VCPU(id) and mmap of its kvm_run."""
-        ret, err = ioctl_raw(self.fd, _KVM_CREATE_VCPU, ffi.cast(_VOIDP, vcpu_id))
+        arg = _VCPU_ID_ARGS[vcpu_id] if 0 <= vcpu_id < len(_VCPU_ID_ARGS) else ffi.cast(_VOIDP, vcpu_id)
+        ret, err = ioctl_raw(self.fd, _KVM_CREATE_VCPU, arg)
         if ret < 0:
             raise KvmError("KVM_CREATE_VCPU", err, f"vcpu id {vcpu_id}")
         vcpu = KvmVcpu(self, ret, vcpu_id, self.system.vcpu_mmap_size)
@@ -219,17 +230,20 @@ class KvmVm(Vm):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        for fd in self._gmem_fds:
-            os.close(fd)
-        self._gmem_fds.clear()
+        if self._gmem_fds:
+            for fd in self._gmem_fds:
+                os.close(fd)
+            self._gmem_fds = ()
         for r in self.regions:
             mm, ptr = r._owner
             r.view.release()
             ffi.release(ptr)
-            with contextlib.suppress(BufferError):  # the caller still holds a slice of the memory; GC frees it
+            try:  # noqa: SIM105 (not contextlib.suppress: an object and two calls per close, issue 15)
                 mm.close()
+            except BufferError:  # the caller still holds a slice of the memory; GC frees it
+                pass
         self.regions.clear()
-        self._pins.clear()
+        self._pins = ()
 
     def __repr__(self) -> str:
         return f"KvmVm(fd={self.fd}, type={self.vm_type}, slots={len(self.regions)})"
