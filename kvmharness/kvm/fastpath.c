@@ -34,9 +34,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <unistd.h>
 
-#define KH_ABI 2
+#define KH_ABI 1
 
 #define KH_PY 0
 #define KH_SINK 1
@@ -96,30 +95,6 @@ struct kh_fast {
 
 int kh_abi(void) { return KH_ABI; }
 uint64_t kh_sizeof(void) { return sizeof(struct kh_fast); }
-
-/*
- * A VM in one call: KVM_CREATE_VM(type) on the /dev/kvm fd, then, when cap is not NULL,
- * KVM_ENABLE_CAP(cap) on the new VM (the harness's quirk setting; kvm/system.py).  The
- * same two ioctls Python would issue, without a return to the interpreter between them.
- * Returns the VM fd; -1 with err[0] = errno and err[1] = the ioctl that failed (0 create,
- * 1 enable cap: the new VM fd is closed again).
- */
-int kh_create_vm(int32_t kvm_fd, uint64_t create_request, uint64_t type, uint64_t enable_cap_request,
-                 const void *cap, int32_t *err) {
-    int vm = ioctl(kvm_fd, create_request, (unsigned long)type);
-    if (vm < 0) {
-        err[0] = errno;
-        err[1] = 0;
-        return -1;
-    }
-    if (cap && ioctl(vm, enable_cap_request, cap) < 0) {
-        err[0] = errno;
-        err[1] = 1;
-        close(vm);
-        return -1;
-    }
-    return vm;
-}
 
 static int post(struct kh_fast *f, uint8_t kind, uint8_t slot, uint16_t port, uint32_t len, uint32_t size,
                 uint32_t count, uint64_t addr, const uint8_t *data) {

@@ -41,7 +41,7 @@ from . import _ffi as K
 
 SOURCE = Path(__file__).with_name("fastpath.c")
 ENV = "KVMHARNESS_FASTPATH"
-ABI = 2
+ABI = 1
 RING_SIZE = 256 << 10
 
 #: Kinds a port or MMIO range can have in the C loop (fastpath.c's KH_*).
@@ -81,8 +81,6 @@ struct kh_fast {
 int kh_abi(void);
 uint64_t kh_sizeof(void);
 int kh_run(struct kh_fast *f);
-int kh_create_vm(int32_t kvm_fd, uint64_t create_request, uint64_t type, uint64_t enable_cap_request,
-                 const void *cap, int32_t *err);
 """
 
 ffi = cffi.FFI()

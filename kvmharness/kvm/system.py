@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import typing
 from typing import Any
 
 from ..abi import KVM_X86_DEFAULT_VM, VM_TYPE_NAMES
@@ -14,14 +13,11 @@ from ..watchdog import KICK_SIGNAL as KICK_SIGNAL  # re-exported: it lived here 
 from ..watchdog import ensure_kick_signal
 from ..x86 import CpuidEntry, CpuidTable
 from . import _ffi as K
-from . import fastpath
 from ._ffi import ffi, ioctl, ioctl_raw
 from .vm import KvmVm
 
 KVM_API_VERSION = 12
 _KVM_CREATE_VM = K.KVM_CREATE_VM
-_KVM_ENABLE_CAP = K.KVM_ENABLE_CAP
-_UNKNOWN: Any = object()
 
 #: capabilities reported by ``info`` and kept in Capabilities.extensions
 REPORTED_CAPS = (
@@ -68,9 +64,6 @@ class KvmSystem(System):
         #: (None: this kernel offers no way), found on the first VM of that type (kvm/vm.py)
         self.quirk_caps: dict[int, Any] = {}
         self._vm_type_args: dict[int, Any] = {}  # VM type -> KVM_CREATE_VM's argument, cast once
-        #: fastpath.c's kh_create_vm, or None for the pure-Python path (looked up on first use)
-        self._c_create_vm: Any = _UNKNOWN
-        self._c_err = fastpath.ffi.new("int32_t[2]")  # its errno and failed step
         self._supported_cpuid: CpuidTable | None = None
         if not ensure_kick_signal():
             os.close(self.fd)
@@ -143,42 +136,21 @@ class KvmSystem(System):
 
     # -- VMs --------------------------------------------------------------------
     def create_vm(self, vm_type: int = KVM_X86_DEFAULT_VM) -> KvmVm:
-        """KVM_CREATE_VM(type), then the hypercall-patching quirk turned off (kvm/vm.py).
-
-        Once the quirk's kvm_enable_cap is known for the type, and the compiled library is
-        loaded (kvm/fastpath.py) with no ioctl recorder installed, both ioctls are one C
-        call: the same calls, without a return to the interpreter between them (issue 15)."""
-        cap = self.quirk_caps.get(vm_type, _UNKNOWN)
-        if cap is not _UNKNOWN and K._recorder is None:
-            create = self._c_create_vm
-            if create is _UNKNOWN:
-                lib = fastpath.load()
-                create = self._c_create_vm = None if lib is None else lib.kh_create_vm
-            if create is not None:
-                err = self._c_err
-                fd = create(self.fd, _KVM_CREATE_VM, vm_type, _KVM_ENABLE_CAP, cap or ffi.NULL, err)
-                if fd < 0:
-                    if err[1]:
-                        raise KvmError("KVM_ENABLE_CAP", err[0], "turning the hypercall-patching quirk off")
-                    self._create_vm_failed(vm_type, err[0])
-                return KvmVm(self, fd, vm_type, quirk_disabled=True)
+        """KVM_CREATE_VM(type)."""
         arg = self._vm_type_args.get(vm_type)
         if arg is None:
             arg = self._vm_type_args[vm_type] = ffi.cast("void *", vm_type)
-        ret, err_ = ioctl_raw(self.fd, _KVM_CREATE_VM, arg)
+        ret, err = ioctl_raw(self.fd, _KVM_CREATE_VM, arg)
         if ret < 0:
-            self._create_vm_failed(vm_type, err_)
+            if err == errno.EINVAL and vm_type != KVM_X86_DEFAULT_VM:
+                mask = self.check_extension(K.KVM_CAP_VM_TYPES)
+                offered = ", ".join(VM_TYPE_NAMES.get(t, str(t)) for t in range(32) if mask >> t & 1)
+                raise FeatureUnavailable(
+                    f"KVM_CREATE_VM refused VM type {vm_type} ({VM_TYPE_NAMES.get(vm_type, '?')}): "
+                    f"EINVAL. This kernel offers VM types: {offered or 'default only'} "
+                    f"(KVM_CAP_VM_TYPES={mask:#x})")
+            raise KvmError("KVM_CREATE_VM", err)
         return KvmVm(self, ret, vm_type)
-
-    def _create_vm_failed(self, vm_type: int, err: int) -> typing.NoReturn:
-        if err == errno.EINVAL and vm_type != KVM_X86_DEFAULT_VM:
-            mask = self.check_extension(K.KVM_CAP_VM_TYPES)
-            offered = ", ".join(VM_TYPE_NAMES.get(t, str(t)) for t in range(32) if mask >> t & 1)
-            raise FeatureUnavailable(
-                f"KVM_CREATE_VM refused VM type {vm_type} ({VM_TYPE_NAMES.get(vm_type, '?')}): "
-                f"EINVAL. This kernel offers VM types: {offered or 'default only'} "
-                f"(KVM_CAP_VM_TYPES={mask:#x})")
-        raise KvmError("KVM_CREATE_VM", err)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -39,15 +39,13 @@ class KvmVm(Vm):
     """Owns the VM fd and the host memory of its slots."""
 
     def __init__(self, system: KvmSystem, fd: int, vm_type: int, *,
-                 disable_hypercall_patching: bool = True, quirk_disabled: bool = False) -> None:
-        """``quirk_disabled``: the caller has already turned the hypercall-patching quirk off
-        (KvmSystem.create_vm's one C call for both ioctls)."""
+                 disable_hypercall_patching: bool = True) -> None:
         self.system: KvmSystem = system
         self.fd = fd
         self.vm_type = vm_type
         self.regions: list[MemoryRegion] = []
         self.vcpus: list[KvmVcpu] = []
-        if disable_hypercall_patching and not quirk_disabled:
+        if disable_hypercall_patching:
             self.disable_fix_hypercall_quirk()
 
     # State with its initial value on the class, set on the instance when it first changes
