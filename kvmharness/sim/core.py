@@ -39,7 +39,9 @@ Why this shape (measured with unicorn 2.1.4 on a 2-core EPYC VM; the numbers are
   and stops the engine; ``start`` hands the record to the model once
   ``uc_emu_start`` returns (``_dispatch_io``), with the engine's registers shown
   as they stood in the hook, so the model sees exactly what a Python hook saw.
-  ``uc_emu_start`` and register access go through cffi, not the binding's
+  The model takes the record's fields as arguments (``on_out_recorded``), and only where
+  something else may read the engine then are its registers shown as they stood in the
+  hook first.  ``uc_emu_start`` and register access go through cffi, not the binding's
   wrappers (2-3 us per register) nor ctypes.  Without a C compiler, or with
   ``KVMHARNESS_SIM_CHOOKS=0``, the hooks are Python (ctypes callbacks) and run
   the same model inside the engine.
@@ -164,6 +166,8 @@ _uc_reg_read = _uc.uc_reg_read
 _uc_reg_write = _uc.uc_reg_write
 _REG_RIP = X.UC_X86_REG_RIP
 _SH_OUT = simhooks.SH_OUT
+_RECORD, _RECORD_OFFSET = simhooks.RECORD.unpack_from, simhooks.RECORD_OFFSET
+_PENDING_WORD = simhooks.PENDING_WORD
 
 UC_ERR_OK = unicorn.UC_ERR_OK
 UC_ERR_READ_UNMAPPED = unicorn.UC_ERR_READ_UNMAPPED
@@ -199,6 +203,9 @@ class Core:
         # the C hooks' record of the last IN/OUT (None: Python hooks)
         self._io = simhooks.new_io_record() if _CHOOKS is not None else None
         self.chooks = self._io is not None
+        # the record as bytes (one unpack per exit) and as uint32 words (its pending flag)
+        self._io_buf = _cffi.buffer(self._io) if self.chooks else None
+        self._io_words = memoryview(self._io_buf).cast("I") if self.chooks else None
         self.in_guest = False
         self._ctx = None
         self.hook_error = None
@@ -476,8 +483,8 @@ class Core:
     # -- running -------------------------------------------------------------
     def start(self, begin: int, count: int = RUN_COUNT) -> int:
         err = _uc_emu_start(self._cuch, begin, UNTIL, 0, count)
-        io = self._io
-        if io is not None and io.pending:
+        words = self._io_words
+        if words is not None and words[_PENDING_WORD]:
             self._dispatch_io()
         return err
 
@@ -487,6 +494,16 @@ class Core:
         an INS moves RDI and RCX, the IN's 0 lands in AX) while the model runs, then the
         registers as the stop left them."""
         io, uch = self._io, self._cuch
+        # the model takes the record's fields as arguments where nothing else reads the engine
+        # meanwhile (sim/vcpu.py on_out_recorded): no registers shown, two cffi calls saved
+        rip, rax, rcx, _rsi, rdi, pending, port, size, value = _RECORD(self._io_buf, _RECORD_OFFSET)
+        if pending == _SH_OUT:
+            done = self.handler.on_out_recorded(rip, port, size, value)
+        else:
+            done = self.handler.on_in_recorded(rip, port, size, rax, rcx, rdi)
+        if done:
+            self._io_words[_PENDING_WORD] = 0
+            return
         _CHOOKS.sh_show_hook(uch, io)
         try:
             if io.pending == _SH_OUT:

@@ -286,16 +286,24 @@ class SevEsVcpu(SevVcpu):
             self.run_state.post_event(VC_IO_EVENT, address)
             self.core.stop()  # takes effect before the instruction runs
 
-    def _on_out(self, port, size, value):
+    def _on_out(self, port, size, value, rip=None):
         if self._handler() is None:
-            return super()._on_out(port, size, value)
+            return super()._on_out(port, size, value, rip)
         self._vc_io(False, size)
         return None
 
-    def _on_in(self, port, size):
+    def _on_in(self, port, size, recorded=None):
         if self._handler() is None:
-            return super()._on_in(port, size)
+            return super()._on_in(port, size, recorded)
         return self._vc_io(True, size)
+
+    # An IO that raises #VC reads every GPR from the engine as the IN/OUT hook saw them:
+    # a C hook's record is then shown to the engine first (sim/core.py _dispatch_io).
+    def on_out_recorded(self, rip, port, size, value) -> bool:
+        return self._handler() is None and super().on_out_recorded(rip, port, size, value)
+
+    def on_in_recorded(self, rip, port, size, rax, rcx, rdi) -> bool:
+        return self._handler() is None and super().on_in_recorded(rip, port, size, rax, rcx, rdi)
 
     def _vc_io(self, is_in, size):
         """From the IN/OUT hook (the instruction is executing): keep what it changes,

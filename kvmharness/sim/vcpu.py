@@ -346,10 +346,36 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         except BaseException as e:  # noqa: BLE001 - re-raised by run()
             self.core.hook_failed(e)
 
-    def _on_out(self, port, size, value):
+    def on_out_recorded(self, rip, port, size, value) -> bool:
+        """An OUT the C hook recorded (sim/simhooks.c), handled after the engine stopped with
+        the RIP the hook saw: an OUT exit reads no other register, so the engine need not be
+        shown the hook's registers first.  False (nothing done) where something else may read
+        the engine meanwhile -- an L2 guest's exit (sim/nested.py) or a #VMEXIT observer
+        (SEV-ES's VMSA write, a trace callback) -- and the caller shows it them instead."""
+        if self.svm.on_vmexit or self.nested is not None and self.nested.guest_mode:
+            return False
+        try:
+            self._on_out(port, size, value, rip)
+        except BaseException as e:  # noqa: BLE001 - re-raised by run(), as from the hook
+            self.core.hook_failed(e)
+        return True
+
+    def on_in_recorded(self, rip, port, size, rax, rcx, rdi) -> bool:
+        """An IN the C hook recorded, with the registers it read at the instruction (RAX for
+        KVM_GET_REGS until completion; RCX and RDI for INS); see :meth:`on_out_recorded`."""
+        if self.svm.on_vmexit or self.nested is not None and self.nested.guest_mode:
+            return False
+        try:
+            self._on_in(port, size, (rip, rax, rcx, rdi))
+        except BaseException as e:  # noqa: BLE001 - re-raised by run(), as from the hook
+            self.core.hook_failed(e)
+        return True
+
+    def _on_out(self, port, size, value, rip=None):
         core = self.core
-        _reg_read(core.uch, _RIP, core._bufp)
-        rip = core._buf.value
+        if rip is None:  # a Python hook: the engine stands at the OUT
+            _reg_read(core.uch, _RIP, core._bufp)
+            rip = core._buf.value
         nested = self.nested
         if nested is not None and nested.guest_mode and nested.io_intercepted(port, size):
             nested.io_exit(rip, port, size, False)  # L1's port: reflected (sim/nested.py)
@@ -389,9 +415,11 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             self.core.hook_failed(e)
             return 0
 
-    def _on_in(self, port, size):
+    def _on_in(self, port, size, recorded=None):
+        """``recorded``: (RIP, RAX, RCX, RDI) as the C hook read them at the IN; None in a
+        Python hook, where the engine stands at the IN and is read."""
         core = self.core
-        rip = core.rip()
+        rip = core.rip() if recorded is None else recorded[0]
         nested = self.nested
         if nested is not None and nested.guest_mode and nested.io_intercepted(port, size):
             nested.io_exit(rip, port, size, True)  # L1's port: reflected (sim/nested.py)
@@ -405,12 +433,15 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         count, extra = 1, None
         if string:
             rep = bool(info1 & 8)
-            rcx = core.reg(X.UC_X86_REG_RCX)
-            rdi = core.reg(X.UC_X86_REG_RDI)
+            if recorded is None:
+                rcx, rdi = core.reg(X.UC_X86_REG_RCX), core.reg(X.UC_X86_REG_RDI)
+            else:
+                rcx, rdi = recorded[2], recorded[3]
             count = self._ins_count(size, rcx, rdi, rep, info1)  # sim/kvmlayer.py
             extra = (rcx, rdi, count, rep, info1)
         self.svm.vmexit(SVM_EXIT_IOIO, info1, next_rip, rip, next_rip, "IoIn")
-        self.run_state.in_old_rax = core.reg(X.UC_X86_REG_RAX)  # KVM_GET_REGS shows it until completed
+        # KVM_GET_REGS shows it until completed
+        self.run_state.in_old_rax = core.reg(X.UC_X86_REG_RAX) if recorded is None else recorded[1]
         self.run_state.exit_to_user(exits.IoIn(port, size, count))
         self.run_state.owe("in", rip, next_rip, (size, extra))
         self.run_state.resume = None if string else next_rip
