@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import sys
+from typing import Any
 
 from . import errors as E
 
@@ -557,29 +558,61 @@ def _host_reason(e: E.HarnessError) -> str:
     return (f" ({why})" if why else "") + hint
 
 
+class _Watched:
+    """stdout, noting whether the command wrote anything to it (see ``_fail``)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.written = stream, False
+
+    def write(self, text: str) -> int:
+        self.written = self.written or bool(text)
+        return int(self.stream.write(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _fail(args, message: str, code: int, kind: str, out: _Watched | None) -> int:
+    """An error ends the command: one line on stderr, and with ``--json``, where the command
+    had printed no document of its own, one JSON object on stdout (``{"error": {...}}``), so
+    a machine reading stdout learns why it got no result."""
+    print(f"kvmharness: {message}", file=sys.stderr)
+    if out is not None and not out.written:
+        print(json.dumps({"error": {"kind": kind, "message": message.removeprefix("error: "),
+                                    "exit_code": code}}), file=out.stream)
+    return code
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    out = _Watched(sys.stdout) if getattr(args, "json", False) else None
+    if out is not None:
+        sys.stdout = out  # type: ignore[assignment]
+    try:
+        return _main(args, out)
+    finally:
+        if out is not None and sys.stdout is out:
+            sys.stdout = out.stream
+
+
+def _main(args, out: _Watched | None) -> int:
     try:
         return args.func(args)
     except E.HarnessError as e:
-        print(f"kvmharness: error: {e}{_host_reason(e)}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args, f"error: {e}{_host_reason(e)}", e.exit_code, type(e).__name__, out)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == "kvmharness":  # our own module: a broken install
-            print(f"kvmharness: internal error: {e} (reinstall kvmharness)", file=sys.stderr)
-            return E.EXIT_INTERNAL
-        print(f"kvmharness: error: {_missing_module_message(e)}", file=sys.stderr)
-        return E.EXIT_HOST
+            return _fail(args, f"internal error: {e} (reinstall kvmharness)", E.EXIT_INTERNAL,
+                         "InternalError", out)
+        return _fail(args, f"error: {_missing_module_message(e)}", E.EXIT_HOST, "MissingDependency", out)
     except KeyboardInterrupt:
-        print("kvmharness: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args, "interrupted", 130, "Interrupted", out)
     except BrokenPipeError:
         return E.EXIT_OK
     except OSError as e:  # a file the user named cannot be read or written
         where = f" {e.filename}" if e.filename else ""
-        print(f"kvmharness: error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
-        return E.EXIT_USAGE
+        return _fail(args, f"error: cannot use{where}: {e.strerror or e}", E.EXIT_USAGE, "FileError", out)
 
 
 if __name__ == "__main__":

@@ -504,3 +504,22 @@ def test_info_decodes_0x8000001f_only_where_the_cpu_has_it(monkeypatch, top, exp
         assert "highest extended leaf is 0x80000008" in H.format_report(r)
     else:
         assert r["host_sev_leaf"]["sev"] is True and r["host_sev_leaf_source"] == "/dev/cpu/0/cpuid"
+
+
+# -- errors under --json ---------------------------------------------------------------
+
+def test_an_error_under_json_is_also_one_json_object_on_stdout(capsys, tmp_path):
+    """With --json a machine reads stdout: an error used to leave it empty (the reason only on
+    stderr); now stdout has one object naming the error and the exit status, and stderr keeps
+    its line."""
+    rc, out, err = run(capsys, "run", "no-such-guest", "--backend", "sim", "--json")
+    assert rc != EXIT_OK and "no-such-guest" in err
+    doc = json.loads(out)
+    assert doc["error"]["exit_code"] == rc and "no-such-guest" in doc["error"]["message"]
+    assert doc["error"]["kind"] and not doc["error"]["message"].startswith("error:")
+    missing = tmp_path / "missing.bin"
+    rc, out, err = run(capsys, "sev", "verify", "--pdh", str(missing), "--json")
+    assert rc != EXIT_OK and err.startswith("kvmharness: ")
+    assert json.loads(out)["error"]["exit_code"] == rc
+    rc, out, err = run(capsys, "run", "no-such-guest", "--backend", "sim")  # without --json: stderr only
+    assert rc != EXIT_OK and out == "" and "no-such-guest" in err
