@@ -2,7 +2,8 @@
 
 One guest, two phases: 200,000 ``out 0x80, al`` exits (each a full KVM_RUN round
 trip through the model: IOIO #VMEXIT, trace record, IoOut to the caller), then a
-5-instruction arithmetic loop run straight through.  Wall-clock and process CPU
+5-instruction arithmetic loop run straight through; and two more guests, a loop of MMIO
+stores and one of MMIO loads (``bench_mmio``).  Wall-clock and process CPU
 time are both reported: on a shared 2-core machine the CPU figures are the steady
 ones.  The guest is pre-assembled bytes, so no binutils are needed.
 """
@@ -23,6 +24,37 @@ _GUEST = ("b9{n}" "e680" "ffc9" "75fa" "b001" "e681" "48c7c1{m}" "4801c8" "4883f
 
 def bench_guest(n_exits: int, n_loop: int) -> bytes:
     return bytes.fromhex(_GUEST.format(n=struct.pack("<I", n_exits).hex(), m=struct.pack("<I", n_loop).hex()))
+
+
+# mov ecx, N; mov edi, 0x1000000 (identity-mapped, no slot: MMIO); 1: mov [rdi], al (write) or
+# mov eax, [rdi] (read); dec ecx; jnz 1b; hlt
+_MMIO_GUEST = "b9{n}" "bf00000001" "{insn}" "ffc9" "75fa" "f4"
+
+
+def bench_mmio(n_exits: int = 20_000) -> dict:
+    """User CPU per MMIO exit of a plain MOV store and load (the model finishes those without
+    re-running them: sim/vcpu.py ``_replay_mov``), each a full KVM_RUN round trip."""
+    from .system import SimSystem
+    from .testing import long_mode_setup
+
+    out = {}
+    for kind, insn, want in (("write", "8807", exits.MmioWrite), ("read", "8b07", exits.MmioRead)):
+        code = bytes.fromhex(_MMIO_GUEST.format(n=struct.pack("<I", n_exits).hex(), insn=insn))
+        with SimSystem() as system, system.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            long_mode_setup(vm, vcpu, code)
+            e, n = vcpu.run(), 1
+            u0 = os.times().user
+            while isinstance(e, want):
+                if want is exits.MmioRead:
+                    vcpu.complete(n)
+                e = vcpu.run()
+                n += 1
+            u1 = os.times().user
+            if not isinstance(e, exits.Hlt) or n != n_exits + 1:
+                raise SimulatorError(f"MMIO benchmark guest misbehaved: {n} exits, last {e}")
+        out[f"mmio_{kind}_user_cpu_us_per_exit"] = round((u1 - u0) / n_exits * 1e6, 3)
+    return out
 
 
 def bench_sim(n_exits: int = 200_000, n_loop: int = 20_000_000) -> dict:
@@ -63,4 +95,5 @@ def bench_sim(n_exits: int = 200_000, n_loop: int = 20_000_000) -> dict:
         "insn_per_s": round(insns / (t2 - t1)),
         "cpu_insn_per_s": round(insns / max(c2 - c1, 1e-9)),
         "targets": "us_per_exit <= 5, insn_per_s >= 100e6",
+        **bench_mmio(),
     }

@@ -90,6 +90,9 @@ def efer_write_allowed(table, old: int, new: int, cr0_pg: bool) -> bool:
     return True
 
 
+_NO_INSN = object()
+
+
 def _decoder():
     import iced_x86
 
@@ -548,7 +551,7 @@ class KvmExitHandling:
         where the engine reads the offset and the selector apart (measured on kvm_pvm by
         kvmharness fuzz: `lesl %fs:0x2a6(%si), %ecx` in real mode gave one 6-byte read)."""
         gpa, size, access = p[3]
-        insn = self._insn(p[1])
+        insn = self._insn_at(p[1])
         if insn is None:
             return e
         ix = _decoder()
@@ -570,7 +573,7 @@ class KvmExitHandling:
         (measured on kvm_pvm: at every OUTS and MMIO-write exit of a REP string, the last
         element's included, where RIP is still on it; not at its MMIO-read exits)."""
         core = self.core
-        insn = self._insn(insn_rip)
+        insn = self._insn_at(insn_rip)
         if insn is None or not insn.is_string_instruction or not (insn.has_rep_prefix or insn.has_repe_prefix):
             return
         fl = core.reg(X.UC_X86_REG_RFLAGS)
@@ -867,6 +870,19 @@ class KvmExitHandling:
             return None
         insn = ix.Decoder(self._bitness(), data, ip=rip).decode()
         return None if insn.code == ix.Code.INVALID else insn
+
+    def _insn_at(self, rip):
+        """:meth:`_insn`, kept per RIP in ``_insn_cache`` (cleared whenever the guest's mode or
+        code may have changed: re-entry, a host write to guest code) for the per-exit paths:
+        an MMIO exit's REP and far-pointer checks and its replay."""
+        key = ("insn", rip)
+        hit = self._insn_cache.get(key, _NO_INSN)
+        if hit is _NO_INSN:
+            hit = self._insn(rip)
+            if len(self._insn_cache) > 4096:
+                self._insn_cache.clear()
+            self._insn_cache[key] = hit
+        return hit
 
     def _io_insn(self, rip):
         key = rip  # cleared when the guest's mode or code may have changed (re-entry, flush)

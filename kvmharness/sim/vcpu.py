@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import struct
 import threading
 
@@ -49,6 +50,27 @@ _reg_read = corem._lib.uc_reg_read
 _RIP = X.UC_X86_REG_RIP
 _CR0 = X.UC_X86_REG_CR0
 _SITES = corem.PRECISION == "sites"
+_NO_PLAN = object()
+_RF = 1 << 16
+
+
+
+@functools.cache
+def _mov_mnemonics(ix):
+    return frozenset((ix.Mnemonic.MOV, ix.Mnemonic.MOVZX, ix.Mnemonic.MOVSX, ix.Mnemonic.MOVSXD))
+
+
+@functools.cache
+def _gpr_ids(ix):
+    """iced's 64-bit GPRs -> unicorn's register ids."""
+    names = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
+             "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15")
+    return {getattr(ix.Register, n): getattr(X, f"UC_X86_REG_{n}") for n in names}
+
+
+@functools.cache
+def _high_bytes(ix):
+    return frozenset((ix.Register.AH, ix.Register.CH, ix.Register.DH, ix.Register.BH))
 _IO_MNEMONICS = []
 EFER_LMA = 1 << 10
 CR0_PE = 1
@@ -581,11 +603,73 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 return
             core.set_reg(X.UC_X86_REG_RIP, next_rip)
 
+    def _mov_plan(self, rip):
+        """How to finish an MMIO MOV at ``rip`` without re-executing it, or None (not a plain
+        MOV/MOVZX/MOVSX/MOVSXD between a GPR or immediate and memory): ("store", next RIP) --
+        the store went out as the exit, nothing is left but RIP -- or ("load", next RIP, the
+        full register's unicorn id, bit shift, register width, memory size, sign-extend)."""
+        key = ("mov", rip)  # _insn_cache is cleared whenever code or mode may have changed
+        hit = self._insn_cache.get(key, _NO_PLAN)
+        if hit is not _NO_PLAN:
+            return hit
+        ix = K._decoder()
+        insn = self._insn_at(rip)
+        hit = None
+        if insn is not None and insn.op_count == 2 and insn.mnemonic in _mov_mnemonics(ix):
+            after = (rip + insn.len) & _M64
+            if insn.op0_kind == ix.OpKind.MEMORY and insn.mnemonic == ix.Mnemonic.MOV:
+                hit = ("store", after)
+            elif insn.op0_kind == ix.OpKind.REGISTER and insn.op1_kind == ix.OpKind.MEMORY:
+                info = ix.RegisterInfo(insn.op0_register)
+                uc_reg = _gpr_ids(ix).get(info.full_register)
+                if uc_reg is not None:
+                    shift = 8 if insn.op0_register in _high_bytes(ix) else 0
+                    msize = ix.MemorySizeInfo(insn.memory_size).size
+                    signed = insn.mnemonic in (ix.Mnemonic.MOVSX, ix.Mnemonic.MOVSXD)
+                    hit = ("load", after, uc_reg, shift, info.size, msize, signed)
+        if len(self._insn_cache) > 4096:
+            self._insn_cache.clear()
+        self._insn_cache[key] = hit
+        return hit
+
+    def _replay_mov(self, rip, data) -> bool:
+        """Finish an MMIO MOV as the CPU would have: the loaded value into its register (a
+        32-bit write zero-extends, 8/16-bit writes keep the rest), RIP past it, RFLAGS.RF
+        cleared.  False where the instruction is not one (:meth:`_mov_plan`)."""
+        core = self.core
+        if not _SITES or not core.cr(0) & 1:
+            return False
+        plan = self._mov_plan(rip)
+        if plan is None:
+            return False
+        if plan[0] == "load":
+            _, _, reg, shift, width, msize, signed = plan
+            if len(data) != msize:
+                return False
+            value = int.from_bytes(data, "little")
+            if signed and value >> (8 * msize - 1):
+                value -= 1 << (8 * msize)
+            value &= (1 << (8 * width)) - 1
+            if width < 4:
+                mask = ((1 << (8 * width)) - 1) << shift
+                value = (core.reg(reg) & ~mask) | (value << shift)
+            core.set_reg(reg, value)
+        elif data:
+            return False
+        rflags = core.reg(X.UC_X86_REG_RFLAGS)
+        if rflags & _RF:
+            core.set_reg(X.UC_X86_REG_RFLAGS, rflags & ~_RF)
+        core.set_reg(X.UC_X86_REG_RIP, plan[1])
+        return True
+
     def _run_replay(self):
-        """Re-execute the MMIO instruction against a scratch page holding userspace's data."""
+        """Re-execute the MMIO instruction against a scratch page holding userspace's data
+        (a plain MOV is finished directly: :meth:`_replay_mov`)."""
         gpa, data, access = self.run_state.replay
         self.run_state.replay = None
         core = self.core
+        if access != unicorn.UC_MEM_WRITE_PROT and self._replay_mov(core.rip(), data):
+            return corem.UC_ERR_OK
         page = gpa & ~0xFFF
         scratch = bytearray(0x1000 + 8)
         off = gpa - page

@@ -1,0 +1,75 @@
+"""MMIO exits on the simulator: a plain MOV/MOVZX/MOVSX/MOVSXD to or from MMIO is finished
+without re-executing it (sim/vcpu.py ``_replay_mov``: the value into its register with the
+CPU's partial-register rules, RIP past it, RF clear), and must leave every register exactly
+as re-executing the instruction against a scratch page does (the general replay, which runs
+the CPU itself).  The fuzz tests hold both against real KVM (tests/test_fuzz.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("unicorn")
+
+from kvmharness import exits  # noqa: E402
+from kvmharness.sim.system import SimSystem  # noqa: E402
+from kvmharness.sim.testing import long_mode_setup  # noqa: E402
+from kvmharness.sim.vcpu import SimVcpu  # noqa: E402
+
+MMIO = 0x1000000  # identity-mapped by long_mode_setup, not backed by a slot
+GUEST = bytes.fromhex("".join((
+    "48c7c0ffffffff", "48c7c3ffffffff", "48c7c1ffffffff", "48c7c2ffffffff", "48c7c6ffffffff",
+    "bf00000001",            # mov edi, MMIO
+    "8a07",                  # mov al, [rdi]          keeps the rest of RAX
+    "8a6701",                # mov ah, [rdi+1]        bits 8-15 only
+    "668b5f02",              # mov bx, [rdi+2]        keeps bits 16-63
+    "8b4f04",                # mov ecx, [rdi+4]       zero-extends to 64 bits
+    "488b5708",              # mov rdx, [rdi+8]
+    "0fb67710",              # movzx esi, byte [rdi+16]
+    "480fbf4712",            # movsx rax, word [rdi+18]
+    "48635f14",              # movsxd rbx, dword [rdi+20]
+    "440fbe4718",            # movsx r8d, byte [rdi+24]
+    "883f",                  # mov [rdi], bh          a store: only RIP moves
+    "48c7471878563412",      # mov qword [rdi+24], 0x12345678
+    "a10000000100000000",    # mov eax, [moffs64 MMIO]
+    "f4",                    # hlt
+)))
+
+
+def _run(generic_replay: bool, monkeypatch) -> list:
+    if generic_replay:
+        monkeypatch.setattr(SimVcpu, "_replay_mov", lambda self, rip, data: False)
+    rows = []
+    with SimSystem() as system, system.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        long_mode_setup(vm, vcpu, GUEST)
+        for k in range(40):
+            e = vcpu.run()
+            r = vcpu.get_regs()
+            rows.append((repr(e), r.rip, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8, r.rflags))
+            if isinstance(e, exits.MmioRead):  # values with the top bit set: sign extension shows
+                vcpu.complete((0x8899AABBCCDDEEF0 + k).to_bytes(8, "little")[:e.size])
+            elif not isinstance(e, exits.MmioWrite):
+                break
+    monkeypatch.undo()
+    return rows
+
+
+def test_a_finished_mov_leaves_the_registers_the_cpu_leaves(monkeypatch):
+    fast, generic = _run(False, monkeypatch), _run(True, monkeypatch)
+    kinds = [row[0].split("(")[0] for row in fast]
+    assert kinds.count("MmioRead") == 10 and kinds.count("MmioWrite") == 2 and kinds[-1] == "Hlt", kinds
+    assert fast == generic
+    final = fast[-1]
+    rax, rbx, rcx, rdx, rsi, rdi, r8 = final[2:9]
+    assert rcx == 0xCCDDEEF3  # mov ecx: zero-extended (the 4th read: k = 3)
+    assert rsi == 0xF5 and r8 == 0xFFFFFFF8  # movzx; movsx r8d sign-extends within 32 bits
+    assert rbx == 0xFFFFFFFFCCDDEEF7  # movsxd rbx: sign-extended from 32 bits
+    assert rdi == MMIO
+
+
+def test_ah_and_bx_keep_the_rest_of_their_register(monkeypatch):
+    rows = _run(False, monkeypatch)
+    after_ah = rows[2]  # the exit after `mov ah` completed is the `mov bx` read
+    assert after_ah[2] == 0xFFFFFFFFFFFFF1F0  # AL from read 0, AH from read 1, the rest kept
+    after_bx = rows[3]
+    assert after_bx[3] == 0xFFFFFFFFFFFFEEF2  # BX from read 2, bits 16-63 kept
