@@ -91,6 +91,13 @@ def test_rig_run_brings_home_junit_and_removes_the_remote_dir(server, inv, proje
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "0", "0")
     assert "2 passed" in (run_dir / "output.log").read_text()
     assert not Path(f"/tmp/kvmharness-run-{summary['run_id']}-box").exists()
+    # --json: the summary alone on stdout, the progress on stderr
+    p = run_cli("rig", "run", "--inventory", path, "--wheel", str(project_wheel), "--results", str(results),
+                "--json", "--backend", "sim", "--", "sh", "-c", "echo hello from the rig")
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["status"] == 0 and [r["rig"] for r in doc["rigs"]] == ["box"]
+    assert Path(doc["results"], "summary.json").is_file() and "hello from the rig" in p.stderr
 
 
 def test_failing_command_and_dead_rig_each_reported_while_others_carry_on(server, ssh_lab, inv,

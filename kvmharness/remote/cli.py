@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     r.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
                    help="local results folder (default ./results)")
     r.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
+    r.add_argument("--json", action="store_true",
+                   help="print the run's summary (results/RUN_ID/summary.json: each rig's status, "
+                        "reason, files, lock and hang) on stdout; progress goes to stderr")
     r.add_argument("--lock-timeout", type=_seconds, default=1800.0, metavar="S",
                    help="wait up to S s for a rig another run holds (flock on the rig; default 1800), "
                         "then fail naming the holder")
@@ -165,14 +168,16 @@ def cmd_rig_run(args) -> int:
                         known_hosts=args.known_hosts.expanduser() if args.known_hosts else None,
                         python=args.python or "python3", places=args.places, wait=args.lock_timeout)
 
+    out = sys.stderr if args.json else sys.stdout  # --json: stdout holds the summary alone
+
     def note(msg: str) -> None:
-        print(msg, flush=True)
+        print(msg, flush=True, file=out)
 
     with labgrid_rigs(lg, note) as rigs:
         status = _run(args, rigs, command)
     t = lg.timings
     print(f"labgrid: connect {t.get('connect', 0):.2f} s, reserve {t.get('reserve', 0):.2f} s, "
-          f"acquire {t.get('acquire', 0):.2f} s, release {t.get('release', 0):.2f} s", flush=True)
+          f"acquire {t.get('acquire', 0):.2f} s, release {t.get('release', 0):.2f} s", flush=True, file=out)
     return status
 
 
@@ -190,7 +195,8 @@ def _run(args, rigs, command: list[str]) -> int:
     from .progress import Progress
     from .rig import RunOptions, new_run_id, run_on_rigs
 
-    progress = Progress([r.name for r in rigs], live=False if args.plain else None)
+    out = sys.stderr if args.json else sys.stdout  # --json: stdout holds the summary alone
+    progress = Progress([r.name for r in rigs], live=False if args.plain or args.json else None, stream=out)
     opts = RunOptions(command=command, backend=args.backend, timeout=args.timeout,
                       accept_new_host_keys=args.accept_new_host_keys, results_dir=args.results,
                       run_id=new_run_id(), lock_timeout=args.lock_timeout,
@@ -203,12 +209,16 @@ def _run(args, rigs, command: list[str]) -> int:
     for r in results:
         word = "ok" if r.status == 0 else f"exit {r.status}"
         extra = f": {r.reason}" if r.reason else ""
-        print(f"{r.rig}: {word} in {r.elapsed:.1f} s{extra}")
+        print(f"{r.rig}: {word} in {r.elapsed:.1f} s{extra}", file=out)
         log = args.results / opts.run_id / r.rig / "output.log"
         if progress.live and r.status not in (0, 5) and log.is_file():
             # The live lines showed only the latest output; show how it ended.
             for line in log.read_text(errors="replace").splitlines()[-15:]:
-                print(f"  {r.rig}| {line}")
+                print(f"  {r.rig}| {line}", file=out)
+    if args.json:
+        summary = json.loads((args.results / opts.run_id / "summary.json").read_text())
+        summary["results"] = str(args.results / opts.run_id)
+        print(json.dumps(summary, indent=2))
     return status
 
 
