@@ -26,34 +26,38 @@ def bench_guest(n_exits: int, n_loop: int) -> bytes:
     return bytes.fromhex(_GUEST.format(n=struct.pack("<I", n_exits).hex(), m=struct.pack("<I", n_loop).hex()))
 
 
-# mov ecx, N; mov edi, 0x1000000 (identity-mapped, no slot: MMIO); 1: mov [rdi], al (write) or
-# mov eax, [rdi] (read); dec ecx; jnz 1b; hlt
-_MMIO_GUEST = "b9{n}" "bf00000001" "{insn}" "ffc9" "75fa" "f4"
+# mov ecx, N; mov edi, 0x1000000 (identity-mapped, no slot: MMIO); 1: mov [rdi], al (write),
+# mov eax, [rdi] (read) or or byte [rdi], 1 (rmw); dec ecx; jnz 1b; hlt
+_MMIO_GUEST = "b9{n}" "bf00000001" "{insn}" "ffc9" "75{back:02x}" "f4"
 
 
-def bench_mmio(n_exits: int = 20_000) -> dict:
-    """User CPU per MMIO exit of a plain MOV store and load (the model finishes those without
-    re-running them: sim/vcpu.py ``_replay_mov``), each a full KVM_RUN round trip."""
+def bench_mmio(n_loops: int = 10_000) -> dict:
+    """User CPU per MMIO exit, each a full KVM_RUN round trip: a plain MOV store and load (the
+    model finishes those without re-running them: sim/vcpu.py ``_replay_mov``) and an OR on
+    MMIO (a read exit, then the write exit of its re-run: Core.step_to)."""
     from .system import SimSystem
     from .testing import long_mode_setup
 
     out = {}
-    for kind, insn, want in (("write", "8807", exits.MmioWrite), ("read", "8b07", exits.MmioRead)):
-        code = bytes.fromhex(_MMIO_GUEST.format(n=struct.pack("<I", n_exits).hex(), insn=insn))
+    for kind, insn, per_loop in (("write", "8807", 1), ("read", "8b07", 1), ("rmw", "800f01", 2)):
+        back = -(len(insn) // 2 + 4) & 0xFF  # jnz back over the instruction, dec and itself
+        code = bytes.fromhex(_MMIO_GUEST.format(n=struct.pack("<I", n_loops).hex(), insn=insn, back=back))
         with SimSystem() as system, system.create_vm() as vm:
             vcpu = vm.create_vcpu(0)
             long_mode_setup(vm, vcpu, code)
-            e, n = vcpu.run(), 1
+            n = 0
             u0 = os.times().user
-            while isinstance(e, want):
-                if want is exits.MmioRead:
-                    vcpu.complete(n)
+            while True:
                 e = vcpu.run()
+                if isinstance(e, exits.MmioRead):
+                    vcpu.complete(n)
+                elif not isinstance(e, exits.MmioWrite):
+                    break
                 n += 1
             u1 = os.times().user
-            if not isinstance(e, exits.Hlt) or n != n_exits + 1:
+            if not isinstance(e, exits.Hlt) or n != n_loops * per_loop:
                 raise SimulatorError(f"MMIO benchmark guest misbehaved: {n} exits, last {e}")
-        out[f"mmio_{kind}_user_cpu_us_per_exit"] = round((u1 - u0) / n_exits * 1e6, 3)
+        out[f"mmio_{kind}_user_cpu_us_per_exit"] = round((u1 - u0) / n * 1e6, 3)
     return out
 
 

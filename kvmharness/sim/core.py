@@ -159,6 +159,7 @@ _NOOP_CODE_HOOK = ctypes.cast(ctypes.CDLL(None).abs, ctypes.c_void_p)
 # the C IN/OUT hooks (None: Python hooks) and libunicorn through cffi, for the per-exit calls
 _CHOOKS = simhooks.load()
 _CHOOK_ADDRS = simhooks.hook_addresses(_CHOOKS) if _CHOOKS is not None else None
+_STOP_HOOK = simhooks.stop_hook_address(_CHOOKS) if _CHOOKS is not None else None
 _cffi = simhooks.ffi
 _uc = simhooks.uc
 _uc_emu_start = _uc.uc_emu_start
@@ -512,6 +513,24 @@ class Core:
                 self.handler.on_in(None, io.port, io.size, None)
         finally:
             _CHOOKS.sh_show_stop(uch, io)  # clears io.pending
+
+    def step_to(self, begin: int, after: int) -> int | None:
+        """Run from ``begin`` and stop at the linear address ``after`` (the next instruction of
+        one that always falls through to it), with the C stop hook put there: no instruction
+        count, so the translated code stays.  Only the block holding ``begin``..``after`` is
+        translated again, to carry the hook.  None where the C hooks are not loaded."""
+        if _STOP_HOOK is None:
+            return None
+        hh = ctypes.c_size_t()
+        user_data = int(_cffi.cast("uintptr_t", self._io))
+        if _lib.uc_hook_add(self.uch, ctypes.byref(hh), unicorn.UC_HOOK_CODE, _STOP_HOOK, user_data,
+                            after, after, 0):
+            return None
+        try:
+            self.uc.ctl_remove_cache(begin, after + 1)  # blocks made before the hook
+            return self.start(begin, 0)
+        finally:
+            _lib.uc_hook_del(self.uch, hh)
 
     def start_counted(self, begin: int, count: int) -> int:
         """Run exactly ``count`` instructions.  unicorn honours a count only in blocks

@@ -34,7 +34,7 @@ struct sh_io {
     uint64_t overruns;  /* an access while one was still pending (never expected) */
 };
 
-int sh_abi(void) { return 2; }
+int sh_abi(void) { return 3; }
 
 uint64_t sh_sizeof(void) { return sizeof(struct sh_io); }
 
@@ -90,4 +90,16 @@ void sh_show_stop(void *uc, struct sh_io *s)
     for (int i = 0; i < nregs(s); i++)
         s->reg_write(uc, ids[i], &s->after[i]);
     s->pending = SH_NONE;
+}
+
+/* A UC_HOOK_CODE hook that stops the engine where it is put (uc_cb_hookcode_t: uc_engine *,
+ * uint64_t address, uint32_t size, void *user_data): the model's replay of an MMIO
+ * instruction puts it on the next instruction, so the engine stops exactly there without an
+ * instruction count (a count makes unicorn drop every translated block; sim/core.py step_to). */
+void sh_stop_code(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct sh_io *s = user_data;
+    (void)address;
+    (void)size;
+    s->emu_stop(uc);
 }

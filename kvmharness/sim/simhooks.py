@@ -22,6 +22,9 @@ the exit -- an L2 guest's IO, a #VC-raising IO of an SEV-ES guest, a #VMEXIT obs
 engine shown the hook's registers first (``sh_show_hook``/``sh_show_stop``).  Measured on the
 ``ioloop`` benchmark, 5 interleaved runs each: 3.55 against 3.8 us of user CPU per exit
 (median); before the handler took the record, the C hooks cost 4.1-4.2 us.
+The library also holds the code hook ``sh_stop_code``, which stops the engine where it is
+put: the replay of an MMIO instruction stops on the next instruction with it instead of
+under an instruction count (sim/core.py ``Core.step_to``).
 The library is built into the package at install time where a C compiler is present
 (setup.py: ``_simhooks-<source hash>.so``), else into the per-user cache on first use;
 with no compiler the hooks stay in Python (ctypes callbacks) and :func:`status` says why.
@@ -45,7 +48,7 @@ from .ucbinding import library_path as _unicorn_path
 
 SOURCE = Path(__file__).with_name("simhooks.c")
 ENV = "KVMHARNESS_SIM_CHOOKS"
-ABI = 2
+ABI = 3
 SH_NONE, SH_OUT, SH_IN = 0, 1, 2
 
 _HOOKS_CDEF = """
@@ -69,6 +72,7 @@ void sh_out(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
 uint32_t sh_in(void *uc, uint32_t port, int size, void *user_data);
 void sh_show_hook(void *uc, struct sh_io *s);
 void sh_show_stop(void *uc, struct sh_io *s);
+void sh_stop_code(void *uc, uint64_t address, uint32_t size, void *user_data);
 """
 
 _UC_CDEF = """
@@ -178,5 +182,10 @@ def hook_addresses(lib: Any) -> tuple[int, int]:
             int(ffi.cast("uintptr_t", lib.sh_in)))
 
 
+def stop_hook_address(lib: Any) -> int:
+    """The code hook that stops the engine where it is put, as a C function address."""
+    return int(ffi.cast("uintptr_t", lib.sh_stop_code))
+
+
 __all__ = ["ABI", "ENV", "SH_IN", "SH_NONE", "SH_OUT", "SOURCE", "ffi", "hook_addresses",
-           "library_name", "library_path", "load", "load_quietly", "new_io_record", "status", "uc"]
+           "library_name", "library_path", "load", "load_quietly", "new_io_record", "status", "stop_hook_address", "uc"]

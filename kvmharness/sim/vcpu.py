@@ -473,12 +473,23 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
     def on_new_block(self, pc, size):
         """A block was just translated (not yet run): if it holds IN/OUTs not yet hooked,
         stop before it runs; the run loop hooks them and drops the block, which is then
-        translated again with the hooks in place."""
+        translated again with the hooks in place.
+
+        A block found to hold no new IN/OUT is remembered (in ``_insn_cache``: cleared when
+        the host rewrites code or the guest is entered afresh), so the same block translated
+        again -- after an MMIO replay dropped it -- is not scanned again."""
+        key = ("no-io", pc, size)
+        if key in self._insn_cache:
+            return
         found = self._scan_io(pc, pc + size)
         if found:
             self._new_sites.extend(found)
             self._new_blocks.append((pc, pc + size))
             _stop(self.core.uch)
+        else:
+            if len(self._insn_cache) > 4096:
+                self._insn_cache.clear()
+            self._insn_cache[key] = True
 
     def _scan_io(self, start, end, *, until_branch=False):
         ix = K._decoder()
@@ -603,6 +614,28 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                 return
             core.set_reg(X.UC_X86_REG_RIP, next_rip)
 
+    def _replay_stop(self, rip):
+        """Where the engine can stop after re-running the MMIO instruction at ``rip`` without a
+        count (Core.step_to): the next instruction, for one that always falls through to it --
+        no branch, no string or REP instruction (one element per exit) -- in protected or long
+        mode (linear = RIP); None otherwise."""
+        if not _SITES or not self.core.cr(0) & 1:
+            return None
+        key = ("stop", rip)  # _insn_cache is cleared whenever code or mode may have changed
+        hit = self._insn_cache.get(key, _NO_PLAN)
+        if hit is _NO_PLAN:
+            ix = K._decoder()
+            insn = self._insn_at(rip)
+            hit = None
+            if (insn is not None and insn.flow_control == ix.FlowControl.NEXT
+                    and not insn.is_string_instruction and not insn.has_rep_prefix
+                    and not insn.has_repe_prefix and not insn.has_repne_prefix):
+                hit = (rip + insn.len) & _M64
+            if len(self._insn_cache) > 4096:
+                self._insn_cache.clear()
+            self._insn_cache[key] = hit
+        return hit
+
     def _mov_plan(self, rip):
         """How to finish an MMIO MOV at ``rip`` without re-executing it, or None (not a plain
         MOV/MOVZX/MOVSX/MOVSXD between a GPR or immediate and memory): ("store", next RIP) --
@@ -687,7 +720,11 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
                                     lambda _uc, _a, addr, size, value, _ud: writes.append((addr, size, value)),
                                     begin=page, end=page + 0xFFF)
             try:
-                err = core.start_counted(core.rip(), 1)
+                rip = core.rip()
+                after = self._replay_stop(rip)
+                err = core.step_to(rip, after) if after is not None else None
+                if err is None:
+                    err = core.start_counted(rip, 1)
             finally:
                 core.uc.hook_del(hook)
             self._replay_writes(writes, data == b"")  # sim/kvmlayer.py: the RMW's write exit
