@@ -35,19 +35,22 @@ GUEST = bytes.fromhex("".join((
 )))
 
 
-def _run(generic_replay: bool, monkeypatch) -> list:
-    if generic_replay:
-        monkeypatch.setattr(SimVcpu, "_replay_mov", lambda self, rip, data: False)
+def _trace(code: bytes, monkeypatch, patch=None, base: int = 0x8899AABBCCDDEEF0) -> list:
+    """Run ``code`` to its end, completing each MMIO read with ``base + k`` (k: the exit's
+    number; the top bit set, so sign extension shows): (exit, RIP, RAX, RBX, RCX, RDX, RSI,
+    RDI, RSP, R8, RFLAGS) at every exit.  ``patch``: (object, name, value) set meanwhile."""
+    if patch is not None:
+        monkeypatch.setattr(*patch)
     rows = []
     with SimSystem() as system, system.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
-        long_mode_setup(vm, vcpu, GUEST)
-        for k in range(40):
+        long_mode_setup(vm, vcpu, code)
+        for k in range(60):
             e = vcpu.run()
             r = vcpu.get_regs()
-            rows.append((repr(e), r.rip, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8, r.rflags))
-            if isinstance(e, exits.MmioRead):  # values with the top bit set: sign extension shows
-                vcpu.complete((0x8899AABBCCDDEEF0 + k).to_bytes(8, "little")[:e.size])
+            rows.append((repr(e), r.rip, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.r8, r.rflags))
+            if isinstance(e, exits.MmioRead):
+                vcpu.complete((base + k).to_bytes(8, "little")[:e.size])
             elif not isinstance(e, exits.MmioWrite):
                 break
     monkeypatch.undo()
@@ -55,12 +58,13 @@ def _run(generic_replay: bool, monkeypatch) -> list:
 
 
 def test_a_finished_mov_leaves_the_registers_the_cpu_leaves(monkeypatch):
-    fast, generic = _run(False, monkeypatch), _run(True, monkeypatch)
+    generic_replay = (SimVcpu, "_replay_mov", lambda self, rip, data: False)
+    fast, generic = _trace(GUEST, monkeypatch), _trace(GUEST, monkeypatch, generic_replay)
     kinds = [row[0].split("(")[0] for row in fast]
     assert kinds.count("MmioRead") == 10 and kinds.count("MmioWrite") == 2 and kinds[-1] == "Hlt", kinds
     assert fast == generic
     final = fast[-1]
-    rax, rbx, rcx, rdx, rsi, rdi, r8 = final[2:9]
+    rax, rbx, rcx, rdx, rsi, rdi, _rsp, r8 = final[2:10]
     assert rcx == 0xCCDDEEF3  # mov ecx: zero-extended (the 4th read: k = 3)
     assert rsi == 0xF5 and r8 == 0xFFFFFFF8  # movzx; movsx r8d sign-extends within 32 bits
     assert rbx == 0xFFFFFFFFCCDDEEF7  # movsxd rbx: sign-extended from 32 bits
@@ -68,7 +72,7 @@ def test_a_finished_mov_leaves_the_registers_the_cpu_leaves(monkeypatch):
 
 
 def test_ah_and_bx_keep_the_rest_of_their_register(monkeypatch):
-    rows = _run(False, monkeypatch)
+    rows = _trace(GUEST, monkeypatch)
     after_ah = rows[2]  # the exit after `mov ah` completed is the `mov bx` read
     assert after_ah[2] == 0xFFFFFFFFFFFFF1F0  # AL from read 0, AH from read 1, the rest kept
     after_bx = rows[3]
@@ -89,27 +93,6 @@ RMW_GUEST = bytes.fromhex("".join((
 )))
 
 
-def _run_rmw(count_replay: bool, monkeypatch) -> list:
-    from kvmharness.sim.core import Core
-
-    if count_replay:
-        monkeypatch.setattr(Core, "step_to", lambda self, begin, after: None)
-    rows = []
-    with SimSystem() as system, system.create_vm() as vm:
-        vcpu = vm.create_vcpu(0)
-        long_mode_setup(vm, vcpu, RMW_GUEST)
-        for k in range(60):
-            e = vcpu.run()
-            r = vcpu.get_regs()
-            rows.append((repr(e), r.rip, r.rax, r.rbx, r.rsp, r.rdi, r.rflags))
-            if isinstance(e, exits.MmioRead):
-                vcpu.complete((0x80706050403020F1 + k).to_bytes(8, "little")[:e.size])
-            elif not isinstance(e, exits.MmioWrite):
-                break
-    monkeypatch.undo()
-    return rows
-
-
 def test_other_mmio_instructions_stop_where_a_counted_rerun_stops(monkeypatch):
     """An MMIO instruction that is not a plain MOV is re-run against a scratch page; with the C
     hooks the engine stops at the next instruction by a stop hook put there (Core.step_to,
@@ -120,7 +103,10 @@ def test_other_mmio_instructions_stop_where_a_counted_rerun_stops(monkeypatch):
     if corem._STOP_HOOK is None:
         pytest.skip(f"the simulator's C hooks are not loaded here ({corem.simhooks.status()}): "
                     "every re-run is counted")
-    hooked, counted = _run_rmw(False, monkeypatch), _run_rmw(True, monkeypatch)
+    counted_rerun = (corem.Core, "step_to", lambda self, begin, after: None)
+    base = 0x80706050403020F1
+    hooked = _trace(RMW_GUEST, monkeypatch, base=base)
+    counted = _trace(RMW_GUEST, monkeypatch, counted_rerun, base=base)
     kinds = [row[0].split("(")[0] for row in hooked]
     assert kinds[-1] == "Hlt" and kinds.count("MmioRead") >= 7 and kinds.count("MmioWrite") >= 5, kinds
     assert hooked == counted
