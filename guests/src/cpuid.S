@@ -1,8 +1,8 @@
 /*
  * cpuid: executes CPUID at CPL0 for each (function, index) in the table
  * below and REPORTs all four registers, so the host can check that the guest
- * sees exactly the table it set with KVM_SET_CPUID2 (including the manifest's
- * custom SEV leaf 0x8000001F).
+ * sees exactly the table it set with KVM_SET_CPUID2 (including leaf 0x8000001F,
+ * which tests/test_guests.py overrides to see an override reach the guest).
  *
  * Report key = (function << 32) | (index << 8) | reg, reg 0..3 = EAX, EBX,
  * ECX, EDX.  CPUID at CPL0 is intercepted on every backend; at CPL3 it is
