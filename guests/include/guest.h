@@ -87,4 +87,11 @@
         mov $7772b, G_SI ; mov $(7773b - 7772b), G_CNT ; \
         mov $CONSOLE_PORT, %dx ; cld ; rep outsb
 
+/* R14 = the C-bit position of the page tables the harness built and the launch measured
+ * (the top set bit of BOOT_PML4[0] in bits 40-62), 0 without SEV.  Long mode; clobbers RAX,
+ * RDX.  The lab guests check CPUID's C-bit against it. */
+#define MEASURED_C_BIT_R14 \
+        mov BOOT_PML4, %rax ; movabs $0x7FFFFF0000000000, %rdx ; and %rdx, %rax ; \
+        xor %r14d, %r14d ; test %rax, %rax ; jz 7793f ; bsr %rax, %r14 ; 7793:
+
 #endif

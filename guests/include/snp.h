@@ -84,6 +84,21 @@
         SNP_PVALIDATE(SNP_STACK_PAGE, 1) ; test %eax, %eax ; jz 7790f ; \
         ES_TERMINATE(ES_TERM_SET_HARNESS, 0x30) ; 7790:
 
+/* After GUEST_ENTRY, the start of an SNP guest whose body is a lab guest's (lab-*.S,
+ * included after it, from lab_main): SNP_START, snp_init, then lab_main; a #VC it does not
+ * handle fails with 0x404. */
+#define SNP_LAB_START \
+        SNP_START ; call snp_init ; jmp lab_main ; \
+        snp_on_vc: ES_FAIL(0x404)
+
+/* Register the GHCB at gpa (a page-aligned constant) through the GHCB MSR protocol
+ * (GHCB_MSR_REG_GPA_REQ); a refusal terminates the guest with code fail. */
+#define GHCB_MSR_REGISTER(gpa, fail) \
+        mov $((gpa) | GHCB_MSR_REG_GPA_REQ), %eax ; xor %edx, %edx ; \
+        mov $MSR_SEV_ES_GHCB, %ecx ; wrmsr ; VMGEXIT ; mov $MSR_SEV_ES_GHCB, %ecx ; rdmsr ; \
+        cmp $((gpa) | GHCB_MSR_REG_GPA_RESP), %eax ; jne 7791f ; test %edx, %edx ; jz 7792f ; \
+        7791: ES_TERMINATE(ES_TERM_SET_HARNESS, fail) ; 7792:
+
 /* GHCB MSR protocol page-state change of the page `gfn` (a register) to `op`.
  * Out: RAX = the response's low half, RDX = its high half (0: done).  Clobbers RCX. */
 .macro snp_psc_msr gfn, op
@@ -137,19 +152,8 @@ snp_init:
         test    %edx, %edx
         jz      2f
 1:      ES_TERMINATE(ES_TERM_SET_HARNESS, 0x31)
-2:      mov     $(GHCB_GPA | GHCB_MSR_REG_GPA_REQ), %eax
-        xor     %edx, %edx
-        mov     $MSR_SEV_ES_GHCB, %ecx
-        wrmsr
-        VMGEXIT
-        mov     $MSR_SEV_ES_GHCB, %ecx
-        rdmsr
-        cmp     $(GHCB_GPA | GHCB_MSR_REG_GPA_RESP), %eax
-        jne     3f
-        test    %edx, %edx
-        jz      4f
-3:      ES_TERMINATE(ES_TERM_SET_HARNESS, 0x32)
-4:      call    es_init
+2:      GHCB_MSR_REGISTER(GHCB_GPA, 0x32)
+        call    es_init
         lea     snp_vc_handler(%rip), %rax
         write_idt_gate ES_IDT+16*X86_TRAP_VC, ES_IDT+16*X86_TRAP_VC+8
         ret

@@ -173,18 +173,9 @@ ap_entry:
 1:      shr     $24, %edx
         mov     %edx, %r12d
         /* this vCPU's GHCB */
-        mov     $(AP_GHCB | GHCB_MSR_REG_GPA_REQ), %eax
-        xor     %edx, %edx
-        mov     $MSR_SEV_ES_GHCB, %ecx
-        wrmsr
-        VMGEXIT
-        mov     $MSR_SEV_ES_GHCB, %ecx
-        rdmsr
-        cmp     $(AP_GHCB | GHCB_MSR_REG_GPA_RESP), %eax
-        je      2f
-        ES_TERMINATE(ES_TERM_SET_HARNESS, 0x41)
+        GHCB_MSR_REGISTER(AP_GHCB, 0x41)
         /* report the APIC ID: a GHCB IOIO OUT to UCALL_PORT through AP_GHCB */
-2:      movq    $0, AP_GHCB + GHCB_OFF_VALID_BITMAP
+        movq    $0, AP_GHCB + GHCB_OFF_VALID_BITMAP
         movq    $0, AP_GHCB + GHCB_OFF_VALID_BITMAP + 8
         movw    es_version(%rip), %ax
         movw    %ax, AP_GHCB + GHCB_OFF_PROTOCOL_VERSION

@@ -31,15 +31,8 @@ GUEST_ENTRY
 #endif
 
 lab_main:
-        /* R14 = the C-bit position the launch measured (0 without SEV) */
-        mov     BOOT_PML4, %rax
-        movabs  $0x7FFFFF0000000000, %rdx
-        and     %rdx, %rax
-        xor     %r14d, %r14d
-        test    %rax, %rax
-        jz      1f
-        bsr     %rax, %r14
-1:      mov     $0x8000001F, %eax
+        MEASURED_C_BIT_R14
+        mov     $0x8000001F, %eax
         xor     %ecx, %ecx
         cpuid
         mov     %eax, %r8d

@@ -13,11 +13,6 @@
 #define LAB_SEV_ES
 
 GUEST_ENTRY
-        SNP_START
-        call    snp_init
-        jmp     lab_main
-
-snp_on_vc:
-        ES_FAIL(0x404)
+        SNP_LAB_START
 
 #include "lab-counter.S"

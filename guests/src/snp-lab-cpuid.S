@@ -21,12 +21,7 @@
 #include "snp.h"
 
 GUEST_ENTRY
-        SNP_START
-        call    snp_init
-        jmp     lab_main
-
-snp_on_vc:
-        ES_FAIL(0x404)
+        SNP_LAB_START
 
 /* RSI = the CPUID page's entry for leaf EDI (subleaf 0), or 0 */
 page_leaf:
@@ -59,15 +54,8 @@ page_reg:
 1:      ret
 
 lab_main:
-        /* R14 = the C-bit position the launch measured */
-        mov     BOOT_PML4, %rax
-        movabs  $0x7FFFFF0000000000, %rdx
-        and     %rdx, %rax
-        xor     %r14d, %r14d
-        test    %rax, %rax
-        jz      1f
-        bsr     %rax, %r14
-1:      mov     $0x8000001F, %edi
+        MEASURED_C_BIT_R14
+        mov     $0x8000001F, %edi
         mov     $24, %edx
         call    page_reg
         mov     %eax, %r8d              /* EAX */
