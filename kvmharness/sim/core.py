@@ -266,8 +266,10 @@ class Core:
             if io is None:
                 return fn
 
+            words = self._io_words
+
             def hook(*args):
-                if io.pending:
+                if words[_PENDING_WORD]:
                     self._dispatch_io()
                 return fn(*args)
             return hook
@@ -490,27 +492,27 @@ class Core:
         return err
 
     def _dispatch_io(self) -> None:
-        """Hand the IN/OUT the C hook recorded to the model, as a Python hook would have seen
-        it: the engine's RIP on the instruction (for an IN also the RAX/RCX/RSI/RDI it had:
-        an INS moves RDI and RCX, the IN's 0 lands in AX) while the model runs, then the
-        registers as the stop left them."""
-        io, uch = self._io, self._cuch
-        # the model takes the record's fields as arguments where nothing else reads the engine
-        # meanwhile (sim/vcpu.py on_out_recorded): no registers shown, two cffi calls saved
+        """Hand the IN/OUT the C hook recorded to the model: with the record's fields as
+        arguments (sim/vcpu.py ``on_out_recorded``), or, where something else may read the
+        engine meanwhile, as a Python hook would have seen it -- the engine's RIP on the
+        instruction (for an IN also the RAX/RCX/RSI/RDI it had: an INS moves RDI and RCX, the
+        IN's 0 lands in AX) while the model runs, then the registers as the stop left them."""
+        h = self.handler
         rip, rax, rcx, _rsi, rdi, pending, port, size, value = _RECORD(self._io_buf, _RECORD_OFFSET)
         if pending == _SH_OUT:
-            done = self.handler.on_out_recorded(rip, port, size, value)
+            done = h.on_out_recorded(rip, port, size, value)
         else:
-            done = self.handler.on_in_recorded(rip, port, size, rax, rcx, rdi)
+            done = h.on_in_recorded(rip, port, size, rax, rcx, rdi)
         if done:
             self._io_words[_PENDING_WORD] = 0
             return
+        io, uch = self._io, self._cuch
         _CHOOKS.sh_show_hook(uch, io)
         try:
-            if io.pending == _SH_OUT:
-                self.handler.on_out(None, io.port, io.size, io.value, None)
+            if pending == _SH_OUT:
+                h.on_out(None, port, size, value, None)
             else:
-                self.handler.on_in(None, io.port, io.size, None)
+                h.on_in(None, port, size, None)
         finally:
             _CHOOKS.sh_show_stop(uch, io)  # clears io.pending
 

@@ -871,39 +871,40 @@ class KvmExitHandling:
         insn = ix.Decoder(self._bitness(), data, ip=rip).decode()
         return None if insn.code == ix.Code.INVALID else insn
 
-    def _insn_at(self, rip):
-        """:meth:`_insn`, kept per RIP in ``_insn_cache`` (cleared whenever the guest's mode or
-        code may have changed: re-entry, a host write to guest code) for the per-exit paths:
-        an MMIO exit's REP and far-pointer checks and its replay."""
-        key = ("insn", rip)
-        hit = self._insn_cache.get(key, _NO_INSN)
+    def _remember(self, key, compute, *args):
+        """``compute(*args)``, worked out once per ``key`` and kept in ``_insn_cache`` (bounded;
+        cleared whenever the guest's mode or code may have changed: a fresh entry, a host write
+        to guest code): what the per-exit paths derive from the instruction at a RIP."""
+        cache = self._insn_cache
+        hit = cache.get(key, _NO_INSN)
         if hit is _NO_INSN:
-            hit = self._insn(rip)
-            if len(self._insn_cache) > 4096:
-                self._insn_cache.clear()
-            self._insn_cache[key] = hit
+            hit = compute(*args)
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = hit
         return hit
 
+    def _insn_at(self, rip):
+        """:meth:`_insn`, kept per RIP (:meth:`_remember`) for the per-exit paths: an MMIO
+        exit's REP and far-pointer checks and its replay."""
+        return self._remember(("insn", rip), self._insn, rip)
+
     def _io_insn(self, rip):
-        key = rip  # cleared when the guest's mode or code may have changed (re-entry, flush)
-        hit = self._insn_cache.get(key)
-        if hit is None:
-            insn = self._insn(rip)
-            bits = self._bitness()
-            if insn is None:
-                hit = (1, False, False, bits)
-            else:
-                string = insn.is_string_instruction
-                rep = insn.has_rep_prefix or insn.has_repe_prefix
-                asz = {16: 16, 32: 32, 64: 64}[bits]
-                raw = self._code_bytes(rip, insn.len)
-                if 0x67 in raw[: insn.len - 1]:
-                    asz = {16: 32, 32: 16, 64: 32}[bits]
-                hit = (insn.len, string, rep, asz)
-            if len(self._insn_cache) > 4096:
-                self._insn_cache.clear()
-            self._insn_cache[key] = hit
-        return hit
+        """(length, string, rep, address size) of the IN/OUT at ``rip`` (:meth:`_remember`)."""
+        return self._remember(rip, self._decode_io_insn, rip)
+
+    def _decode_io_insn(self, rip):
+        insn = self._insn(rip)
+        bits = self._bitness()
+        if insn is None:
+            return (1, False, False, bits)
+        string = insn.is_string_instruction
+        rep = insn.has_rep_prefix or insn.has_repe_prefix
+        asz = {16: 16, 32: 32, 64: 64}[bits]
+        raw = self._code_bytes(rip, insn.len)
+        if 0x67 in raw[: insn.len - 1]:
+            asz = {16: 32, 32: 16, 64: 32}[bits]
+        return (insn.len, string, rep, asz)
 
 _GPR_NUM = {n: i for i, n in enumerate(("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
                                         "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"))}

@@ -50,9 +50,7 @@ _reg_read = corem._lib.uc_reg_read
 _RIP = X.UC_X86_REG_RIP
 _CR0 = X.UC_X86_REG_CR0
 _SITES = corem.PRECISION == "sites"
-_NO_PLAN = object()
 _RF = 1 << 16
-
 
 
 @functools.cache
@@ -487,9 +485,7 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
             self._new_blocks.append((pc, pc + size))
             _stop(self.core.uch)
         else:
-            if len(self._insn_cache) > 4096:
-                self._insn_cache.clear()
-            self._insn_cache[key] = True
+            self._remember(key, bool, True)
 
     def _scan_io(self, start, end, *, until_branch=False):
         ix = K._decoder()
@@ -618,61 +614,52 @@ class SimVcpu(K.KvmExitHandling, Vcpu):
         """Where the engine can stop after re-running the MMIO instruction at ``rip`` without a
         count (Core.step_to): the next instruction, for one that always falls through to it --
         no branch, no string or REP instruction (one element per exit) -- in protected or long
-        mode (linear = RIP); None otherwise."""
+        mode (linear = RIP) with sites precision (in count precision a run without a count
+        drops every translated block); None otherwise."""
         if not _SITES or not self.core.cr(0) & 1:
             return None
-        key = ("stop", rip)  # _insn_cache is cleared whenever code or mode may have changed
-        hit = self._insn_cache.get(key, _NO_PLAN)
-        if hit is _NO_PLAN:
-            ix = K._decoder()
-            insn = self._insn_at(rip)
-            hit = None
-            if (insn is not None and insn.flow_control == ix.FlowControl.NEXT
-                    and not insn.is_string_instruction and not insn.has_rep_prefix
-                    and not insn.has_repe_prefix and not insn.has_repne_prefix):
-                hit = (rip + insn.len) & _M64
-            if len(self._insn_cache) > 4096:
-                self._insn_cache.clear()
-            self._insn_cache[key] = hit
-        return hit
+        return self._remember(("stop", rip), self._stop_after, rip)
+
+    def _stop_after(self, rip):
+        ix = K._decoder()
+        insn = self._insn_at(rip)
+        if (insn is None or insn.flow_control != ix.FlowControl.NEXT or insn.is_string_instruction
+                or insn.has_rep_prefix or insn.has_repe_prefix or insn.has_repne_prefix):
+            return None
+        return (rip + insn.len) & _M64
 
     def _mov_plan(self, rip):
         """How to finish an MMIO MOV at ``rip`` without re-executing it, or None (not a plain
         MOV/MOVZX/MOVSX/MOVSXD between a GPR or immediate and memory): ("store", next RIP) --
         the store went out as the exit, nothing is left but RIP -- or ("load", next RIP, the
         full register's unicorn id, bit shift, register width, memory size, sign-extend)."""
-        key = ("mov", rip)  # _insn_cache is cleared whenever code or mode may have changed
-        hit = self._insn_cache.get(key, _NO_PLAN)
-        if hit is not _NO_PLAN:
-            return hit
         ix = K._decoder()
         insn = self._insn_at(rip)
-        hit = None
-        if insn is not None and insn.op_count == 2 and insn.mnemonic in _mov_mnemonics(ix):
-            after = (rip + insn.len) & _M64
-            if insn.op0_kind == ix.OpKind.MEMORY and insn.mnemonic == ix.Mnemonic.MOV:
-                hit = ("store", after)
-            elif insn.op0_kind == ix.OpKind.REGISTER and insn.op1_kind == ix.OpKind.MEMORY:
-                info = ix.RegisterInfo(insn.op0_register)
-                uc_reg = _gpr_ids(ix).get(info.full_register)
-                if uc_reg is not None:
-                    shift = 8 if insn.op0_register in _high_bytes(ix) else 0
-                    msize = ix.MemorySizeInfo(insn.memory_size).size
-                    signed = insn.mnemonic in (ix.Mnemonic.MOVSX, ix.Mnemonic.MOVSXD)
-                    hit = ("load", after, uc_reg, shift, info.size, msize, signed)
-        if len(self._insn_cache) > 4096:
-            self._insn_cache.clear()
-        self._insn_cache[key] = hit
-        return hit
+        if insn is None or insn.op_count != 2 or insn.mnemonic not in _mov_mnemonics(ix):
+            return None
+        after = (rip + insn.len) & _M64
+        if insn.op0_kind == ix.OpKind.MEMORY and insn.mnemonic == ix.Mnemonic.MOV:
+            return ("store", after)
+        if insn.op0_kind != ix.OpKind.REGISTER or insn.op1_kind != ix.OpKind.MEMORY:
+            return None
+        info = ix.RegisterInfo(insn.op0_register)
+        uc_reg = _gpr_ids(ix).get(info.full_register)
+        if uc_reg is None:  # a segment register: not a plain load
+            return None
+        shift = 8 if insn.op0_register in _high_bytes(ix) else 0
+        msize = ix.MemorySizeInfo(insn.memory_size).size
+        signed = insn.mnemonic in (ix.Mnemonic.MOVSX, ix.Mnemonic.MOVSXD)
+        return ("load", after, uc_reg, shift, info.size, msize, signed)
 
     def _replay_mov(self, rip, data) -> bool:
         """Finish an MMIO MOV as the CPU would have: the loaded value into its register (a
         32-bit write zero-extends, 8/16-bit writes keep the rest), RIP past it, RFLAGS.RF
-        cleared.  False where the instruction is not one (:meth:`_mov_plan`)."""
+        cleared.  False where the instruction is not one (:meth:`_mov_plan`), or in real mode
+        (where the next IP wraps at 64 KiB and the general re-run is kept)."""
         core = self.core
-        if not _SITES or not core.cr(0) & 1:
+        if not core.cr(0) & 1:
             return False
-        plan = self._mov_plan(rip)
+        plan = self._remember(("mov", rip), self._mov_plan, rip)
         if plan is None:
             return False
         if plan[0] == "load":
