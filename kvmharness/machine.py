@@ -724,6 +724,14 @@ class _UcallPort:
         self.machine._ucall(data[0] if data else 0)
 
 
+def launch_mode(image: GuestImage, sev: str | None) -> str | None:
+    """The SEV mode a run of ``image`` launches in: ``sev`` as asked ("svm": none), else the
+    guest's own (the first of sev-snp, sev-es, sev it needs), else none."""
+    if sev is None:
+        return next((mode for mode in ("sev-snp", "sev-es", "sev") if mode in image.needs), None)
+    return None if sev == "svm" else sev
+
+
 def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeout: float | None = None,
               trace: bool = False, sev: str | None = None, policy: Any = None, owner: Any = None,
               on_launch: Callable[[Machine], object] | None = None) -> RunResult:
@@ -739,11 +747,7 @@ def run_guest(guest: str | GuestImage, backend: str | System = "auto", *, timeou
     """
     image = guest if isinstance(guest, GuestImage) else get_guest(guest)
     timeout = _run_timeout(timeout, image)  # refused before any VM exists
-    if sev is None:
-        sev = next((mode for mode in ("sev-snp", "sev-es", "sev") if mode in image.needs), None)
-    elif sev == "svm":
-        sev = None
-    m = Machine.for_guest(image, backend, sev=sev, policy=policy, owner=owner)
+    m = Machine.for_guest(image, backend, sev=launch_mode(image, sev), policy=policy, owner=owner)
     backend_name = m.backend
     t0 = time.perf_counter()
     try:

@@ -101,15 +101,12 @@ def run_guest_vcpus(guest: Any, backend: Any = "auto", *, vcpus: int, timeout: f
     import time
 
     from .images import GuestImage, get_guest
-    from .machine import _run_timeout
+    from .machine import _run_timeout, launch_mode
 
     image = guest if isinstance(guest, GuestImage) else get_guest(guest)
     timeout = _run_timeout(timeout, image)
-    if sev is None:
-        sev = next((mode for mode in ("sev-snp", "sev-es", "sev") if mode in image.needs), None)
-    elif sev == "svm":
-        sev = None
-    m = Machine.for_guest(image, backend, sev=sev, policy=policy, owner=owner, vcpus=vcpus)
+    m = Machine.for_guest(image, backend, sev=launch_mode(image, sev), policy=policy, owner=owner,
+                          vcpus=vcpus)
     t0 = time.perf_counter()
     try:
         if on_launch is not None:
@@ -146,7 +143,7 @@ def _snp_sim_model(machine: Machine) -> Any:
     from .sim.snp import SimSnpModel
 
     model = machine.vm.sev_interface() if machine.vm is not None else None  # made at launch
-    return model if isinstance(model, SimSnpModel) and machine.launch_result is not None else None
+    return model if isinstance(model, SimSnpModel) else None
 
 
 def _held_ap(machine: Machine, view: Machine, apic_id: int, snp: Any,
