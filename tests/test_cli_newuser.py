@@ -106,17 +106,22 @@ def _kvm_system_or_skip():
         pytest.skip(f"the kvm backend cannot open here: {e}")
 
 
-@pytest.mark.requires_kvm
-def test_run_a_guest_kvm_cannot_run_says_use_the_simulator(capsys):
+def _skip_unless_kvm_cannot_run(guest: str, reason: str) -> None:
+    """Skip with ``reason`` where this host's KVM can run ``guest`` (or cannot be opened)."""
     from kvmharness.images import get_guest
 
     system = _kvm_system_or_skip()
     try:
-        ok, _ = get_guest("sev-hello").runnable_on(system)
+        ok, _ = get_guest(guest).runnable_on(system)
     finally:
         system.close()
     if ok:
-        pytest.skip("this host's KVM runs SEV guests")
+        pytest.skip(reason)
+
+
+@pytest.mark.requires_kvm
+def test_run_a_guest_kvm_cannot_run_says_use_the_simulator(capsys):
+    _skip_unless_kvm_cannot_run("sev-hello", "this host's KVM runs SEV guests")
     rc, _, err = run(capsys, "run", "sev-hello", "--backend", "kvm")
     assert rc == EXIT_HOST
     line = err.strip().splitlines()[-1]
@@ -126,15 +131,7 @@ def test_run_a_guest_kvm_cannot_run_says_use_the_simulator(capsys):
 
 @pytest.mark.requires_kvm
 def test_lab_mode_kvm_cannot_run_says_use_the_simulator(capsys):
-    from kvmharness.images import get_guest
-
-    system = _kvm_system_or_skip()
-    try:
-        ok, _ = get_guest("lab-counter-es").runnable_on(system)
-    finally:
-        system.close()
-    if ok:
-        pytest.skip("this host's KVM runs SEV-ES guests")
+    _skip_unless_kvm_cannot_run("lab-counter-es", "this host's KVM runs SEV-ES guests")
     rc, out, err = run(capsys, "lab", "ciphertext", "--mode", "sev-es", "--backend", "kvm")
     assert rc == EXIT_HOST and out == ""
     assert err.count("\n") == 1 and err.rstrip().endswith("--backend sim")
